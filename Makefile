@@ -1,0 +1,46 @@
+# mrcnn_edu: every target sets up .venv itself (Python 3.11, the tested torch pair, the package).
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.mrcnn_edu-installed
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: help setup demo test test-browser lab bench lint clean
+
+help:
+	@echo "make demo          set up .venv and run the main job (operator benchmark + figure)"
+	@echo "make test          set up .venv and run the test suite (notebooks in quick mode)"
+	@echo "make test-browser  run notebooks 00-04 in JupyterLab in headless Chromium"
+	@echo "make lab           open JupyterLab on notebooks/"
+
+$(STAMP): pyproject.toml Makefile
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(TORCH_PINS)
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (mrcnn_edu)" >/dev/null
+	@touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python benchmarks/bench_ops.py --quick --plot build/bench_ops.png
+
+test: $(STAMP)
+	MRCNN_EDU_QUICK=1 $(BIN)/python -m pytest -q -m "not browser" tests
+
+test-browser: $(STAMP)
+	bash tests/browser/setup.sh $(BIN)/python
+	MRCNN_EDU_QUICK=1 $(BIN)/python -m pytest -q -m browser tests/browser
+
+lab: $(STAMP)
+	$(BIN)/jupyter lab notebooks/
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_ops.py --plot build/bench_ops.png
+
+lint: $(STAMP)
+	$(BIN)/ruff check mrcnn_edu tests benchmarks
+
+clean:
+	rm -rf build .pytest_cache

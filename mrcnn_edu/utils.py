@@ -1,0 +1,28 @@
+"""Small helpers the notebooks use everywhere: quick mode and a tensor summary."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def quick_mode() -> bool:
+    """True when ``MRCNN_EDU_QUICK=1``: notebooks and benchmarks then use tiny sizes (CI runs so)."""
+    return os.environ.get("MRCNN_EDU_QUICK", "0") not in ("", "0")
+
+
+def describe(name: str, x) -> str:
+    """One line with name, shape, dtype, device, min and max of a tensor (matterport's ``log``).
+
+    >>> describe("boxes", torch.tensor([[0., 1., 4., 5.]]))
+    'boxes  shape=(1, 4)  dtype=torch.float32  device=cpu  min=0  max=5'
+    """
+    if not isinstance(x, torch.Tensor):
+        x = torch.as_tensor(x)
+    if x.numel() == 0:
+        rng = "empty"
+    else:
+        xf = x.detach().float()
+        rng = f"min={xf.min().item():.4g}  max={xf.max().item():.4g}"
+    return f"{name}  shape={tuple(x.shape)}  dtype={x.dtype}  device={x.device}  {rng}"
