@@ -27,11 +27,11 @@ demo: $(STAMP)
 	$(BIN)/python benchmarks/bench_ops.py --quick --plot build/bench_ops.png
 
 test: $(STAMP)
-	MRCNN_EDU_QUICK=1 $(BIN)/python -m pytest -q -m "not browser" tests
+	MRCNN_EDU_QUICK=1 $(BIN)/python -m pytest -q tests
 
 test-browser: $(STAMP)
 	bash tests/browser/setup.sh $(BIN)/python
-	MRCNN_EDU_QUICK=1 $(BIN)/python -m pytest -q -m browser tests/browser
+	MRCNN_EDU_QUICK=1 MRCNN_EDU_BROWSER=1 $(BIN)/python -m pytest -q -m browser tests/browser
 
 lab: $(STAMP)
 	$(BIN)/jupyter lab notebooks/
