@@ -12,6 +12,9 @@ kernels. Backends (see ``_common.BACKENDS``):
 * ``"torchvision"`` ``torchvision.ops``;
 * ``"auto"``        ``"cuda"`` for CUDA tensors, ``"numba"`` otherwise.
 
+The backend modules are imported on first use: importing ``mrcnn_edu.ops`` stays cheap, and
+``numba.cuda`` is not loaded before ``NUMBA_ENABLE_CUDASIM`` has been decided.
+
 Every backend returns the same result as ``torchvision.ops``: same kept boxes in the same order
 (decreasing score, equal scores by increasing index), IoU computed in the boxes' dtype and
 compared as ``iou > iou_threshold`` in float64.
