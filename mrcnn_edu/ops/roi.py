@@ -26,7 +26,7 @@ from torch.autograd.function import once_differentiable
 from . import roi_numba_cpu, roi_reference
 from ._common import check_finite, check_tensor, resolve_backend
 
-__all__ = ["roi_align", "roi_pool", "boxes_to_rois"]
+__all__ = ["boxes_to_rois", "roi_align", "roi_pool"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -64,7 +64,8 @@ def boxes_to_rois(boxes_list) -> torch.Tensor:
                             f"is {first.dtype} on {first.device}")
     index = torch.cat([torch.full((b.shape[0], 1), i, dtype=b.dtype, device=b.device)
                        for i, b in enumerate(boxes_list)])                 # (K, 1)
-    return torch.cat([index, torch.cat(list(boxes_list))], dim=1)          # (K, 1) + (K, 4) -> (K, 5)
+    # (K, 1) + (K, 4) -> (K, 5)
+    return torch.cat([index, torch.cat(list(boxes_list))], dim=1)
 
 
 def _pair(output_size, op: str) -> tuple[int, int]:
@@ -193,7 +194,8 @@ def roi_align(input: torch.Tensor, rois, output_size, spatial_scale: float = 1.0
     if not isinstance(sampling_ratio, numbers.Integral) or isinstance(sampling_ratio, bool):
         raise TypeError(f"{op}: sampling_ratio must be an int, got {sampling_ratio!r}")
     backend = resolve_backend(backend, input.device, op)
-    spatial_scale, sampling_ratio, aligned = float(spatial_scale), int(sampling_ratio), bool(aligned)
+    spatial_scale, sampling_ratio = float(spatial_scale), int(sampling_ratio)
+    aligned = bool(aligned)
     if backend == "torchvision":
         return torchvision.ops.roi_align(input, rois, size, spatial_scale, sampling_ratio, aligned)
     if backend == "reference":
