@@ -1,9 +1,10 @@
-"""Benchmark cases for RoIAlign (Mask R-CNN section 3), read by ``benchmarks/bench_ops.py``.
+"""Benchmark cases for RoIAlign (Mask R-CNN section 3) and RoIPool, read by ``benchmarks/bench_ops.py``.
 
 Two workloads of a Mask R-CNN head on one FPN level (stride 4) of a 2-image batch:
 
 * ``box``:  1000 RoIs pooled to 7x7 (the box head), sampling_ratio 2, aligned;
-* ``mask``: the same RoIs pooled to 14x14 (the mask head).
+* ``mask``: the same RoIs pooled to 14x14 (the mask head);
+* ``roi_pool box``: RoIPool of the same RoIs to 7x7, for comparison.
 
 Each is timed forward only and forward + backward, for the ``numba``, ``reference`` and
 ``torchvision`` backends (and ``cuda`` when torch sees a GPU). Quick mode shrinks the map and
@@ -19,7 +20,7 @@ from collections.abc import Callable
 
 import torch
 
-from mrcnn_edu.ops import roi_align
+from mrcnn_edu.ops import roi_align, roi_pool
 
 
 def make_inputs(N: int, C: int, H: int, W: int, K: int, stride: int, device: str = "cpu",
@@ -40,13 +41,16 @@ def make_inputs(N: int, C: int, H: int, W: int, K: int, stride: int, device: str
     return feat.to(device), rois.to(device)
 
 
-def _runner(feat, rois, size, scale, backend, backward, sync):
+def _runner(feat, rois, size, scale, backend, backward, sync, op="align"):
     grad = None
 
     def run():
         nonlocal grad
         x = feat.detach().requires_grad_(backward)
-        out = roi_align(x, rois, size, scale, sampling_ratio=2, aligned=True, backend=backend)
+        if op == "align":
+            out = roi_align(x, rois, size, scale, sampling_ratio=2, aligned=True, backend=backend)
+        else:
+            out = roi_pool(x, rois, size, scale, backend=backend)
         if backward:
             if grad is None:
                 grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out)
@@ -59,7 +63,7 @@ def _runner(feat, rois, size, scale, backend, backward, sync):
 
 
 def cases(quick: bool) -> list[tuple[str, dict[str, Callable[[], object]]]]:
-    """RoIAlign benchmark cases (see the module docstring)."""
+    """RoIAlign and RoIPool benchmark cases (see the module docstring)."""
     if quick:
         N, C, H, W, K = 2, 64, 64, 80, 200
     else:
@@ -78,4 +82,8 @@ def cases(quick: bool) -> list[tuple[str, dict[str, Callable[[], object]]]]:
                 name = f"roi_align {head} {size}x{size} {'fwd+bwd' if backward else 'fwd'}{tag}"
                 out.append((name, {b: _runner(f, r, size, 1.0 / stride, b, backward,
                                               device == "cuda") for b in backends}))
+        for backward in (False, True):  # RoIPool (Fast R-CNN), the operator RoIAlign replaces
+            name = f"roi_pool box 7x7 {'fwd+bwd' if backward else 'fwd'}{tag}"
+            out.append((name, {b: _runner(f, r, 7, 1.0 / stride, b, backward, device == "cuda",
+                                          op="pool") for b in backends}))
     return out
