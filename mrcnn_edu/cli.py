@@ -5,6 +5,7 @@ options and sets ``func``, the function that runs it with the parsed arguments a
 status. A new job (train, eval, ...) adds one such pair and one line in ``_SUBCOMMANDS``.
 
     mrcnn-edu make-shapes --out data/shapes --train 2000 --val 300 --size 256 --seed 0 [--keypoints]
+                          [--overwrite]
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ def _add_make_shapes(subparsers) -> None:
     p.add_argument("--size", type=int, default=256, help="image side in pixels (256)")
     p.add_argument("--seed", type=int, default=0, help="random seed (0); same seed, same bytes")
     p.add_argument("--keypoints", action="store_true", help="stick figures with keypoints")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a set already in OUT (by default an existing set is an error)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_make_shapes)
 
@@ -51,8 +54,9 @@ def _run_make_shapes(args: argparse.Namespace) -> int:
     try:
         files = write_shapes_dataset(out, train=args.train, val=args.val, size=args.size,
                                      seed=args.seed, keypoints=args.keypoints,
-                                     progress=not args.no_progress)
-    except ValueError as err:
+                                     progress=not args.no_progress,
+                                     overwrite=args.overwrite)
+    except (ValueError, OSError) as err:  # bad sizes, an existing set, a folder we cannot write
         print(f"mrcnn-edu make-shapes: error: {err}", file=sys.stderr)
         return 2
     for split, path in files.items():

@@ -230,6 +230,32 @@ def test_polygon_with_fewer_than_three_points(tmp_path: Path) -> None:
         CocoDetection(tmp_path, _write(tmp_path, data))
 
 
+def test_repeated_id_and_non_object_entry(tmp_path: Path) -> None:
+    data = _coco_dict()
+    data["images"][1]["id"] = 1  # pycocotools would silently keep only one of them
+    with pytest.raises(CocoFormatError, match=r"images\[1\] repeats id 1"):
+        CocoDetection(tmp_path, _write(tmp_path, data))
+    data = _coco_dict()
+    data["annotations"][3]["id"] = 10
+    with pytest.raises(CocoFormatError, match=r"annotations\[3\] repeats id 10"):
+        CocoDetection(tmp_path, _write(tmp_path, data))
+    data = _coco_dict()
+    data["annotations"].append(17)
+    with pytest.raises(CocoFormatError, match=r"annotations\[6\] must be a JSON object, got int"):
+        CocoDetection(tmp_path, _write(tmp_path, data))
+
+
+def test_keypoint_count_checked_when_built(tmp_path: Path) -> None:
+    data = {
+        "images": [{"id": 5, "file_name": "a.png", "width": W, "height": H}],
+        "annotations": [{"id": 1, "image_id": 5, "category_id": 1, "bbox": [1, 1, 3, 2],
+                         "keypoints": [1.5, 1.5, 2, 0, 0, 0]}],  # 2 keypoints of 3
+        "categories": [{"id": 1, "name": "person", "keypoints": ["head", "left", "right"]}],
+    }
+    with pytest.raises(CocoFormatError, match=r"annotation id 1 has 6 keypoint numbers.*3 x 3 = 9"):
+        CocoDetection(tmp_path, _write(tmp_path, data))
+
+
 def test_bad_bbox(tmp_path: Path) -> None:
     data = _coco_dict()
     data["annotations"][0]["bbox"] = [1, 1, 3]

@@ -266,3 +266,31 @@ def test_dataset_browser_and_draw_sample(shapes_root: Path, keypoint_root: Path)
     slider.value = len(ds) - 1
     assert calls == [False]
     assert plt.get_fignums() == []  # every redraw closes its figure
+
+
+def test_existing_set_is_never_overwritten_by_accident(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "set"
+    kw = {"val": 1, "size": 64, "progress": False}
+    write_shapes_dataset(out, train=3, seed=1, **kw)
+    before = _hashes(out)
+    # a second set into the same folder, of either kind, is refused before anything is written
+    for keypoints in (False, True):
+        with pytest.raises(FileExistsError, match=r"already holds a data set .*overwrite=True"):
+            write_shapes_dataset(out, train=2, seed=2, keypoints=keypoints, **kw)
+    rc = main(["make-shapes", "--out", str(out), "--train", "2", "--val", "1", "--size", "64",
+               "--seed", "2", "--no-progress"])
+    assert rc == 2 and "already holds a data set" in capsys.readouterr().err
+    assert _hashes(out) == before
+    # an existing but empty folder (e.g. tempfile.mkdtemp) is fine
+    (tmp_path / "empty").mkdir()
+    write_shapes_dataset(tmp_path / "empty", train=1, **kw)
+    # overwrite=True / --overwrite replaces the set's files
+    rc = main(["make-shapes", "--out", str(out), "--train", "3", "--val", "1", "--size", "64",
+               "--seed", "2", "--no-progress", "--overwrite"])
+    assert rc == 0
+    write_shapes_dataset(tmp_path / "fresh", train=3, seed=2, **kw)
+    assert _hashes(out) == _hashes(tmp_path / "fresh") != before
+    # a plain file where the folder should be
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FileExistsError, match="not a folder"):
+        write_shapes_dataset(tmp_path / "file", train=1, **kw)

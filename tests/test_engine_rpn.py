@@ -243,6 +243,17 @@ def test_train_rpn_bad_input():
     with pytest.raises(ValueError, match="'boxes'"):
         train_rpn(backbone, rpn, bad, iterations=1, progress=False)
 
+
+def test_train_rpn_device_moves_both_modules(one_thread):
+    backbone, rpn = _tiny_rpn()
+    moved = []
+    for name, module in (("backbone", backbone), ("rpn", rpn)):
+        to = module.to
+        module.to = lambda *a, _to=to, _name=name, **k: (moved.append((_name, a)), _to(*a, **k))[1]
+    train_rpn(backbone, rpn, SquaresSet(n=2), iterations=1, batch_size=1, device="cpu",
+              progress=False)
+    assert moved == [("backbone", (torch.device("cpu"),)), ("rpn", (torch.device("cpu"),))]
+
 # ------------------------------------------------------------------------- anchor drawings
 
 

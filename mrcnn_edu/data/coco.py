@@ -32,8 +32,9 @@ boxes: annotation 918 of ``instances_train2017.json`` is a collinear polygon wit
 0, cocodataset/cocoapi issue #355.)
 
 Bad input is reported when the dataset is built (file, JSON syntax, fields, category ids,
-polygons) or when the sample is loaded (missing or mismatched image file), with a message naming
-the file, annotation id, image id or field, never as a crash deep inside a DataLoader worker.
+polygons, repeated ids, keypoint counts) or when the sample is loaded (missing or mismatched image
+file, an annotation without ``segmentation`` while masks are loaded), with a message naming the
+file, annotation id, image id or field, never as a crash deep inside a DataLoader worker.
 """
 
 from __future__ import annotations
@@ -75,8 +76,9 @@ def load_coco_json(ann_file: str | Path) -> dict:
     Raises:
         FileNotFoundError: the file does not exist.
         CocoFormatError: malformed JSON (with line and column), a missing top-level or per-entry
-            field, an annotation whose ``image_id`` or ``category_id`` is unknown, a polygon with
-            fewer than 3 points, or a malformed RLE.
+            field, an entry that is not an object, a repeated id, an annotation whose
+            ``image_id`` or ``category_id`` is unknown, a polygon with fewer than 3 points, a
+            malformed RLE, or a ``keypoints`` list whose length is not 3 x its category's K.
     """
     ann_file = Path(ann_file)
     if not ann_file.is_file():
@@ -95,14 +97,25 @@ def load_coco_json(ann_file: str | Path) -> dict:
             raise CocoFormatError(f"{ann_file}: missing required field '{key}'")
         if not isinstance(data[key], list):
             raise CocoFormatError(f"{ann_file}: field '{key}' must be a list")
+        seen: set = set()
         for i, entry in enumerate(data[key]):
+            if not isinstance(entry, dict):
+                raise CocoFormatError(f"{ann_file}: {key}[{i}] must be a JSON object, got "
+                                      f"{type(entry).__name__}")
             missing = [f for f in fields if f not in entry]
             if missing:
                 who = f"id {entry['id']}" if "id" in entry else f"index {i}"
                 raise CocoFormatError(f"{ann_file}: {key}[{i}] ({who}) is missing required "
                                       f"field(s) {', '.join(repr(m) for m in missing)}")
+            # pycocotools indexes by id: a repeated id would silently replace the earlier entry
+            if entry["id"] in seen:
+                raise CocoFormatError(f"{ann_file}: {key}[{i}] repeats id {entry['id']!r}; ids "
+                                      f"must be unique within '{key}'")
+            seen.add(entry["id"])
     cat_ids = {c["id"] for c in data["categories"]}
     image_ids = {im["id"] for im in data["images"]}
+    num_keypoints = {c["id"]: len(c["keypoints"]) for c in data["categories"]
+                     if isinstance(c.get("keypoints"), list)}
     for ann in data["annotations"]:
         aid = ann["id"]
         if ann["category_id"] not in cat_ids:
@@ -118,6 +131,12 @@ def load_coco_json(ann_file: str | Path) -> dict:
             raise CocoFormatError(f"{ann_file}: annotation id {aid}: 'bbox' must be "
                                   f"[x, y, width, height], got {box!r}")
         _check_segmentation(ann_file, ann)
+        kps, K = ann.get("keypoints"), num_keypoints.get(ann["category_id"])
+        if kps and K is not None and (not isinstance(kps, list) or len(kps) != 3 * K):
+            n = len(kps) if isinstance(kps, list) else type(kps).__name__
+            raise CocoFormatError(f"{ann_file}: annotation id {aid} has {n} keypoint numbers; "
+                                  f"its category has {K} keypoints, so 3 x {K} = {3 * K} "
+                                  "(x, y, v per keypoint) are expected")
     return data
 
 

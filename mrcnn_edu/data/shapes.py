@@ -448,9 +448,27 @@ def write_split(out: str | Path, split: str, num_images: int, size: int = 256, s
     return ann_file
 
 
+def existing_outputs(out: str | Path, keypoints: bool = False) -> list[Path]:
+    """What ``write_shapes_dataset(out, keypoints=keypoints)`` would overwrite or mix with.
+
+    The annotation files it writes (``annotations/{stem}_{train,val}.json``) that exist, and the
+    split folders (``train/``, ``val/``) that exist and are not empty (their PNG names would
+    collide, or the set would be mixed with other files). An empty or missing ``out`` gives [].
+    """
+    out = Path(out)
+    stem = "person_keypoints" if keypoints else "instances"
+    found = [out / "annotations" / f"{stem}_{split}.json" for split in _SPLITS]
+    found = [p for p in found if p.exists()]
+    for split in _SPLITS:
+        folder = out / split
+        if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+            found.append(folder)
+    return found
+
+
 def write_shapes_dataset(out: str | Path, train: int = 2000, val: int = 300, size: int = 256,
                          seed: int = 0, keypoints: bool = False,
-                         progress: bool = True) -> dict[str, Path]:
+                         progress: bool = True, overwrite: bool = False) -> dict[str, Path]:
     """Write the synthetic set in COCO 2017 layout and return ``{split: annotation file}``.
 
     Layout::
@@ -463,12 +481,26 @@ def write_shapes_dataset(out: str | Path, train: int = 2000, val: int = 300, siz
     Image ids run 1..n within each split. The same arguments give byte-identical files.
     ``keypoints=True`` writes the stick-figure set; give it its own ``out`` folder, since the
     image file names would collide with a detection set in the same folder.
+
+    A user's data is never overwritten by accident: if ``out`` already holds this set's
+    annotation files or a non-empty ``train/`` / ``val/`` folder (see :func:`existing_outputs`),
+    a ``FileExistsError`` lists them, before anything is written. ``overwrite=True`` replaces
+    those files (other files already there are left alone).
     """
     for name, n in (("train", train), ("val", val), ("size", size)):
         if not isinstance(n, (int, np.integer)) or n < 0:
             raise ValueError(f"write_shapes_dataset: {name} must be a non-negative int, got {n!r}")
     if size < 32:
         raise ValueError(f"write_shapes_dataset: size must be at least 32 px, got {size}")
+    if Path(out).exists() and not Path(out).is_dir():
+        raise FileExistsError(f"write_shapes_dataset: {out} exists and is not a folder")
+    if not overwrite:
+        clash = existing_outputs(out, keypoints)
+        if clash:
+            raise FileExistsError(
+                f"write_shapes_dataset: {out} already holds a data set "
+                f"({', '.join(str(p) for p in clash)}); nothing was written. Choose another "
+                "output folder, delete it, or pass overwrite=True (--overwrite) to replace it")
     bar = None
     if progress:
         from tqdm.auto import tqdm

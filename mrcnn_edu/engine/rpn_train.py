@@ -100,7 +100,8 @@ def train_rpn(
             first steps of a freshly initialised network from blowing up.
         generator / seed: source of all randomness here (batch order, anchor sampling); pass one
             at most (default: seed 0). The weights' init is the caller's business.
-        device: where to train (default: the device of the backbone's parameters).
+        device: where to train; both modules are moved there (default: where the backbone's
+            parameters already are).
         progress: show a tqdm bar.
         callback: called after every step as ``callback(step, record)`` with ``record`` the
             floats ``{"loss", "loss_objectness", "loss_rpn_box_reg", "lr"}``.
@@ -117,7 +118,12 @@ def train_rpn(
     if n == 0:
         raise ValueError("train_rpn: the data set is empty")
     gen = _make_generator(generator, seed)
-    device = torch.device(device) if device is not None else _module_device(backbone)
+    if device is not None:
+        device = torch.device(device)
+        backbone.to(device)  # in place: the parameters the optimizer sees are the moved ones
+        rpn.to(device)
+    else:
+        device = _module_device(backbone)
     params = [p for m in (backbone, rpn) for p in m.parameters() if p.requires_grad]
     if optimizer == "adam":
         opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
