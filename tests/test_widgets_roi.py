@@ -107,6 +107,47 @@ def test_pool_bins_match_torchvision_roi_pool(box, output_size, scale):
     torch.testing.assert_close(ref, expect)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_pool_bins_float_rounding_as_torchvision(dtype):
+    # a box of 29 cells in 7 bins: 7 * (29 / 7) is 29 in float32 but 29.000000000000004 in
+    # float64, so the last bin's ceil differs by one cell between the two float types
+    H, W = 4, 40
+    idx = torch.arange(H * W, dtype=dtype).reshape(1, 1, H, W)
+    box = (0.0, 0.0, 28.0, 2.0)
+    ref = torchvision.ops.roi_pool(idx, torch.tensor([[0.0, *box]], dtype=dtype), (1, 7), 1.0)
+    bins = pool_bins(box, (1, 7), 1.0, (H, W), dtype=dtype)
+    torch.testing.assert_close(ref[0, 0], ((bins[..., 1] - 1) * W + bins[..., 3] - 1).to(dtype))
+    assert int(bins[0, 6, 3]) == (29 if dtype == torch.float32 else 30)
+
+
+def test_pool_bins_match_torchvision_on_random_boxes():
+    H, W = 24, 36
+    g = torch.Generator().manual_seed(0)
+    idx = torch.arange(H * W, dtype=torch.float32).reshape(1, 1, H, W)
+    for _ in range(200):
+        scale = [1.0, 0.5, 0.25, 1 / 16][int(torch.randint(4, (1,), generator=g))]
+        xy = torch.rand(2, generator=g) * torch.tensor([W, H]) / scale
+        wh = torch.rand(2, generator=g) * torch.tensor([W, H]) / scale
+        box = torch.cat([xy, xy + wh]).tolist()
+        size = tuple(int(v) for v in torch.randint(1, 15, (2,), generator=g))
+        ref = torchvision.ops.roi_pool(idx, torch.tensor([[0.0, *box]]), size, scale)[0, 0]
+        bins = pool_bins(box, size, scale, (H, W))
+        empty = (bins[..., 1] <= bins[..., 0]) | (bins[..., 3] <= bins[..., 2])
+        expect = ((bins[..., 1] - 1) * W + bins[..., 3] - 1).float()
+        expect[empty] = 0.0
+        torch.testing.assert_close(ref, expect, msg=f"box {box}, size {size}, scale {scale}")
+
+
+def test_inverted_box_aligned_has_no_samples_like_torchvision():
+    box = (5.0, 5.0, 3.0, 4.0)  # x2 < x1, y2 < y1
+    p = sampling_points(box, 2, sampling_ratio=-1, aligned=True)
+    assert p.shape == (2, 2, 0, 0, 2)
+    feat = torch.randn(1, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    ref = torchvision.ops.roi_align(feat, torch.tensor([[0.0, *box]]), 2, 1.0, -1, True)
+    assert torch.count_nonzero(ref) == 0  # no sample anywhere: every bin reads 0
+    draw_roi_sampling(Figure().add_subplot(), (8, 8), box, 2, -1, True)  # draws, no error
+
+
 def test_pool_bins_round_half_away_from_zero():
     # C's round(2.5) = 3 (Python's round gives 2): the box starts at cell 3
     assert int(pool_bins((2.5, 2.5, 6.0, 6.0), 1)[0, 0, 0]) == 3
@@ -141,6 +182,8 @@ def test_bad_arguments_are_named():
         sampling_points((0, 0, 4, 4), 0)
     with pytest.raises(ValueError, match="box"):
         sampling_points((0, 0, 4), 2)
+    with pytest.raises(TypeError, match="dtype"):
+        pool_bins((0, 0, 4, 4), 2, dtype=torch.int64)
 
 
 def test_explorer_redraws_on_every_change():

@@ -73,7 +73,8 @@ def align_geometry(box, output_size, sampling_ratio: int = -1, aligned: bool = F
     Returns a dict with ``start`` ``(x, y)`` (top-left corner in the index frame), ``size``
     ``(roi_w, roi_h)`` (clamped to at least 1 cell when ``aligned=False``, as torchvision does),
     ``bin`` ``(bin_w, bin_h)`` and ``grid`` ``(gw, gh)`` (sampling points per bin; adaptive
-    ``ceil(roi_h / oh)`` when ``sampling_ratio <= 0``).
+    ``ceil(roi_h / oh)`` when ``sampling_ratio <= 0``, and 0 for an inverted box with
+    ``aligned=True``, which torchvision samples nowhere).
     """
     x1, y1, x2, y2 = _box4(box)
     oh, ow = _pair(output_size)
@@ -86,8 +87,8 @@ def align_geometry(box, output_size, sampling_ratio: int = -1, aligned: bool = F
     bin_w, bin_h = roi_w / ow, roi_h / oh
     if sampling_ratio > 0:
         gw = gh = int(sampling_ratio)
-    else:  # adaptive: about one sample per cell
-        gw, gh = math.ceil(roi_w / ow), math.ceil(roi_h / oh)
+    else:  # adaptive: about one sample per cell; an inverted box (aligned=True) gets none
+        gw, gh = max(math.ceil(roi_w / ow), 0), max(math.ceil(roi_h / oh), 0)
     return {"start": (xs, ys), "size": (roi_w, roi_h), "bin": (bin_w, bin_h), "grid": (gw, gh),
             "output_size": (oh, ow)}
 
@@ -160,31 +161,45 @@ def _round_half_away(v: float) -> int:
     return math.floor(v + 0.5) if v >= 0 else -math.floor(-v + 0.5)
 
 
-def pool_bins(box, output_size, spatial_scale: float = 1.0, feature_hw=None) -> torch.Tensor:
+def pool_bins(box, output_size, spatial_scale: float = 1.0, feature_hw=None,
+              dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The cells RoIPool takes the maximum over, per bin (the two quantizations of section 3).
 
     Quantization 1: the scaled box is rounded to whole cells ``round(x * spatial_scale)``, and
     spans ``end - start + 1`` cells. Quantization 2: bin ``p`` covers cells
     ``floor(p * bin) .. ceil((p + 1) * bin)`` (half-open) after the box start.
 
+    The products and the bin size are computed in ``dtype`` (the feature map's float type), as
+    torchvision's kernel does: in float32, ``7 * (29 / 7)`` is exactly 29 while in float64 it is
+    ``29.000000000000004``, whose ceil would add a cell to the last bin.
+
     Returns:
         ``[oh, ow, 4]`` int64 tensor of ``(y0, y1, x0, x1)``, half-open cell ranges; clipped to
         the map when ``feature_hw = (H, W)`` is given (a bin may then be empty: ``y1 <= y0``).
     """
+    if dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"pool_bins: dtype must be torch.float32 or torch.float64, got {dtype}")
     x1, y1, x2, y2 = _box4(box)
     oh, ow = _pair(output_size)
-    xs, ys = _round_half_away(x1 * spatial_scale), _round_half_away(y1 * spatial_scale)
-    xe, ye = _round_half_away(x2 * spatial_scale), _round_half_away(y2 * spatial_scale)
+
+    def scaled(v: float) -> int:  # round(v * spatial_scale), the product in dtype
+        return _round_half_away(float(torch.tensor(v, dtype=dtype)
+                                      * torch.tensor(spatial_scale, dtype=dtype)))
+
+    xs, ys, xe, ye = scaled(x1), scaled(y1), scaled(x2), scaled(y2)
     roi_w, roi_h = max(xe - xs + 1, 1), max(ye - ys + 1, 1)  # forced to at least 1 cell
-    bin_w, bin_h = roi_w / ow, roi_h / oh
+    bin_w = torch.tensor(roi_w, dtype=dtype) / ow  # 0-d tensors: the arithmetic stays in dtype
+    bin_h = torch.tensor(roi_h, dtype=dtype) / oh
     H, W = (int(v) for v in feature_hw) if feature_hw is not None else (None, None)
     out = torch.empty(oh, ow, 4, dtype=torch.int64)
     for ph in range(oh):
-        a, b = math.floor(ph * bin_h) + ys, math.ceil((ph + 1) * bin_h) + ys
+        a = math.floor(float(ph * bin_h)) + ys
+        b = math.ceil(float((ph + 1) * bin_h)) + ys
         if H is not None:
             a, b = min(max(a, 0), H), min(max(b, 0), H)
         for pw in range(ow):
-            c, d = math.floor(pw * bin_w) + xs, math.ceil((pw + 1) * bin_w) + xs
+            c = math.floor(float(pw * bin_w)) + xs
+            d = math.ceil(float((pw + 1) * bin_w)) + xs
             if W is not None:
                 c, d = min(max(c, 0), W), min(max(d, 0), W)
             out[ph, pw] = torch.tensor([a, b, c, d])
