@@ -272,3 +272,29 @@ def test_device_mismatch_raises_without_gpu():
         nms(_B, torch.empty(2, device="meta"), 0.5)
     with pytest.raises(ValueError, match="idxs is on meta but boxes is on cpu"):
         batched_nms(_B, _S, torch.empty(2, dtype=torch.int64, device="meta"), 0.5)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="large cases need a real GPU (the simulator is slow)")
+@pytest.mark.parametrize("n,seed,thr", NMS_CASES)
+def test_nms_cuda_matches_torchvision_large(n, seed, thr):
+    boxes, scores = random_boxes(n, seed, image=20.0 * n ** 0.5)
+    expected = torchvision.ops.nms(boxes, scores, thr)
+    kept = nms(boxes.cuda(), scores.cuda(), thr, backend="cuda")
+    assert torch.equal(kept.cpu(), expected)
+    for dtype in (torch.float64,):
+        kept = nms(boxes.to(dtype).cuda(), scores.to(dtype).cuda(), thr, backend="cuda")
+        assert torch.equal(kept.cpu(), torchvision.ops.nms(boxes.to(dtype), scores.to(dtype), thr))
+
+
+def test_nms_input_checks_on_non_contiguous_and_grad_tensors():
+    """The compiled CPU checks read strided views and tensors that require grad."""
+    boxes = torch.tensor([[0.0, 0, 1, 1], [0, 0, 1, 1], [0, 0, float("nan"), 1]]).t().contiguous().t()
+    scores = torch.tensor([0.5, 0.4, 0.3], requires_grad=True)
+    with pytest.raises(ValueError, match=r"boxes contains NaN or infinite values \(first at row 2\)"):
+        nms(boxes, scores, 0.5)
+    reversed_then_nan = torch.tensor([[2.0, 0, 1, 1], [0, 0, float("inf"), 1]])
+    with pytest.raises(ValueError, match=r"NaN or infinite values \(first at row 1\)"):
+        nms(reversed_then_nan, scores[:2], 0.5)
+    bad_scores = torch.stack([torch.tensor([0.5, 0.4, float("nan")])] * 2, 1)[:, 0]
+    with pytest.raises(ValueError, match=r"scores contains NaN or infinite values \(first at row 2\)"):
+        nms(boxes[:2].repeat(2, 1)[:3].nan_to_num(), bad_scores, 0.5)

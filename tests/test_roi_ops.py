@@ -297,3 +297,43 @@ def test_bad_input_errors(op):
         op(x.numpy(), rois, 2)
     with pytest.raises(TypeError, match="backend='numba' supports float32 and float64.*float16"):
         op(x.half(), rois.half(), 2, backend="numba")
+
+
+@pytest.mark.skipif(not HAS_CUDA_KERNELS, reason="needs a GPU or NUMBA_ENABLE_CUDASIM=1")
+def test_cuda_backend_noncontiguous_input_and_expanded_grad():
+    """A strided input and the stride-0 gradient of ``.sum()`` must be read correctly."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(2, 4, 6, 5, generator=g).transpose(2, 3)[:, ::2].to(device)  # [2, 2, 5, 6]
+    assert not x.is_contiguous()
+    rois = random_rois(g, 2, 5, 6, 1.0, K=3, allow_reversed=False).to(device)
+    for fn, ref in ((align("cuda", rois, (2, 2), 1.0, 2, True),
+                     align("torchvision", rois, (2, 2), 1.0, 2, True)),
+                    (pool("cuda", rois, (2, 2), 1.0), pool("torchvision", rois, (2, 2), 1.0))):
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        fn(xa).sum().backward()
+        ref(xb).sum().backward()
+        torch.testing.assert_close(xa.grad, xb.grad, **TOL[torch.float32])
+
+
+@pytest.mark.skipif(not HAS_CUDA_KERNELS, reason="needs a GPU or NUMBA_ENABLE_CUDASIM=1")
+def test_cuda_backend_gradcheck_tiny():
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x = torch.randn(1, 1, 3, 4, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    x = x.to(device).requires_grad_()
+    rois = torch.tensor([[0.0, 0.3, 0.2, 2.6, 2.1]], dtype=torch.float64, device=device)
+    assert torch.autograd.gradcheck(align("cuda", rois, 1, 1.0, 2, False), (x,))
+
+
+def test_cuda_backend_unusable_gpu_gives_clear_error(monkeypatch):
+    """When numba.cuda cannot drive the GPU, the error says so and names the op and the fix."""
+    numba_cuda_common = pytest.importorskip("mrcnn_edu.ops._numba_cuda_common")
+    monkeypatch.setattr(numba_cuda_common, "_numba_cuda_problem",
+                        lambda: "numba.cuda.is_available() is False")
+    with pytest.raises(RuntimeError, match=r"roi_align \(backend='cuda'\): numba.cuda.is_avail"), \
+            numba_cuda_common.gpu_launch(torch.device("cuda", 0), "roi_align"):
+        pass  # pragma: no cover
+    monkeypatch.undo()
+    if cuda_simulator_enabled():  # CUDA tensors on the simulator: a clear error, not garbage
+        numba_cuda_common._numba_cuda_problem.cache_clear()
+        assert "NUMBA_ENABLE_CUDASIM=1" in numba_cuda_common._numba_cuda_problem()

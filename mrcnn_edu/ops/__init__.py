@@ -7,4 +7,4 @@ Explained in notebooks 02 (RoIPool vs RoIAlign), 03 (Numba CPU and CUDA kernels)
 from .box_ops import batched_nms, box_iou, nms
 from .roi import roi_align, roi_pool
 
-__all__ = ["roi_align", "roi_pool", "nms", "batched_nms", "box_iou"]
+__all__ = ["batched_nms", "box_iou", "nms", "roi_align", "roi_pool"]

@@ -87,6 +87,37 @@ def _nms_kernel(boxes, order, iou_threshold):
     return keep[:num_keep]
 
 
+# ----------------------------------------------------------------------------- input checks
+# One pass in compiled code instead of five small torch ops (isfinite, any, compares, nonzero):
+# on a 100-box NMS the checks would otherwise cost more than the NMS itself.
+
+
+@njit(cache=True)
+def first_invalid_box(boxes):
+    """``(row, kind)`` of the first problem in ``boxes`` ``[N, 4]``: ``kind`` 1 = NaN/inf (any
+    row), else 2 = ``x2 < x1`` or ``y2 < y1``; ``(-1, 0)`` when every box is valid."""
+    reversed_row = -1
+    for i in range(boxes.shape[0]):
+        x1, y1, x2, y2 = boxes[i, 0], boxes[i, 1], boxes[i, 2], boxes[i, 3]
+        if not (np.isfinite(x1) and np.isfinite(y1) and np.isfinite(x2) and np.isfinite(y2)):
+            return i, 1
+        if reversed_row < 0 and (x2 < x1 or y2 < y1):
+            reversed_row = i
+    return (reversed_row, 2) if reversed_row >= 0 else (-1, 0)
+
+
+@njit(cache=True)
+def first_non_finite(values):
+    """Index of the first NaN or infinite entry of the 1-D ``values``, or -1."""
+    for i in range(values.shape[0]):
+        if not np.isfinite(values[i]):
+            return i
+    return -1
+
+
+# ----------------------------------------------------------------------------- wrappers
+
+
 def box_iou_numba(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
     """``[N, 4]`` x ``[M, 4]`` CPU float32/float64 boxes -> IoU ``[N, M]`` (validated inputs)."""
     b1 = boxes1.detach().contiguous().numpy()

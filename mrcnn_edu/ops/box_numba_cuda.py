@@ -33,6 +33,9 @@ import numpy as np
 import torch
 from numba import cuda
 
+from ._numba_cuda_common import device_view as _device_view
+from ._numba_cuda_common import gpu_launch
+
 BLOCK = 64  # boxes per NMS block = bits per mask word
 IOU_TILE = 16  # box_iou thread block: IOU_TILE x IOU_TILE outputs
 # Threads of the one-block greedy pass. On the simulator every thread is a Python thread, so
@@ -139,19 +142,6 @@ def _on_gpu(x: torch.Tensor) -> bool:
     return x.device.type == "cuda"
 
 
-def _stream():
-    """torch's current CUDA stream, as a Numba stream object (kernels queue behind torch's work)."""
-    return cuda.external_stream(torch.cuda.current_stream().cuda_stream)
-
-
-def _device_view(x: torch.Tensor):
-    """Zero-copy Numba device array of a CUDA tensor (no host sync: we use torch's stream)."""
-    try:
-        return cuda.as_cuda_array(x, sync=False)
-    except TypeError:  # older numba without the sync argument
-        return cuda.as_cuda_array(x)
-
-
 def box_iou_cuda(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
     """IoU ``[N, M]`` of float32/float64 ``boxes1`` ``[N, 4]``, ``boxes2`` ``[M, 4]`` (validated)."""
     boxes1, boxes2 = boxes1.detach().contiguous(), boxes2.detach().contiguous()
@@ -163,8 +153,9 @@ def box_iou_cuda(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
     grid = ((m + IOU_TILE - 1) // IOU_TILE, (n + IOU_TILE - 1) // IOU_TILE)
     block = (IOU_TILE, IOU_TILE)
     if _on_gpu(boxes1):
-        box_iou_kernel[grid, block, _stream()](
-            _device_view(boxes1), _device_view(boxes2), _device_view(out))
+        with gpu_launch(boxes1.device, "box_iou") as stream:  # the boxes' GPU, torch's stream
+            box_iou_kernel[grid, block, stream](
+                _device_view(boxes1), _device_view(boxes2), _device_view(out))
     else:  # CUDA simulator: numpy views share memory with the tensors
         box_iou_kernel[grid, block](boxes1.numpy(), boxes2.numpy(), out.numpy())
     return out
@@ -186,13 +177,13 @@ def nms_cuda(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) ->
     grid = (col_blocks, col_blocks)  # (col_block, row_block)
     thr = float(iou_threshold)
     if _on_gpu(boxes):
-        stream = _stream()
-        mask_d = _device_view(mask).view(np.uint64)  # same memory, seen as unsigned words
-        removed_d = _device_view(removed).view(np.uint64)
-        nms_mask_kernel[grid, BLOCK, stream](
-            _device_view(sorted_boxes), n, col_blocks, thr, mask_d)
-        _nms_reduce_kernel[1, REDUCE_THREADS_GPU, stream](
-            mask_d, n, col_blocks, removed_d, _device_view(keep_flags))
+        with gpu_launch(boxes.device, "nms") as stream:  # the boxes' GPU, torch's stream
+            mask_d = _device_view(mask).view(np.uint64)  # same memory, seen as unsigned words
+            removed_d = _device_view(removed).view(np.uint64)
+            nms_mask_kernel[grid, BLOCK, stream](
+                _device_view(sorted_boxes), n, col_blocks, thr, mask_d)
+            _nms_reduce_kernel[1, REDUCE_THREADS_GPU, stream](
+                mask_d, n, col_blocks, removed_d, _device_view(keep_flags))
     else:  # CUDA simulator: numpy views share memory with the tensors
         mask_h = mask.numpy().view(np.uint64)
         removed_h = removed.numpy().view(np.uint64)

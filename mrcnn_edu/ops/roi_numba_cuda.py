@@ -30,6 +30,7 @@ import torch
 from numba import cuda
 
 from ._common import cuda_simulator_enabled
+from ._numba_cuda_common import device_view, gpu_launch
 
 THREADS_PER_BLOCK = 256  # on the simulator every thread is a Python thread: use 32 there
 FLT_MAX = 3.4028234663852886e38
@@ -216,46 +217,52 @@ def _np_type(dtype: torch.dtype):
 
 
 class _Launch:
-    """Views of torch tensors as numba device arrays, and the stream to launch on.
+    """Context for one operator call: views of torch tensors as numba device arrays, a launcher.
 
-    On a GPU: zero-copy views (``cuda.as_cuda_array``) and torch's current stream. On the
-    simulator: numpy copies on simulated device arrays, copied back by :meth:`result`.
+    On a GPU: zero-copy views (``cuda.as_cuda_array``), the tensors' device made current and
+    torch's current stream on it (see ``_numba_cuda_common.gpu_launch``). On the simulator: numpy
+    copies on simulated device arrays, copied back into the output tensors on a clean exit.
     """
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, op: str):
         self.simulated = device.type != "cuda"
         if self.simulated and not cuda_simulator_enabled():
-            raise RuntimeError("roi kernels (cuda): CPU tensors need NUMBA_ENABLE_CUDASIM=1")
-        if self.simulated:
-            self.stream = 0
-            self.threads = 32
-        else:
-            self.stream = cuda.external_stream(torch.cuda.current_stream(device).cuda_stream)
-            self.threads = THREADS_PER_BLOCK
+            raise RuntimeError(f"{op} (backend='cuda'): CPU tensors need NUMBA_ENABLE_CUDASIM=1")
+        self.device, self.op = device, op
+        self.threads = 32 if self.simulated else THREADS_PER_BLOCK
+        self.stream = 0
+        self._gpu = None
         self._outputs = []
 
+    def __enter__(self):
+        if not self.simulated:
+            self._gpu = gpu_launch(self.device, self.op)
+            self.stream = self._gpu.__enter__()
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if self._gpu is not None:
+            return self._gpu.__exit__(exc_type, exc, tb)
+        if exc_type is None:  # simulator: copy every output array back into its torch tensor
+            for t, arr in self._outputs:
+                t.copy_(torch.from_numpy(arr.copy_to_host()))
+        return False
+
     def view(self, t: torch.Tensor, output: bool = False):
+        """Device array of ``t``; an ``output`` must be a contiguous tensor made by the caller."""
         t = t.detach().contiguous()
         if self.simulated:
             arr = cuda.to_device(t.numpy())
             if output:
                 self._outputs.append((t, arr))
             return arr
-        try:
-            return cuda.as_cuda_array(t, sync=False)  # we launch on torch's stream ourselves
-        except TypeError:  # older numba: no `sync` argument
-            return cuda.as_cuda_array(t)
+        return device_view(t)
 
     def run(self, kernel, num_threads: int, *args) -> None:
-        if num_threads == 0:
+        if num_threads == 0:  # K = 0 (or C = 0): a grid of 0 blocks is an error on a GPU
             return
         blocks = (num_threads + self.threads - 1) // self.threads
         kernel[blocks, self.threads, self.stream](*args)
-
-    def finish(self) -> None:
-        """Simulator: copy every output array back into its torch tensor."""
-        for t, arr in self._outputs:
-            t.copy_(torch.from_numpy(arr.copy_to_host()))
 
 
 def roi_align_forward(input, rois, output_size, spatial_scale, sampling_ratio, aligned):
@@ -264,10 +271,12 @@ def roi_align_forward(input, rois, output_size, spatial_scale, sampling_ratio, a
     C = input.shape[1]
     oh, ow = output_size
     out = torch.zeros((rois.shape[0], C, oh, ow), dtype=input.dtype, device=input.device)
-    launch = _Launch(input.device)
-    launch.run(_kernels(T)[0], out.numel(), launch.view(input), launch.view(rois), T(spatial_scale),
-               oh, ow, int(sampling_ratio), bool(aligned), launch.view(out, output=True))
-    launch.finish()
+    if out.numel() == 0:  # K = 0: nothing to launch (and no views of empty tensors)
+        return out
+    with _Launch(input.device, "roi_align") as launch:
+        launch.run(_kernels(T)[0], out.numel(), launch.view(input), launch.view(rois),
+                   T(spatial_scale), oh, ow, int(sampling_ratio), bool(aligned),
+                   launch.view(out, output=True))
     return out
 
 
@@ -276,11 +285,12 @@ def roi_align_backward(grad_output, rois, input_shape, spatial_scale, sampling_r
     T = _np_type(grad_output.dtype)
     oh, ow = grad_output.shape[2:]
     grad_input = torch.zeros(input_shape, dtype=grad_output.dtype, device=grad_output.device)
-    launch = _Launch(grad_output.device)
-    launch.run(_kernels(T)[1], grad_output.numel(), launch.view(grad_output), launch.view(rois),
-               T(spatial_scale), oh, ow, int(sampling_ratio), bool(aligned),
-               launch.view(grad_input, output=True))
-    launch.finish()
+    if grad_output.numel() == 0:
+        return grad_input
+    with _Launch(grad_output.device, "roi_align backward") as launch:
+        launch.run(_kernels(T)[1], grad_output.numel(), launch.view(grad_output),
+                   launch.view(rois), T(spatial_scale), oh, ow, int(sampling_ratio),
+                   bool(aligned), launch.view(grad_input, output=True))
     return grad_input
 
 
@@ -292,10 +302,12 @@ def roi_pool_forward(input, rois, output_size, spatial_scale):
     K = rois.shape[0]
     out = torch.zeros((K, C, oh, ow), dtype=input.dtype, device=input.device)
     argmax = torch.full((K, C, oh, ow), -1, dtype=torch.int32, device=input.device)
-    launch = _Launch(input.device)
-    launch.run(_kernels(T)[2], out.numel(), launch.view(input), launch.view(rois), T(spatial_scale),
-               oh, ow, launch.view(out, output=True), launch.view(argmax, output=True))
-    launch.finish()
+    if out.numel() == 0:
+        return out, argmax
+    with _Launch(input.device, "roi_pool") as launch:
+        launch.run(_kernels(T)[2], out.numel(), launch.view(input), launch.view(rois),
+                   T(spatial_scale), oh, ow, launch.view(out, output=True),
+                   launch.view(argmax, output=True))
     return out, argmax
 
 
@@ -303,8 +315,9 @@ def roi_pool_backward(grad_output, rois, argmax, input_shape):
     """RoIPool backward: grad_output ``[K, C, oh, ow]`` -> grad_input ``[N, C, H, W]``."""
     T = _np_type(grad_output.dtype)
     grad_input = torch.zeros(input_shape, dtype=grad_output.dtype, device=grad_output.device)
-    launch = _Launch(grad_output.device)
-    launch.run(_kernels(T)[3], grad_output.numel(), launch.view(grad_output), launch.view(rois),
-               launch.view(argmax), launch.view(grad_input, output=True))
-    launch.finish()
+    if grad_output.numel() == 0:
+        return grad_input
+    with _Launch(grad_output.device, "roi_pool backward") as launch:
+        launch.run(_kernels(T)[3], grad_output.numel(), launch.view(grad_output),
+                   launch.view(rois), launch.view(argmax), launch.view(grad_input, output=True))
     return grad_input
