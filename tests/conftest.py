@@ -12,7 +12,7 @@ try:
     import torch
 
     _has_gpu = torch.cuda.is_available()
-except Exception:  # pragma: no cover - torch missing is reported by the imports in the tests
+except ImportError:  # pragma: no cover - torch missing is reported by the imports in the tests
     _has_gpu = False
 if not _has_gpu:
     os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
