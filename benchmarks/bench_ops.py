@@ -24,9 +24,10 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+from mrcnn_edu.utils import atomic_write
 
 HERE = Path(__file__).resolve().parent
 CASE_FILES = ("roi_cases.py", "box_cases.py")
@@ -37,8 +38,6 @@ def load_cases(quick: bool):
     all_cases = []
     for filename in CASE_FILES:
         path = HERE / filename
-        if not path.exists():
-            continue
         spec = importlib.util.spec_from_file_location(path.stem, path)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
@@ -85,20 +84,6 @@ def print_rows(rows) -> None:
               flush=True)
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, then rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def plot(rows, path: Path) -> None:
     """Horizontal bars of the ratio to torchvision, one group per case."""
     import matplotlib
@@ -121,7 +106,7 @@ def plot(rows, path: Path) -> None:
     for i, q in enumerate(ratios):
         ax.text(q, i, f" {q:.2f}", va="center", fontsize=7)
     fig.tight_layout()
-    _atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    atomic_write(path, lambda f: fig.savefig(f, dpi=110, format="png"))
     plt.close(fig)
 
 
@@ -154,8 +139,8 @@ def main(argv=None) -> int:
                     "torch": torch.__version__, "numba": numba.__version__,
                     "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
                     "argv": sys.argv[1:]}
-        _atomic_write(args.json, lambda tmp: Path(tmp).write_text(
-            json.dumps({"meta": meta, "rows": rows}, indent=2)))
+        atomic_write(args.json, lambda f: f.write(
+            json.dumps({"meta": meta, "rows": rows}, indent=2).encode()))
         print(f"wrote {args.json}")
     return 0
 

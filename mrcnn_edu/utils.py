@@ -1,8 +1,12 @@
-"""Small helpers the notebooks use everywhere: quick mode and a tensor summary."""
+"""Small helpers used everywhere: quick mode, a tensor summary, atomic file writes."""
 
 from __future__ import annotations
 
 import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -26,3 +30,22 @@ def describe(name: str, x) -> str:
         xf = x.detach().float()
         rng = f"min={xf.min().item():.4g}  max={xf.max().item():.4g}"
     return f"{name}  shape={tuple(x.shape)}  dtype={x.dtype}  device={x.device}  {rng}"
+
+
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
+    """Call ``write(fileobj)`` on a binary temp file next to ``path``, then rename it over ``path``.
+
+    A reader never sees a half-written file, and an error (or Ctrl-C) leaves any existing
+    ``path`` untouched. Parent folders are created.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

@@ -29,13 +29,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
+
+from ..utils import atomic_write
 
 # ---------------------------------------------------------------------------------------------
 # Categories and keypoints
@@ -373,20 +373,6 @@ def generate_image(rng: np.random.Generator, size: int = 256, *, keypoints: bool
 # ---------------------------------------------------------------------------------------------
 
 
-def _atomic_write_bytes(path: Path, write) -> None:
-    """Call ``write(fileobj)`` on a temp file next to ``path``, then ``os.replace`` it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _categories(keypoints: bool) -> list[dict]:
     if keypoints:
         return [{"id": PERSON_CATEGORY_ID, "name": "person", "supercategory": "person",
@@ -411,9 +397,9 @@ def write_split(out: str | Path, split: str, num_images: int, size: int = 256, s
         image, instances = generate_image(rng, size, keypoints=keypoints, crowd=crowd)
         image_id = i + 1
         file_name = f"{image_id:012d}.png"
-        _atomic_write_bytes(out / split / file_name,
-                            lambda f, im=image: Image.fromarray(im).save(f, format="PNG",
-                                                                  compress_level=3))
+        atomic_write(out / split / file_name,
+                     lambda f, im=image: Image.fromarray(im).save(f, format="PNG",
+                                                           compress_level=3))
         images.append({"id": image_id, "file_name": file_name, "width": size, "height": size,
                        "license": 1})
         for inst in instances:
@@ -444,7 +430,7 @@ def write_split(out: str | Path, split: str, num_images: int, size: int = 256, s
     stem = "person_keypoints" if keypoints else "instances"
     ann_file = out / "annotations" / f"{stem}_{split}.json"
     text = json.dumps(data, separators=(",", ":")).encode("utf-8")
-    _atomic_write_bytes(ann_file, lambda f: f.write(text))
+    atomic_write(ann_file, lambda f: f.write(text))
     return ann_file
 
 
