@@ -21,7 +21,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["BalancedSampler", "Matcher"]
+from .ops import box_iou
+
+__all__ = ["BalancedSampler", "Matcher", "add_gt_proposals", "match_targets"]
 
 
 class Matcher:
@@ -213,3 +215,50 @@ class BalancedSampler:
             pos_masks.append(pos_mask)
             neg_masks.append(neg_mask)
         return pos_masks, neg_masks
+
+
+def match_targets(boxes: Tensor, gt_boxes: Tensor, matcher: Matcher) -> Tensor:
+    """Match one image's boxes (anchors or proposals) to its ground-truth boxes.
+
+    The one matching step the RPN (anchors, ``Matcher(0.7, 0.3, allow_low_quality_matches=True)``)
+    and the box head (proposals, ``Matcher(0.5, 0.5)``) share.
+
+    Args:
+        boxes: ``[N, 4]`` float ``(x1, y1, x2, y2)`` anchors or proposals.
+        gt_boxes: ``[G, 4]`` float ground-truth boxes; ``G`` may be 0.
+        matcher: a :class:`Matcher`.
+
+    Returns:
+        matched_idxs: ``[N]`` int64, a ground-truth index in ``[0, G)`` or one of the Matcher's
+        codes ``BELOW_LOW_THRESHOLD`` (-1, background) / ``BETWEEN_THRESHOLDS`` (-2, ignored).
+        ``G == 0`` gives all -1: an image without objects is all background.
+    """
+    for name, b in (("boxes", boxes), ("gt_boxes", gt_boxes)):
+        if not isinstance(b, Tensor) or b.dim() != 2 or b.shape[-1] != 4:
+            shape = tuple(b.shape) if isinstance(b, Tensor) else type(b).__name__
+            raise ValueError(f"match_targets: {name} must be [N, 4] (x1, y1, x2, y2), got {shape}")
+        if not b.is_floating_point():
+            raise TypeError(f"match_targets: {name} must be floating point, got {b.dtype}")
+    if boxes.device != gt_boxes.device:
+        raise ValueError(
+            f"match_targets: boxes are on {boxes.device} but gt_boxes on {gt_boxes.device}"
+        )
+    if gt_boxes.shape[0] == 0:
+        return torch.full(
+            (boxes.shape[0],), Matcher.BELOW_LOW_THRESHOLD, dtype=torch.int64, device=boxes.device
+        )
+    return matcher(box_iou(gt_boxes, boxes))  # [G, N] -> [N]
+
+
+def add_gt_proposals(proposals: Sequence[Tensor], gt_boxes: Sequence[Tensor]) -> list[Tensor]:
+    """Append each image's ground-truth boxes to its proposals (Fast R-CNN training).
+
+    Early in training the RPN proposes little near the objects; appending the ground truth
+    guarantees positives for the box head (torchvision's ``add_gt_proposals``, Detectron's
+    ``roi_data``). ``[P_i, 4]`` + ``[G_i, 4]`` -> ``[P_i + G_i, 4]`` per image, gt last.
+    """
+    if len(proposals) != len(gt_boxes):
+        raise ValueError(
+            f"add_gt_proposals: {len(proposals)} images of proposals but {len(gt_boxes)} of gt boxes"
+        )
+    return [torch.cat((p, g.to(p.dtype))) for p, g in zip(proposals, gt_boxes)]

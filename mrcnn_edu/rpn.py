@@ -36,8 +36,8 @@ from torch import Tensor, nn
 
 from .anchors import AnchorGenerator
 from .boxes import BoxCoder, clip_boxes_to_image, remove_small_boxes
-from .matching import BalancedSampler, Matcher
-from .ops import batched_nms, box_iou
+from .matching import BalancedSampler, Matcher, match_targets
+from .ops import batched_nms
 
 __all__ = [
     "RPNHead",
@@ -196,7 +196,7 @@ def label_anchors(anchors: Tensor, gt_boxes: Tensor, matcher: Matcher) -> tuple[
             torch.zeros((R,), dtype=torch.float32, device=anchors.device),
             torch.zeros((R, 4), dtype=torch.float32, device=anchors.device),
         )
-    matched_idxs = matcher(box_iou(gt_boxes, anchors))  # [G, R] -> [R]
+    matched_idxs = match_targets(anchors, gt_boxes, matcher)  # [R]
     # clamp: -1 / -2 would index out of range; those anchors never use their box
     matched_gt_boxes = gt_boxes[matched_idxs.clamp(min=0)]  # [R, 4]
     labels = (matched_idxs >= 0).to(torch.float32)
