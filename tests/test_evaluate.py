@@ -235,11 +235,13 @@ def test_no_detections_give_zeros(coco_set: CocoDetection, tmp_path: Path) -> No
 
 def test_val_losses_are_the_mean_over_images(coco_set: CocoDetection) -> None:
     # batches [1, 2] and [3]: loss_id = 1.5 and 3; weighted by batch size -> mean id = 2
-    result = evaluate(FakeModel(coco_set), coco_set, batch_size=2, progress=False)
+    result = evaluate(FakeModel(coco_set), coco_set, batch_size=2, device="cpu",
+                      progress=False)
     assert result.val_losses == pytest.approx({"loss_id": 2.0, "loss_const": 2.0})
     assert _one(result.metrics["bbox"]["AP"])
-    none = evaluate(FakeModel(coco_set), coco_set, with_losses=False, progress=False)
-    assert none.val_losses == {}
+    none = evaluate(FakeModel(coco_set), coco_set, with_losses=False, num_workers=1,
+                    progress=False)
+    assert none.val_losses == {} and none.stats == result.stats
 
 
 def test_subsets_and_max_images_restrict_the_images(coco_set: CocoDetection,
