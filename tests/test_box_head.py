@@ -57,6 +57,7 @@ def test_two_mlp_head_equals_torchvision():
     out = ours(x)
     assert out.shape == (5, 32) and (out >= 0).all()
     assert torch.equal(out, tv(x))
+    assert ours(x[:0]).shape == (0, 32)  # an image without RoIs
     with pytest.raises(ValueError, match=r"TwoMLPHead: .*C\*h\*w = in_channels = 392"):
         ours(torch.randn(5, 8, 6, 6))
 

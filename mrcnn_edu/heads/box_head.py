@@ -31,6 +31,7 @@ same losses and detections (``tests/test_box_head.py``).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -102,7 +103,7 @@ class TwoMLPHead(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """``[K, C, h, w]`` (or ``[K, C*h*w]``) pooled features -> ``[K, representation_size]``."""
-        if not isinstance(x, Tensor) or x.dim() < 2 or x[0].numel() != self.in_channels:
+        if not isinstance(x, Tensor) or x.dim() < 2 or math.prod(x.shape[1:]) != self.in_channels:
             raise ValueError(
                 f"TwoMLPHead: expected [K, C, h, w] features with C*h*w = in_channels = "
                 f"{self.in_channels}, got {_shape(x)}"
