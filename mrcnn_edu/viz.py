@@ -1,4 +1,4 @@
-"""Matplotlib drawings of images with instances: boxes, class names and scores, masks, keypoints.
+"""Matplotlib drawings for the notebooks: instances, and the pictures behind each concept.
 
 Mask R-CNN (He et al. 2017) outputs, per image, boxes with class labels and scores (the Faster
 R-CNN part, section 3), one mask per box (section 3, "Mask Representation") and, in the keypoint
@@ -8,7 +8,22 @@ predictions alike, so every notebook (starting with ``00_tour.ipynb``) shows dat
 Colours are a fixed palette indexed by class (:func:`class_color`), so "circle" has the same
 colour in every figure of the series.
 
+The other drawings, by notebook (each is plain matplotlib on an ``Axes``, testable without
+widgets; the explorers in ``mrcnn_edu.widgets`` only wire controls to them):
+
+* 00: :func:`draw_pipeline`, :func:`show_batch`, :func:`draw_keypoints_closeup` (visible vs
+  occluded keypoints);
+* 01: :func:`draw_rle_runs` (how run-length encoding reads a mask);
+* 02: :func:`draw_roi_sampling`, :func:`draw_roi_comparison` (where RoIPool / RoIAlign read the
+  feature map; the geometry comes from ``mrcnn_edu.ops.roi_reference``, the functions the
+  reference operators use, never re-derived here);
+* 03: :func:`draw_thread_mapping`, :func:`draw_data_race`, :func:`draw_memory_layout`;
+* 04: :func:`draw_anchors`, :func:`plot_anchors_at`, :func:`draw_box_deltas` (deltas as arrows),
+  :func:`draw_best_proposals` (each object's best proposal, its rank and IoU).
+
 This is the only module besides ``widgets`` and ``cli`` that imports matplotlib (DESIGN.md).
+Modules that pull in Numba (``mrcnn_edu.ops``) are imported inside the functions that need them,
+so ``import mrcnn_edu.viz`` stays light.
 """
 
 from __future__ import annotations
@@ -24,14 +39,38 @@ from matplotlib.figure import Figure
 from matplotlib.patches import FancyBboxPatch, Rectangle
 
 __all__ = [
+    "KEYPOINT_STYLES",
+    "LABEL_COLORS",
+    "LABEL_NAMES",
     "PALETTE",
+    "anchors_at",
+    "best_proposals",
+    "bilinear_neighbours",
     "class_color",
+    "draw_anchors",
+    "draw_best_proposals",
+    "draw_box_deltas",
     "draw_boxes",
+    "draw_data_race",
     "draw_instances",
+    "draw_keypoints_closeup",
+    "draw_memory_layout",
     "draw_pipeline",
+    "draw_rle_runs",
+    "draw_roi_comparison",
+    "draw_roi_sampling",
+    "draw_thread_mapping",
+    "image_for_display",
     "image_to_numpy",
+    "memory_offsets",
+    "plot_anchors_at",
+    "pool_bins",
+    "rle_runs",
+    "roi_align_points",
+    "sampling_points",
     "show_batch",
     "show_samples",
+    "simulate_increments",
 ]
 
 #: Fixed RGB palette (0..1). Entry 0 is for the background class; classes 1, 2, ... cycle
@@ -291,8 +330,9 @@ def _draw_keypoints(ax: Axes, kps: np.ndarray, skeleton, color) -> None:
         if v[i] > 0 and v[j] > 0:
             ax.plot([x[i], x[j]], [y[i], y[j]], color=color, linewidth=1.5)
     vis, occ = v >= 2, (v > 0) & (v < 2)
-    ax.scatter(x[vis], y[vis], s=14, c=[color], edgecolors="black", linewidths=0.5, zorder=3)
-    ax.scatter(x[occ], y[occ], s=14, facecolors="none", edgecolors=[color], linewidths=1.2,
+    # filled dots vs larger hollow rings: told apart at a glance even in a grid of small images
+    ax.scatter(x[vis], y[vis], s=16, c=[color], edgecolors="black", linewidths=0.6, zorder=3)
+    ax.scatter(x[occ], y[occ], s=30, facecolors="none", edgecolors=[color], linewidths=1.5,
                zorder=3)
 
 
@@ -422,3 +462,905 @@ def draw_pipeline(ax: Axes | None = None) -> Axes:
     ax.set_ylim(-0.55, 2.2)
     ax.set_axis_off()
     return ax
+
+
+# --------------------------------------------------------------------------------------------
+# keypoints up close (notebook 00): visible and occluded points told apart
+# --------------------------------------------------------------------------------------------
+
+#: how the keypoint close-up draws each visibility (COCO: 2 visible, 1 labelled but occluded)
+KEYPOINT_STYLES = {
+    2: {"label": "visible (v=2)", "marker": "o", "filled": True},
+    1: {"label": "occluded (v=1)", "marker": "o", "filled": False},
+}
+
+
+def draw_keypoints_closeup(
+    ax: Axes,
+    image,
+    keypoints,
+    *,
+    names: Sequence[str] | None = None,
+    skeleton: Sequence[tuple[int, int]] | None = None,
+    color=None,
+    margin: float = 10.0,
+    title: str | None = None,
+) -> Axes:
+    """One person's keypoints, zoomed in, with visible and occluded points drawn differently.
+
+    Visible points (v=2) are filled dots; occluded ones (v=1: labelled, but hidden behind another
+    object) are hollow rings, and a limb that ends in one is dashed; unlabelled points (v=0) are
+    not drawn but counted in the legend. Each point is named when ``names`` is given.
+
+    Args:
+        ax: matplotlib axes.
+        image: ``[3, H, W]`` tensor or ``[H, W, 3]`` array (as :func:`draw_instances`).
+        keypoints: ``[K, 3]`` float ``(x, y, v)`` of one instance, continuous pixel coordinates
+            (pixel column ``i`` spans ``[i, i + 1)``).
+        names: ``K`` keypoint names; skeleton: 1-based pairs (COCO's convention).
+        color: line colour (default: the palette's first class colour).
+        margin: pixels of context around the labelled points.
+
+    Returns ``ax``. The points are the scatters with ``gid`` ``"keypoints_visible"`` and
+    ``"keypoints_occluded"`` (offsets are the ``(x, y)`` of the keypoints).
+    """
+    img = image_to_numpy(image)
+    H, W = img.shape[:2]
+    kps = _to_numpy(keypoints, "keypoints").astype(np.float64)
+    if kps.ndim != 2 or kps.shape[1] != 3:
+        raise ValueError(f"draw_keypoints_closeup: keypoints must be [K, 3] (x, y, v) of one "
+                         f"instance, got {kps.shape}")
+    K = kps.shape[0]
+    if names is not None and len(names) != K:
+        raise ValueError(f"draw_keypoints_closeup: {len(names)} names for {K} keypoints")
+    color = PALETTE[1] if color is None else color
+    x, y, v = kps[:, 0], kps[:, 1], kps[:, 2]
+    ax.imshow(img, extent=(0, W, H, 0), interpolation="nearest")
+    for a, b in skeleton or ():
+        i, j = int(a) - 1, int(b) - 1
+        if not (0 <= i < K and 0 <= j < K):
+            raise ValueError(f"draw_keypoints_closeup: skeleton pair ({a}, {b}) is out of range "
+                             f"for {K} keypoints (pairs are 1-based, as in COCO)")
+        if v[i] > 0 and v[j] > 0:
+            dashed = v[i] < 2 or v[j] < 2
+            ax.plot([x[i], x[j]], [y[i], y[j]], color=color, lw=2.0, ls="--" if dashed else "-",
+                    zorder=2)
+    for vis, style in KEYPOINT_STYLES.items():
+        sel = v == vis
+        n = int(sel.sum())
+        face = [color] if style["filled"] else "none"
+        ax.scatter(x[sel], y[sel], s=90, marker=style["marker"], facecolors=face,
+                   edgecolors="black" if style["filled"] else [color],
+                   linewidths=1.0 if style["filled"] else 2.2, zorder=3,
+                   label=f"{style['label']}: {n}", gid=f"keypoints_{'visible' if vis == 2 else 'occluded'}")
+    n0 = int((v == 0).sum())
+    ax.plot([], [], " ", label=f"not labelled (v=0): {n0}, not drawn")
+    if names is not None:
+        for k in np.flatnonzero(v > 0):
+            ax.annotate(names[k], (x[k], y[k]), textcoords="offset points", xytext=(6, 3),
+                        fontsize=7, color="black",
+                        bbox={"facecolor": "white", "alpha": 0.7, "pad": 0.5, "edgecolor": "none"})
+    lab = v > 0
+    if lab.any():
+        x0, x1 = max(x[lab].min() - margin, 0), min(x[lab].max() + margin, W)
+        y0, y1 = max(y[lab].min() - margin, 0), min(y[lab].max() + margin, H)
+    else:
+        x0, x1, y0, y1 = 0, W, 0, H
+    ax.set_xlim(x0, x1)
+    ax.set_ylim(y1, y0)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if title is not None:
+        ax.set_title(title, fontsize=9)
+    return ax
+
+
+# --------------------------------------------------------------------------------------------
+# run-length encoding (notebook 01)
+# --------------------------------------------------------------------------------------------
+
+
+def rle_runs(mask) -> list[tuple[int, int, int]]:
+    """COCO's runs of a 0/1 mask ``[H, W]``: ``(value, start, length)`` in column-major order.
+
+    The first run is of zeros (length 0 when the first pixel is 1), as in COCO's ``counts``;
+    ``[length for _, _, length in rle_runs(m)]`` is the uncompressed ``counts`` list.
+    """
+    m = _to_numpy(mask, "mask")
+    if m.ndim != 2:
+        raise ValueError(f"rle_runs: mask must be [H, W], got shape {m.shape}")
+    flat = (np.asarray(m).reshape(-1, order="F") > 0).astype(np.int64)  # (H, W) -> (H*W,)
+    runs, start, current = [], 0, 0
+    for i, val in enumerate(flat):
+        if val != current:
+            runs.append((current, start, i - start))
+            start, current = i, int(val)
+    runs.append((current, start, len(flat) - start))
+    return runs
+
+
+def draw_rle_runs(ax: Axes, mask, *, title: str | None = None) -> Axes:
+    """Draw how RLE reads a small mask: column by column, runs of 0s and 1s, their lengths.
+
+    Each cell shows its reading position (0, 1, ... down the first column, then the next);
+    each run is one colour (1-runs in the palette's colours, 0-runs in alternating greys), and
+    the run's length is written large on its first cell (texts with ``gid="rle_run"``, in
+    reading order: they are COCO's uncompressed ``counts``). A thin line follows the reading
+    order. Returns ``ax``.
+    """
+    m = np.asarray(_to_numpy(mask, "mask"))
+    if m.ndim != 2:
+        raise ValueError(f"draw_rle_runs: mask must be [H, W], got shape {m.shape}")
+    H, W = m.shape
+    runs = rle_runs(m)
+    for r, (val, start, length) in enumerate(runs):
+        face = PALETTE[1 + (r // 2) % (len(PALETTE) - 1)] if val else ((0.93,) * 3 if r % 4 == 0
+                                                                        else (0.80,) * 3)
+        for i in range(start, start + length):
+            col, row = divmod(i, H)  # column-major: position i is (row i % H, column i // H)
+            ax.add_patch(Rectangle((col, row), 1, 1, facecolor=face, edgecolor="white", lw=1.5))
+            ax.text(col + 0.12, row + 0.2, str(i), fontsize=6, color="0.3", va="top")
+        if length:
+            col, row = divmod(start, H)
+            ax.text(col + 0.5, row + 0.6, str(length), fontsize=12, weight="bold", ha="center",
+                    va="center", gid="rle_run", color="black")
+        else:
+            ax.text(-0.1, -0.15, "0 zeros first", fontsize=7, ha="left", va="bottom",
+                    gid="rle_run_empty", color="0.3")
+    order = np.arange(H * W)
+    ax.plot(order // H + 0.5, order % H + 0.5, color="0.2", lw=0.7, alpha=0.6, zorder=0.5)
+    ax.set_xlim(-0.1, W + 0.1)
+    ax.set_ylim(H + 0.1, -0.5)
+    ax.set_aspect("equal")
+    ax.set_xticks(np.arange(W) + 0.5, [f"col {j}" for j in range(W)], fontsize=7)
+    ax.set_yticks(np.arange(H) + 0.5, [f"row {i}" for i in range(H)], fontsize=7)
+    ax.tick_params(length=0)
+    counts = [length for _, _, length in runs]
+    ax.set_title(title if title is not None else f"counts = {counts}", fontsize=9)
+    return ax
+
+
+# --------------------------------------------------------------------------------------------
+# kernels (notebook 03): thread-to-output mapping, a data race, NCHW vs NHWC
+# --------------------------------------------------------------------------------------------
+
+
+def draw_thread_mapping(ax: Axes, shape=(2, 2, 3, 3), threads_per_block: int = 8) -> Axes:
+    """One CUDA thread per output element of a ``[K, C, oh, ow]`` tensor, coloured by block.
+
+    Thread ``i = blockIdx.x * blockDim.x + threadIdx.x`` handles element ``(k, c, ph, pw)`` with
+    ``pw = i % ow``, ``ph = (i // ow) % oh``, ``c = (i // (ow*oh)) % C``, ``k = i // (ow*oh*C)``.
+    The ``oh x ow`` tile of ``(k, c)`` is drawn at column ``k``, row ``c``; each cell shows its
+    thread index (texts with ``gid="thread_index"``) and is coloured by its block. A strip below
+    shows the launch: ``ceil(total / threads_per_block)`` blocks, the idle threads of the last
+    block hatched. Returns ``ax``.
+    """
+    if len(shape) != 4 or min(int(s) for s in shape) < 1:
+        raise ValueError(f"draw_thread_mapping: shape must be 4 positive ints (K, C, oh, ow), "
+                         f"got {tuple(shape)}")
+    if threads_per_block < 1:
+        raise ValueError(f"draw_thread_mapping: threads_per_block must be >= 1, got "
+                         f"{threads_per_block}")
+    K, C, oh, ow = (int(s) for s in shape)
+    total = K * C * oh * ow
+    blocks = -(-total // threads_per_block)  # ceil
+    cmap = plt.get_cmap("tab20")
+
+    def block_color(i):
+        return cmap((i // threads_per_block) % 20)
+
+    for i in range(total):
+        pw, ph = i % ow, (i // ow) % oh
+        c, k = (i // (ow * oh)) % C, i // (ow * oh * C)
+        x, y = k * (ow + 1) + pw, c * (oh + 1) + ph
+        ax.add_patch(Rectangle((x, y), 1, 1, facecolor=block_color(i), edgecolor="white", lw=1))
+        ax.text(x + 0.5, y + 0.5, str(i), ha="center", va="center", fontsize=7,
+                gid="thread_index")
+    for k in range(K):
+        for c in range(C):
+            ax.text(k * (ow + 1) + ow / 2, c * (oh + 1) - 0.15, f"k={k}, c={c}", ha="center",
+                    va="bottom", fontsize=7)
+    # the launch: all threads on one line, block after block, half a cell per thread
+    y0 = C * (oh + 1) + 0.8
+    cell = 0.5
+    width = max(K * (ow + 1) - 1, blocks * threads_per_block * cell)
+    for t in range(blocks * threads_per_block):
+        idle = t >= total
+        ax.add_patch(Rectangle((t * cell, y0), cell, 0.8, facecolor="white" if idle else
+                               block_color(t), edgecolor="0.5", lw=0.3, hatch="///" if idle else None))
+    for b in range(blocks):
+        ax.text((b + 0.5) * threads_per_block * cell, y0 + 1.0, f"block {b}", ha="center",
+                va="top", fontsize=7)
+    ax.text(0, y0 + 1.8, f"{total} outputs, {threads_per_block} threads per block -> {blocks} "
+            f"blocks; hatched: threads with i >= {total} return at once", fontsize=7, va="top")
+    ax.set_xlim(-0.2, width + 0.2)
+    ax.set_ylim(y0 + 2.4, -0.8)
+    ax.set_aspect("equal")
+    ax.set_axis_off()
+    ax.set_title("thread i -> output element (k, c, ph, pw), pw fastest", fontsize=9)
+    return ax
+
+
+def simulate_increments(schedule: Sequence[int], start: int = 0) -> list[tuple[int, str, int]]:
+    """Two threads each run ``r = x; r = r + 1; x = r`` on a shared ``x``, in ``schedule`` order.
+
+    ``schedule`` lists which thread takes its next step, e.g. ``[0, 1, 0, 1, 0, 1]``; each
+    thread must appear exactly 3 times. Returns one ``(thread, what it did, x after the step)``
+    per step; the last ``x`` is the result (``start + 2`` unless an update was lost).
+    """
+    schedule = [int(t) for t in schedule]
+    if sorted(schedule) != [0, 0, 0, 1, 1, 1]:
+        raise ValueError(f"simulate_increments: schedule must name thread 0 and thread 1 three "
+                         f"times each (read, add, write), got {schedule}")
+    x, reg, step_of = start, [None, None], [0, 0]
+    out = []
+    for t in schedule:
+        s = step_of[t]
+        if s == 0:
+            reg[t] = x
+            what = f"r{t} = x  (reads {x})"
+        elif s == 1:
+            reg[t] += 1
+            what = f"r{t} = r{t} + 1  ({reg[t]})"
+        else:
+            x = reg[t]
+            what = f"x = r{t}  (writes {x})"
+        step_of[t] += 1
+        out.append((t, what, x))
+    return out
+
+
+def draw_data_race(ax: Axes, schedule: Sequence[int] = (0, 1, 0, 1, 0, 1), start: int = 0) -> Axes:
+    """A time line of two threads incrementing the same ``x`` (:func:`simulate_increments`).
+
+    One row per step: what thread 0 and thread 1 do, and ``x`` after the step (texts with
+    ``gid="memory"``). The title says how many of the 2 updates survived. Returns ``ax``.
+    """
+    steps = simulate_increments(schedule, start)
+    n = len(steps)
+    cols = {0: 0.0, 1: 4.2, "x": 8.4}
+    for label, xpos in (("thread 0", cols[0]), ("thread 1", cols[1]), ("x in memory", cols["x"])):
+        ax.text(xpos + 0.1, -0.7, label, fontsize=9, weight="bold", va="center")
+    for r, (t, what, x) in enumerate(steps):
+        ax.add_patch(Rectangle((cols[t], r - 0.4), 4.0, 0.8, facecolor=PALETTE[1 + t * 4],
+                               alpha=0.35, edgecolor="none"))
+        ax.text(cols[t] + 0.1, r, what, fontsize=8, va="center", family="monospace")
+        ax.text(cols["x"] + 0.1, r, f"x = {x}", fontsize=8, va="center", family="monospace",
+                gid="memory")
+        ax.text(-0.3, r, f"t{r}", fontsize=7, ha="right", va="center", color="0.4")
+    final = steps[-1][2]
+    lost = start + 2 - final
+    ax.set_title(f"two increments of x = {start}: result {final} "
+                 + (f"({lost} update lost)" if lost else "(both updates kept)"), fontsize=9)
+    ax.set_xlim(-1.0, 10.5)
+    ax.set_ylim(n - 0.4, -1.1)
+    ax.set_axis_off()
+    return ax
+
+
+def memory_offsets(shape, layout: str) -> np.ndarray:
+    """Element offsets of a ``[C, H, W]`` image in memory: ``[C, H, W]`` int array.
+
+    ``layout="NCHW"``: torch's default (contiguous, a channel plane after the other);
+    ``"NHWC"``: channels last, the ``C`` values of one pixel side by side.
+    """
+    C, H, W = (int(s) for s in shape)
+    if layout == "NCHW":
+        strides = (H * W, W, 1)
+    elif layout == "NHWC":
+        strides = (1, W * C, C)
+    else:
+        raise ValueError(f"memory_offsets: layout must be 'NCHW' or 'NHWC', got {layout!r}")
+    c, y, x = np.meshgrid(np.arange(C), np.arange(H), np.arange(W), indexing="ij")
+    return c * strides[0] + y * strides[1] + x * strides[2]
+
+
+def draw_memory_layout(ax: Axes, shape=(3, 2, 3), pixel=(0, 1)) -> Axes:
+    """The same ``[C, H, W]`` feature map in memory, NCHW above and NHWC (channels last) below.
+
+    Each row is memory, address 0 on the left; a cell is coloured by its channel and labelled
+    ``c,y,x``. The ``C`` values of ``pixel = (y, x)`` (what a kernel's channel loop reads) are
+    framed: far apart in NCHW (``H*W`` elements between channels), side by side in NHWC. The
+    frames are the rectangles with ``gid`` ``"pixel_NCHW"`` / ``"pixel_NHWC"``, their x the
+    addresses. Returns ``ax``.
+    """
+    C, H, W = (int(s) for s in shape)
+    py, px = pixel
+    if not (0 <= py < H and 0 <= px < W):
+        raise ValueError(f"draw_memory_layout: pixel {pixel} is outside the {H}x{W} map")
+    n = C * H * W
+    for row, layout in enumerate(("NCHW", "NHWC")):
+        off = memory_offsets((C, H, W), layout)
+        y0 = row * 2.2
+        for c in range(C):
+            for yy in range(H):
+                for xx in range(W):
+                    a = int(off[c, yy, xx])
+                    ax.add_patch(Rectangle((a, y0), 1, 1, facecolor=PALETTE[1 + c % 10],
+                                           edgecolor="white", lw=1))
+                    ax.text(a + 0.5, y0 + 0.5, f"{c},{yy},{xx}", ha="center", va="center",
+                            fontsize=6)
+                    if (yy, xx) == (py, px):
+                        ax.add_patch(Rectangle((a, y0), 1, 1, fill=False, edgecolor="black",
+                                               lw=2.5, gid=f"pixel_{layout}"))
+        addrs = sorted(int(off[c, py, px]) for c in range(C))
+        gap = addrs[1] - addrs[0] if C > 1 else 0
+        what = ("the pixel's channels are contiguous" if gap == 1
+                else f"the pixel's channels are {gap} elements apart")
+        ax.text(-0.2, y0 + 0.5, f"{layout}  ", ha="right", va="center", fontsize=9,
+                weight="bold")
+        ax.text(0, y0 + 1.45, f"{layout}: {what}", fontsize=8, va="center")
+    ax.text(0, -0.5, "address 0 ->  (cells labelled c,y,x; colour = channel; framed: pixel "
+            f"(y={py}, x={px}))", fontsize=8, va="center")
+    ax.set_xlim(-2.2, n + 0.2)
+    ax.set_ylim(2 * 2.2 - 0.2, -0.9)
+    ax.set_aspect("equal")
+    ax.set_axis_off()
+    return ax
+
+
+# --------------------------------------------------------------------------------------------
+# anchors, box deltas and proposals (notebook 04)
+# --------------------------------------------------------------------------------------------
+
+#: colours of the match labels (``Matcher``/sampler convention: 1 fg, 0 bg, -1 ignored)
+LABEL_COLORS = {1: "tab:green", -1: "0.65", 0: "tab:red"}
+LABEL_NAMES = {1: "positive", -1: "ignored", 0: "negative"}
+
+
+def image_for_display(image, fn: str = "image_for_display") -> np.ndarray:
+    """``[3, H, W]`` tensor / ``[H, W, 3]`` array (any range) -> ``[H, W, 3]`` float in [0, 1].
+
+    Unlike :func:`image_to_numpy`, values outside [0, 1] (uint8 or a normalized image) are
+    stretched for display, and one-channel images are accepted.
+    """
+    if isinstance(image, torch.Tensor):
+        arr = image.detach().cpu()
+        if arr.dim() != 3 or arr.shape[0] not in (1, 3):
+            raise ValueError(f"{fn}: image tensor must be [3, H, W] or [1, H, W], got "
+                             f"{tuple(arr.shape)}")
+        arr = arr.permute(1, 2, 0).float().numpy()  # [C, H, W] -> [H, W, C]
+    else:
+        arr = np.asarray(image, dtype=np.float32)
+        if arr.ndim != 3 or arr.shape[2] not in (1, 3):
+            raise ValueError(f"{fn}: image array must be [H, W, 3], got {arr.shape}")
+    if arr.shape[2] == 1:
+        arr = np.repeat(arr, 3, axis=2)
+    lo, hi = float(arr.min()), float(arr.max())
+    if lo < 0.0 or hi > 1.0:  # uint8 range or a normalized image: stretch to [0, 1] for display
+        arr = (arr - lo) / max(hi - lo, 1e-6)
+    return arr
+
+
+def _as_boxes(boxes, name: str, fn: str = "draw_anchors") -> np.ndarray:
+    arr = boxes.detach().cpu().float().numpy() if isinstance(boxes, torch.Tensor) else np.asarray(
+        boxes, dtype=np.float32)
+    arr = arr.reshape(-1, 4) if arr.size == 0 else arr
+    if arr.ndim != 2 or arr.shape[1] != 4:
+        raise ValueError(f"{fn}: {name} must have shape [N, 4] (x1, y1, x2, y2), got "
+                         f"{arr.shape}")
+    return arr
+
+
+def _gt_dashed(ax: Axes, gt_boxes, linewidth: float, fn: str) -> None:
+    for x1, y1, x2, y2 in _as_boxes(gt_boxes, "gt_boxes", fn):
+        ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor="white",
+                               linewidth=linewidth, linestyle="--", gid="gt_box"))
+
+
+def draw_anchors(
+    ax: Axes,
+    image,
+    anchors,
+    *,
+    labels=None,
+    gt_boxes=None,
+    centers: bool = True,
+    linewidth: float = 1.5,
+    title: str | None = None,
+    legend: bool = True,
+) -> Axes:
+    """Draw ``anchors`` over ``image`` on the matplotlib axes ``ax``; return ``ax``.
+
+    The image is drawn in continuous pixel coordinates (pixel column ``i`` spans ``[i, i+1)``),
+    so a box is drawn exactly at its coordinates.
+
+    Args:
+        ax: matplotlib axes.
+        image: ``[3, H, W]`` tensor or ``[H, W, 3]`` array; values outside [0, 1] are stretched.
+        anchors: ``[N, 4]`` float (x1, y1, x2, y2) in image pixels (may extend past the image).
+        labels: optional ``[N]`` ints, 1 positive / 0 negative / -1 ignored (the RPN's anchor
+            labels); colours the anchors green / red / grey and counts them in the legend.
+            Without labels anchors are coloured by aspect ratio ``h / w``.
+        gt_boxes: optional ``[G, 4]`` ground-truth boxes, drawn as thick white dashed boxes.
+        centers: mark each anchor's centre with a dot.
+        title: axes title.
+        legend: add a legend (ratios or label counts).
+    """
+    img = image_for_display(image, "draw_anchors")
+    H, W = img.shape[:2]
+    boxes = _as_boxes(anchors, "anchors")
+    ax.imshow(img, extent=(0, W, H, 0))
+    if labels is not None:
+        lab = labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(
+            labels)
+        lab = lab.reshape(-1).astype(np.int64)
+        if lab.shape[0] != boxes.shape[0]:
+            raise ValueError(f"draw_anchors: labels has {lab.shape[0]} entries for "
+                             f"{boxes.shape[0]} anchors")
+        groups = [(LABEL_NAMES[v], LABEL_COLORS[v], lab == v) for v in (-1, 0, 1)]  # fg on top
+    else:
+        ratio = (boxes[:, 3] - boxes[:, 1]) / np.maximum(boxes[:, 2] - boxes[:, 0], 1e-6)
+        # anchors are rounded to whole pixels, so snap h / w to the nearest power of sqrt(2)
+        ratio = 2.0 ** (np.round(2 * np.log2(np.maximum(ratio, 1e-6))) / 2)
+        cmap = plt.get_cmap("tab10")
+        groups = [(f"h/w ~ {r:.2g}", cmap(i % 10), ratio == r)
+                  for i, r in enumerate(np.unique(ratio))]
+    for name, color, mask in groups:
+        sel = boxes[mask]
+        for x1, y1, x2, y2 in sel:
+            ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=color,
+                                   linewidth=linewidth))
+        if centers and len(sel):
+            ax.plot((sel[:, 0] + sel[:, 2]) / 2, (sel[:, 1] + sel[:, 3]) / 2, ".", color=color,
+                    markersize=3)
+        if mask.any():
+            ax.plot([], [], "s", color=color, label=f"{name} ({int(mask.sum())})")
+    if gt_boxes is not None:
+        _gt_dashed(ax, gt_boxes, 2.0 * linewidth, "draw_anchors")
+    # show anchors that stick out of the image too, within reason
+    if len(boxes):
+        ax.set_xlim(max(min(0.0, boxes[:, 0].min()), -0.5 * W),
+                    min(max(W, boxes[:, 2].max()), 1.5 * W))
+        ax.set_ylim(min(max(H, boxes[:, 3].max()), 1.5 * H),
+                    max(min(0.0, boxes[:, 1].min()), -0.5 * H))
+    else:
+        ax.set_xlim(0, W)
+        ax.set_ylim(H, 0)
+    if legend and len(boxes):
+        ax.legend(loc="upper right", fontsize=7, framealpha=0.8)
+    if title:
+        ax.set_title(title)
+    return ax
+
+
+def anchors_at(image_shape: tuple[int, int], sizes: Sequence[float],
+               aspect_ratios: Sequence[float], stride: int, cell_x: int,
+               cell_y: int) -> torch.Tensor:
+    """The ``len(sizes) * len(aspect_ratios)`` anchors of feature-map cell ``(cell_y, cell_x)``.
+
+    Uses ``AnchorGenerator(sizes=(sizes,), aspect_ratios=(aspect_ratios,)).grid_anchors`` on one
+    feature map of shape ``(ceil(H / stride), ceil(W / stride))``; returns ``[A, 4]`` float32
+    xyxy pixels (``A = len(sizes) * len(aspect_ratios)``, ratio-major).
+    """
+    from mrcnn_edu.anchors import AnchorGenerator
+
+    H, W = image_shape
+    h, w = -(-H // stride), -(-W // stride)  # ceil division: feature map size
+    if not (0 <= cell_x < w and 0 <= cell_y < h):
+        raise ValueError(f"anchors_at: cell (x={cell_x}, y={cell_y}) is outside the {h}x{w} "
+                         f"feature map of stride {stride}")
+    gen = AnchorGenerator(sizes=(tuple(float(s) for s in sizes),),
+                          aspect_ratios=(tuple(float(r) for r in aspect_ratios),))
+    anchors = gen.grid_anchors([(h, w)], [(stride, stride)])[0]  # [h*w*A, 4]
+    A = gen.num_anchors_per_location()[0]
+    return anchors.reshape(h, w, A, 4)[cell_y, cell_x]  # [h*w*A, 4] -> [h, w, A, 4] -> [A, 4]
+
+
+def plot_anchors_at(image, sizes: Sequence[float], aspect_ratios: Sequence[float], stride: int,
+                    cell_x: int, cell_y: int, *, show_grid: bool = True,
+                    ax: Axes | None = None) -> Figure:
+    """The anchor explorer's figure: the anchors of one location and the grid of anchor centres.
+
+    Returns the ``Figure``.
+    """
+    img = image_for_display(image, "plot_anchors_at")
+    H, W = img.shape[:2]
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(5.5, 5.5))
+    else:
+        fig = ax.figure
+    if not sizes or not aspect_ratios:
+        ax.imshow(img)
+        ax.set_title("pick at least one size and one aspect ratio")
+        return fig
+    anchors = anchors_at((H, W), sizes, aspect_ratios, stride, cell_x, cell_y)
+    draw_anchors(ax, img, anchors, title=f"stride {stride}, cell (x={cell_x}, y={cell_y}): "
+                                         f"{anchors.shape[0]} anchors")
+    if show_grid:
+        h, w = -(-H // stride), -(-W // stride)
+        cx = (anchors[:, 0] + anchors[:, 2]).mean().item() / 2 - cell_x * stride  # centre offset
+        cy = (anchors[:, 1] + anchors[:, 3]).mean().item() / 2 - cell_y * stride
+        gx, gy = np.meshgrid(np.arange(w) * stride + cx, np.arange(h) * stride + cy)
+        ax.plot(gx.ravel(), gy.ravel(), "+", color="yellow", markersize=3, alpha=0.6)
+    return fig
+
+
+def draw_box_deltas(
+    ax: Axes,
+    image,
+    anchors,
+    deltas,
+    *,
+    weights: tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.0),
+    gt_boxes=None,
+    title: str | None = None,
+) -> Axes:
+    """Box coding as arrows: each anchor, the box its deltas decode to, and an arrow between them.
+
+    ``(t_x, t_y)`` move the anchor's centre by ``t_x`` anchor widths and ``t_y`` heights (the
+    arrow, from the anchor's centre to the decoded box's centre); ``(t_w, t_h)`` scale its width
+    and height by ``exp(t_w)``, ``exp(t_h)`` (dashed anchor -> solid box). Each arrow is labelled
+    with its four deltas.
+
+    Args:
+        ax: matplotlib axes; image: as :func:`draw_anchors`.
+        anchors: ``[N, 4]`` (x1, y1, x2, y2) reference boxes.
+        deltas: ``[N, 4]`` ``(t_x, t_y, t_w, t_h)``, as ``BoxCoder(weights).encode`` returns them.
+        weights: the coder's weights (``(1, 1, 1, 1)`` for the RPN).
+        gt_boxes: optional ``[G, 4]`` ground truth, white dashed.
+
+    Returns ``ax``. The arrows are the annotations with ``gid="delta_arrow"`` (``xyann``: the
+    anchor's centre, ``xy``: the decoded box's centre); the decoded boxes are the rectangles
+    with ``gid="decoded_box"``.
+    """
+    from mrcnn_edu.boxes import BoxCoder
+
+    img = image_for_display(image, "draw_box_deltas")
+    H, W = img.shape[:2]
+    a = torch.as_tensor(_as_boxes(anchors, "anchors", "draw_box_deltas"), dtype=torch.float32)
+    d = torch.as_tensor(_as_boxes(deltas, "deltas", "draw_box_deltas"), dtype=torch.float32)
+    if a.shape[0] != d.shape[0]:
+        raise ValueError(f"draw_box_deltas: {a.shape[0]} anchors but {d.shape[0]} deltas")
+    decoded = BoxCoder(weights).decode(d, a).reshape(-1, 4) if len(a) else a  # [N, 4]
+    ax.imshow(img, extent=(0, W, H, 0))
+    if gt_boxes is not None:
+        _gt_dashed(ax, gt_boxes, 2.0, "draw_box_deltas")
+    cmap = plt.get_cmap("tab10")
+    for i, ((ax1, ay1, ax2, ay2), (bx1, by1, bx2, by2), t) in enumerate(
+            zip(a.tolist(), decoded.tolist(), d.tolist())):
+        color = cmap(i % 10)
+        ax.add_patch(Rectangle((ax1, ay1), ax2 - ax1, ay2 - ay1, fill=False, edgecolor=color,
+                               linewidth=1.2, linestyle=(0, (3, 2)), gid="anchor_box"))
+        ax.add_patch(Rectangle((bx1, by1), bx2 - bx1, by2 - by1, fill=False, edgecolor=color,
+                               linewidth=2.0, gid="decoded_box"))
+        start = ((ax1 + ax2) / 2, (ay1 + ay2) / 2)
+        end = ((bx1 + bx2) / 2, (by1 + by2) / 2)
+        arrow = ax.annotate("", xy=end, xytext=start,
+                            arrowprops={"arrowstyle": "-|>", "color": color, "lw": 1.8,
+                                        "shrinkA": 0, "shrinkB": 0})
+        arrow.set_gid("delta_arrow")
+        ax.plot(*start, "o", color=color, markersize=3)
+        ax.text(bx2, by1, f"t=({t[0]:.2f}, {t[1]:.2f}, {t[2]:.2f}, {t[3]:.2f})", fontsize=7,
+                color="black", ha="right", va="bottom", clip_on=True,
+                bbox={"facecolor": color, "alpha": 0.6, "pad": 1, "edgecolor": "none"})
+    ax.plot([], [], ls=(0, (3, 2)), color="0.3", label="anchor (dashed)")
+    ax.plot([], [], color="0.3", lw=2, label="anchor + deltas (solid)")
+    ax.legend(loc="lower right", fontsize=7, framealpha=0.8)
+    ax.set_xlim(0, W)
+    ax.set_ylim(H, 0)
+    if title is not None:
+        ax.set_title(title, fontsize=9)
+    return ax
+
+
+def best_proposals(proposals, gt_boxes) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each gt box, the proposal that overlaps it most: ``(rank [G] int64, iou [G] float)``.
+
+    ``proposals`` ``[P, 4]`` sorted by decreasing score, so the index is the rank (0 = best
+    score); ties in IoU go to the better-ranked proposal. With no proposals, ranks are -1 and
+    IoUs 0.
+    """
+    from mrcnn_edu.ops import box_iou
+
+    p = torch.as_tensor(_as_boxes(proposals, "proposals", "best_proposals"))
+    g = torch.as_tensor(_as_boxes(gt_boxes, "gt_boxes", "best_proposals"))
+    if len(p) == 0 or len(g) == 0:
+        return torch.full((len(g),), -1, dtype=torch.int64), torch.zeros(len(g))
+    iou = box_iou(g, p)  # [G, P]
+    best, rank = iou.max(dim=1)  # the first maximum: the best-ranked among ties
+    return rank, best
+
+
+def draw_best_proposals(ax: Axes, image, proposals, gt_boxes, *, iou_threshold: float = 0.5,
+                        title: str | None = None) -> Axes:
+    """Each gt box (white, dashed) with the proposal that covers it best, labelled by rank and IoU.
+
+    This is the picture behind recall (notebook 04, section 7): an object is found when *some*
+    proposal overlaps it, wherever that proposal ranks. Proposals with ``IoU >= iou_threshold``
+    are green, others red; the label ``#r IoU u`` has ``gid="best_proposal"``. Ranks count from
+    0 (the highest objectness). Returns ``ax``.
+    """
+    img = image_for_display(image, "draw_best_proposals")
+    H, W = img.shape[:2]
+    props = _as_boxes(proposals, "proposals", "draw_best_proposals")
+    rank, iou = best_proposals(props, gt_boxes)
+    ax.imshow(img, extent=(0, W, H, 0))
+    _gt_dashed(ax, gt_boxes, 2.0, "draw_best_proposals")
+    for r, u in zip(rank.tolist(), iou.tolist()):
+        if r < 0:
+            continue
+        x1, y1, x2, y2 = (float(v) for v in props[r])
+        color = "tab:green" if u >= iou_threshold else "tab:red"
+        ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=color, lw=1.8))
+        ax.text(x1, y2, f"#{r} IoU {u:.2f}", fontsize=7, color="black", va="top", ha="left",
+                clip_on=True, gid="best_proposal",
+                bbox={"facecolor": color, "alpha": 0.75, "pad": 1, "edgecolor": "none"})
+    ax.plot([], [], color="tab:green", lw=2, label=f"best proposal, IoU >= {iou_threshold}")
+    ax.plot([], [], color="tab:red", lw=2, label=f"best proposal, IoU < {iou_threshold}")
+    ax.plot([], [], color="white", ls="--", lw=2, label="ground truth")
+    leg = ax.legend(loc="lower right", fontsize=7, framealpha=0.8)
+    leg.get_frame().set_facecolor("0.85")
+    ax.set_xlim(0, W)
+    ax.set_ylim(H, 0)
+    if title is not None:
+        ax.set_title(title, fontsize=9)
+    return ax
+
+
+# --------------------------------------------------------------------------------------------
+# where RoIPool and RoIAlign read the feature map (notebook 02)
+# --------------------------------------------------------------------------------------------
+# Everything here is drawn in the *index frame* of the feature map: the value ``f[i, j]`` lives at
+# the point ``(x=j, y=i)``, and cell ``(i, j)`` is the unit square centred there. The geometry is
+# not re-derived: it comes from ``mrcnn_edu.ops.roi_reference`` (``roi_align_sampling_points``,
+# ``bilinear_axis``, ``roi_pool_bins``), the functions the reference operators themselves use.
+
+
+def _pair(output_size, fn: str) -> tuple[int, int]:
+    """``7`` -> ``(7, 7)``; ``(oh, ow)`` stays. Raises ``ValueError`` for non-positive sizes."""
+    if isinstance(output_size, int):
+        output_size = (output_size, output_size)
+    oh, ow = (int(v) for v in output_size)
+    if oh < 1 or ow < 1:
+        raise ValueError(f"{fn}: output_size must be positive, got {tuple(output_size)}")
+    return oh, ow
+
+
+def _box4(box, fn: str) -> tuple[float, float, float, float]:
+    """A box ``(x1, y1, x2, y2)`` as 4 Python floats (a tuple, list or 4-element tensor)."""
+    if isinstance(box, torch.Tensor):
+        box = box.detach().reshape(-1).tolist()
+    box = [float(v) for v in box]
+    if len(box) != 4:
+        raise ValueError(f"{fn}: box must have 4 numbers (x1, y1, x2, y2), got {len(box)}")
+    if not all(math.isfinite(v) for v in box):
+        raise ValueError(f"{fn}: box must be finite, got {box}")
+    return box[0], box[1], box[2], box[3]
+
+
+def _one_roi(box, fn: str, dtype=torch.float64) -> torch.Tensor:
+    return torch.tensor([[0.0, *_box4(box, fn)]], dtype=dtype)  # [1, 5]
+
+
+def roi_align_points(box, output_size, sampling_ratio: int = -1, aligned: bool = False,
+                     spatial_scale: float = 1.0) -> tuple[dict, torch.Tensor]:
+    """RoIAlign's geometry and sample points for one box, from the reference operator.
+
+    Calls ``mrcnn_edu.ops.roi_reference.roi_align_sampling_points`` on the single RoI (in
+    float64). Returns ``(geometry, points)``: ``geometry`` holds Python floats ``start_x,
+    start_y, roi_w, roi_h, bin_w, bin_h`` and ints ``grid_w, grid_h`` (0 for an inverted box
+    with ``aligned=True``, which is sampled nowhere); ``points`` is ``[oh, ow, gh, gw, 2]``
+    float64 ``(x, y)``: sample ``(iy, ix)`` of bin ``(ph, pw)``.
+    """
+    from mrcnn_edu.ops.roi_reference import roi_align_sampling_points
+
+    oh, ow = _pair(output_size, "sampling_points")
+    rois = _one_roi(box, "sampling_points")
+    g = roi_align_sampling_points(rois, (oh, ow), spatial_scale, sampling_ratio, aligned)
+    gh, gw = max(int(g["grid_h"][0]), 0), max(int(g["grid_w"][0]), 0)
+    x = g["x"][0, :, :gw]  # (ow, gw): bin column pw, sample ix (padding dropped)
+    y = g["y"][0, :, :gh]  # (oh, gh)
+    # broadcast to (oh, ow, gh, gw): x varies with (pw, ix), y with (ph, iy)
+    xx = x[None, :, None, :].expand(oh, ow, gh, gw)
+    yy = y[:, None, :, None].expand(oh, ow, gh, gw)
+    geometry = {"start_x": float(g["start_w"][0]), "start_y": float(g["start_h"][0]),
+                "roi_w": float(g["roi_w"][0]), "roi_h": float(g["roi_h"][0]),
+                "bin_w": float(g["bin_w"][0]), "bin_h": float(g["bin_h"][0]),
+                "grid_w": gw, "grid_h": gh}
+    return geometry, torch.stack([xx, yy], dim=-1)  # (oh, ow, gh, gw, 2)
+
+
+def sampling_points(box, output_size, sampling_ratio: int = -1, aligned: bool = False,
+                    spatial_scale: float = 1.0) -> torch.Tensor:
+    """RoIAlign's sample points for one box, in the feature map's index frame.
+
+    Args:
+        box: ``(x1, y1, x2, y2)`` in image coordinates (4 floats or a ``[4]`` tensor).
+        output_size: ``int`` or ``(oh, ow)``, the number of bins.
+        sampling_ratio: points per bin side; ``<= 0`` means adaptive ``ceil(roi_size / bins)``.
+        aligned: ``True`` subtracts half a cell (the half-pixel shift Detectron2 introduced after
+            the paper; DESIGN.md).
+        spatial_scale: feature-map cells per image pixel (``1 / stride``).
+
+    Returns:
+        ``[oh, ow, gh, gw, 2]`` float64 tensor of ``(x, y)``: point ``(iy, ix)`` of bin
+        ``(ph, pw)`` sits at ``start + p * bin + (i + 0.5) * bin / g`` along each axis (the
+        points of ``roi_reference.roi_align_sampling_points``). A feature map ``f`` is read at
+        ``(x, y)`` as ``f[y, x]`` (bilinear).
+
+    >>> sampling_points((0, 0, 4, 4), 2, sampling_ratio=1)[..., 0, 0, :].tolist()
+    [[[1.0, 1.0], [3.0, 1.0]], [[1.0, 3.0], [3.0, 3.0]]]
+    """
+    return roi_align_points(box, output_size, sampling_ratio, aligned, spatial_scale)[1]
+
+
+def bilinear_neighbours(x: float, y: float, feature_hw) -> list[tuple[int, int, float]]:
+    """The (up to) 4 cells bilinear interpolation reads at ``(x, y)``, with their weights.
+
+    ``roi_reference.bilinear_axis`` along each axis (torchvision's border rules): a point more
+    than one cell outside the map reads 0 (empty list); otherwise coordinates are clamped into
+    ``[0, H-1] x [0, W-1]``.
+
+    Returns:
+        ``[(row, col, weight), ...]`` with weights ``hy*hx, hy*lx, ly*hx, ly*lx`` for the
+        neighbours ``(y0, x0), (y0, x1), (y1, x0), (y1, x1)``; the weights sum to 1.
+    """
+    from mrcnn_edu.ops.roi_reference import bilinear_axis
+
+    H, W = (int(v) for v in feature_hw)
+    if y < -1.0 or y > H or x < -1.0 or x > W:
+        return []
+    keep = torch.ones((), dtype=torch.bool)
+    y0, y1, hy, ly = (v.item() for v in bilinear_axis(torch.tensor(float(y), dtype=torch.float64),
+                                                      H, keep))
+    x0, x1, hx, lx = (v.item() for v in bilinear_axis(torch.tensor(float(x), dtype=torch.float64),
+                                                      W, keep))
+    return [(y0, x0, hy * hx), (y0, x1, hy * lx), (y1, x0, ly * hx), (y1, x1, ly * lx)]
+
+
+def pool_bins(box, output_size, spatial_scale: float = 1.0, feature_hw=None,
+              dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The cells RoIPool takes the maximum over, per bin (``roi_reference.roi_pool_bins``).
+
+    Quantization 1: the scaled box is rounded to whole cells (C's ``round``, halves away from
+    zero) and spans ``end - start + 1`` cells. Quantization 2: bin ``p`` covers cells
+    ``floor(p * bin) .. ceil((p + 1) * bin)`` (half-open) after the box start. The products and
+    the bin size are computed in ``dtype`` (the feature map's float type), as torchvision's
+    kernel does: in float32, ``7 * (29 / 7)`` is exactly 29 while in float64 it is
+    ``29.000000000000004``, whose ceil would add a cell to the last bin.
+
+    Returns:
+        ``[oh, ow, 4]`` int64 tensor of ``(y0, y1, x0, x1)``, half-open cell ranges; clipped to
+        the map when ``feature_hw = (H, W)`` is given (a bin may then be empty: ``y1 <= y0``).
+    """
+    from mrcnn_edu.ops.roi_reference import roi_pool_bins
+
+    if dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"pool_bins: dtype must be torch.float32 or torch.float64, got {dtype}")
+    oh, ow = _pair(output_size, "pool_bins")
+    rois = _one_roi(box, "pool_bins", dtype)
+    H, W = (int(v) for v in feature_hw) if feature_hw is not None else (None, None)
+    hs, he, ws, we = (t[0] for t in roi_pool_bins(rois, (oh, ow), spatial_scale, H, W))
+    # (oh,) and (ow,) edges -> (oh, ow, 4) rows (y0, y1, x0, x1)
+    return torch.stack([hs[:, None].expand(oh, ow), he[:, None].expand(oh, ow),
+                        ws[None, :].expand(oh, ow), we[None, :].expand(oh, ow)], dim=-1)
+
+
+_BIN_COLOURS = ("tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:pink", "tab:olive",
+                "tab:cyan")
+
+
+def _draw_grid(ax: Axes, H: int, W: int, values=None) -> None:
+    """Cells as unit squares centred on the integer points where the feature values live."""
+    if values is not None:
+        v = values.detach().cpu().float().numpy() if isinstance(values, torch.Tensor) else values
+        ax.imshow(v, cmap="Greys", extent=(-0.5, W - 0.5, H - 0.5, -0.5), alpha=0.5,
+                  interpolation="nearest")
+    for i in range(H + 1):
+        ax.axhline(i - 0.5, color="0.75", lw=0.8, zorder=1)
+    for j in range(W + 1):
+        ax.axvline(j - 0.5, color="0.75", lw=0.8, zorder=1)
+    jj, ii = np.meshgrid(np.arange(W), np.arange(H), indexing="xy")
+    ax.scatter(jj.reshape(-1), ii.reshape(-1), s=6, color="0.6", zorder=2, gid="cell_centres")
+    ax.set_xlim(-1.0, W)
+    ax.set_ylim(H, -1.0)  # image convention: y grows downwards
+    ax.set_aspect("equal")
+    ax.set_xlabel("x (feature cells)")
+    ax.set_ylabel("y (feature cells)")
+
+
+def draw_roi_sampling(ax: Axes, feature_hw=(8, 8), box=(1.3, 1.2, 5.7, 6.4), output_size=2,
+                      sampling_ratio: int = 2, aligned: bool = False, method: str = "align",
+                      spatial_scale: float = 1.0, highlight=(0, 0, 0, 0), values=None) -> Axes:
+    """Draw where RoIAlign (``method="align"``) or RoIPool (``"pool"``) reads a feature map.
+
+    Args:
+        ax: a matplotlib ``Axes``.
+        feature_hw: ``(H, W)`` of the feature map.
+        box: ``(x1, y1, x2, y2)`` in image coordinates; ``spatial_scale`` maps it to cells.
+        output_size, sampling_ratio, aligned, spatial_scale: as in ``roi_align`` / ``roi_pool``.
+        highlight: ``(ph, pw, iy, ix)`` of one sampling point whose 4 bilinear neighbours are
+            drawn with their weights (``None`` for none; only for ``"align"``).
+        values: optional ``[H, W]`` feature map shown under the grid.
+
+    Returns:
+        ``ax``. The box as given (scaled) is the dashed rectangle with ``gid="given_box"``; the
+        box the operator reads is ``gid="roi_box"`` (RoIAlign with ``aligned=True`` reads it half
+        a cell up and left, and an arrow shows the shift). The sampling points are the scatter
+        with ``gid="sampling_points"`` (offsets are the ``(x, y)`` of :func:`sampling_points`,
+        flattened in ``(ph, pw, iy, ix)`` order); RoIPool's bins are the rectangles with
+        ``gid="pool_bin"``.
+    """
+    if method not in ("align", "pool"):
+        raise ValueError(f"draw_roi_sampling: method must be 'align' or 'pool', got {method!r}")
+    H, W = (int(v) for v in feature_hw)
+    oh, ow = _pair(output_size, "draw_roi_sampling")
+    x1, y1, x2, y2 = _box4(box, "draw_roi_sampling")
+    _draw_grid(ax, H, W, values)
+    s = spatial_scale
+    given = Rectangle((x1 * s, y1 * s), (x2 - x1) * s, (y2 - y1) * s, fill=False, lw=1.5,
+                      ls="--", ec="tab:blue", zorder=4, gid="given_box")
+    if method == "align":
+        g, pts = roi_align_points(box, (oh, ow), sampling_ratio, aligned, s)
+        xs, ys, rw, rh = g["start_x"], g["start_y"], g["roi_w"], g["roi_h"]
+        bw, bh = g["bin_w"], g["bin_h"]
+        if aligned:  # the given box, dashed grey, and the half-cell shift to the box read
+            given.set_edgecolor("0.35")
+            ax.add_patch(given)
+            # the shift drawn at the bottom-right corner, away from the highlighted point
+            ax.annotate("", xy=(xs + rw, ys + rh), xytext=(x2 * s, y2 * s), zorder=8,
+                        arrowprops={"arrowstyle": "->", "color": "black", "lw": 1.2,
+                                    "shrinkA": 0, "shrinkB": 0})
+            ax.text(x2 * s + 0.1, y2 * s + 0.1, "-0.5, -0.5", fontsize=7, ha="left", va="top",
+                    zorder=8)
+        ax.add_patch(Rectangle((xs, ys), rw, rh, fill=False, lw=2, ec="tab:blue", zorder=4,
+                               gid="roi_box"))
+        for p in range(1, ow):  # bin edges
+            ax.plot([xs + p * bw] * 2, [ys, ys + rh], color="tab:blue", lw=1, ls="--", zorder=4)
+        for p in range(1, oh):
+            ax.plot([xs, xs + rw], [ys + p * bh] * 2, color="tab:blue", lw=1, ls="--", zorder=4)
+        flat = pts.reshape(-1, 2)  # (oh*ow*gh*gw, 2) in (ph, pw, iy, ix) order
+        ax.scatter(flat[:, 0].numpy(), flat[:, 1].numpy(), s=22, color="tab:red", zorder=6,
+                   gid="sampling_points")
+        gh, gw = pts.shape[2], pts.shape[3]
+        if highlight is not None and gh > 0 and gw > 0:
+            ph, pw, iy, ix = highlight
+            ph, pw, iy, ix = min(ph, oh - 1), min(pw, ow - 1), min(iy, gh - 1), min(ix, gw - 1)
+            x, y = (float(v) for v in pts[ph, pw, iy, ix])
+            ax.scatter([x], [y], s=90, facecolor="none", edgecolor="black", lw=1.5, zorder=7)
+            for row, col, w in bilinear_neighbours(x, y, (H, W)):
+                ax.plot([x, col], [y, row], color="black", lw=0.8, zorder=5)
+                ax.scatter([col], [row], s=40 + 200 * w, marker="s", color="gold",
+                           edgecolor="black", zorder=5, gid="neighbours")
+                ax.annotate(f"{w:.2f}", (col, row), textcoords="offset points", xytext=(4, 4),
+                            fontsize=7, zorder=8)
+        shift = "box read 0.5 cell up-left (half-pixel shift)" if aligned else "box as given"
+        ax.set_title(f"RoIAlign {oh}x{ow}, {gh}x{gw} points/bin\naligned={aligned}: {shift}",
+                     fontsize=10)
+    else:
+        # the exact box (dashed), then the cells RoIPool really uses (quantized twice)
+        ax.add_patch(given)
+        bins = pool_bins(box, (oh, ow), s, (H, W))
+        for ph in range(oh):
+            for pw in range(ow):
+                a, b, c, d = (int(v) for v in bins[ph, pw])
+                colour = _BIN_COLOURS[(ph * ow + pw) % len(_BIN_COLOURS)]
+                ax.add_patch(Rectangle((c - 0.5, a - 0.5), max(d - c, 0), max(b - a, 0),
+                                       fill=True, alpha=0.3, fc=colour, ec=colour, lw=2,
+                                       zorder=3, gid="pool_bin"))
+        ax.set_title(f"RoIPool {oh}x{ow}\nbox and bins rounded to whole cells", fontsize=10)
+    return ax
+
+
+def draw_roi_comparison(feature_hw=(8, 8), box=(1.3, 1.2, 5.7, 6.4), output_size=2,
+                        sampling_ratio: int = 2, aligned: bool = False,
+                        highlight=(0, 0, 0, 0)) -> Figure:
+    """RoIPool (left) and RoIAlign (right) on the same box and feature map (notebook 02's figure).
+
+    Both panels draw the box exactly where it is given (dashed blue). RoIPool then snaps it and
+    its bins to whole cells (coloured blocks); RoIAlign keeps it and places sample points.
+    With the default ``aligned=False`` (the paper's RoIAlign) both operators start from the
+    same box; ``aligned=True`` adds the later half-pixel shift, drawn as an arrow. Returns the
+    ``Figure``; the suptitle names the box.
+    """
+    fig, axes = plt.subplots(1, 2, figsize=(10, 5.4))
+    draw_roi_sampling(axes[0], feature_hw, box, output_size, method="pool")
+    draw_roi_sampling(axes[1], feature_hw, box, output_size, sampling_ratio, aligned, "align",
+                      highlight=highlight)
+    x1, y1, x2, y2 = _box4(box, "draw_roi_comparison")
+    fig.suptitle(f"the same box ({x1:g}, {y1:g}, {x2:g}, {y2:g}) in feature cells, dashed in both "
+                 "panels", fontsize=10)
+    fig.tight_layout()
+    return fig

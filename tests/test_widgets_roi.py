@@ -1,9 +1,11 @@
-"""Tests for ``mrcnn_edu.widgets.roi``: the drawn RoIAlign / RoIPool geometry and the explorer.
+"""Tests for the RoIAlign / RoIPool drawings (``mrcnn_edu.viz``) and their explorer
+(``mrcnn_edu.widgets.roi``).
 
-The geometry helpers are checked against hand-computed points and against what
-``torchvision.ops.roi_align`` / ``roi_pool`` actually compute (an independent implementation):
-on a linear ramp ``f[y, x] = x`` bilinear interpolation is exact, so each RoIAlign output bin
-equals the mean x of its sampling points.
+The drawn geometry comes from the reference operators (``mrcnn_edu.ops.roi_reference``). It is
+checked against hand-computed points and against what ``torchvision.ops.roi_align`` /
+``roi_pool`` actually compute (an independent implementation): on a linear ramp ``f[y, x] = x``
+bilinear interpolation is exact, so each RoIAlign output bin equals the mean x of its sampling
+points.
 """
 
 from __future__ import annotations
@@ -13,13 +15,15 @@ import torch
 import torchvision
 from matplotlib.figure import Figure
 
-from mrcnn_edu.widgets.roi import (
+from mrcnn_edu.ops.roi_reference import roi_align_reference, roi_align_sampling_points
+from mrcnn_edu.viz import (
     bilinear_neighbours,
+    draw_roi_comparison,
     draw_roi_sampling,
     pool_bins,
-    roi_explorer,
     sampling_points,
 )
+from mrcnn_edu.widgets.roi import roi_explorer
 
 
 def test_sampling_points_hand_computed():
@@ -209,3 +213,57 @@ def test_explorer_redraws_on_every_change():
     explorer.controls["method"].value = "align"
     explorer.controls["w"].value = 2.0
     assert explorer.output.outputs[0]["data"]["image/png"] not in pngs
+
+
+# ------------------------------------------------------------------------ one geometry, shared
+def test_drawn_points_are_the_reference_operators_points():
+    # several RoIs with different adaptive grids in one call: the drawing's points for each box
+    # are exactly (bit for bit) the reference's, and the reference's forward reads those points
+    boxes = [(1.3, 1.2, 5.7, 6.4), (0.2, 3.1, 9.8, 4.0), (4.0, 4.0, 4.5, 4.2), (2.0, 0.5, 7.0, 8.5)]
+    rois = torch.tensor([[0.0, *b] for b in boxes], dtype=torch.float64)
+    H, W = 10, 12
+    for aligned in (False, True):
+        geo = roi_align_sampling_points(rois, (3, 2), 1.0, -1, aligned)
+        assert geo["x"].shape[2] == int(geo["grid_w"].max()) > int(geo["grid_w"].min())  # padded
+        for k, box in enumerate(boxes):
+            gh, gw = int(geo["grid_h"][k]), int(geo["grid_w"][k])
+            pts = sampling_points(box, (3, 2), -1, aligned)
+            assert pts.shape == (3, 2, gh, gw, 2)
+            assert torch.equal(pts[0, :, 0, :, 0], geo["x"][k, :, :gw])
+            assert torch.equal(pts[:, 0, :, 0, 1], geo["y"][k, :, :gh])
+        # a ramp f[y, x] = x: each bin of the reference forward is the mean x of its valid points
+        ramp = torch.arange(W, dtype=torch.float64).expand(H, W)[None, None]
+        out = roi_align_reference(ramp, rois, (3, 2), 1.0, -1, aligned)[:, 0]  # (K, 3, 2)
+        x = geo["x"].clamp(0, W - 1)  # the ramp is exact inside the map (the boxes stay inside)
+        valid = geo["x_valid"].to(x.dtype)  # (K, 1, Gw)
+        expect = (x * valid).sum(-1) / valid.sum(-1)  # (K, ow): mean over the bin's samples
+        torch.testing.assert_close(out, expect[:, None, :].expand(-1, 3, -1), rtol=0, atol=1e-12)
+
+
+def test_pool_bins_unclipped_without_a_feature_size():
+    bins = pool_bins((-2.0, -3.0, 3.0, 3.0), 1)
+    assert bins[0, 0].tolist() == [-3, 4, -2, 4]  # rounded box, not clipped to the map
+    assert pool_bins((-2.0, -3.0, 3.0, 3.0), 1, feature_hw=(8, 8))[0, 0].tolist() == [0, 4, 0, 4]
+
+
+def test_roi_comparison_draws_the_same_box_in_both_panels():
+    box = (1.3, 1.2, 5.7, 6.4)
+
+    def rect(ax, gid):
+        found = [p for p in ax.patches if p.get_gid() == gid]
+        assert len(found) == 1, gid
+        r = found[0]
+        return (*r.get_xy(), r.get_width(), r.get_height())
+
+    expected = (1.3, 1.2, 5.7 - 1.3, 6.4 - 1.2)
+    fig = draw_roi_comparison((8, 8), box, 2, 2, aligned=False)
+    pool_ax, align_ax = fig.get_axes()
+    torch.testing.assert_close(torch.tensor(rect(pool_ax, "given_box")), torch.tensor(expected))
+    torch.testing.assert_close(torch.tensor(rect(align_ax, "roi_box")), torch.tensor(expected))
+    assert not [p for p in align_ax.patches if p.get_gid() == "given_box"]  # nothing shifted
+    fig = draw_roi_comparison((8, 8), box, 2, 2, aligned=True)
+    align_ax = fig.get_axes()[1]
+    torch.testing.assert_close(torch.tensor(rect(align_ax, "given_box")), torch.tensor(expected))
+    shifted = (1.3 - 0.5, 1.2 - 0.5, *expected[2:])  # the half-pixel shift, drawn and explained
+    torch.testing.assert_close(torch.tensor(rect(align_ax, "roi_box")), torch.tensor(shifted))
+    assert "half-pixel" in align_ax.get_title()

@@ -27,6 +27,13 @@ dtype), so the results agree to rounding:
 Shapes: ``input`` ``[N, C, H, W]``, ``rois`` ``[K, 5]`` rows ``(batch_index, x1, y1, x2, y2)`` in
 the same float dtype as ``input``; outputs ``[K, C, oh, ow]``. The public entry points with input
 checks and backend choice are :func:`mrcnn_edu.ops.roi_align` and :func:`mrcnn_edu.ops.roi_pool`.
+
+The geometry is public, so that drawings and notebooks show exactly what the operators read
+instead of re-deriving it: :func:`roi_align_sampling_points` (every RoI's bins and sample
+points, which :func:`roi_align_reference` then reads), :func:`bilinear_axis` (the neighbours
+and weights of a coordinate) and :func:`roi_pool_bins` (RoIPool's quantized bins, which
+:func:`roi_pool_reference` max-pools). ``mrcnn_edu.viz.draw_roi_sampling`` draws them and
+notebook ``02_roipool_vs_roialign.ipynb`` checks its own derivation against them.
 """
 
 from __future__ import annotations
@@ -50,8 +57,9 @@ def roi_align_geometry(rois: torch.Tensor, output_size: tuple[int, int], spatial
     Args:
         rois: ``[K, 5]`` float, rows ``(batch_index, x1, y1, x2, y2)`` in image pixels.
     Returns:
-        dict of ``[K]`` tensors: ``start_h``, ``start_w``, ``bin_h``, ``bin_w`` (dtype of ``rois``,
-        in feature-map pixels), ``grid_h``, ``grid_w`` (int64 samples per bin and axis, may be
+        dict of ``[K]`` tensors: ``start_h``, ``start_w`` (top-left corner), ``roi_h``, ``roi_w``
+        (RoI size, at least 1 when not ``aligned``), ``bin_h``, ``bin_w`` (dtype of ``rois``, in
+        feature-map pixels), ``grid_h``, ``grid_w`` (int64 samples per bin and axis, may be
         ``<= 0`` for degenerate aligned RoIs: such bins are empty) and ``count`` (dtype of
         ``rois``, ``max(grid_h * grid_w, 1)``).
     """
@@ -75,8 +83,8 @@ def roi_align_geometry(rois: torch.Tensor, output_size: tuple[int, int], spatial
         grid_h = torch.ceil(roi_h / oh).to(torch.int64)
         grid_w = torch.ceil(roi_w / ow).to(torch.int64)
     count = (grid_h * grid_w).clamp(min=1).to(rois.dtype)
-    return {"start_h": start_h, "start_w": start_w, "bin_h": bin_h, "bin_w": bin_w,
-                "grid_h": grid_h, "grid_w": grid_w, "count": count}
+    return {"start_h": start_h, "start_w": start_w, "roi_h": roi_h, "roi_w": roi_w,
+            "bin_h": bin_h, "bin_w": bin_w, "grid_h": grid_h, "grid_w": grid_w, "count": count}
 
 
 def sample_coordinates(start: torch.Tensor, bin_size: torch.Tensor, grid: torch.Tensor,
@@ -131,6 +139,37 @@ def bilinear_axis(coords: torch.Tensor, size: int, keep: torch.Tensor):
     return low, high, torch.where(empty, zero, w_low), torch.where(empty, zero, w_high)
 
 
+def roi_align_sampling_points(rois: torch.Tensor, output_size: tuple[int, int],
+                              spatial_scale: float = 1.0, sampling_ratio: int = -1,
+                              aligned: bool = False) -> dict[str, torch.Tensor]:
+    """Where RoIAlign reads the feature map: every RoI's sample points, in the map's index frame.
+
+    The index frame puts the value ``f[i, j]`` at the point ``(x=j, y=i)``. The grid is
+    separable: the ``x`` of a sample depends only on its bin column ``pw`` and sample ``ix``,
+    its ``y`` only on ``(ph, iy)``; sample ``(iy, ix)`` of bin ``(ph, pw)`` of RoI ``k`` is the
+    point ``(x[k, pw, ix], y[k, ph, iy])``. :func:`roi_align_reference` reads exactly these.
+
+    Args:
+        rois: ``[K, 5]`` float, rows ``(batch_index, x1, y1, x2, y2)`` in image pixels.
+        output_size: ``(oh, ow)`` bins.
+        spatial_scale, sampling_ratio, aligned: as in :func:`roi_align_reference`.
+    Returns:
+        the dict of :func:`roi_align_geometry` (``[K]`` tensors) plus ``y`` ``[K, oh, Gh]`` and
+        ``x`` ``[K, ow, Gw]`` (dtype of ``rois``), and ``y_valid`` ``[K, 1, Gh]``, ``x_valid``
+        ``[K, 1, Gw]`` (bool). ``Gh, Gw`` are the largest grid over the RoIs (at least 1); the
+        samples ``iy >= grid_h[k]`` (``ix >= grid_w[k]``) of a RoI with a smaller grid are
+        padding, marked False in ``*_valid``.
+    """
+    oh, ow = output_size
+    K = rois.shape[0]
+    geo = roi_align_geometry(rois, output_size, spatial_scale, sampling_ratio, aligned)
+    gh = max(int(geo["grid_h"].max()), 1) if K else 1                  # pad grids to the largest
+    gw = max(int(geo["grid_w"].max()), 1) if K else 1
+    y, y_valid = sample_coordinates(geo["start_h"], geo["bin_h"], geo["grid_h"], oh, gh)
+    x, x_valid = sample_coordinates(geo["start_w"], geo["bin_w"], geo["grid_w"], ow, gw)
+    return {**geo, "y": y, "x": x, "y_valid": y_valid, "x_valid": x_valid}
+
+
 def _roi_align_chunk(feat: torch.Tensor, rois: torch.Tensor, output_size: tuple[int, int],
                      spatial_scale: float, sampling_ratio: int, aligned: bool) -> torch.Tensor:
     """RoIAlign of a chunk of RoIs. feat ``[N, H, W, C]`` (channels last), rois ``[K, 5]``.
@@ -138,15 +177,10 @@ def _roi_align_chunk(feat: torch.Tensor, rois: torch.Tensor, output_size: tuple[
     Returns ``[K, oh, ow, C]``.
     """
     H, W = feat.shape[1:3]
-    oh, ow = output_size
-    K = rois.shape[0]
-    geo = roi_align_geometry(rois, output_size, spatial_scale, sampling_ratio, aligned)
-    gh = max(int(geo["grid_h"].max()), 1) if K else 1                  # pad grids to the largest
-    gw = max(int(geo["grid_w"].max()), 1) if K else 1
 
     # 1. sample-point grid: y (K, oh, gh) and x (K, ow, gw)
-    y, y_in = sample_coordinates(geo["start_h"], geo["bin_h"], geo["grid_h"], oh, gh)
-    x, x_in = sample_coordinates(geo["start_w"], geo["bin_w"], geo["grid_w"], ow, gw)
+    geo = roi_align_sampling_points(rois, output_size, spatial_scale, sampling_ratio, aligned)
+    y, y_in, x, x_in = geo["y"], geo["y_valid"], geo["x"], geo["x_valid"]
 
     # 2. bilinear weights, one axis at a time
     y_lo, y_hi, wy_lo, wy_hi = bilinear_axis(y, H, y_in)               # each (K, oh, gh)
@@ -215,11 +249,16 @@ def round_half_away(x: torch.Tensor) -> torch.Tensor:
 
 
 def roi_pool_bins(rois: torch.Tensor, output_size: tuple[int, int], spatial_scale: float,
-                  height: int, width: int):
+                  height: int | None, width: int | None):
     """Integer bin edges of RoIPool (Fast R-CNN section 2.1): quantize the RoI, then each bin.
 
+    Quantization 1: the scaled RoI is rounded to whole cells (C's ``round``) and spans
+    ``end - start + 1`` cells; quantization 2: bin ``p`` covers cells ``floor(p * bin)`` to
+    ``ceil((p + 1) * bin)`` (half-open) after the RoI's start, the products in ``rois``' dtype.
+
     Returns ``hstart, hend`` ``[K, oh]`` and ``wstart, wend`` ``[K, ow]`` (int64, clipped to the
-    map; a bin with ``end <= start`` is empty).
+    map ``[0, height] x [0, width]``; a bin with ``end <= start`` is empty). ``height`` /
+    ``width`` ``None``: not clipped (for drawing a RoI that runs off the map).
     """
     oh, ow = output_size
     dtype = rois.dtype
@@ -234,6 +273,8 @@ def roi_pool_bins(rois: torch.Tensor, output_size: tuple[int, int], spatial_scal
         p = torch.arange(num_bins, dtype=dtype, device=rois.device)[None, :]
         lo = torch.floor(p * bin_size[:, None]).to(torch.int64) + start[:, None]
         hi = torch.ceil((p + 1) * bin_size[:, None]).to(torch.int64) + start[:, None]
+        if size is None:
+            return lo, hi
         return lo.clamp(0, size), hi.clamp(0, size)                       # (K, num_bins) each
 
     hstart, hend = edges(y1, bin_h, oh, height)
