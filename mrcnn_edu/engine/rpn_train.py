@@ -41,18 +41,18 @@ def _make_generator(generator: torch.Generator | None, seed: int | None) -> torc
     return gen
 
 
-def _load_example(dataset, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _load_example(dataset, index: int, fn: str = "train_rpn") -> tuple[torch.Tensor, torch.Tensor]:
     """dataset[index] -> (image [3, H, W] float32, gt boxes [G, 4] float32), checked."""
     item = dataset[index]
     if not (isinstance(item, (tuple, list)) and len(item) == 2):
-        raise TypeError(f"train_rpn: dataset[{index}] must be an (image, target) pair, "
+        raise TypeError(f"{fn}: dataset[{index}] must be an (image, target) pair, "
                         f"got {type(item).__name__}")
     image, target = item
     if not isinstance(image, torch.Tensor) or image.dim() != 3 or image.shape[0] != 3:
         got = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
-        raise ValueError(f"train_rpn: dataset[{index}] image must be a [3, H, W] tensor, got {got}")
+        raise ValueError(f"{fn}: dataset[{index}] image must be a [3, H, W] tensor, got {got}")
     if not isinstance(target, dict) or "boxes" not in target:
-        raise ValueError(f"train_rpn: dataset[{index}] target must be a dict with a 'boxes' "
+        raise ValueError(f"{fn}: dataset[{index}] target must be a dict with a 'boxes' "
                          f"field ([G, 4] xyxy)")
     boxes = torch.as_tensor(target["boxes"], dtype=torch.float32).reshape(-1, 4)
     return image.to(torch.float32), boxes
@@ -180,6 +180,42 @@ def train_rpn(
         backbone.train(was_training[0])
         rpn.train(was_training[1])
     return history
+
+
+def pick_example(dataset, *, min_objects: int = 4, min_size_ratio: float = 3.0,
+                 min_size: float = 12.0, limit: int = 100) -> int:
+    """Index of the first image whose ground truth shows anchors, matching and box deltas well.
+
+    Notebook ``04_anchors_and_rpn.ipynb`` draws one image's anchors, matches and deltas; an image
+    with a single tiny object in a corner shows nothing (one positive anchor, hidden under the gt
+    box). So the example is chosen by what it must show, the same way in quick and full mode:
+    at least ``min_objects`` objects, of sizes ``sqrt(w * h)`` spanning a factor of at least
+    ``min_size_ratio`` (several anchor sizes and pyramid levels come into play), none smaller
+    than ``min_size`` pixels (every object gets anchors of its own size).
+
+    Args:
+        dataset: ``dataset[i] -> (image, target)`` with ``target["boxes"]`` ``[G, 4]`` xyxy.
+        limit: look at the first ``limit`` images only.
+
+    Returns:
+        the index ``i``. Raises ``ValueError`` naming the criteria when none of the first
+        ``limit`` images meets them.
+    """
+    if min_objects < 1 or min_size_ratio < 1.0 or limit < 1:
+        raise ValueError(f"pick_example: need min_objects >= 1, min_size_ratio >= 1 and "
+                         f"limit >= 1, got {min_objects}, {min_size_ratio}, {limit}")
+    n = min(len(dataset), limit)
+    for i in range(n):
+        _, boxes = _load_example(dataset, i, "pick_example")
+        if len(boxes) < min_objects:
+            continue
+        wh = (boxes[:, 2:] - boxes[:, :2]).clamp(min=0)  # [G, 2]
+        size = (wh[:, 0] * wh[:, 1]).sqrt()  # [G] sqrt(area), the anchors' notion of size
+        if float(size.min()) >= min_size and float(size.max()) >= min_size_ratio * float(size.min()):
+            return i
+    raise ValueError(f"pick_example: none of the first {n} images has >= {min_objects} objects "
+                     f"of sizes spanning a factor >= {min_size_ratio}, all >= {min_size} px; "
+                     "relax the criteria or use a larger data set")
 
 
 @torch.no_grad()
