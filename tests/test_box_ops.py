@@ -205,6 +205,61 @@ def test_box_iou_matches_torchvision_exactly(backend, n, m, dtype):
     assert torch.equal(iou.cpu(), expected)
 
 
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_box_iou_takes_what_torchvision_takes(backend):
+    """Integer, float16 and bfloat16 boxes, and batched [..., N, 4] inputs whose batch
+    dimensions broadcast: same values, dtype and shape as torchvision.ops.box_iou."""
+    dev = _device_for(backend)
+    boxes1, _ = random_boxes(9, 61, image=50.0)
+    boxes2, _ = random_boxes(7, 62, image=50.0)
+    boxes2[:1] = boxes1[:1]
+    # small integers: every difference and area is exact in float16/bfloat16 and float32, so
+    # torchvision's arithmetic (half-precision differences, float32 areas) gives exact numbers
+    for dtype in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.float16,
+                  torch.bfloat16):
+        a, b = boxes1.round().to(dtype), boxes2.round().to(dtype)
+        # torchvision subtracts uint8 corners in uint8, which wraps around below 0 (negative
+        # IoUs): its int64 answer is the reference there
+        expected = torchvision.ops.box_iou(*(t.long() if dtype == torch.uint8 else t
+                                             for t in (a, b)))
+        iou = box_iou(a.to(dev), b.to(dev), backend=backend)
+        assert iou.dtype == expected.dtype == torch.float32, dtype
+        assert torch.equal(iou.cpu(), expected), dtype
+    # fractional float16 boxes: torchvision rounds x2 - x1 to float16, we keep it in float32
+    a, b = boxes1.half(), boxes2.half()
+    torch.testing.assert_close(box_iou(a.to(dev), b.to(dev), backend=backend).cpu(),
+                               torchvision.ops.box_iou(a, b), rtol=0, atol=2e-3)
+    # batched: [2, 3, N, 4] x [3, M, 4] and [2, 1, N, 4] x [1, 4, M, 4]
+    g = torch.Generator().manual_seed(63)
+    for shape1, shape2 in (((2, 3, 5), (3, 4)), ((2, 1, 5), (1, 4, 4)), ((3, 0), (3, 2)),
+                           ((2, 6), (2, 0))):
+        a = torch.rand(*shape1, 4, generator=g) * 20
+        b = torch.rand(*shape2, 4, generator=g) * 20
+        a[..., 2:] += a[..., :2]
+        b[..., 2:] += b[..., :2]
+        expected = torchvision.ops.box_iou(a, b)
+        iou = box_iou(a.to(dev), b.to(dev), backend=backend)
+        assert iou.shape == expected.shape and torch.equal(iou.cpu(), expected), (shape1, shape2)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_box_iou_of_huge_boxes_is_computed_without_overflow(backend, dtype):
+    """Areas of 1e40 overflow float32 (torchvision returns nan for two equal such boxes); the
+    boxes are scaled by a power of two first, so the IoU is the float64 value (1 for equal
+    boxes) and ordinary boxes in the same call keep their exact IoU."""
+    dev = _device_for(backend)
+    big = torch.finfo(dtype).max / 4
+    boxes = torch.tensor([[0.0, 0.0, 1.0, 1.0], [-big, -big, big, big], [0.0, 0.0, big, big],
+                          [0.0, 0.0, 2.0, 1.0]], dtype=torch.float64).to(dtype)
+    iou = box_iou(boxes.to(dev), boxes.to(dev), backend=backend).cpu()
+    assert iou.dtype == dtype and torch.isfinite(iou).all()
+    assert torch.equal(torch.diagonal(iou), torch.ones(4, dtype=dtype))
+    assert iou[1, 2] == iou[2, 1] == 0.25
+    assert iou[0, 3] == iou[3, 0] == 0.5  # ordinary boxes: exact, as before
+    assert torch.isnan(torchvision.ops.box_iou(boxes[1:2], boxes[1:2])).all()  # the flaw fixed
+
+
 @pytest.mark.parametrize("backend", ["reference", "numba", "cuda"])
 def test_box_iou_zero_area_pair_is_nan_like_torchvision(backend):
     dev = _device_for(backend)

@@ -254,6 +254,45 @@ def test_cuda_backend_matches_torchvision():
 
 
 # ---------------------------------------------------------------------------------------------
+# float16 / bfloat16 (what torchvision's autocast path does: float32 inside, input dtype out)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", CPU_BACKENDS + ["torchvision"]
+                         + (["cuda"] if HAS_CUDA_KERNELS else []))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_input_like_torchvision_autocast(backend, dtype):
+    device = "cuda" if backend == "cuda" and torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 3, 7, 6, generator=g).to(dtype)
+    rois = random_rois(g, 2, 7, 6, 0.5, K=8, allow_reversed=False).to(dtype)
+    go = torch.randn(8, 3, 2, 3, generator=g).to(dtype)
+
+    def run(fn, rois_):
+        xi = x.detach().clone().to(device).requires_grad_()
+        out = fn(xi, rois_.to(device))
+        out.backward(go.to(device))
+        return out.cpu(), xi.grad.cpu()
+
+    for aligned, sr in ((True, -1), (False, 2)):
+        args = ((2, 3), 0.5, sr, aligned)
+        out, grad = run(lambda t, r, a=args: roi_align(t, r, *a, backend=backend), rois)
+        # torchvision's own autocast path (CPU autocast exists for both dtypes)
+        with torch.autocast("cpu", dtype=dtype):
+            want = torchvision.ops.roi_align(x, rois, *args)
+        assert out.dtype == grad.dtype == dtype and want.dtype == dtype
+        assert torch.equal(out, want), (aligned, sr)
+        # the gradient is the float32 gradient rounded once to the input's dtype
+        x32 = x.detach().float().requires_grad_()
+        torchvision.ops.roi_align(x32, rois.float(), *args).backward(go.float())
+        torch.testing.assert_close(grad, x32.grad.to(dtype), rtol=0, atol=0)
+        # float32 rois with low-precision features (AMP: features in half, boxes in float32)
+        out32, _ = run(lambda t, r, a=args: roi_align(t, r, *a, backend=backend), rois.float())
+        assert torch.equal(out32, out)
+    out, grad = run(lambda t, r: roi_pool(t, r, (2, 3), 0.5, backend=backend), rois)
+    want = torchvision.ops.roi_pool(x.float(), rois.float(), (2, 3), 0.5).to(dtype)
+    assert out.dtype == grad.dtype == dtype and torch.equal(out, want)
+
+
+# ---------------------------------------------------------------------------------------------
 # Helpers and bad input
 # ---------------------------------------------------------------------------------------------
 def test_boxes_to_rois():
@@ -295,8 +334,9 @@ def test_bad_input_errors(op):
         op(x.long(), rois, 2)
     with pytest.raises(TypeError, match="input must be a torch.Tensor"):
         op(x.numpy(), rois, 2)
-    with pytest.raises(TypeError, match="backend='numba' supports float32 and float64.*float16"):
-        op(x.half(), rois.half(), 2, backend="numba")
+    with pytest.raises(TypeError, match="rois dtype torch.float16 differs from input dtype "
+                                        "torch.float32"):
+        op(x, rois.half(), 2)
 
 
 @pytest.mark.skipif(not HAS_CUDA_KERNELS, reason="needs a GPU or NUMBA_ENABLE_CUDASIM=1")

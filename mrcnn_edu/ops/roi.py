@@ -12,13 +12,16 @@ torchvision's (``torchvision.ops.roi_align`` / ``roi_pool``) plus a ``backend`` 
 * ``"auto"``        ``"cuda"`` for CUDA tensors, ``"numba"`` on the CPU.
 
 All backends give the same numbers (to float rounding) and the same input gradient; none gives a
-gradient to ``rois``.
+gradient to ``rois``. float16 and bfloat16 input is computed in float32 by every backend and
+returned in its own dtype (what torchvision's autocast path does). The checks here are the one
+validation layer for all backends.
 """
 
 from __future__ import annotations
 
 import numbers
 
+import numpy as np
 import torch
 import torchvision
 from torch.autograd.function import once_differentiable
@@ -26,7 +29,15 @@ from torch.autograd.function import once_differentiable
 from . import roi_numba_cpu, roi_reference
 from ._common import check_finite, check_tensor, resolve_backend
 
-__all__ = ["boxes_to_rois", "roi_align", "roi_pool"]
+__all__ = ["MAX_SAMPLES_PER_ROI", "boxes_to_rois", "roi_align", "roi_pool"]
+
+#: Input dtypes computed in float32 and returned in their own dtype (as torchvision's autocast).
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+#: Most RoIAlign sample points one RoI may ask for: a 2048 x 2048 grid, i.e. about a
+#: 2048-pixel-wide RoI in feature-map pixels with adaptive sampling (a 1333 x 800 image at stride
+#: 1 needs about 1e6). Beyond it, the reference would allocate (and the kernels loop over)
+#: billions of samples: such a grid comes from a wrong spatial_scale, not from a real RoI.
+MAX_SAMPLES_PER_ROI = 1 << 22
 
 
 # ---------------------------------------------------------------------------------------------
@@ -96,7 +107,7 @@ def _check_inputs(op: str, input, rois, output_size, spatial_scale):
     if rois.dim() != 2 or rois.shape[1] != 5:
         raise ValueError(f"{op}: rois must be [K, 5] (batch_index, x1, y1, x2, y2) or a list of "
                          f"[K_i, 4] boxes, got shape {tuple(rois.shape)}")
-    if rois.dtype != input.dtype:
+    if rois.dtype != input.dtype and input.dtype not in _LOW_PRECISION:
         raise TypeError(f"{op}: rois dtype {rois.dtype} differs from input dtype {input.dtype}")
     if rois.device != input.device:
         raise ValueError(f"{op}: rois are on {rois.device} but input is on {input.device}")
@@ -112,7 +123,66 @@ def _check_inputs(op: str, input, rois, output_size, spatial_scale):
             or spatial_scale == float("inf"):
         raise ValueError(f"{op}: spatial_scale must be a positive finite number, got "
                          f"{spatial_scale!r}")
+    if rois.shape[0]:
+        # the kernels compute x * spatial_scale in the compute dtype: it must stay finite
+        limit = torch.finfo(_compute_dtype(input.dtype)).max
+        biggest = float(rois[:, 1:].detach().abs().max()) * float(spatial_scale)
+        if not biggest <= limit:
+            row = int(rois[:, 1:].detach().abs().amax(dim=1).argmax())
+            raise ValueError(f"{op}: rois[{row}] = {rois[row].tolist()} times spatial_scale="
+                             f"{spatial_scale!r} overflows {_compute_dtype(input.dtype)}; "
+                             "check spatial_scale (feature-map pixels per image pixel, e.g. "
+                             "1/4) and the boxes")
     return rois, _pair(output_size, op)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float16 / bfloat16 are computed in float32 (torchvision's autocast path does the same)."""
+    return torch.float32 if dtype in _LOW_PRECISION else dtype
+
+
+def _check_aligned(op: str, aligned) -> bool:
+    # a string such as "no" would otherwise be truthy and silently mean True
+    if not isinstance(aligned, (bool, np.bool_)):
+        raise TypeError(f"{op}: aligned must be a bool (True: half-pixel shift), got "
+                        f"{aligned!r} of type {type(aligned).__name__}")
+    return bool(aligned)
+
+
+def _check_sampling_grid(op: str, rois: torch.Tensor, size: tuple[int, int],
+                         spatial_scale: float, sampling_ratio: int, aligned: bool) -> None:
+    """Refuse a sampling grid of more than :data:`MAX_SAMPLES_PER_ROI` points for one RoI.
+
+    With ``sampling_ratio <= 0`` a bin gets ``ceil(roi_size / output_size)`` samples per axis,
+    about one per feature-map pixel, so a huge ``spatial_scale`` (or box) asks for a grid that
+    no backend can hold (the reference materialises it) or finish (the kernels loop over it).
+    Computed in float64 from the same formula as the kernels (``roi_reference``).
+    """
+    if rois.shape[0] == 0:
+        return
+    oh, ow = size
+    r = rois.detach().to(torch.float64)
+    roi_w = (r[:, 3] - r[:, 1]) * spatial_scale                          # (K,)
+    roi_h = (r[:, 4] - r[:, 2]) * spatial_scale
+    if not aligned:  # the kernels clamp legacy RoIs to at least 1 x 1
+        roi_w, roi_h = roi_w.clamp(min=1.0), roi_h.clamp(min=1.0)
+    if sampling_ratio > 0:
+        grid_h = grid_w = torch.full_like(roi_w, float(sampling_ratio))
+    else:
+        grid_h = torch.ceil(roi_h / oh).clamp(min=1.0)
+        grid_w = torch.ceil(roi_w / ow).clamp(min=1.0)
+    points = (oh * grid_h) * (ow * grid_w)                               # (K,) samples per RoI
+    row = int(points.argmax())
+    if float(points[row]) > MAX_SAMPLES_PER_ROI:
+        how = (f"sampling_ratio={sampling_ratio}" if sampling_ratio > 0 else
+               f"sampling_ratio={sampling_ratio} (adaptive: ceil(roi_size / output_size))")
+        raise ValueError(
+            f"{op}: rois[{row}] = {rois[row].tolist()} at spatial_scale={spatial_scale!r} spans "
+            f"{float(roi_h[row]):.4g} x {float(roi_w[row]):.4g} feature-map pixels, so "
+            f"{how} asks for {float(grid_h[row]):.4g} x {float(grid_w[row]):.4g} samples per "
+            f"bin, {float(points[row]):.4g} per RoI; at most {MAX_SAMPLES_PER_ROI} are allowed. "
+            "Check spatial_scale (feature-map pixels per image pixel, e.g. 1/4) and the boxes, "
+            "or pass a small positive sampling_ratio")
 
 
 def _kernel_dtype_check(op: str, backend: str, input: torch.Tensor) -> None:
@@ -174,28 +244,37 @@ def roi_align(input: torch.Tensor, rois, output_size, spatial_scale: float = 1.0
     """RoIAlign (Mask R-CNN section 3): average of bilinear samples in each of ``oh x ow`` bins.
 
     Args:
-        input: ``[N, C, H, W]`` float feature map.
+        input: ``[N, C, H, W]`` float feature map: float32 or float64, or float16 / bfloat16,
+            which every backend computes in float32 and returns in the input's dtype (as
+            torchvision's autocast path does, so mixed precision training works).
         rois: ``[K, 5]`` tensor, rows ``(batch_index, x1, y1, x2, y2)`` in image pixels, same dtype
-            and device as ``input``; or a list of ``N`` tensors ``[K_i, 4]`` (see
-            :func:`boxes_to_rois`).
+            and device as ``input`` (any float dtype for float16 / bfloat16 input); or a list of
+            ``N`` tensors ``[K_i, 4]`` (see :func:`boxes_to_rois`).
         output_size: ``int`` or ``(oh, ow)``.
         spatial_scale: feature-map pixels per image pixel, e.g. ``1/4`` for a stride-4 map.
         sampling_ratio: samples per bin and axis; ``<= 0``: ``ceil(roi_size / output_size)``.
+            A RoI may ask for at most :data:`MAX_SAMPLES_PER_ROI` sample points in all.
         aligned: ``True`` shifts by half a pixel (pixel centres at ``+0.5``, the paper's
             figure 3 / detectron2); ``False`` is the original Detectron/torchvision behaviour.
+            Must be a bool (a string such as ``"no"`` is a TypeError, not True).
         backend: ``"auto"`` | ``"reference"`` | ``"numba"`` | ``"cuda"`` | ``"torchvision"``.
     Returns:
         ``[K, C, oh, ow]`` tensor of ``input``'s dtype, differentiable w.r.t. ``input``.
     Raises:
-        TypeError / ValueError naming the bad argument (shape, dtype, device, batch index, NaN).
+        TypeError / ValueError naming the bad argument (shape, dtype, device, batch index, NaN,
+        a sampling grid above :data:`MAX_SAMPLES_PER_ROI`, coordinates that overflow once scaled).
     """
     op = "roi_align"
     rois, size = _check_inputs(op, input, rois, output_size, spatial_scale)
     if not isinstance(sampling_ratio, numbers.Integral) or isinstance(sampling_ratio, bool):
         raise TypeError(f"{op}: sampling_ratio must be an int, got {sampling_ratio!r}")
+    aligned = _check_aligned(op, aligned)
     backend = resolve_backend(backend, input.device, op)
     spatial_scale, sampling_ratio = float(spatial_scale), int(sampling_ratio)
-    aligned = bool(aligned)
+    _check_sampling_grid(op, rois, size, spatial_scale, sampling_ratio, aligned)
+    if input.dtype in _LOW_PRECISION:  # float32 inside, the input's dtype out (autocast's way)
+        return roi_align(input.float(), rois.float(), size, spatial_scale, sampling_ratio,
+                         aligned, backend).to(input.dtype)
     if backend == "torchvision":
         return torchvision.ops.roi_align(input, rois, size, spatial_scale, sampling_ratio, aligned)
     if backend == "reference":
@@ -222,6 +301,8 @@ def roi_pool(input: torch.Tensor, rois, output_size, spatial_scale: float = 1.0,
     rois, size = _check_inputs(op, input, rois, output_size, spatial_scale)
     backend = resolve_backend(backend, input.device, op)
     spatial_scale = float(spatial_scale)
+    if input.dtype in _LOW_PRECISION:  # float32 inside, the input's dtype out (autocast's way)
+        return roi_pool(input.float(), rois.float(), size, spatial_scale, backend).to(input.dtype)
     if backend == "torchvision":
         return torchvision.ops.roi_pool(input, rois, size, spatial_scale)
     if backend == "reference":
