@@ -155,13 +155,27 @@ class AnchorGenerator:
     def strides_for(
         self, image_shape: tuple[int, int], feature_shapes: Sequence[tuple[int, int]]
     ) -> list[tuple[int, int]]:
-        """Strides ``(H // h_l, W // w_l)`` per level for a padded batch of size ``(H, W)``."""
+        """Strides ``(H // h_l, W // w_l)`` per level for a padded batch of size ``(H, W)``.
+
+        A feature map larger than the image (``h_l > H`` or ``w_l > W``) would give stride 0, and
+        every anchor of that level would sit at the origin (torchvision computes exactly that,
+        silently): it is an error here, as is an empty image or feature map.
+        """
         H, W = (int(v) for v in image_shape)
+        if H <= 0 or W <= 0:
+            raise ValueError(f"AnchorGenerator: image_shape {(H, W)} has an empty side")
         strides = []
-        for h, w in feature_shapes:
+        for level, (h, w) in enumerate(feature_shapes):
             if int(h) <= 0 or int(w) <= 0:
                 raise ValueError(
                     f"AnchorGenerator: feature shape {(int(h), int(w))} has an empty side"
+                )
+            if int(h) > H or int(w) > W:
+                raise ValueError(
+                    f"AnchorGenerator: feature map {level} is {(int(h), int(w))} (h, w), larger "
+                    f"than the image {(H, W)}: its stride would be {(H // int(h), W // int(w))} "
+                    "and every anchor would sit at the origin. Pass image_shape as the padded "
+                    "batch's (H, W) (images.shape[-2:]) and feature_shapes as the maps' (h, w)"
                 )
             strides.append((H // int(h), W // int(w)))
         return strides

@@ -48,6 +48,20 @@ class Matcher:
     Anchor 0 matches gt 0 (0.9 >= 0.7); anchor 1's best IoU 0.6 lies between the thresholds
     (-2, ignored) unless low-quality matches are allowed: it is gt 1's best anchor, so it becomes
     a positive for gt 1; anchors 2 and 3 never reach 0.3 (-1, background).
+
+    One documented difference from torchvision, which only matters for a ground truth that
+    overlaps NO prediction (best quality 0: a box outside the image, or of zero width): in
+    torchvision every prediction "reaches" that gt's best quality 0, so the low-quality rule
+    turns all of them into positives (matched to whatever their own best gt is, gt 0 for an
+    all-zero column) and the RPN trains on garbage. Here such a gt claims nothing::
+
+        >>> iou = torch.tensor([[0.8, 0.0, 0.0],    # gt 0
+        ...                     [0.0, 0.0, 0.0]])   # gt 1: outside the image, overlaps nothing
+        >>> Matcher(0.7, 0.3, allow_low_quality_matches=True)(iou)   # torchvision: [0, 0, 0]
+        tensor([ 0, -1, -1])
+
+    A quality matrix holding NaN (e.g. ``box_iou`` of two zero-area boxes) is an error: every
+    comparison with NaN is False, so NaN would silently count as a match.
     """
 
     BELOW_LOW_THRESHOLD = -1
@@ -83,6 +97,9 @@ class Matcher:
 
         Unlike torchvision (which raises), ``G == 0`` gives all ``BELOW_LOW_THRESHOLD`` (an image
         without objects is all background) and ``N == 0`` gives an empty tensor.
+
+        Raises:
+            ValueError: not a ``[G, N]`` tensor, or NaN in it (naming the first ``(g, n)``).
         """
         if not isinstance(match_quality_matrix, Tensor) or match_quality_matrix.dim() != 2:
             shape = (
@@ -93,6 +110,14 @@ class Matcher:
             raise ValueError(f"Matcher: match_quality_matrix must be a [G, N] tensor, got {shape}")
         G, N = match_quality_matrix.shape
         device = match_quality_matrix.device
+        nan = torch.isnan(match_quality_matrix)
+        if bool(nan.any()):
+            g, n = (int(i) for i in nan.nonzero()[0])
+            raise ValueError(
+                f"Matcher: match_quality_matrix [G={G}, N={N}] holds NaN (first at gt {g}, "
+                f"prediction {n}); box_iou gives NaN for two zero-area boxes: drop zero-area "
+                "ground-truth boxes and predictions before matching"
+            )
         if N == 0:
             return torch.zeros((0,), dtype=torch.int64, device=device)
         if G == 0:
@@ -119,11 +144,17 @@ class Matcher:
 
         For each ground truth take every prediction that reaches its highest quality (ties
         included); each such prediction gets back its own best ground truth
-        (``best_gt_for_pred``), even if that quality was below the thresholds.
+        (``best_gt_for_pred``), even if that quality was below the thresholds. A ground truth
+        whose highest quality is 0 overlaps no prediction and claims none (torchvision lets it
+        claim every prediction; see the class docstring).
         """
         best_quality_per_gt = match_quality_matrix.max(dim=1).values  # [G, N] -> [G]
-        # (gt, pred) pairs that reach their gt's best quality; [G, N] == [G, 1]
-        _, preds = torch.where(match_quality_matrix == best_quality_per_gt[:, None])
+        # (gt, pred) pairs that reach their gt's best quality, for gts that overlap something;
+        # [G, N] == [G, 1] and [G, 1] > 0
+        reaches_best = (match_quality_matrix == best_quality_per_gt[:, None]) & (
+            best_quality_per_gt[:, None] > 0
+        )
+        _, preds = torch.where(reaches_best)
         matches[preds] = best_gt_for_pred[preds]
 
 

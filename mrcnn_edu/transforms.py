@@ -74,9 +74,14 @@ def _check_image(image, where: str, floating: bool = True) -> None:
     if image.dim() != 3 or image.shape[0] != 3:
         raise ValueError(f"{where}: image must have shape [3, H, W], got {tuple(image.shape)}")
     if floating and not image.is_floating_point():
+        hint = (
+            " (a uint8 image holds 0..255: ConvertImageDtype() turns it into float32 in 0..1)"
+            if image.dtype == torch.uint8
+            else " (use ConvertImageDtype() first)"
+        )
         raise TypeError(
-            f"{where}: image must be a floating tensor with values in 0..1, got dtype {image.dtype}"
-            " (use ConvertImageDtype() first for uint8 images)"
+            f"{where}: image must be a floating tensor with values in 0..1, got dtype "
+            f"{image.dtype}{hint}"
         )
 
 
@@ -448,7 +453,7 @@ class Normalize:
 def batch_images(
     images: Sequence[torch.Tensor], size_divisible: int = 32
 ) -> tuple[torch.Tensor, list[tuple[int, int]]]:
-    """Zero-pad a list of ``[3, H_i, W_i]`` images into one ``[B, 3, H', W']`` tensor.
+    """Zero-pad a list of float ``[3, H_i, W_i]`` images into one ``[B, 3, H', W']`` tensor.
 
     ``H' = ceil(max_i H_i / size_divisible) * size_divisible`` (same for ``W'``), so every
     feature map of a stride-``size_divisible`` backbone has an integer size. Each image sits in
@@ -463,7 +468,8 @@ def batch_images(
     if size_divisible < 1:
         raise ValueError(f"batch_images: size_divisible must be >= 1, got {size_divisible}")
     for i, img in enumerate(images):
-        _check_image(img, f"batch_images (image {i})", floating=False)
+        # float only: a uint8 batch would reach the backbone as 0..255 (or fail deep inside it)
+        _check_image(img, f"batch_images (image {i})")
         if img.dtype != images[0].dtype or img.device != images[0].device:
             raise ValueError(
                 f"batch_images: image {i} is {img.dtype} on {img.device} but image 0 is "

@@ -83,3 +83,12 @@ def test_bad_input_errors():
         AnchorGenerator(sizes=((8,), (16,)), aspect_ratios=((1.0,),) * 3)
     with pytest.raises(ValueError, match="positive"):
         generate_cell_anchors((0,), (1.0,))
+    # a feature map larger than the image: stride 0 would put every anchor at the origin
+    with pytest.raises(ValueError, match=r"feature map 1 is \(40, 40\).*larger than the image "
+                                         r"\(32, 32\).*stride would be \(0, 0\)"):
+        gen((32, 32), [(4, 4), (40, 40)])
+    with pytest.raises(ValueError, match="larger than the image"):
+        gen((32, 32), [(4, 4), (8, 33)])
+    with pytest.raises(ValueError, match=r"image_shape \(0, 32\) has an empty side"):
+        gen((0, 32), [(4, 4), (8, 8)])
+    assert gen((32, 32), [(4, 4), (32, 32)]).shape == (16 + 32 * 32, 4)  # stride 1 is fine

@@ -38,6 +38,33 @@ def test_matcher_equals_torchvision_with_ties(low_quality, seed):
     assert ours.dtype == torch.int64 and ours.shape == (60,)
 
 
+def test_gt_that_overlaps_no_anchor_claims_none():
+    """A gt box outside the image or of zero width has best IoU 0 with every anchor.
+    torchvision's low-quality rule then makes EVERY anchor a positive; here such a gt claims
+    nothing, and the result is torchvision's result for the other gts alone."""
+    from mrcnn_edu.anchors import AnchorGenerator
+
+    anchors = AnchorGenerator(sizes=((16, 32),), aspect_ratios=((0.5, 1.0, 2.0),))(
+        (64, 64), [(8, 8)])                                                # [384, 4]
+    gt = torch.tensor([[4.0, 6.0, 30.0, 28.0], [36.0, 30.0, 60.0, 62.0],  # two real objects
+                       [200.0, 200.0, 230.0, 240.0],                      # outside the image
+                       [10.0, 10.0, 10.0, 40.0]])                         # zero width
+    iou = box_iou(gt, anchors)                                            # [4, 384]
+    assert iou[2:].max() == 0
+    for high, low in ((0.7, 0.3), (0.5, 0.5)):
+        ours = Matcher(high, low, allow_low_quality_matches=True)(iou.clone())
+        ref_good = tv_det_utils.Matcher(high, low, True)(iou[:2].clone())
+        assert torch.equal(ours, ref_good)
+        tv_all = tv_det_utils.Matcher(high, low, True)(iou.clone())
+        assert int((tv_all >= 0).sum()) == anchors.shape[0]  # torchvision's flaw: all positive
+        assert int((ours >= 0).sum()) < 40
+    # a gt with a tiny but positive overlap still gets its best anchor
+    tiny = torch.tensor([[0.0, 0.0, 1e-3, 1e-3]])
+    ours = Matcher(0.7, 0.3, True)(box_iou(tiny, anchors))
+    assert torch.equal(ours, tv_det_utils.Matcher(0.7, 0.3, True)(box_iou(tiny, anchors)))
+    assert int((ours == 0).sum()) >= 1
+
+
 def test_matcher_empty_cases():
     assert Matcher(0.7, 0.3)(torch.zeros(0, 4)).tolist() == [-1, -1, -1, -1]
     assert Matcher(0.7, 0.3, True)(torch.zeros(3, 0)).shape == (0,)
