@@ -46,7 +46,7 @@ class Instances:
     :class:`Instances` with every field indexed the same way. ``len(inst)`` is ``N``.
     """
 
-    __slots__ = ("_image_size", "_fields")
+    __slots__ = ("_fields", "_image_size")
 
     def __init__(self, image_size: tuple[int, int], **fields: Any) -> None:
         object.__setattr__(self, "_image_size", (int(image_size[0]), int(image_size[1])))
@@ -120,10 +120,9 @@ class Instances:
             if not -n <= item < n:
                 raise IndexError(f"Instances: index {item} out of range for {n} instances")
             item = slice(item, None if item == -1 else item + 1)
-        if isinstance(item, Tensor):
-            if item.dtype == torch.bool and item.shape != (len(self),):
-                raise IndexError(f"Instances: a bool mask must have shape [{len(self)}], got "
-                                 f"{tuple(item.shape)}")
+        if isinstance(item, Tensor) and item.dtype == torch.bool and item.shape != (len(self),):
+            raise IndexError(f"Instances: a bool mask must have shape [{len(self)}], got "
+                             f"{tuple(item.shape)}")
         out = Instances(self._image_size)
         for name, value in self._fields.items():
             if isinstance(value, Tensor):

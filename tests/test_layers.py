@@ -58,9 +58,7 @@ def _imports(path: Path) -> list[tuple[int, str]]:
     """Absolute names of everything ``path`` imports (relative imports resolved)."""
     rel = path.relative_to(PKG.parent).with_suffix("")
     parts = list(rel.parts)
-    package = parts[:-1] if parts[-1] != "__init__" else parts[:-1]
-    if parts[-1] == "__init__":
-        package = parts[:-1]
+    package = parts[:-1]  # the package a relative import starts from (same for __init__)
     tree = ast.parse(path.read_text(), filename=str(path))
     out = []
     for node in ast.walk(tree):
@@ -88,7 +86,7 @@ def _layer(path: Path) -> str:
 
 def test_import_parser_resolves_relative_imports(tmp_path: Path) -> None:
     # the parser is the test's own machinery: check it on this package's known imports
-    rpn = dict((name, line) for line, name in _imports(PKG / "rpn.py"))
+    rpn = {name: line for line, name in _imports(PKG / "rpn.py")}
     assert "mrcnn_edu.anchors" in rpn and "mrcnn_edu.matching" in rpn and "mrcnn_edu.ops" in rpn
 
 

@@ -1,11 +1,47 @@
-"""Engine: training loops and evaluation (no plotting; results come back as return values).
+"""Engine: training loops, checkpoints, optimizers and evaluation.
 
-``rpn_train`` trains a Region Proposal Network alone (notebook 04); ``evaluate`` measures
-proposals (recall at k proposals) and, later, COCO AP. The full Mask R-CNN training loop
-(``train.py``: AMP, checkpoints, DDP through torchrun) joins this package in a later issue.
+Nothing here plots or prints: results come back as return values and through callbacks (a tqdm
+progress bar is the one exception). ``train`` runs any model whose ``forward(images, targets)``
+returns ``(detections, losses)``; ``rpn_train`` trains a Region Proposal Network alone
+(notebook 04); ``evaluate`` scores a model with pycocotools' COCOeval (notebook 08);
+``check_data`` names every bad target before training.
 """
 
-from .evaluate import proposal_recall
+from .check_data import DataError, DataReport, Problem, check_data
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .evaluate import EvalResult, coco_results, evaluate, format_metrics_table, proposal_recall
+from .optim import build_optimizer, build_scheduler
 from .rpn_train import predict_proposals, train_rpn
+from .train import (
+    Callback,
+    NonFiniteLossError,
+    TrainingOutOfMemoryError,
+    TrainResult,
+    read_metrics_csv,
+    train,
+)
 
-__all__ = ["predict_proposals", "proposal_recall", "train_rpn"]
+__all__ = [
+    "Callback",
+    "CheckpointError",
+    "DataError",
+    "DataReport",
+    "EvalResult",
+    "NonFiniteLossError",
+    "Problem",
+    "TrainResult",
+    "TrainingOutOfMemoryError",
+    "build_optimizer",
+    "build_scheduler",
+    "check_data",
+    "coco_results",
+    "evaluate",
+    "format_metrics_table",
+    "load_checkpoint",
+    "predict_proposals",
+    "proposal_recall",
+    "read_metrics_csv",
+    "save_checkpoint",
+    "train",
+    "train_rpn",
+]

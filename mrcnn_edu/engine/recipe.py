@@ -1,0 +1,279 @@
+"""Training recipes: a model config + an optimisation schedule + a data layout, by name.
+
+Mask R-CNN's COCO recipe (He et al. 2017, section 3.1 "Training"): 16 images per mini-batch
+(8 GPUs x 2), learning rate 0.02 for 160k iterations decreased by 10 at 120k (the paper's
+schedule; Detectron's and torchvision's "1x" schedule is 90k iterations with decays at 60k and
+80k), weight decay 1e-4, momentum 0.9, shorter side 800, horizontal flips. The ``shapes`` recipe
+trains a small model from scratch on the synthetic set on a 2-core CPU in minutes (``make demo``).
+
+``run_training(experiment, data_root, out_dir)`` builds the data sets, checks them
+(``check_data``), builds the model, the optimizer and the schedule, and runs
+:func:`mrcnn_edu.engine.train.train`; the CLI's ``mrcnn-edu train`` is a thin wrapper around it.
+Notebook ``08_training_ablations.ipynb`` calls it directly.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from mrcnn_edu.config import ModelConfig, flat_keys, from_dict, get_preset, override
+from mrcnn_edu.data.coco import CocoDetection, coco2017, shapes_dataset
+from mrcnn_edu.data.sampler import make_train_loader
+from mrcnn_edu.model import MaskRCNN, build_model
+from mrcnn_edu.transforms import RandomHorizontalFlip
+
+from .check_data import check_data
+from .checkpoint import load_checkpoint
+from .optim import build_optimizer, build_scheduler
+from .train import TrainResult, train
+
+__all__ = [
+    "DataConfig",
+    "Experiment",
+    "TrainConfig",
+    "build_datasets",
+    "experiment_from_checkpoint",
+    "get_experiment",
+    "list_experiments",
+    "load_model",
+    "run_training",
+]
+
+
+@dataclass
+class TrainConfig:
+    optimizer: str = "sgd"  # "sgd" (the paper) or "adamw"
+    lr: float = 0.02  # learning rate for `reference_batch` images per step
+    reference_batch: int = 16  # lr scales linearly with batch_size / reference_batch (Goyal 2017)
+    momentum: float = 0.9  # SGD momentum (sec. 3.1)
+    weight_decay: float = 1e-4  # sec. 3.1
+    norm_bias_decay: bool = False  # also decay norm weights and biases
+    batch_size: int = 16  # images per step, all processes together
+    steps: int = 90000  # optimizer steps ("1x": 90k)
+    warmup_steps: int = 1000  # linear warm-up from lr * warmup_factor
+    warmup_factor: float = 0.001  # warm-up start factor
+    schedule: str = "step"  # "step" (decay at milestones), "cosine" or "constant"
+    milestones: tuple[int, ...] = (60000, 80000)  # "step": lr x gamma at these steps
+    gamma: float = 0.1  # "step": decay factor
+    min_lr_ratio: float = 0.0  # "cosine": final lr / lr
+    grad_clip: float | None = None  # clip the global gradient norm (None: no clipping)
+    amp: str | None = None  # None, "bf16" or "fp16" (mixed precision)
+    max_minutes: float | None = None  # stop at this wall-time budget (None: run all steps)
+    hflip: float = 0.5  # probability of a horizontal flip (sec. 3.1)
+    num_workers: int = 2  # DataLoader worker processes
+    aspect_ratio_grouping: bool = True  # batch images of similar shape (less padding)
+    seed: int = 0  # seeds the data order, the flips and the model's initialisation
+    log_every: int = 20  # a metrics row every this many steps
+    checkpoint_every: int = 5000  # steps between checkpoints (and one at the end)
+    keep_last: int = 3  # checkpoints kept
+
+
+@dataclass
+class DataConfig:
+    layout: str = "coco"  # "coco": root/{train2017,val2017}; "shapes": root/{train,val}
+    train_split: str = "train2017"  # folder / annotation-file split name for training
+    val_split: str = "val2017"  # ... for evaluation
+    class_names: tuple[str, ...] = ()  # filled from the training set (background first)
+
+
+@dataclass
+class Experiment:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+
+# ------------------------------------------------------------------------------------ presets
+def coco_r50_fpn_1x() -> Experiment:
+    """torchvision's and Detectron's "1x": R50-FPN, 16 images/step, lr 0.02, 90k steps, decays
+    at 60k and 80k, 1000 warm-up steps, shorter side 800. Expected: box AP ~37.9, mask AP ~34.6."""
+    return Experiment(model=get_preset("maskrcnn-r50-fpn"), train=TrainConfig(),
+                      data=DataConfig())
+
+
+def coco_r50_fpn_3x() -> Experiment:
+    """The "3x" schedule (270k steps, decays at 210k and 250k), multi-scale training
+    (shorter side 640..800, as detectron2's 3x recipe)."""
+    exp = coco_r50_fpn_1x()
+    exp.train.steps = 270000
+    exp.train.milestones = (210000, 250000)
+    exp.model.transform.min_size = (640, 672, 704, 736, 768, 800)
+    return exp
+
+
+def shapes_recipe() -> Experiment:
+    """The ``shapes`` model (``mrcnn_edu.config.shapes``) from scratch on the synthetic set:
+    AdamW, warm-up and cosine decay, batch 4, horizontal flips, with a 10-minute budget on a
+    2-core CPU (``make demo``)."""
+    train_cfg = TrainConfig(optimizer="adamw", lr=5e-4, reference_batch=4, weight_decay=1e-4,
+                            batch_size=4, steps=1000, warmup_steps=50, schedule="cosine",
+                            milestones=(), min_lr_ratio=0.02, grad_clip=10.0, max_minutes=10.0,
+                            num_workers=1, log_every=10, checkpoint_every=250, keep_last=2)
+    return Experiment(model=get_preset("shapes"), train=train_cfg,
+                      data=DataConfig(layout="shapes", train_split="train", val_split="val"))
+
+
+_EXPERIMENTS = {
+    "shapes": shapes_recipe,
+    "coco-r50-fpn-1x": coco_r50_fpn_1x,
+    "coco-r50-fpn-3x": coco_r50_fpn_3x,
+}
+
+
+def list_experiments() -> list[str]:
+    """Names accepted by :func:`get_experiment` (``mrcnn-edu train --preset``)."""
+    return sorted(_EXPERIMENTS)
+
+
+def get_experiment(name: str, overrides: dict | None = None) -> Experiment:
+    """A fresh :class:`Experiment` for recipe ``name`` with dotted ``overrides`` applied
+    (``{"train.lr": "0.01", "model.roi_heads.pooler_op": "pool"}``). An unknown name lists
+    the recipes; an unknown key names the nearest keys."""
+    if name not in _EXPERIMENTS:
+        close = difflib.get_close_matches(name, list(_EXPERIMENTS), n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise KeyError(f"unknown preset {name!r}{hint}; presets: "
+                       f"{', '.join(list_experiments())}")
+    exp = _EXPERIMENTS[name]()
+    if overrides:
+        override(exp, overrides)
+    return exp
+
+
+def register_experiment(name: str, fn) -> None:
+    """Add a recipe (e.g. an ablation variant)."""
+    _EXPERIMENTS[name] = fn
+
+
+# ---------------------------------------------------------------------------------------- data
+def build_datasets(exp: Experiment, root: str | Path, *, train: bool = True, val: bool = True,
+                   ) -> tuple[CocoDetection | None, CocoDetection | None]:
+    """``(train_set, val_set)`` for the experiment's data layout under ``root``.
+
+    The training set skips images without objects and flips with probability
+    ``exp.train.hflip`` (a seeded generator, saved in checkpoints). A root without the expected
+    layout raises ``FileNotFoundError`` listing what is missing.
+    """
+    root = Path(root)
+    d = exp.data
+    if d.layout not in ("coco", "shapes"):
+        raise ValueError(f"data.layout must be 'coco' or 'shapes', got {d.layout!r}")
+    if not root.is_dir():
+        raise FileNotFoundError(f"data root {root} does not exist")
+    missing = []
+    for split, wanted in ((d.train_split, train), (d.val_split, val)):
+        if not wanted:
+            continue
+        stems = ("instances", "person_keypoints")
+        anns = [root / "annotations" / f"{s}_{split}.json" for s in stems]
+        if not (root / split).is_dir():
+            missing.append(f"{root / split}/ (images)")
+        if not any(a.is_file() for a in anns):
+            missing.append(str(anns[0]))
+    if missing:
+        hint = ("make one with `mrcnn-edu make-shapes --out " + str(root) + "`"
+                if d.layout == "shapes" else "see data/README.md for the COCO 2017 layout")
+        raise FileNotFoundError(f"{root} does not have the {d.layout} layout; missing: "
+                                f"{', '.join(missing)} ({hint})")
+
+    def load(split: str, **kw) -> CocoDetection:
+        if d.layout == "shapes":
+            return shapes_dataset(root, split, **kw)
+        kp = (root / "annotations" / f"person_keypoints_{split}.json").is_file() and not (
+            root / "annotations" / f"instances_{split}.json").is_file()
+        return coco2017(root, split, keypoints=kp, **kw)
+
+    train_set = val_set = None
+    if train:
+        flip = None
+        if exp.train.hflip > 0:
+            gen = torch.Generator().manual_seed(exp.train.seed + 1)
+            flip = RandomHorizontalFlip(exp.train.hflip, generator=gen)
+        train_set = load(d.train_split, transforms=flip, skip_empty=True)
+    if val:
+        val_set = load(d.val_split)
+    return train_set, val_set
+
+
+# ---------------------------------------------------------------------------------- training
+def _fit_num_classes(exp: Experiment, dataset: CocoDetection) -> None:
+    n = len(dataset.class_names)  # background + categories
+    exp.model.num_classes = n
+    exp.data.class_names = tuple(dataset.class_names)
+
+
+def run_training(exp: Experiment, data_root: str | Path, out_dir: str | Path, *,
+                 resume: bool = False, progress: bool = True, callbacks=(),
+                 device: str | torch.device = "cpu", check: bool = True,
+                 max_minutes: float | None = None) -> tuple[MaskRCNN, TrainResult]:
+    """Train ``exp`` on the data under ``data_root``; checkpoints and ``metrics.csv`` go to
+    ``out_dir``. Returns the trained model (eval mode) and the :class:`TrainResult`.
+
+    The number of classes comes from the data (background + its categories). ``check`` runs
+    :func:`~mrcnn_edu.engine.check_data.check_data` first and refuses a set with bad targets
+    (listing them). ``resume`` continues from ``out_dir/last.pt``.
+    """
+    t = exp.train
+    out_dir = Path(out_dir)
+    train_set, _ = build_datasets(exp, data_root, val=False)
+    if check:
+        check_data(train_set, progress=progress).raise_if_bad()
+    _fit_num_classes(exp, train_set)
+    torch.manual_seed(t.seed)
+    model = build_model(exp.model).to(device)
+    loader = make_train_loader(train_set, t.batch_size, num_workers=t.num_workers, seed=t.seed,
+                               aspect_ratio_grouping=t.aspect_ratio_grouping)
+    lr = t.lr * t.batch_size / t.reference_batch
+    optimizer = build_optimizer(model, t.optimizer, lr=lr, momentum=t.momentum,
+                                weight_decay=t.weight_decay, norm_bias_decay=t.norm_bias_decay)
+    scheduler = build_scheduler(optimizer, total_steps=t.steps, warmup_steps=t.warmup_steps,
+                                warmup_factor=t.warmup_factor, schedule=t.schedule,
+                                milestones=t.milestones, gamma=t.gamma,
+                                min_lr_ratio=t.min_lr_ratio)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result = train(model, loader, optimizer, scheduler, steps=t.steps, device=device, amp=t.amp,
+                   grad_clip=t.grad_clip, callbacks=callbacks, checkpoint_dir=out_dir,
+                   checkpoint_every=t.checkpoint_every, keep_last=t.keep_last,
+                   resume=True if resume else None, log_every=t.log_every,
+                   metrics_csv=out_dir / "metrics.csv", progress=progress, config=exp,
+                   max_minutes=max_minutes if max_minutes is not None else t.max_minutes)
+    return model.eval(), result
+
+
+def experiment_from_checkpoint(ckpt: dict, path: str | Path = "checkpoint") -> Experiment:
+    """The :class:`Experiment` stored in a checkpoint written by :func:`run_training`."""
+    values = ckpt.get("config")
+    if not isinstance(values, dict) or "model" not in values:
+        raise ValueError(f"{path}: holds no mrcnn_edu training config (was it written by "
+                         "`mrcnn-edu train`?)")
+    return from_dict(Experiment, values)
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[MaskRCNN,
+                                                                               Experiment]:
+    """Rebuild the model a training checkpoint holds (its config, then its weights), in eval
+    mode. A file that is not a checkpoint, or whose weights do not fit its config, raises an
+    error naming what does not match."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"{path} is not a readable torch checkpoint ({type(err).__name__}: "
+                         f"{err})") from err
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint")  # noqa: TRY004
+    exp = experiment_from_checkpoint(ckpt, path)
+    model = build_model(exp.model)
+    load_checkpoint(path, model=model, restore_rng=False)
+    return model.to(device).eval(), exp
+
+
+def experiment_keys(exp: Experiment) -> list[str]:
+    """Every ``--set`` key of an experiment (dotted names)."""
+    return list(flat_keys(exp))
