@@ -537,7 +537,10 @@ def draw_keypoints_closeup(
     ax.plot([], [], " ", label=f"not labelled (v=0): {n0}, not drawn")
     if names is not None:
         for k in np.flatnonzero(v > 0):
-            ax.annotate(names[k], (x[k], y[k]), textcoords="offset points", xytext=(6, 3),
+            # "left_*" names to the left of their point, others to the right: pairs stay readable
+            left = str(names[k]).startswith("left")
+            ax.annotate(names[k], (x[k], y[k]), textcoords="offset points",
+                        xytext=(-6 if left else 6, 3), ha="right" if left else "left",
                         fontsize=7, color="black",
                         bbox={"facecolor": "white", "alpha": 0.7, "pad": 0.5, "edgecolor": "none"})
     lab = v > 0
