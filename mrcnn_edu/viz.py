@@ -13,7 +13,8 @@ widgets; the explorers in ``mrcnn_edu.widgets`` only wire controls to them):
 
 * 00: :func:`draw_pipeline`, :func:`show_batch`, :func:`draw_keypoints_closeup` (visible vs
   occluded keypoints);
-* 01: :func:`draw_rle_runs` (how run-length encoding reads a mask);
+* 01: :func:`draw_rle_runs` (how run-length encoding reads a mask), :func:`draw_sample` (one
+  sample of a data set, crowd regions included: the dataset browser's figure);
 * 02: :func:`draw_roi_sampling`, :func:`draw_roi_comparison` (where RoIPool / RoIAlign read the
   feature map; the geometry comes from ``mrcnn_edu.ops.roi_reference``, the functions the
   reference operators use, never re-derived here);
@@ -39,6 +40,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import FancyBboxPatch, Rectangle
 
 __all__ = [
+    "CROWD_COLOR",
     "KEYPOINT_STYLES",
     "LABEL_COLORS",
     "LABEL_NAMES",
@@ -59,6 +61,7 @@ __all__ = [
     "draw_rle_runs",
     "draw_roi_comparison",
     "draw_roi_sampling",
+    "draw_sample",
     "draw_thread_mapping",
     "image_for_display",
     "image_to_numpy",
@@ -368,6 +371,44 @@ def show_samples(dataset, indices: Sequence[int], ncols: int = 4, size: float = 
         ax.set_axis_off()
     fig.tight_layout()
     return fig
+
+
+#: crowd regions (iscrowd=1) in :func:`draw_sample`: grey, dashed
+CROWD_COLOR = (0.6, 0.6, 0.6)
+
+
+def draw_sample(dataset, index: int, *, show_masks: bool = True, show_boxes: bool = True,
+                show_keypoints: bool = True, show_crowd: bool = True,
+                ax: Axes | None = None) -> Axes:
+    """Draw ``dataset[index]``: masks, boxes with class names, keypoints, crowd boxes (dashed).
+
+    ``class_names`` and ``skeleton`` come from the dataset's attributes when it has them.
+    Returns the matplotlib ``Axes``.
+    """
+    n = len(dataset)
+    if not 0 <= index < n:
+        raise IndexError(f"draw_sample: index {index} out of range for a dataset of {n} images")
+    image, target = dataset[index]
+    n_inst = len(target["boxes"])
+    image_id = int(target["image_id"]) if "image_id" in target else index
+    ax = draw_instances(
+        image,
+        boxes=target["boxes"] if show_boxes else None,
+        labels=target["labels"],
+        masks=target.get("masks") if show_masks else None,
+        keypoints=target.get("keypoints") if show_keypoints else None,
+        class_names=getattr(dataset, "class_names", None),
+        skeleton=getattr(dataset, "skeleton", None),
+        ax=ax,
+        title=f"[{index}] image id {image_id}: {n_inst} instance(s)",
+    )
+    crowd = target.get("crowd_boxes")
+    if show_crowd and crowd is not None and len(crowd):
+        draw_boxes(ax, crowd, colors=[CROWD_COLOR] * len(crowd), linestyle="--")
+        for x1, y1, _, _ in crowd.tolist():
+            ax.text(x1, y1, "crowd", fontsize=7, color="black", va="bottom", clip_on=True,
+                    bbox={"facecolor": CROWD_COLOR, "alpha": 0.8, "pad": 1, "edgecolor": "none"})
+    return ax
 
 
 def show_batch(
