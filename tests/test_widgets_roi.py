@@ -10,6 +10,7 @@ points.
 
 from __future__ import annotations
 
+import matplotlib.pyplot as plt
 import pytest
 import torch
 import torchvision
@@ -267,3 +268,4 @@ def test_roi_comparison_draws_the_same_box_in_both_panels():
     shifted = (1.3 - 0.5, 1.2 - 0.5, *expected[2:])  # the half-pixel shift, drawn and explained
     torch.testing.assert_close(torch.tensor(rect(align_ax, "roi_box")), torch.tensor(shifted))
     assert "half-pixel" in align_ax.get_title()
+    plt.close("all")  # draw_roi_comparison makes pyplot figures: leave none behind
