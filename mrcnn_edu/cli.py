@@ -19,11 +19,22 @@ from pathlib import Path
 # ---------------------------------------------------------------------------------------------
 
 
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
+def _shapes_int(kind: str):
+    """argparse type: an int within the bounds ``write_shapes_dataset`` accepts for ``kind``
+    (``"count"``, ``"size"`` or ``"seed"``), so e.g. ``--size 60000`` is a one-line usage error
+    instead of a MemoryError traceback."""
+    def parse(text: str) -> int:
+        from mrcnn_edu.data import shapes
+
+        lo, hi = {"count": (0, shapes.MAX_IMAGES), "size": (shapes.MIN_SIZE, shapes.MAX_SIZE),
+                  "seed": (0, 2**63 - 1)}[kind]
+        value = int(text)
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"must be between {lo} and {hi}, got {value}")
+        return value
+
+    parse.__name__ = "int"  # argparse names the type in "invalid int value: 'x'"
+    return parse
 
 
 def _add_make_shapes(subparsers) -> None:
@@ -36,10 +47,13 @@ def _add_make_shapes(subparsers) -> None:
     p.add_argument("--out", type=Path, default=None,
                    help="output folder (default: data/shapes, or data/shapes_keypoints with "
                         "--keypoints)")
-    p.add_argument("--train", type=_non_negative_int, default=2000, help="train images (2000)")
-    p.add_argument("--val", type=_non_negative_int, default=300, help="val images (300)")
-    p.add_argument("--size", type=int, default=256, help="image side in pixels (256)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (0); same seed, same bytes")
+    p.add_argument("--train", type=_shapes_int("count"), default=2000,
+                   help="train images (2000)")
+    p.add_argument("--val", type=_shapes_int("count"), default=300, help="val images (300)")
+    p.add_argument("--size", type=_shapes_int("size"), default=256,
+                   help="image side in pixels, 32..4096 (256)")
+    p.add_argument("--seed", type=_shapes_int("seed"), default=0,
+                   help="random seed, >= 0 (0); same seed, same bytes")
     p.add_argument("--keypoints", action="store_true", help="stick figures with keypoints")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a set already in OUT (by default an existing set is an error)")

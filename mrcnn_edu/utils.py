@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -32,17 +33,38 @@ def describe(name: str, x) -> str:
     return f"{name}  shape={tuple(x.shape)}  dtype={x.dtype}  device={x.device}  {rng}"
 
 
+def current_umask() -> int:
+    """The process's file-mode creation mask (read without changing it where the OS allows)."""
+    try:  # Linux >= 4.7 reports it; os.umask() would have to set it to read it
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
     """Call ``write(fileobj)`` on a binary temp file next to ``path``, then rename it over ``path``.
 
     A reader never sees a half-written file, and an error (or Ctrl-C) leaves any existing
-    ``path`` untouched. Parent folders are created.
+    ``path`` untouched. Parent folders are created. The file gets the permissions a plain
+    ``open(path, "wb")`` would give it: an existing file's mode is kept, a new file gets
+    ``0o666 & ~umask`` (the temporary file's private 0600 is not left on the result).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        mode = 0o666 & ~current_umask()
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), mode)
             write(f)
         os.replace(tmp, path)
     except BaseException:

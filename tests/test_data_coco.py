@@ -226,7 +226,8 @@ def test_polygon_with_fewer_than_three_points(tmp_path: Path) -> None:
     data = _coco_dict()
     data["annotations"][0]["segmentation"] = [[1, 1, 4, 1]]
     with pytest.raises(CocoFormatError,
-                       match=r"annotation id 10: polygon 0 has 4 coordinates.*at least 3 points"):
+                       match=r"annotation id 10 \(image id 1\): polygon 0 has 4 coordinates.*"
+                             r"at least 3 points"):
         CocoDetection(tmp_path, _write(tmp_path, data))
 
 
@@ -305,3 +306,24 @@ def test_coco2017_layout_loads(tmp_path: Path) -> None:
 def test_shapes_dataset_missing(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"no shapes set under .*make-shapes --out"):
         shapes_dataset(tmp_path, "val")
+
+
+def test_rle_string_counts_equal_pycocotools() -> None:
+    """The compressed-RLE reader used by the build-time checks decodes pycocotools' strings to
+    the run lengths pycocotools itself uses (random masks, empty and full ones included)."""
+    from mrcnn_edu.data.coco import rle_string_counts
+
+    rng = np.random.default_rng(0)
+    for t in range(200):
+        h, w = (int(v) for v in rng.integers(1, 70, 2))
+        mask = (rng.random((h, w)) < rng.random()).astype(np.uint8)
+        if t % 7 == 0:
+            mask[:] = t % 2
+        rle = mask_utils.encode(np.asfortranarray(mask))
+        runs = rle_string_counts(rle["counts"].decode("ascii"))
+        assert sum(runs) == h * w
+        flat = mask.reshape(-1, order="F")                      # column-major, as COCO
+        pos, value = 0, 0
+        for r in runs:                                         # runs alternate 0s and 1s
+            assert (flat[pos:pos + r] == value).all()
+            pos, value = pos + r, 1 - value

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -122,7 +124,7 @@ def test_same_seed_same_bytes_different_seed_differs(tmp_path: Path) -> None:
     write_shapes_dataset(tmp_path / "b", seed=3, **kw)
     write_shapes_dataset(tmp_path / "c", seed=4, **kw)
     ha, hb, hc = (_hashes(tmp_path / d) for d in "abc")
-    assert len(ha) == 2 + 2 + 2 and ha == hb
+    assert len(ha) == 2 + 2 + 2 + 1 and ha == hb  # images, annotation files, the manifest
     assert ha.keys() == hc.keys()
     assert all(ha[k] != hc[k] for k in ha)
     assert not list((tmp_path / "a").rglob("*.tmp"))  # atomic writes leave no temp files
@@ -294,3 +296,106 @@ def test_existing_set_is_never_overwritten_by_accident(tmp_path: Path, capsys) -
     (tmp_path / "file").write_text("x")
     with pytest.raises(FileExistsError, match="not a folder"):
         write_shapes_dataset(tmp_path / "file", train=1, **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# All-or-nothing writes and the manifest (issue 17)
+# ---------------------------------------------------------------------------------------------
+def test_interrupted_swap_puts_the_old_set_back(tmp_path: Path, monkeypatch) -> None:
+    """Where the OS cannot exchange two folders atomically, the swap is two renames: an
+    interrupt between them puts the old set back and removes the new one."""
+    from mrcnn_edu.data import shapes
+
+    out = tmp_path / "set"
+    kw = {"train": 2, "val": 1, "size": 48, "progress": False}
+    write_shapes_dataset(out, seed=1, **kw)
+    before = _hashes(out)
+    monkeypatch.setattr(shapes, "_exchange", lambda a, b: False)
+    real_rename, calls = shapes.os.rename, []
+
+    def rename(src, dst):
+        calls.append((Path(src).name, Path(dst).name))
+        if len(calls) == 2:           # old set moved away, new set not yet in: Ctrl-C here
+            raise KeyboardInterrupt
+        real_rename(src, dst)
+
+    monkeypatch.setattr(shapes.os, "rename", rename)
+    with pytest.raises(KeyboardInterrupt):
+        write_shapes_dataset(out, seed=2, overwrite=True, **kw)
+    assert _hashes(out) == before and not list(tmp_path.glob(".set*"))
+    monkeypatch.setattr(shapes.os, "rename", real_rename)
+    write_shapes_dataset(out, seed=2, overwrite=True, **kw)       # the fallback path works
+    write_shapes_dataset(tmp_path / "fresh", seed=2, **kw)
+    assert _hashes(out) == _hashes(tmp_path / "fresh") and not list(tmp_path.glob(".set*"))
+
+
+def test_killed_write_leaves_the_old_set_and_its_staging_is_cleaned_later(tmp_path: Path) -> None:
+    out = tmp_path / "set"
+    kw = {"train": 2, "val": 0, "size": 48, "progress": False}
+    write_shapes_dataset(out, seed=1, **kw)
+    # what `kill -9` during a write leaves: a staging folder whose process is gone
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = tmp_path / ".set.writing-abc123"
+    (stale / "train").mkdir(parents=True)
+    (stale / ".pid").write_text(str(dead.pid))
+    live = tmp_path / ".set.writing-live"                    # another writer still at work
+    live.mkdir()
+    (live / ".pid").write_text(str(os.getpid()))
+    assert len(shapes_dataset(out, "train")) == 2            # readers never look at staging
+    write_shapes_dataset(out, seed=2, overwrite=True, **kw)
+    assert not stale.exists() and live.exists()
+
+
+def test_manifest_and_info_record_the_set(tmp_path: Path) -> None:
+    from mrcnn_edu import __version__
+    from mrcnn_edu.data.shapes import MANIFEST_NAME
+
+    write_shapes_dataset(tmp_path, train=3, val=2, size=48, seed=7, progress=False)
+    manifest = json.loads((tmp_path / MANIFEST_NAME).read_text())
+    assert (manifest["seed"], manifest["size"], manifest["kind"]) == (7, 48, "detection")
+    assert manifest["mrcnn_edu_version"] == __version__
+    for split, n in (("train", 3), ("val", 2)):
+        entry = manifest["splits"][split]
+        data = json.loads((tmp_path / entry["annotation_file"]).read_text())
+        assert data["info"]["mrcnn_edu"] == {
+            "kind": "detection", "split": split, "seed": 7, "size": 48, "num_images": n,
+            "num_annotations": len(data["annotations"]), "mrcnn_edu_version": __version__}
+        assert data["info"]["date_created"] == "seed=7 size=48"       # kept for old readers
+        assert entry["num_images"] == n and sorted(entry["images"]) == \
+            sorted(im["file_name"] for im in data["images"])
+        for name, (nbytes, sha) in entry["images"].items():
+            blob = (tmp_path / split / name).read_bytes()
+            assert len(blob) == nbytes and hashlib.sha256(blob).hexdigest() == sha
+
+
+def test_loader_detects_a_set_that_is_not_one_write(tmp_path: Path) -> None:
+    from mrcnn_edu.data import CocoFormatError
+    from mrcnn_edu.data.shapes import MANIFEST_NAME
+
+    kw = {"train": 3, "val": 0, "size": 48, "progress": False}
+    write_shapes_dataset(tmp_path / "a", seed=1, **kw)
+    write_shapes_dataset(tmp_path / "b", seed=2, **kw)
+    a, b = tmp_path / "a", tmp_path / "b"
+    # an orphan image (what an old smaller overwrite left)
+    (a / "train" / "000000000009.png").write_bytes((b / "train" / "000000000001.png").read_bytes())
+    with pytest.raises(CocoFormatError, match=r"not the ones instances_train\.json lists .*"
+                                              r"0 missing .*1 extra .*000000000009\.png"):
+        shapes_dataset(a, "train")
+    (a / "train" / "000000000009.png").unlink()
+    # the other write's annotation file
+    ann = a / "annotations" / "instances_train.json"
+    good = ann.read_bytes()
+    ann.write_bytes((b / "annotations" / "instances_train.json").read_bytes())
+    with pytest.raises(CocoFormatError, match="not the annotation file the manifest "
+                                              "shapes_manifest.json records for .train."):
+        shapes_dataset(a, "train")
+    ann.write_bytes(good)
+    # a missing manifest in a set that had one
+    (a / MANIFEST_NAME).rename(tmp_path / "m.json")
+    with pytest.raises(CocoFormatError, match="shapes_manifest.json is missing"):
+        shapes_dataset(a, "train")
+    (tmp_path / "m.json").rename(a / MANIFEST_NAME)
+    assert len(shapes_dataset(a, "train", verify="full")) == 3
+    with pytest.raises(ValueError, match="verify must be"):
+        shapes_dataset(a, "train", verify="yes")

@@ -27,15 +27,24 @@ and PNGs are written by Pillow without timestamps, so the same seed gives the sa
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import errno
+import hashlib
+import io
 import json
 import math
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from ..utils import atomic_write
+from .. import __version__
+from ..utils import atomic_write, current_umask
 
 # ---------------------------------------------------------------------------------------------
 # Categories and keypoints
@@ -107,6 +116,14 @@ CROWD_PROBABILITY = 0.2      # chance that a val image holds one crowd region (d
 
 _MODES = {"detection": 0, "keypoints": 1}
 _SPLITS = {"train": 0, "val": 1}
+
+MIN_SIZE = 32                # image side bounds of write_shapes_dataset (pixels)
+MAX_SIZE = 4096              # a 4096 px image needs ~0.2 GB while drawn; 60000 px would need 40
+MAX_IMAGES = 1_000_000       # images per split
+#: The set's manifest, written last into the set's folder (see :func:`write_shapes_dataset`).
+MANIFEST_NAME = "shapes_manifest.json"
+MANIFEST_FORMAT = "mrcnn_edu shapes set"
+_STAGING = ".writing-"       # temporary folders: ``.{out.name}.writing-XXXX`` beside ``out``
 
 # ---------------------------------------------------------------------------------------------
 # Drawing helpers: polygons -> masks through pycocotools, so decoding the JSON gives the same mask
@@ -382,14 +399,18 @@ def _categories(keypoints: bool) -> list[dict]:
 
 
 def write_split(out: str | Path, split: str, num_images: int, size: int = 256, seed: int = 0,
-                keypoints: bool = False, progress=None) -> Path:
+                keypoints: bool = False, progress=None, manifest: dict | None = None) -> Path:
     """Write one split: PNGs under ``out/{split}/`` and its annotation JSON; returns the JSON path.
 
-    ``progress``: a tqdm bar to advance (or None).
+    ``progress``: a tqdm bar to advance (or None). ``manifest``: a dict that receives this
+    split's entry of the set's manifest (annotation file, its sha256, counts, and the byte size
+    and sha256 of every image). Files are written in place: :func:`write_shapes_dataset` calls
+    this inside a staging folder, so nobody sees a half-written split.
     """
     out = Path(out)
     mode = "keypoints" if keypoints else "detection"
     images, annotations = [], []
+    image_files: dict[str, list] = {}
     ann_id = 1
     for i in range(num_images):
         rng = np.random.default_rng([seed, _MODES[mode], _SPLITS[split], i])
@@ -397,9 +418,11 @@ def write_split(out: str | Path, split: str, num_images: int, size: int = 256, s
         image, instances = generate_image(rng, size, keypoints=keypoints, crowd=crowd)
         image_id = i + 1
         file_name = f"{image_id:012d}.png"
-        atomic_write(out / split / file_name,
-                     lambda f, im=image: Image.fromarray(im).save(f, format="PNG",
-                                                           compress_level=3))
+        buf = io.BytesIO()
+        Image.fromarray(image).save(buf, format="PNG", compress_level=3)
+        png = buf.getvalue()
+        atomic_write(out / split / file_name, lambda f, b=png: f.write(b))
+        image_files[file_name] = [len(png), hashlib.sha256(png).hexdigest()]
         images.append({"id": image_id, "file_name": file_name, "width": size, "height": size,
                        "license": 1})
         for inst in instances:
@@ -420,7 +443,12 @@ def write_split(out: str | Path, split: str, num_images: int, size: int = 256, s
     data = {
         "info": {"description": f"mrcnn_edu synthetic {name} ({split})", "version": "1.0",
                  "year": 2017, "contributor": "mrcnn_edu.data.shapes",
-                 "url": "", "date_created": f"seed={seed} size={size}"},
+                 "url": "", "date_created": f"seed={seed} size={size}",
+                 # what this set is, for a reader to check (see shapes_manifest.json)
+                 "mrcnn_edu": {"kind": mode, "split": split, "seed": int(seed),
+                               "size": int(size), "num_images": int(num_images),
+                               "num_annotations": len(annotations),
+                               "mrcnn_edu_version": __version__}},
         "licenses": [{"id": 1, "name": "CC0 1.0 Universal",
                       "url": "https://creativecommons.org/publicdomain/zero/1.0/"}],
         "images": images,
@@ -431,6 +459,11 @@ def write_split(out: str | Path, split: str, num_images: int, size: int = 256, s
     ann_file = out / "annotations" / f"{stem}_{split}.json"
     text = json.dumps(data, separators=(",", ":")).encode("utf-8")
     atomic_write(ann_file, lambda f: f.write(text))
+    if manifest is not None:
+        manifest[split] = {"annotation_file": f"annotations/{stem}_{split}.json",
+                           "annotation_sha256": hashlib.sha256(text).hexdigest(),
+                           "num_images": int(num_images), "num_annotations": len(annotations),
+                           "images": image_files}
     return ann_file
 
 
@@ -463,22 +496,38 @@ def write_shapes_dataset(out: str | Path, train: int = 2000, val: int = 300, siz
         out/annotations/instances_val.json
         out/train/000000000001.png ...
         out/val/000000000001.png ...
+        out/shapes_manifest.json               what the set is, to check it when loading
 
     Image ids run 1..n within each split. The same arguments give byte-identical files.
     ``keypoints=True`` writes the stick-figure set; give it its own ``out`` folder, since the
     image file names would collide with a detection set in the same folder.
 
+    All or nothing: the set is written into a staging folder beside ``out``
+    (``.{name}.writing-XXXX``, same parent, so same file system) and moved into place in one
+    step at the end (an atomic exchange of the two folders where the OS offers it, else two
+    renames, undone on failure). A reader, or a Ctrl-C / kill at any moment, sees the old set
+    or the new one, never a mix; the old set's files are removed with it, so a smaller new set
+    leaves no orphan images. The annotation files' ``info["mrcnn_edu"]`` and
+    ``shapes_manifest.json`` record the seed, size, counts and package version, and the
+    manifest the byte size and sha256 of every file, so a loader
+    (:func:`mrcnn_edu.data.coco.shapes_dataset`) detects a mixed or half-written set.
+
     A user's data is never overwritten by accident: if ``out`` already holds this set's
     annotation files or a non-empty ``train/`` / ``val/`` folder (see :func:`existing_outputs`),
     a ``FileExistsError`` lists them, before anything is written. ``overwrite=True`` replaces
-    those files (other files already there are left alone).
+    the set. Since ``out`` is replaced as a whole, it may hold nothing but a shapes set: other
+    files there are a ``FileExistsError`` (listing them) with or without ``overwrite``.
     """
-    for name, n in (("train", train), ("val", val), ("size", size)):
-        if not isinstance(n, (int, np.integer)) or n < 0:
+    for name, n, hi in (("train", train, MAX_IMAGES), ("val", val, MAX_IMAGES),
+                        ("size", size, MAX_SIZE), ("seed", seed, 2**63 - 1)):
+        if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 0:
             raise ValueError(f"write_shapes_dataset: {name} must be a non-negative int, got {n!r}")
-    if size < 32:
-        raise ValueError(f"write_shapes_dataset: size must be at least 32 px, got {size}")
-    if Path(out).exists() and not Path(out).is_dir():
+        if n > hi:
+            raise ValueError(f"write_shapes_dataset: {name} must be at most {hi}, got {n}")
+    if size < MIN_SIZE:
+        raise ValueError(f"write_shapes_dataset: size must be at least {MIN_SIZE} px, got {size}")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
         raise FileExistsError(f"write_shapes_dataset: {out} exists and is not a folder")
     if not overwrite:
         clash = existing_outputs(out, keypoints)
@@ -487,15 +536,124 @@ def write_shapes_dataset(out: str | Path, train: int = 2000, val: int = 300, siz
                 f"write_shapes_dataset: {out} already holds a data set "
                 f"({', '.join(str(p) for p in clash)}); nothing was written. Choose another "
                 "output folder, delete it, or pass overwrite=True (--overwrite) to replace it")
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=train + val, desc=f"writing {Path(out)}", unit="img")
+    foreign = foreign_entries(out)
+    if foreign:
+        raise FileExistsError(
+            f"write_shapes_dataset: {out} holds files that are not part of a shapes set "
+            f"({', '.join(str(p) for p in foreign[:10])}{', ...' if len(foreign) > 10 else ''}); "
+            "nothing was written. The set replaces its folder as a whole: move them away or "
+            "choose another output folder")
+    real = Path(os.path.realpath(out))                  # a symlinked `out`: write at its target
+    real.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_staging(real)
+    staging = Path(tempfile.mkdtemp(dir=real.parent, prefix=f".{real.name}{_STAGING}"))
     try:
-        files = {split: write_split(out, split, n, size, seed, keypoints, bar)
-                 for split, n in (("train", train), ("val", val))}
-    finally:
-        if bar is not None:
-            bar.close()
-    return files
+        (staging / ".pid").write_text(str(os.getpid()))
+        # mkdtemp makes the folder private (0700): give it the mode a plain mkdir would have
+        mode = os.stat(real).st_mode & 0o7777 if real.is_dir() else 0o777 & ~current_umask()
+        os.chmod(staging, mode)
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=train + val, desc=f"writing {out}", unit="img")
+        splits: dict = {}
+        try:
+            for split, n in (("train", train), ("val", val)):
+                write_split(staging, split, n, size, seed, keypoints, bar, manifest=splits)
+        finally:
+            if bar is not None:
+                bar.close()
+        manifest = {"format": MANIFEST_FORMAT, "format_version": 1,
+                    "mrcnn_edu_version": __version__,
+                    "kind": "keypoints" if keypoints else "detection",
+                    "seed": int(seed), "size": int(size), "splits": splits}
+        text = json.dumps(manifest, indent=1, sort_keys=True).encode("utf-8")
+        atomic_write(staging / MANIFEST_NAME, lambda f: f.write(text))
+        (staging / ".pid").unlink()
+        _move_into_place(staging, real)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)      # the new set only; `out` is untouched
+        raise
+    stem = "person_keypoints" if keypoints else "instances"
+    return {split: out / "annotations" / f"{stem}_{split}.json" for split in ("train", "val")}
+
+
+def foreign_entries(out: str | Path) -> list[Path]:
+    """Entries of ``out`` that no shapes set writes (so replacing ``out`` would delete them).
+
+    A shapes set folder holds ``annotations/`` (only ``{instances,person_keypoints}_
+    {train,val}.json`` and atomic-write temporaries), ``train/``, ``val/`` and the manifest.
+    """
+    out = Path(out)
+    if not out.is_dir():
+        return []
+    ours = {"annotations", "train", "val", MANIFEST_NAME}
+    found = [p for p in sorted(out.iterdir()) if p.name not in ours or
+             (p.name in ("train", "val", "annotations") and not p.is_dir())]
+    ann = out / "annotations"
+    if ann.is_dir():
+        names = {f"{stem}_{split}.json" for stem in ("instances", "person_keypoints")
+                 for split in _SPLITS}
+        found += [p for p in sorted(ann.iterdir()) if p.name not in names
+                  and not (p.name.startswith(".") and p.name.endswith(".tmp"))]
+    return found
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False if unsupported."""
+    libc_name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(libc_name, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError, TypeError):
+        return False
+    AT_FDCWD, RENAME_EXCHANGE = -100, 2
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+                          ctypes.c_uint]
+    if renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False   # this file system (or kernel) cannot exchange: fall back to renames
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
+
+
+def _move_into_place(staging: Path, out: Path) -> None:
+    """Put the finished set ``staging`` at ``out``; the old ``out`` (if any) is deleted."""
+    if not out.exists():
+        os.rename(staging, out)                         # no old set: one rename
+        return
+    if _exchange(staging, out):                         # one atomic step: old set now at staging
+        _discard(staging)
+        return
+    old = staging.with_name(staging.name + "-old")
+    os.rename(out, old)                                 # old set out of the way ...
+    try:
+        os.rename(staging, out)                         # ... new set in
+    except BaseException:
+        os.rename(old, out)                             # failed or interrupted: old set back
+        raise
+    _discard(old)
+
+
+def _discard(folder: Path) -> None:
+    """Delete a replaced set; marked first, so a delete cut short is finished by the next write."""
+    (folder / ".pid").write_text(str(os.getpid()))
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def _remove_stale_staging(out: Path) -> None:
+    """Delete staging folders of earlier writes to ``out`` that were killed (their pid is gone)."""
+    for p in out.parent.glob(f".{out.name}{_STAGING}*"):
+        try:
+            pid = int((p / ".pid").read_text())
+        except (OSError, ValueError):
+            continue            # finished (no .pid) or not ours: leave it alone
+        try:
+            os.kill(pid, 0)
+            continue            # still being written by a live process
+        except ProcessLookupError:
+            shutil.rmtree(p, ignore_errors=True)
+        except PermissionError:
+            continue
