@@ -178,9 +178,10 @@ def _check_sampling_grid(op: str, rois: torch.Tensor, size: tuple[int, int],
                f"sampling_ratio={sampling_ratio} (adaptive: ceil(roi_size / output_size))")
         raise ValueError(
             f"{op}: rois[{row}] = {rois[row].tolist()} at spatial_scale={spatial_scale!r} spans "
-            f"{float(roi_h[row]):.4g} x {float(roi_w[row]):.4g} feature-map pixels, so "
-            f"{how} asks for {float(grid_h[row]):.4g} x {float(grid_w[row]):.4g} samples per "
-            f"bin, {float(points[row]):.4g} per RoI; at most {MAX_SAMPLES_PER_ROI} are allowed. "
+            f"{float(roi_h[row]):.4g} x {float(roi_w[row]):.4g} (height x width) feature-map "
+            f"pixels, so {how} asks for {float(grid_h[row]):.4g} x {float(grid_w[row]):.4g} "
+            f"samples per bin, {float(points[row]):.4g} per RoI; at most {MAX_SAMPLES_PER_ROI} "
+            "are allowed. "
             "Check spatial_scale (feature-map pixels per image pixel, e.g. 1/4) and the boxes, "
             "or pass a small positive sampling_ratio")
 
