@@ -1408,3 +1408,424 @@ def draw_roi_comparison(feature_hw=(8, 8), box=(1.3, 1.2, 5.7, 6.4), output_size
                  "panels", fontsize=10)
     fig.tight_layout()
     return fig
+
+
+# --------------------------------------------------------------------------------------------
+# the RoI heads: sampled RoIs, per-class NMS, mask targets, mask probabilities, pasting
+# (notebooks 05 and 06)
+# --------------------------------------------------------------------------------------------
+
+__all__ += [
+    "draw_mask_probs",
+    "draw_mask_target",
+    "draw_nms_result",
+    "draw_paste_steps",
+    "draw_sampled_rois",
+]
+
+
+def _as_labels(labels, n: int, name: str, fn: str) -> np.ndarray:
+    lab = labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+    lab = lab.reshape(-1)
+    if lab.shape[0] != n:
+        raise ValueError(f"{fn}: {name} has {lab.shape[0]} entries for {n} boxes")
+    if not np.issubdtype(lab.dtype, np.integer):
+        raise TypeError(f"{fn}: {name} must be integers, got dtype {lab.dtype}")
+    return lab.astype(np.int64)
+
+
+def _class_name(label: int, class_names) -> str:
+    if class_names is not None and 0 <= label < len(class_names):
+        return str(class_names[label])
+    return f"class {label}"
+
+
+def draw_sampled_rois(ax: Axes, image, rois, labels, *, gt_boxes=None, class_names=None,
+                      max_negatives: int | None = None, title: str | None = None) -> Axes:
+    """The RoIs the box head trains on for one image (Fast R-CNN sec. 2.3, Mask R-CNN sec. 3.1).
+
+    Args:
+        ax: matplotlib axes; image: ``[3, H, W]`` tensor or ``[H, W, 3]`` array.
+        rois: ``[S, 4]`` sampled RoIs (x1, y1, x2, y2), as ``heads.sample_proposals`` returns.
+        labels: ``[S]`` int, ``0`` negative (background), ``c >= 1`` positive of class ``c``.
+        gt_boxes: optional ``[G, 4]`` ground truth. A sampled RoI *equal* to a gt box is one
+            that ``matching.add_gt_proposals`` appended; it is drawn white and dashed.
+        class_names: ``class_names[c]`` for the legend (index 0 = background).
+        max_negatives: draw at most this many negatives (evenly spaced in the list); all are
+            counted in the legend.
+
+    Positives are drawn in their class colour (``gid="positive_roi"``), appended gt boxes
+    white dashed on top (``gid="gt_roi"``), negatives thin red (``gid="negative_roi"``).
+    Returns ``ax``.
+    """
+    fn = "draw_sampled_rois"
+    img = image_for_display(image, fn)
+    H, W = img.shape[:2]
+    boxes = _as_boxes(rois, "rois", fn)
+    lab = _as_labels(labels, len(boxes), "labels", fn)
+    if (lab < 0).any():
+        raise ValueError(f"{fn}: labels must be >= 0 (ignored RoIs, -1, are never sampled)")
+    from_gt = np.zeros(len(boxes), dtype=bool)
+    if gt_boxes is not None:
+        gt = _as_boxes(gt_boxes, "gt_boxes", fn)
+        if len(gt):
+            from_gt = (boxes[:, None, :] == gt[None, :, :]).all(-1).any(-1)  # [S, G] -> [S]
+    neg = np.flatnonzero(lab == 0)
+    shown = neg
+    if max_negatives is not None and len(neg) > max_negatives:
+        pick = np.unique(np.linspace(0, len(neg) - 1, max(int(max_negatives), 0)).round())
+        shown = neg[pick.astype(np.int64)] if max_negatives > 0 else neg[:0]
+    ax.imshow(img, extent=(0, W, H, 0))
+    for x1, y1, x2, y2 in boxes[shown]:
+        ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor="tab:red",
+                               linewidth=0.7, alpha=0.6, gid="negative_roi"))
+    pos = np.flatnonzero(lab > 0)
+    for i in pos:
+        x1, y1, x2, y2 = boxes[i]
+        if from_gt[i]:
+            continue
+        ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False,
+                               edgecolor=class_color(lab[i]), linewidth=1.3, gid="positive_roi"))
+    for i in np.flatnonzero(from_gt):
+        x1, y1, x2, y2 = boxes[i]
+        ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor="white",
+                               linewidth=2.2, linestyle="--", gid="gt_roi"))
+    for c in np.unique(lab[pos]):
+        n_c = int((lab[pos] == c).sum())
+        ax.plot([], [], color=class_color(c), lw=2,
+                label=f"positive: {_class_name(int(c), class_names)} ({n_c})")
+    ax.plot([], [], color="white", lw=2, ls="--",
+            label=f"gt box appended, sampled ({int(from_gt.sum())})")
+    drawn = f", {len(shown)} drawn" if len(shown) < len(neg) else ""
+    ax.plot([], [], color="tab:red", lw=1, label=f"negative ({len(neg)}{drawn})")
+    leg = ax.legend(loc="lower right", fontsize=7, framealpha=0.85)
+    leg.get_frame().set_facecolor("0.85")
+    ax.set_xlim(0, W)
+    ax.set_ylim(H, 0)
+    ax.set_title(title if title is not None else
+                 f"{len(pos)} positive : {len(neg)} negative RoIs", fontsize=9)
+    return ax
+
+
+def draw_nms_result(ax: Axes, image, boxes, scores, labels, keep, *, class_names=None,
+                    title: str | None = None, legend: bool = True) -> Axes:
+    """Candidate detections before and after NMS in one picture.
+
+    Args:
+        ax: matplotlib axes; image: as :func:`draw_sampled_rois`.
+        boxes: ``[N, 4]`` candidates (x1, y1, x2, y2); scores: ``[N]``; labels: ``[N]`` int
+            classes (colours).
+        keep: indices into the candidates that survive (what ``ops.nms`` / ``batched_nms``
+            return).
+        class_names: for the legend, which counts candidates -> kept per class.
+
+    Kept boxes are solid and thick with their score (``gid="kept_box"``); suppressed ones thin
+    and dashed (``gid="suppressed_box"``). Returns ``ax``.
+    """
+    fn = "draw_nms_result"
+    img = image_for_display(image, fn)
+    H, W = img.shape[:2]
+    b = _as_boxes(boxes, "boxes", fn)
+    s = (scores.detach().cpu().float().numpy() if isinstance(scores, torch.Tensor)
+         else np.asarray(scores, dtype=np.float32)).reshape(-1)
+    if s.shape[0] != len(b):
+        raise ValueError(f"{fn}: scores has {s.shape[0]} entries for {len(b)} boxes")
+    lab = _as_labels(labels, len(b), "labels", fn)
+    k = _as_labels(keep, len(keep), "keep", fn) if len(keep) else np.zeros(0, np.int64)
+    if len(k) and (k.min() < 0 or k.max() >= len(b)):
+        raise ValueError(f"{fn}: keep holds indices outside [0, {len(b)})")
+    kept = np.zeros(len(b), dtype=bool)
+    kept[k] = True
+    ax.imshow(img, extent=(0, W, H, 0))
+    for i in np.flatnonzero(~kept):
+        x1, y1, x2, y2 = b[i]
+        ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False,
+                               edgecolor=class_color(lab[i]), linewidth=0.8, linestyle="--",
+                               alpha=0.7, gid="suppressed_box"))
+    for i in np.flatnonzero(kept):
+        x1, y1, x2, y2 = b[i]
+        color = class_color(lab[i])
+        ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=color,
+                               linewidth=2.2, gid="kept_box"))
+        ax.text(x1, y1, f"{_class_name(int(lab[i]), class_names)} {s[i]:.2f}", fontsize=6.5,
+                va="bottom", ha="left", clip_on=True,
+                bbox={"facecolor": color, "alpha": 0.8, "pad": 1, "edgecolor": "none"})
+    if legend and len(b):
+        for c in np.unique(lab):
+            ax.plot([], [], color=class_color(c), lw=2,
+                    label=f"{_class_name(int(c), class_names)}: {int((lab == c).sum())} -> "
+                          f"{int((kept & (lab == c)).sum())} kept")
+        ax.plot([], [], color="0.3", lw=0.8, ls="--", label="suppressed (dashed)")
+        leg = ax.legend(loc="lower right", fontsize=7, framealpha=0.85)
+        leg.get_frame().set_facecolor("0.85")
+    ax.set_xlim(0, W)
+    ax.set_ylim(H, 0)
+    if title is not None:
+        ax.set_title(title, fontsize=9)
+    return ax
+
+
+def _one_box(box, fn: str) -> torch.Tensor:
+    arr = box.detach().cpu() if isinstance(box, torch.Tensor) else torch.as_tensor(box)
+    b = torch.as_tensor(_as_boxes(arr.reshape(-1, 4) if arr.numel() == 4 else arr, "box", fn),
+                        dtype=torch.float32)
+    if b.shape[0] != 1:
+        raise ValueError(f"{fn}: box must be one (x1, y1, x2, y2), got {b.shape[0]} boxes")
+    return b  # [1, 4]
+
+
+def _zoom(ax: Axes, box, H: int, W: int, margin: float = 0.35) -> None:
+    """Show the box with ``margin`` of its size around it (within the image)."""
+    x1, y1, x2, y2 = (float(v) for v in box)
+    mx, my = max((x2 - x1) * margin, 4.0), max((y2 - y1) * margin, 4.0)
+    ax.set_xlim(max(x1 - mx, 0.0), min(x2 + mx, W))
+    ax.set_ylim(min(y2 + my, H), max(y1 - my, 0.0))
+
+
+def draw_mask_target(image, gt_masks, box, matched_idx: int, *, M: int = 28, gt_boxes=None,
+                     label: int | None = None, class_names=None, fig: Figure | None = None,
+                     title: str | None = None) -> Figure:
+    """One RoI's mask target beside the image crop it is cut from (Mask R-CNN sec. 3).
+
+    The target is ``heads.mask_targets(gt_masks, box, matched_idx, M)``: the matched object's
+    gt mask, RoIAligned onto the RoI (``aligned=False``, adaptive sampling, as torchvision).
+
+    Three panels: (1) the image around the RoI (yellow) with the matched gt mask filled in its
+    class colour and the other objects' outlines; (2) the image inside the RoI, resampled the
+    same way at ``4 M`` pixels a side, with the target's 0.5 contour; (3) the ``M x M`` target
+    (``gid="mask_target"``; its array is the target) with the 0.5 contour.
+
+    Args:
+        image: ``[3, H, W]`` tensor; gt_masks: ``[G, H, W]`` binary masks.
+        box: the RoI ``(x1, y1, x2, y2)``; matched_idx: its gt index in ``[0, G)``.
+        M: target resolution (28 in the paper).
+        gt_boxes: optional ``[G, 4]``: the title then gives the RoI's IoU with its gt box.
+        label: the RoI's class (colour and name), default the colour of class 1.
+        fig: draw into this figure (cleared); by default a new ``Figure`` (not pyplot's).
+
+    Returns the ``Figure``.
+    """
+    from mrcnn_edu.heads.mask_head import mask_targets
+    from mrcnn_edu.ops import box_iou, roi_align
+
+    fn = "draw_mask_target"
+    img = image_for_display(image, fn)
+    H, W = img.shape[:2]
+    masks = torch.as_tensor(gt_masks)
+    if masks.dim() != 3 or tuple(masks.shape[1:]) != (H, W):
+        raise ValueError(f"{fn}: gt_masks must be [G, {H}, {W}] (the image's size), got "
+                         f"{tuple(masks.shape)}")
+    b = _one_box(box, fn)
+    G = masks.shape[0]
+    g = int(matched_idx)
+    if not 0 <= g < G:
+        raise ValueError(f"{fn}: matched_idx must lie in [0, {G}), got {g}")
+    target = mask_targets(masks, b, torch.tensor([g]), int(M))[0]  # [M, M]
+    pixels = torch.as_tensor(img).permute(2, 0, 1)[None].float()  # [H, W, 3] -> [1, 3, H, W]
+    rois = torch.cat([torch.zeros(1, 1), b], dim=1)  # [1, 5], batch index 0
+    crop = roi_align(pixels, rois, (4 * int(M), 4 * int(M)), 1.0, -1, False)[0]  # [3, 4M, 4M]
+    crop = crop.permute(1, 2, 0).clamp(0, 1).numpy()  # [4M, 4M, 3]
+    color = class_color(label if label is not None else 1)
+
+    if fig is None:
+        fig = Figure(figsize=(11, 3.8))
+    fig.clear()
+    ax0, ax1, ax2 = fig.subplots(1, 3)
+    m = masks[g].cpu().numpy().astype(bool)
+    shown = img.copy()
+    shown[m] = 0.5 * shown[m] + 0.5 * np.asarray(color, np.float32)
+    ax0.imshow(shown, extent=(0, W, H, 0))
+    for j in range(G):
+        if j != g and masks[j].any():
+            ax0.contour(np.arange(W) + 0.5, np.arange(H) + 0.5,
+                        masks[j].cpu().numpy().astype(np.float32), levels=[0.5],
+                        colors=["white"], linewidths=0.8)
+    x1, y1, x2, y2 = b[0].tolist()
+    ax0.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor="yellow",
+                            linewidth=2.0, gid="roi_box"))
+    _zoom(ax0, (x1, y1, x2, y2), H, W, margin=0.6)
+    ax0.set_title(f"RoI (yellow) and gt mask {g}", fontsize=9)
+
+    t = target.numpy()
+    grid = (np.arange(M) + 0.5) * 4  # target pixel centres in the 4M crop
+    ax1.imshow(crop, extent=(0, 4 * M, 4 * M, 0))
+    if t.max() >= 0.5 and t.min() < 0.5:
+        ax1.contour(grid, grid, t, levels=[0.5], colors=["yellow"], linewidths=1.5)
+    ax1.set_title(f"the image inside the RoI ({x2 - x1:.0f} x {y2 - y1:.0f} px)", fontsize=9)
+    ax1.set_xticks([])
+    ax1.set_yticks([])
+
+    im = ax2.imshow(t, cmap="gray", vmin=0.0, vmax=1.0, extent=(0, M, M, 0),
+                    interpolation="nearest")
+    im.set_gid("mask_target")
+    if t.max() >= 0.5 and t.min() < 0.5:
+        ax2.contour(np.arange(M) + 0.5, np.arange(M) + 0.5, t, levels=[0.5], colors=["yellow"],
+                    linewidths=1.0)
+    ax2.set_title(f"{M} x {M} target (yellow: 0.5)", fontsize=9)
+    fig.colorbar(im, ax=ax2, shrink=0.8)
+    if title is None:
+        name = _class_name(int(label), class_names) if label is not None else f"gt {g}"
+        title = f"RoI ({x1:.0f}, {y1:.0f}, {x2:.0f}, {y2:.0f}) matched to {name}"
+        if gt_boxes is not None:
+            gb = torch.as_tensor(_as_boxes(gt_boxes, "gt_boxes", fn), dtype=torch.float32)
+            if gb.shape[0] != G:
+                raise ValueError(f"{fn}: gt_boxes has {gb.shape[0]} boxes for {G} masks")
+            title += f" (IoU {float(box_iou(b, gb[g:g + 1])[0, 0]):.2f})"
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def draw_mask_probs(probs, targets=None, *, row_names=None, col_names=None,
+                    threshold: float = 0.5, fig: Figure | None = None) -> Figure:
+    """A grid of ``M x M`` mask probabilities: one row per setting, one column per RoI.
+
+    Args:
+        probs: ``[R, P, M, M]`` probabilities in ``[0, 1]`` (e.g. ``heads.mask_inference`` for
+            R losses and P RoIs).
+        targets: optional ``[P, M, M]`` targets: their 0.5 contour is drawn white and dashed,
+            and each panel's title gives the IoU of ``probs >= threshold`` with
+            ``targets >= 0.5``.
+        row_names, col_names: labels of the rows (left) and columns (top).
+        threshold: the red contour and the IoU use ``probs >= threshold``.
+        fig: draw into this figure (cleared); by default a new ``Figure``.
+
+    Each panel's image has ``gid="mask_prob"``. Returns the ``Figure``.
+    """
+    fn = "draw_mask_probs"
+    p = torch.as_tensor(probs).detach().cpu().float()
+    if p.dim() != 4 or p.shape[-1] != p.shape[-2]:
+        raise ValueError(f"{fn}: probs must be [R, P, M, M], got {tuple(p.shape)}")
+    R, P, M, _ = p.shape
+    t = None
+    if targets is not None:
+        t = torch.as_tensor(targets).detach().cpu().float()
+        if tuple(t.shape) != (P, M, M):
+            raise ValueError(f"{fn}: targets must be [P, M, M] = [{P}, {M}, {M}], got "
+                             f"{tuple(t.shape)}")
+    for name, names, n in (("row_names", row_names, R), ("col_names", col_names, P)):
+        if names is not None and len(names) != n:
+            raise ValueError(f"{fn}: {name} has {len(names)} entries for {n}")
+    if fig is None:
+        fig = Figure(figsize=(2.3 * P + 1.0, 2.3 * R + 0.4))
+    fig.clear()
+    axes = np.asarray(fig.subplots(R, P, squeeze=False))
+    centres = np.arange(M) + 0.5
+    im = None
+    for r in range(R):
+        for c in range(P):
+            ax = axes[r, c]
+            pr = p[r, c].numpy()
+            im = ax.imshow(pr, cmap="viridis", vmin=0.0, vmax=1.0, extent=(0, M, M, 0),
+                           interpolation="nearest")
+            im.set_gid("mask_prob")
+            if pr.max() >= threshold > pr.min():
+                ax.contour(centres, centres, pr, levels=[threshold], colors=["red"],
+                           linewidths=1.2)
+            text = f"max p {pr.max():.2f}"
+            if t is not None:
+                tc = t[c].numpy()
+                if tc.max() >= 0.5 > tc.min():
+                    ax.contour(centres, centres, tc, levels=[0.5], colors=["white"],
+                               linewidths=1.0, linestyles="--")
+                fg, gt = pr >= threshold, tc >= 0.5
+                iou = (fg & gt).sum() / max((fg | gt).sum(), 1)
+                text = f"IoU {iou:.2f}, " + text
+            ax.set_title(text, fontsize=8)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c == 0 and row_names is not None:
+                ax.set_ylabel(str(row_names[r]), fontsize=9)
+            if r == 0 and col_names is not None:
+                ax.set_title(f"{col_names[c]}\n{text}", fontsize=8)
+    fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label="mask probability")
+    return fig
+
+
+def draw_paste_steps(mask, box, image_size, *, gt_mask=None, padding: int = 1,
+                     threshold: float = 0.5, fig: Figure | None = None) -> Figure:
+    """How an ``M x M`` mask goes back into the image (``heads.paste_masks_in_image``).
+
+    Four panels: (1) the mask padded with ``padding`` zero pixels (``heads.expand_masks``);
+    (2) the detection box (dashed), the box grown by ``(M + 2 padding) / M``
+    (``heads.expand_boxes``) and the whole pixels it covers after truncation (filled); (3)
+    the pasted probabilities (``gid="pasted"``; the array is ``paste_masks_in_image``'s);
+    (4) the binary mask ``>= threshold`` (``gid="binary"``) with ``gt_mask``'s outline (white,
+    dashed) and their IoU when ``gt_mask`` is given.
+
+    Args:
+        mask: ``[M, M]`` (or ``[1, M, M]``) probabilities; box: ``(x1, y1, x2, y2)`` pixels.
+        image_size: ``(h, w)``; gt_mask: optional ``[h, w]`` binary mask.
+        fig: draw into this figure (cleared); by default a new ``Figure``.
+
+    Returns the ``Figure``.
+    """
+    from mrcnn_edu.heads.mask_head import expand_boxes, expand_masks, paste_masks_in_image
+
+    fn = "draw_paste_steps"
+    m = torch.as_tensor(mask).detach().cpu().float()
+    m = m[0] if m.dim() == 3 and m.shape[0] == 1 else m
+    if m.dim() != 2 or m.shape[0] != m.shape[1]:
+        raise ValueError(f"{fn}: mask must be [M, M] (or [1, M, M]), got {tuple(m.shape)}")
+    M = m.shape[0]
+    b = _one_box(box, fn)
+    h, w = (int(v) for v in image_size)
+    padded, scale = expand_masks(m[None, None], int(padding))  # [1, 1, M + 2p, M + 2p]
+    grown = expand_boxes(b, scale)  # [1, 4] float
+    ib = grown.to(torch.int64)[0].tolist()  # truncation toward zero, as the paste does
+    pasted = paste_masks_in_image(m[None, None], b, (h, w), int(padding))[0, 0]  # [h, w]
+    binary = pasted >= threshold
+    gt = None
+    if gt_mask is not None:
+        gt = torch.as_tensor(gt_mask).detach().cpu()
+        if tuple(gt.shape) != (h, w):
+            raise ValueError(f"{fn}: gt_mask must be [{h}, {w}], got {tuple(gt.shape)}")
+        gt = gt.bool()
+
+    if fig is None:
+        fig = Figure(figsize=(13, 3.6))
+    fig.clear()
+    axes = fig.subplots(1, 4)
+    Mp = padded.shape[-1]
+    axes[0].imshow(padded[0, 0].numpy(), cmap="viridis", vmin=0, vmax=1, extent=(0, Mp, Mp, 0),
+                   interpolation="nearest")
+    axes[0].add_patch(Rectangle((padding, padding), M, M, fill=False, edgecolor="white",
+                                linewidth=1.0, linestyle="--"))
+    axes[0].set_title(f"1. {M}x{M} mask padded to {Mp}x{Mp}", fontsize=9)
+
+    x1, y1, x2, y2 = b[0].tolist()
+    gx1, gy1, gx2, gy2 = grown[0].tolist()
+    axes[1].imshow(np.zeros((h, w)), cmap="Greys", vmin=0, vmax=1, extent=(0, w, h, 0))
+    # the integer box covers pixels ib[0] .. ib[2] and ib[1] .. ib[3] inclusive
+    axes[1].add_patch(Rectangle((ib[0], ib[1]), ib[2] - ib[0] + 1, ib[3] - ib[1] + 1,
+                                facecolor="tab:orange", alpha=0.35, edgecolor="tab:orange",
+                                gid="paste_pixels"))
+    axes[1].add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor="tab:blue",
+                                linewidth=1.5, linestyle="--", gid="box"))
+    axes[1].add_patch(Rectangle((gx1, gy1), gx2 - gx1, gy2 - gy1, fill=False,
+                                edgecolor="tab:red", linewidth=1.2, gid="grown_box"))
+    axes[1].plot([], [], color="tab:blue", ls="--", label="detection box")
+    axes[1].plot([], [], color="tab:red", label=f"grown x {scale:.3f}")
+    axes[1].plot([], [], color="tab:orange", lw=6, alpha=0.5, label="whole pixels pasted")
+    axes[1].legend(loc="lower right", fontsize=7)
+    axes[1].set_title("2. box grown, cut to whole pixels", fontsize=9)
+
+    im = axes[2].imshow(pasted.numpy(), cmap="viridis", vmin=0, vmax=1, extent=(0, w, h, 0),
+                        interpolation="nearest")
+    im.set_gid("pasted")
+    axes[2].set_title("3. resized (bilinear) and pasted", fontsize=9)
+    bi = axes[3].imshow(binary.numpy().astype(np.float32), cmap="gray", vmin=0, vmax=1,
+                        extent=(0, w, h, 0), interpolation="nearest")
+    bi.set_gid("binary")
+    title = f"4. probability >= {threshold}"
+    if gt is not None:
+        if gt.any():
+            axes[3].contour(np.arange(w) + 0.5, np.arange(h) + 0.5, gt.numpy().astype(np.float32),
+                            levels=[0.5], colors=["tab:red"], linewidths=1.0, linestyles="--")
+        iou = float((binary & gt).sum()) / max(float((binary | gt).sum()), 1.0)
+        title += f": IoU {iou:.3f} with gt (red)"
+    axes[3].set_title(title, fontsize=9)
+    for ax in axes[1:]:
+        _zoom(ax, (gx1, gy1, gx2, gy2), h, w, margin=0.25)
+    fig.tight_layout()
+    return fig

@@ -26,4 +26,6 @@ NOTEBOOKS: list[Notebook] = [
     # the CUDA kernels run in Numba's simulator without a GPU: slower
     Notebook("03_kernels_numba_cuda.ipynb", limit_s=200.0, explorers=0),
     Notebook("04_anchors_and_rpn.ipynb"),
+    Notebook("05_box_head.ipynb", explorers=0),  # figures of sampling, targets, NMS
+    Notebook("06_mask_head.ipynb"),  # the mask target explorer
 ]
