@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.mrcnn_edu-installed
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: help setup demo test test-browser lab bench lint clean
+.PHONY: help setup demo test test-full test-browser lab bench lint clean
 
 help:
 	@echo "make demo          set up .venv and run the main job (operator benchmark + figure)"
@@ -27,7 +27,10 @@ demo: $(STAMP)
 	$(BIN)/python benchmarks/bench_ops.py --quick --plot build/bench_ops.png
 
 test: $(STAMP)
-	MRCNN_EDU_QUICK=1 $(BIN)/python -m pytest -q tests
+	MRCNN_EDU_QUICK=1 $(BIN)/python -m pytest -q -m "not slow" tests
+
+test-full: $(STAMP)
+	MRCNN_EDU_FULL=1 $(BIN)/python -m pytest -q -m slow tests/test_notebooks.py
 
 test-browser: $(STAMP)
 	bash tests/browser/setup.sh $(BIN)/python

@@ -94,6 +94,11 @@ class RoIHeadsConfig:
     mask_norm: str | None = None  # None (v1) or "bn" (v2)
     mask_dim_reduced: int = 256  # channels of the 2x deconv
     mask_loss: str = "sigmoid"  # "sigmoid" (decoupled, the paper), "softmax", "agnostic"
+    # keypoint head (sec. 5: each keypoint a one-hot m x m mask, m = 56)
+    keypoint: bool = False  # True: Keypoint R-CNN branch
+    num_keypoints: int = 17  # K (COCO persons: 17)
+    keypoint_layers: tuple[int, ...] = (512,) * 8  # 3x3 convs ("eight 3x3 512-d conv layers")
+    keypoint_resolution: int = 14  # pooled size; heatmaps are 4x larger (56x56)
 
 
 @dataclass
@@ -144,6 +149,17 @@ def fasterrcnn_r50_fpn_v2() -> ModelConfig:
     """torchvision's ``fasterrcnn_resnet50_fpn_v2``."""
     cfg = maskrcnn_r50_fpn_v2()
     cfg.roi_heads.mask = False
+    return cfg
+
+
+def keypointrcnn_r50_fpn() -> ModelConfig:
+    """torchvision's ``keypointrcnn_resnet50_fpn`` (the paper's sec. 5 person keypoint model):
+    2 classes (background, person), no mask branch, 17 keypoints, multi-scale training with the
+    shorter side in 640..800."""
+    cfg = ModelConfig(num_classes=2)
+    cfg.roi_heads.mask = False
+    cfg.roi_heads.keypoint = True
+    cfg.transform.min_size = (640, 672, 704, 736, 768, 800)
     return cfg
 
 
@@ -205,6 +221,7 @@ _PRESETS = {
     "maskrcnn-r50-fpn-v2": maskrcnn_r50_fpn_v2,
     "fasterrcnn-r50-fpn": fasterrcnn_r50_fpn,
     "fasterrcnn-r50-fpn-v2": fasterrcnn_r50_fpn_v2,
+    "keypointrcnn-r50-fpn": keypointrcnn_r50_fpn,
     "maskrcnn-r50-c4": maskrcnn_r50_c4,
     "maskrcnn-r50-c5": maskrcnn_r50_c5,
     "shapes": shapes,

@@ -44,6 +44,7 @@ from .heads.box_head import (
     postprocess_detections,
     sample_proposals,
 )
+from .heads.keypoint_head import KeypointHead, KeypointPredictor, keypoint_inference, keypoint_loss
 from .heads.mask_head import (
     MaskHead,
     MaskPredictor,
@@ -55,7 +56,14 @@ from .matching import BalancedSampler, Matcher
 from .poolers import MultiLevelRoIPooler
 from .rpn import RegionProposalNetwork, RPNHead
 from .structures import Instances
-from .transforms import batch_images, postprocess_boxes, resize_boxes, resize_scale
+from .transforms import (
+    batch_images,
+    postprocess_boxes,
+    postprocess_keypoints,
+    resize_boxes,
+    resize_keypoints,
+    resize_scale,
+)
 
 __all__ = ["ImageTransform", "MaskRCNN", "Res5BoxHead", "RoIHeads", "build_model"]
 
@@ -108,6 +116,9 @@ class ImageTransform(nn.Module):
             # [N, H, W] -> [N, 1, H, W] float -> nearest -> [N, H', W'] uint8
             target["masks"] = F.interpolate(target["masks"][:, None].float(), scale_factor=scale,
                                             recompute_scale_factor=True)[:, 0].byte()
+        if "keypoints" in target:
+            target["keypoints"] = resize_keypoints(target["keypoints"], (H, W),
+                                                   tuple(image.shape[-2:]))
         return image, target
 
     def forward(self, images: Sequence[Tensor], targets: Sequence[dict] | None = None
@@ -163,7 +174,10 @@ class RoIHeads(nn.Module):
     def __init__(self, box_pooler: MultiLevelRoIPooler, box_head: nn.Module,
                  box_predictor: FastRCNNPredictor, *, mask_pooler: MultiLevelRoIPooler | None = None,
                  mask_head: nn.Module | None = None, mask_predictor: MaskPredictor | None = None,
-                 mask_loss_mode: str = "sigmoid", fg_iou_thresh: float = 0.5,
+                 mask_loss_mode: str = "sigmoid",
+                 keypoint_pooler: MultiLevelRoIPooler | None = None,
+                 keypoint_head: nn.Module | None = None,
+                 keypoint_predictor: KeypointPredictor | None = None, fg_iou_thresh: float = 0.5,
                  bg_iou_thresh: float = 0.5, batch_size_per_image: int = 512,
                  positive_fraction: float = 0.25,
                  bbox_reg_weights: Sequence[float] = (10.0, 10.0, 5.0, 5.0),
@@ -180,6 +194,9 @@ class RoIHeads(nn.Module):
         self.mask_head = mask_head
         self.mask_predictor = mask_predictor
         self.mask_loss_mode = mask_loss_mode
+        self.keypoint_roi_pool = keypoint_pooler
+        self.keypoint_head = keypoint_head
+        self.keypoint_predictor = keypoint_predictor
         self.proposal_matcher = Matcher(fg_iou_thresh, bg_iou_thresh, False)
         self.fg_bg_sampler = BalancedSampler(batch_size_per_image, positive_fraction)
         self.box_coder = BoxCoder(tuple(bbox_reg_weights))
@@ -190,6 +207,14 @@ class RoIHeads(nn.Module):
     @property
     def has_mask(self) -> bool:
         return self.mask_predictor is not None
+
+    @property
+    def has_keypoint(self) -> bool:
+        return self.keypoint_predictor is not None
+
+    def _keypoint_logits(self, features, boxes: list[Tensor], image_sizes) -> Tensor:
+        x = self.keypoint_roi_pool(features, boxes, image_sizes)  # [P, C, 14, 14]
+        return self.keypoint_predictor(self.keypoint_head(x))  # [P, K, 56, 56]
 
     def _mask_features(self, features, boxes: list[Tensor], image_sizes) -> Tensor:
         x = self.mask_roi_pool(features, boxes, image_sizes)  # [P, C, 14, 14]
@@ -226,8 +251,8 @@ class RoIHeads(nn.Module):
             if stages is not None:
                 stages.update(sampled_rois=sampled, train_class_logits=class_logits,
                               train_box_regression=box_regression)
+            positives = [s[s.gt_labels > 0] for s in sampled]
             if self.has_mask:
-                positives = [s[s.gt_labels > 0] for s in sampled]
                 mask_logits = self._mask_features(
                     features, [p.proposal_boxes for p in positives], image_sizes)
                 losses["loss_mask"] = mask_loss(
@@ -236,6 +261,14 @@ class RoIHeads(nn.Module):
                     [p.matched_idxs for p in positives], mode=self.mask_loss_mode)
                 if stages is not None:
                     stages["train_mask_logits"] = mask_logits
+            if self.has_keypoint:
+                kp_logits = self._keypoint_logits(
+                    features, [p.proposal_boxes for p in positives], image_sizes)
+                losses["loss_keypoint"] = keypoint_loss(
+                    kp_logits, [p.proposal_boxes for p in positives],
+                    [t["keypoints"] for t in targets], [p.matched_idxs for p in positives])
+                if stages is not None:
+                    stages["train_keypoint_logits"] = kp_logits
 
         detections: list[Instances] = []
         if return_detections:
@@ -256,6 +289,14 @@ class RoIHeads(nn.Module):
                     det.pred_masks = p  # [N_i, 1, M, M]
                 if stages is not None:
                     stages["mask_logits"] = mask_logits
+            if self.has_keypoint:
+                kp_logits = self._keypoint_logits(features, boxes, image_sizes)
+                keypoints, kp_scores = keypoint_inference(kp_logits, boxes)
+                for det, k, s in zip(detections, keypoints, kp_scores):
+                    det.pred_keypoints = k  # [N_i, K, 3] (x, y, 1)
+                    det.pred_keypoint_scores = s  # [N_i, K]
+                if stages is not None:
+                    stages["keypoint_logits"] = kp_logits
         return detections, losses
 
 
@@ -365,6 +406,15 @@ class MaskRCNN(nn.Module):
                     raise ValueError(f"MaskRCNN: targets[{i}]['labels'][{j}] = {int(labels[j])} "
                                      f"is outside 1..{self.num_classes - 1} (num_classes="
                                      f"{self.num_classes} includes background 0)")
+            if self.roi_heads.has_keypoint:
+                kps = t.get("keypoints")
+                K = self.roi_heads.keypoint_predictor.out_channels
+                if not isinstance(kps, Tensor) or tuple(kps.shape) != (n, K, 3):
+                    raise ValueError(f"MaskRCNN: targets[{i}]['keypoints'] must be [{n}, {K}, 3] "
+                                     f"(x, y, visibility per keypoint), got {_shape(kps)}")
+                if not kps.is_floating_point():
+                    raise TypeError(f"MaskRCNN: targets[{i}]['keypoints'] must be float, got "
+                                    f"{kps.dtype}")
             if self.roi_heads.has_mask:
                 masks = t["masks"]
                 want = (n, img.shape[-2], img.shape[-1])
@@ -419,6 +469,10 @@ class MaskRCNN(nn.Module):
         out = {"boxes": boxes, "labels": inst.pred_labels, "scores": inst.pred_scores}
         if inst.has("pred_masks"):
             out["masks"] = paste_masks_in_image(inst.pred_masks, boxes, original_size)
+        if inst.has("pred_keypoints"):
+            out["keypoints"] = postprocess_keypoints(inst.pred_keypoints, inst.image_size,
+                                                     original_size)
+            out["keypoints_scores"] = inst.pred_keypoint_scores
         return out
 
     def forward(self, images: Sequence[Tensor], targets: Sequence[dict] | None = None, *,
@@ -535,6 +589,11 @@ def build_model(cfg: ModelConfig | str) -> MaskRCNN:
             mask_predictor = MaskPredictor(h.mask_layers[-1], h.mask_dim_reduced, mask_channels)
         mask_kwargs = {"mask_pooler": pooler(h.mask_resolution), "mask_head": mask_head,
                            "mask_predictor": mask_predictor, "mask_loss_mode": h.mask_loss}
+    if h.keypoint:
+        mask_kwargs.update(
+            keypoint_pooler=pooler(h.keypoint_resolution),
+            keypoint_head=KeypointHead(C, tuple(h.keypoint_layers)),
+            keypoint_predictor=KeypointPredictor(h.keypoint_layers[-1], h.num_keypoints))
     roi_heads = RoIHeads(
         pooler(R), box_head, box_predictor, fg_iou_thresh=h.fg_iou_thresh,
         bg_iou_thresh=h.bg_iou_thresh, batch_size_per_image=h.batch_size_per_image,

@@ -43,6 +43,7 @@ ARCHS: dict[str, str] = {
     "maskrcnn_resnet50_fpn_v2": "maskrcnn-r50-fpn-v2",
     "fasterrcnn_resnet50_fpn": "fasterrcnn-r50-fpn",
     "fasterrcnn_resnet50_fpn_v2": "fasterrcnn-r50-fpn-v2",
+    "keypointrcnn_resnet50_fpn": "keypointrcnn-r50-fpn",
 }
 
 # (torchvision pattern, our replacement), tried in order; the first that matches wins.
@@ -59,6 +60,8 @@ KEY_TABLE: list[tuple[str, str]] = [
     (r"^roi_heads\.box_predictor\.", "roi_heads.box_predictor."),  # cls_score, bbox_pred
     (r"^roi_heads\.mask_head\.", "roi_heads.mask_head."),  # <i>.0 conv (, <i>.1 norm)
     (r"^roi_heads\.mask_predictor\.", "roi_heads.mask_predictor."),  # conv5_mask, logits
+    (r"^roi_heads\.keypoint_head\.", "roi_heads.keypoint_head."),  # 0, 2, ..., 14 (convs)
+    (r"^roi_heads\.keypoint_predictor\.", "roi_heads.keypoint_predictor."),  # kps_score_lowres
 ]
 _COMPILED = [(re.compile(p), r) for p, r in KEY_TABLE]
 
@@ -208,6 +211,9 @@ def from_torchvision(source: Any, arch: str = "maskrcnn_resnet50_fpn", *,
         raise ValueError(f"from_torchvision: {what} is not a {arch} checkpoint (no {key!r}; "
                          f"first keys: {list(state_dict)[:5]})")
     cfg.num_classes = int(state_dict[key].shape[0])
+    kp_key = "roi_heads.keypoint_predictor.kps_score_lowres.weight"
+    if kp_key in state_dict:  # ConvTranspose2d weight [in, K, 4, 4]
+        cfg.roi_heads.num_keypoints = int(state_dict[kp_key].shape[1])
     model = build_model(cfg)
     load_torchvision_state_dict(model, state_dict, what=f"{what} (as {arch})")
     return model.eval()

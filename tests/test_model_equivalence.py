@@ -34,7 +34,7 @@ def _images(seed=0):
     return [torch.rand(s, generator=g) for s in SIZES]
 
 
-def _targets(images, seed=1, with_masks=True):
+def _targets(images, seed=1, with_masks=True, keypoints=False):
     g = torch.Generator().manual_seed(seed)
     out = []
     for k, img in enumerate(images):
@@ -49,6 +49,12 @@ def _targets(images, seed=1, with_masks=True):
         t = {"boxes": boxes, "labels": torch.randint(1, 91, (n,), generator=g)}
         if with_masks:
             t["masks"] = masks
+        if keypoints:  # persons: label 1, 17 keypoints inside and around the box
+            t["labels"] = torch.ones(n, dtype=torch.int64)
+            u = torch.rand(n, 17, 2, generator=g) * 1.2 - 0.1
+            xy = boxes[:, None, :2] + u * (boxes[:, None, 2:] - boxes[:, None, :2])
+            vis = torch.randint(0, 3, (n, 17, 1), generator=g).float()
+            t["keypoints"] = torch.cat([xy, vis], dim=2)
         out.append(t)
     return out
 
@@ -127,6 +133,11 @@ def test_eval_mode_equals_torchvision(pair):
             _close(d["masks"], e["masks"], f"image {i} masks")
         else:
             assert "masks" not in d
+        if "keypoints" in e:
+            _close(d["keypoints"], e["keypoints"], f"image {i} keypoints")
+            _close(d["keypoints_scores"], e["keypoints_scores"], f"image {i} keypoint scores")
+        else:
+            assert "keypoints" not in d
     # forward() gives the same detections as run_stages, and no losses without targets
     dets, losses = ours(images)
     assert losses == {}
@@ -139,7 +150,7 @@ def test_train_mode_losses_equal_torchvision(pair):
     ours.train()
     images = _images(2)
     with_masks = "mask" in arch
-    targets = _targets(images, with_masks=with_masks)
+    targets = _targets(images, with_masks=with_masks, keypoints="keypoint" in arch)
     torch.manual_seed(123)
     tv_losses = tv(images, targets)
     torch.manual_seed(123)

@@ -11,7 +11,7 @@ from .check_data import DataError, DataReport, Problem, check_data
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .evaluate import EvalResult, coco_results, evaluate, format_metrics_table, proposal_recall
 from .optim import build_optimizer, build_scheduler
-from .rpn_train import predict_proposals, train_rpn
+from .rpn_train import pick_example, predict_proposals, train_rpn
 from .train import (
     Callback,
     NonFiniteLossError,
@@ -37,6 +37,7 @@ __all__ = [
     "coco_results",
     "evaluate",
     "format_metrics_table",
+    "pick_example",
     "load_checkpoint",
     "predict_proposals",
     "proposal_recall",
