@@ -5,7 +5,9 @@ Also checks that notebooks are committed without outputs (STYLE.md: no megabytes
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -216,9 +218,12 @@ def test_widget_output_notebook_finishes_while_the_cores_are_busy() -> None:
         nbformat.v4.new_code_cell("import ipywidgets as widgets\n"
                                   "from IPython.display import display")]
         + [nbformat.v4.new_code_cell(cell) for _ in range(WIDGET_CELLS)])
-    # bounded twice: `timeout` ends them even if this process dies, kill() when the test ends
+    # bounded twice: `timeout` ends them even if this process dies, and each pair `timeout` +
+    # `yes` gets its own process group, killed as a whole when the test ends (killing only
+    # `timeout` would leave `yes` running)
     busy = [subprocess.Popen(["timeout", str(2 * BUSY_NOTEBOOK_LIMIT_S), "yes"],
-                             stdout=subprocess.DEVNULL) for _ in range(2)]
+                             stdout=subprocess.DEVNULL, start_new_session=True)
+            for _ in range(2)]
     try:
         start = time.monotonic()
         client = notebook_client(nb, timeout=BUSY_NOTEBOOK_LIMIT_S, kernel_name="python3")
@@ -226,7 +231,8 @@ def test_widget_output_notebook_finishes_while_the_cores_are_busy() -> None:
         elapsed = time.monotonic() - start
     finally:
         for p in busy:
-            p.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
             p.wait()
     assert elapsed < BUSY_NOTEBOOK_LIMIT_S, f"took {elapsed:.0f} s"
     # every Output widget received its text (nbclient routes it there, as a frontend would)
