@@ -26,15 +26,20 @@ One sample is ``(image, target)``:
 
 Crowd regions (``iscrowd=1``) are not training targets (Mask R-CNN, like Detectron, ignores them
 for the losses); they are returned separately because evaluation and RPN matching may want to
-ignore detections that fall on them. Annotations whose box has zero area after clipping are
-dropped; their number is reported in ONE warning when the dataset is built. (Real COCO has such
+ignore detections that fall on them. Annotations whose box has zero area after clipping (or a
+NaN / infinite coordinate) are dropped; their number is reported in ONE warning when the dataset
+is built. (Real COCO has such
 boxes: annotation 918 of ``instances_train2017.json`` is a collinear polygon with a box of height
 0, cocodataset/cocoapi issue #355.)
 
-Bad input is reported when the dataset is built (file, JSON syntax, fields, category ids,
-polygons, repeated ids, keypoint counts) or when the sample is loaded (missing or mismatched image
-file, an annotation without ``segmentation`` while masks are loaded), with a message naming the
-file, annotation id, image id or field, never as a crash deep inside a DataLoader worker.
+Bad input is reported when the dataset is built (file, JSON syntax, fields and their types,
+category ids, polygons with too few points or coordinates that are not finite or lie far outside
+the image, repeated ids, keypoint counts, image sizes, file names that leave the image folder) or
+when the sample is loaded (missing, mismatched, corrupt or unsupported image file, an RLE whose
+size or run lengths do not fit the image, an annotation without ``segmentation`` while masks are
+loaded, any other error while an annotation is read), with a message naming the file,
+annotation id, image id or field, never as a crash deep inside a DataLoader worker or as a
+garbage mask. ``mrcnn_edu.engine.check_data`` reports every problem of a set at once.
 """
 
 from __future__ import annotations
@@ -82,12 +87,14 @@ def load_coco_json(ann_file: str | Path) -> dict:
             field, an entry that is not an object, a repeated id, an image whose ``width`` /
             ``height`` is not a positive int (at most ``MAX_IMAGE_SIDE``) or whose ``file_name``
             leaves the image folder (absolute, or with a ``..`` part), an annotation whose
-            ``image_id`` or ``category_id`` is unknown, a ``bbox`` / ``area`` / ``iscrowd`` /
+            ``image_id`` or ``category_id`` is unknown, a ``bbox`` that is not 4 numbers (a
+            NaN / infinite one is dropped like a zero-area box), an ``area`` / ``iscrowd`` /
             ``keypoints`` value that is not a finite number of the right kind, a polygon with
             fewer than 3 points or a coordinate that is not finite or lies more than the image's
-            size outside it, an RLE whose ``size`` is not the image's or whose run lengths do
-            not add up to height x width, or a ``keypoints`` list whose length is not 3 x its
-            category's K. Every message names the file and the image or annotation id.
+            size outside it, an RLE without ``size`` and ``counts`` (the rest of an RLE is
+            checked before it is decoded, :func:`rle_problem`), or a ``keypoints`` list whose
+            length is not 3 x its category's K. Every message names the file and the image or
+            annotation id.
     """
     ann_file = Path(ann_file)
     if not ann_file.is_file():
@@ -138,9 +145,10 @@ def load_coco_json(ann_file: str | Path) -> dict:
             raise CocoFormatError(f"{ann_file}: annotation id {aid} has image_id "
                                   f"{ann['image_id']}, which is not in 'images'")
         box = ann["bbox"]
-        if not (isinstance(box, list) and len(box) == 4 and all(_is_finite_number(v) for v in box)):
+        if not (isinstance(box, list) and len(box) == 4
+                and all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in box)):
             raise CocoFormatError(f"{ann_file}: annotation id {aid}: 'bbox' must be "
-                                  f"[x, y, width, height] of finite numbers, got {box!r}")
+                                  f"[x, y, width, height], got {box!r}")
         if "area" in ann and not _is_finite_number(ann["area"]):
             raise CocoFormatError(f"{ann_file}: annotation id {aid}: 'area' must be a finite "
                                   f"number, got {ann['area']!r}")
@@ -198,9 +206,9 @@ def _check_image_entry(ann_file: Path, im: dict) -> None:
 
 
 def _check_segmentation(ann_file: Path, ann: dict, img: dict) -> None:
-    """Polygons: >= 3 points (an even count of finite numbers) within the image +- its size.
-    RLE: ``size`` == the image's [height, width] and run lengths that add up to height x width
-    (pycocotools would otherwise decode uninitialised memory, different on every run)."""
+    """Polygons: >= 3 points (an even count of finite numbers) within the image +- its size
+    (a NaN or a 1e12 would crash or exhaust memory in pycocotools' rasterizer). RLE: a dict
+    with ``size`` and ``counts``; the rest is checked before decoding (:func:`rle_problem`)."""
     seg = ann.get("segmentation")
     aid = ann["id"]
     if seg is None:
@@ -228,37 +236,11 @@ def _check_segmentation(ann_file: Path, ann: dict, img: dict) -> None:
                         f"image's {'width' if axis == 'x' else 'height'} ({size}) outside the "
                         f"image (allowed {-size}..{2 * size})")
     elif isinstance(seg, dict):
+        # its size and run lengths are checked where it is decoded (rle_problem): the data
+        # check (engine.check_data) builds the set to report every such annotation at once
         if "counts" not in seg or "size" not in seg:
             raise CocoFormatError(f"{where}: RLE segmentation needs 'size' and 'counts', got "
                                   f"keys {sorted(seg)}")
-        size = seg["size"]
-        if not (isinstance(size, list) and len(size) == 2 and list(size) == [H, W]
-                and all(isinstance(v, numbers.Integral) and not isinstance(v, bool)
-                        for v in size)):
-            raise CocoFormatError(f"{where}: RLE 'size' {size!r} must be the image's "
-                                  f"[height, width] = [{H}, {W}]")
-        counts = seg["counts"]
-        if isinstance(counts, list):
-            if not all(isinstance(c, numbers.Integral) and not isinstance(c, bool) and c >= 0
-                       for c in counts):
-                bad = next(c for c in counts if not (isinstance(c, numbers.Integral)
-                                                     and not isinstance(c, bool) and c >= 0))
-                raise CocoFormatError(f"{where}: RLE 'counts' must be non-negative ints (run "
-                                      f"lengths), got {bad!r}")
-            runs = counts
-        elif isinstance(counts, str):
-            try:
-                runs = rle_string_counts(counts)
-            except ValueError as err:
-                raise CocoFormatError(f"{where}: compressed RLE 'counts' is not valid: "
-                                      f"{err}") from None
-        else:
-            raise CocoFormatError(f"{where}: RLE 'counts' must be a list of run lengths or a "
-                                  f"compressed string, got {type(counts).__name__}")
-        total = int(sum(runs))
-        if total != H * W:
-            raise CocoFormatError(f"{where}: RLE run lengths add up to {total} pixels but the "
-                                  f"image has height x width = {H} x {W} = {H * W}")
     else:
         raise CocoFormatError(f"{where}: 'segmentation' must be a list of polygons or an RLE "
                               f"dict, got {type(seg).__name__}")
@@ -313,26 +295,67 @@ def _clip_box(bbox, width: int, height: int) -> tuple[float, float, float, float
 
 
 def _valid_box(ann: dict, img: dict) -> bool:
+    """A box of positive area after clipping; NaN / infinite coordinates are not one."""
+    if not all(math.isfinite(float(v)) for v in ann["bbox"]):
+        return False
     x1, y1, x2, y2 = _clip_box(ann["bbox"], img["width"], img["height"])
     return x2 > x1 and y2 > y1
 
 
-def ann_to_mask(ann: dict, height: int, width: int) -> np.ndarray:
+def rle_problem(seg: dict, height: int, width: int) -> str | None:
+    """What is wrong with an RLE ``segmentation`` for an image of ``height x width``, or None.
+
+    ``size`` must be ``[height, width]`` and the run lengths (a list of non-negative ints, or
+    pycocotools' compressed string) must add up to ``height * width``: pycocotools decodes
+    a shorter RLE into uninitialised memory (a different mask on every run) without a word.
+    """
+    size = seg.get("size")
+    if not (isinstance(size, list) and len(size) == 2 and size == [height, width]
+            and all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in size)):
+        return (f"RLE 'size' {size!r} must be the image's [height, width] = "
+                f"[{height}, {width}]")
+    counts = seg.get("counts")
+    if isinstance(counts, list):
+        bad = [c for c in counts if not (isinstance(c, numbers.Integral)
+                                         and not isinstance(c, bool) and c >= 0)]
+        if bad:
+            return f"RLE 'counts' must be non-negative ints (run lengths), got {bad[0]!r}"
+        runs = counts
+    elif isinstance(counts, str):
+        try:
+            runs = rle_string_counts(counts)
+        except ValueError as err:
+            return f"compressed RLE 'counts' is not valid: {err}"
+    else:
+        return (f"RLE 'counts' must be a list of run lengths or a compressed string, got "
+                f"{type(counts).__name__}")
+    total = int(sum(runs))
+    if total != height * width:
+        return (f"RLE run lengths add up to {total} pixels but the image has height x width = "
+                f"{height} x {width} = {height * width}")
+    return None
+
+
+def ann_to_mask(ann: dict, height: int, width: int, where: str | None = None) -> np.ndarray:
     """Decode one annotation's ``segmentation`` (polygons, uncompressed or compressed RLE).
 
     Returns uint8 [H, W] with 0/1. Polygons are rasterized by pycocotools and their parts
     merged; an uncompressed RLE (``counts`` a list, as COCO stores crowds) is compressed first.
+    An RLE is checked first (:func:`rle_problem`): a ``CocoFormatError`` starting with
+    ``where`` (default ``"annotation id <id>"``) instead of a mask of garbage.
     """
     seg = ann["segmentation"]
+    if isinstance(seg, dict):
+        problem = rle_problem(seg, height, width)
+        if problem:
+            where = where or f"annotation id {ann.get('id')}"
+            raise CocoFormatError(f"{where}: {problem}")
     if isinstance(seg, list):                                   # polygons
         rle = mask_utils.merge(mask_utils.frPyObjects(seg, height, width))
     elif isinstance(seg["counts"], list):                       # uncompressed RLE
         rle = mask_utils.frPyObjects(seg, height, width)
     else:                                                       # compressed RLE
         rle = seg
-    if list(rle["size"]) != [height, width]:
-        raise CocoFormatError(f"annotation id {ann['id']}: RLE size {list(rle['size'])} does "
-                              f"not match the image's [height, width] = [{height}, {width}]")
     return mask_utils.decode(rle)
 
 
@@ -431,7 +454,8 @@ class CocoDetection(torch.utils.data.Dataset):
             1 for a in data["annotations"] if not _valid_box(a, self.coco.imgs[a["image_id"]]))
         if self.num_dropped_boxes:
             warnings.warn(f"{self.ann_file}: {self.num_dropped_boxes} annotation(s) have a box of "
-                          "zero area (after clipping to the image) and are dropped",
+                          "zero area (after clipping to the image) or a NaN / infinite "
+                          "coordinate and are dropped (engine.check_data names them)",
                           stacklevel=2)
 
         ids = sorted(self.coco.imgs)
@@ -503,7 +527,8 @@ class CocoDetection(torch.utils.data.Dataset):
                     raise CocoFormatError(f"{self.ann_file}: annotation id {a['id']} has no "
                                           "'segmentation' (use load_masks=False for boxes only)")
                 with self._reading(a, image_id):
-                    masks.append(ann_to_mask(a, H, W))
+                    masks.append(ann_to_mask(a, H, W, where=f"{self.ann_file}: annotation id "
+                                                            f"{a['id']} (image id {image_id})"))
             return torch.from_numpy(np.stack(masks))
 
         areas = []
