@@ -39,7 +39,9 @@ def notebook_client(nb, **kwargs):
     callbacks, which re-check the socket after every send.
 
     Here every wait is cut into polls of at most :data:`CHANNEL_POLL_S`, and each poll ends
-    with a real ``poll(0)`` of the socket, so a lost wake-up costs at most that long.
+    with a real ``poll(0)`` of the socket, so a lost wake-up costs at most that long. (Known
+    upstream, still open: jupyter/nbclient issue 312 and pull request 311, where the
+    maintainers place the fix in jupyter_client.)
     """
     from queue import Empty
 
