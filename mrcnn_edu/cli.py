@@ -79,10 +79,343 @@ def _run_make_shapes(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# train / eval / predict / check-data (notebook 08)
+# ---------------------------------------------------------------------------------------------
+
+
+def _parse_sets(pairs: list[str]) -> dict[str, str]:
+    out = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise ValueError(f"--set expects key=value, got {pair!r}")
+        key, value = pair.split("=", 1)
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _fail(command: str, err: BaseException) -> int:
+    msg = str(err)
+    if isinstance(err, KeyError) and msg.startswith(("'", '"')):
+        msg = msg[1:-1]
+    print(f"mrcnn-edu {command}: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def _add_train(subparsers) -> None:
+    from mrcnn_edu.engine.recipe import list_experiments
+
+    p = subparsers.add_parser(
+        "train", help="train a preset on a COCO-format data root",
+        description="Train a recipe (model + schedule + data layout) and write checkpoints "
+                    "(RUN/step_*.pt, RUN/last.pt) and RUN/metrics.csv. Presets: "
+                    + ", ".join(list_experiments()))
+    p.add_argument("--preset", required=True, help="recipe name, e.g. shapes, coco-r50-fpn-1x")
+    p.add_argument("--data", required=True, type=Path, help="data root (shapes or COCO layout)")
+    p.add_argument("--out", required=True, type=Path, help="run folder for checkpoints")
+    p.add_argument("--resume", action="store_true", help="continue from RUN/last.pt")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.lr=0.01 (repeatable)")
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="stop cleanly after this many minutes (a checkpoint is written)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--eval", action="store_true", help="evaluate on the val split at the end")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run_train)
+
+
+def _device(name: str | None) -> str:
+    import torch
+
+    return name or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from mrcnn_edu.engine.check_data import DataError
+    from mrcnn_edu.engine.recipe import build_datasets, get_experiment, run_training
+
+    try:
+        exp = get_experiment(args.preset, _parse_sets(args.set))
+        model, result = run_training(exp, args.data, args.out, resume=args.resume,
+                                     progress=not args.no_progress, device=_device(args.device),
+                                     max_minutes=args.max_minutes)
+    except (KeyError, ValueError, FileNotFoundError, FileExistsError, DataError) as err:
+        return _fail("train", err)
+    print(f"trained {result.steps_done} steps; last checkpoint: {result.last_checkpoint}")
+    if args.eval:
+        from mrcnn_edu.engine.evaluate import evaluate, format_metrics_table
+
+        _, val = build_datasets(exp, args.data, train=False)
+        res = evaluate(model, val, progress=not args.no_progress,
+                       results_file=args.out / "val_results.json")
+        print(format_metrics_table(res))
+    return 0
+
+
+class _TorchvisionLabels:
+    """Wrap a model loaded from torchvision's COCO weights: its labels are COCO category ids
+    (1..90), the data set's are contiguous (1..80); map them so ``evaluate`` maps them back."""
+
+    def __init__(self, model, dataset):
+        self.model = model
+        self.cat_to_label = dataset.cat_id_to_label
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def __call__(self, images, targets=None):
+        import torch
+
+        dets, losses = self.model(images, None)
+        for d in dets:
+            labels = [self.cat_to_label.get(int(c), 0) for c in d["labels"]]
+            keep = torch.tensor([lab > 0 for lab in labels], dtype=torch.bool)
+            for k in list(d):
+                d[k] = d[k][keep]
+            d["labels"] = torch.tensor([lab for lab in labels if lab > 0], dtype=torch.int64)
+        return dets, losses
+
+
+def _add_eval(subparsers) -> None:
+    p = subparsers.add_parser(
+        "eval", help="COCO box/mask AP of a checkpoint on a data root's val split",
+        description="Evaluate with pycocotools' COCOeval and print the AP table.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", type=Path, help="a training checkpoint (RUN/last.pt)")
+    src.add_argument("--weights", help="torchvision:<builder>[=FILE], e.g. "
+                     "torchvision:maskrcnn_resnet50_fpn (downloads where allowed) or "
+                     "torchvision:maskrcnn_resnet50_fpn=/path/to/weights.pth")
+    p.add_argument("--data", required=True, type=Path, help="data root")
+    p.add_argument("--layout", choices=("shapes", "coco"), default=None,
+                   help="data layout (default: the checkpoint's; coco for --weights)")
+    p.add_argument("--max-images", type=int, default=None, help="evaluate the first N images")
+    p.add_argument("--results", type=Path, default=None, help="write COCO results JSON here")
+    p.add_argument("--device", default=None)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_run_eval)
+
+
+def _load_weights_arg(spec: str):
+    from mrcnn_edu.weights import ARCHS, from_torchvision
+
+    if not spec.startswith("torchvision:"):
+        raise ValueError(f"--weights must look like torchvision:<builder>, got {spec!r}")
+    arch, _, file = spec[len("torchvision:"):].partition("=")
+    if arch not in ARCHS:
+        raise ValueError(f"--weights: unknown builder {arch!r}; choose one of {', '.join(ARCHS)}")
+    if file:
+        return from_torchvision(file, arch=arch)
+    import torchvision.models.detection as tvd
+
+    enum = {
+        "maskrcnn_resnet50_fpn": tvd.MaskRCNN_ResNet50_FPN_Weights,
+        "maskrcnn_resnet50_fpn_v2": tvd.MaskRCNN_ResNet50_FPN_V2_Weights,
+        "fasterrcnn_resnet50_fpn": tvd.FasterRCNN_ResNet50_FPN_Weights,
+        "fasterrcnn_resnet50_fpn_v2": tvd.FasterRCNN_ResNet50_FPN_V2_Weights,
+    }[arch].DEFAULT
+    return from_torchvision(enum, arch=arch)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from mrcnn_edu.engine.evaluate import evaluate, format_metrics_table
+    from mrcnn_edu.engine.recipe import build_datasets, get_experiment, load_model
+
+    try:
+        device = _device(args.device)
+        if args.checkpoint is not None:
+            model, exp = load_model(args.checkpoint, device)
+            if args.layout:
+                exp.data = get_experiment("shapes" if args.layout == "shapes"
+                                          else "coco-r50-fpn-1x").data
+        else:
+            model = _load_weights_arg(args.weights).to(device)
+            exp = get_experiment("shapes" if args.layout == "shapes" else "coco-r50-fpn-1x")
+        _, val = build_datasets(exp, args.data, train=False)
+        if args.weights is not None:
+            model = _TorchvisionLabels(model, val)
+        res = evaluate(model, val, max_images=args.max_images, progress=not args.no_progress,
+                       results_file=args.results, device=device)
+    except (KeyError, ValueError, FileNotFoundError, OSError) as err:
+        return _fail("eval", err)
+    print(format_metrics_table(res))
+    print(f"{res.num_images} images, {res.images_per_second:.2f} images/s")
+    return 0
+
+
+def _add_predict(subparsers) -> None:
+    p = subparsers.add_parser(
+        "predict", help="draw a checkpoint's detections on images",
+        description="Run a checkpoint on image files; write DIR/<name>.png with boxes and "
+                    "masks drawn, and DIR/predictions.json (COCO results format, image_id = "
+                    "position in the list).")
+    p.add_argument("images", nargs="+", type=Path, help="image files (PNG/JPEG)")
+    p.add_argument("--checkpoint", required=True, type=Path)
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--score-thresh", type=float, default=0.5, help="draw scores above (0.5)")
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=_run_predict)
+
+
+def _run_predict(args: argparse.Namespace) -> int:
+    import json
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from mrcnn_edu.engine.evaluate import coco_results
+    from mrcnn_edu.engine.recipe import load_model
+    from mrcnn_edu.utils import atomic_write
+    from mrcnn_edu.viz import save_prediction_figure
+
+    try:
+        device = _device(args.device)
+        model, exp = load_model(args.checkpoint, device)
+        names = list(exp.data.class_names) or None
+        args.out.mkdir(parents=True, exist_ok=True)
+        all_dets = []
+        for i, path in enumerate(args.images):
+            if not path.is_file():
+                raise FileNotFoundError(f"no image file {path}")
+            try:
+                arr = np.asarray(Image.open(path).convert("RGB"))
+            except OSError as err:
+                raise ValueError(f"{path}: not a readable image ({err})") from err
+            image = torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div(255)
+            with torch.no_grad():
+                dets, _ = model([image.to(device)])
+            det = {k: v.cpu() for k, v in dets[0].items()}
+            all_dets.append(det)
+            save_prediction_figure(image, det, args.out / f"{path.stem}.png",
+                                   class_names=names, score_thresh=args.score_thresh)
+            print(f"{path}: {int((det['scores'] >= args.score_thresh).sum())} detections "
+                  f"-> {args.out / (path.stem + '.png')}")
+        results = coco_results(all_dets, list(range(len(all_dets))))
+        atomic_write(args.out / "predictions.json",
+                     lambda f: f.write(json.dumps(results).encode()))
+    except (KeyError, ValueError, FileNotFoundError, OSError) as err:
+        return _fail("predict", err)
+    return 0
+
+
+def _add_check_data(subparsers) -> None:
+    p = subparsers.add_parser(
+        "check-data", help="name every bad annotation of a data root",
+        description="Check a data root's splits for degenerate or out-of-image boxes, labels "
+                    "outside 1..C, empty masks, masks that disagree with their box, and images "
+                    "whose size differs from the annotation file.")
+    p.add_argument("--data", required=True, type=Path, help="data root")
+    p.add_argument("--layout", choices=("shapes", "coco"), default="shapes")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_run_check_data)
+
+
+def _run_check_data(args: argparse.Namespace) -> int:
+    from mrcnn_edu.engine.check_data import check_data
+    from mrcnn_edu.engine.recipe import build_datasets, get_experiment
+
+    try:
+        exp = get_experiment("shapes" if args.layout == "shapes" else "coco-r50-fpn-1x")
+        train_set, val_set = build_datasets(exp, args.data)
+    except (KeyError, ValueError, FileNotFoundError) as err:
+        return _fail("check-data", err)
+    status = 0
+    for split, ds in (("train", train_set), ("val", val_set)):
+        report = check_data(ds, progress=not args.no_progress)
+        print(f"{split}: {report}")
+        status = status or (0 if report.ok else 1)
+    return status
+
+
+# ---------------------------------------------------------------------------------------------
+# demo: the main job of `make demo`
+# ---------------------------------------------------------------------------------------------
+
+
+def _add_demo(subparsers) -> None:
+    p = subparsers.add_parser(
+        "demo", help="train the shapes preset for a few minutes, evaluate, draw (make demo)",
+        description="Generate the shapes set if absent, train the `shapes` preset within a "
+                    "wall-time budget, evaluate with COCOeval, print the box and mask AP table "
+                    "and write OUT/predictions.png, OUT/losses.png and OUT/metrics.json. The "
+                    "run's checkpoints go to OUT/run (replaced on every demo).")
+    p.add_argument("--data", type=Path, default=Path("data/shapes"), help="shapes set root")
+    p.add_argument("--out", type=Path, default=Path("build/demo"), help="output folder")
+    p.add_argument("--minutes", type=float, default=10.0, help="training budget (10)")
+    p.add_argument("--preset", default="shapes", help="recipe (shapes)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value (repeatable)")
+    p.add_argument("--num-images", type=int, default=4, help="images in predictions.png")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    import json
+    import shutil
+    import time
+
+    import torch
+
+    from mrcnn_edu.data.shapes import write_shapes_dataset
+    from mrcnn_edu.engine.evaluate import evaluate, format_metrics_table
+    from mrcnn_edu.engine.recipe import build_datasets, get_experiment, run_training
+    from mrcnn_edu.engine.train import read_metrics_csv
+    from mrcnn_edu.utils import atomic_write
+    from mrcnn_edu.viz import draw_predictions_vs_truth, plot_loss_curves, save_figure
+
+    progress = not args.no_progress
+    try:
+        exp = get_experiment(args.preset, _parse_sets(args.set))
+        ann = args.data / "annotations" / "instances_train.json"
+        if not ann.is_file():
+            print(f"no shapes set under {args.data}: writing one (2000 train / 300 val, 256 px)")
+            write_shapes_dataset(args.data, train=2000, val=300, size=256, seed=0,
+                                 progress=progress)
+        run_dir = args.out / "run"
+        if run_dir.exists():  # the demo's own previous run: start afresh
+            shutil.rmtree(run_dir)
+        t0 = time.perf_counter()
+        model, result = run_training(exp, args.data, run_dir, progress=progress,
+                                     max_minutes=args.minutes, fit_budget=True)
+        train_minutes = (time.perf_counter() - t0) / 60
+        _, val = build_datasets(exp, args.data, train=False)
+        res = evaluate(model, val, progress=progress, results_file=args.out / "val_results.json")
+    except (KeyError, ValueError, FileNotFoundError, FileExistsError, OSError) as err:
+        return _fail("demo", err)
+
+    print(format_metrics_table(res))
+    metrics = {t: {k: res.metrics[t][k] for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")}
+               for t in ("bbox", "segm") if t in res.metrics}
+    metrics.update(train_minutes=round(train_minutes, 2), steps=result.steps_done,
+                   eval_images_per_second=round(res.images_per_second, 2),
+                   preset=args.preset, overrides=args.set)
+    atomic_write(args.out / "metrics.json",
+                 lambda f: f.write(json.dumps(metrics, indent=2).encode()))
+    save_figure(plot_loss_curves(read_metrics_csv(run_dir / "metrics.csv"),
+                                 title=f"{args.preset}: {result.steps_done} steps, "
+                                       f"{train_minutes:.1f} min").figure,
+                args.out / "losses.png")
+    idx = list(range(min(args.num_images, len(val))))
+    samples = [val[i] for i in idx]
+    with torch.no_grad():
+        dets, _ = model([img for img, _ in samples])
+    fig = draw_predictions_vs_truth([img for img, _ in samples], dets,
+                                    [t for _, t in samples], class_names=val.class_names,
+                                    titles=[f"image {int(t['image_id'])}" for _, t in samples])
+    save_figure(fig, args.out / "predictions.png")
+    segm = metrics.get("segm", {}).get("AP", float("nan"))
+    print(f"mask AP {segm:.3f} after {result.steps_done} steps in {train_minutes:.1f} min; "
+          f"wrote {args.out / 'metrics.json'}, {args.out / 'losses.png'}, "
+          f"{args.out / 'predictions.png'}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
 # Entry point
 # ---------------------------------------------------------------------------------------------
 
-_SUBCOMMANDS = (_add_make_shapes,)
+_SUBCOMMANDS = (_add_make_shapes, _add_train, _add_eval, _add_predict, _add_check_data,
+                _add_demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -117,6 +117,7 @@ class ModelConfig:
     rpn: RPNConfig = field(default_factory=RPNConfig)
     roi_heads: RoIHeadsConfig = field(default_factory=RoIHeadsConfig)
     transform: TransformConfig = field(default_factory=TransformConfig)
+    channels_last: bool = False  # run the network in NHWC memory layout (see benchmarks/)
 
 
 # ----------------------------------------------------------------------------------- presets

@@ -328,6 +328,9 @@ class MaskRCNN(nn.Module):
         self.roi_heads = roi_heads
         self.num_classes = int(num_classes)
         self.config = config
+        self.channels_last = bool(config is not None and config.channels_last)
+        if self.channels_last:  # conv weights [O, I, kh, kw] stored as NHWC
+            self.to(memory_format=torch.channels_last)
 
     # ------------------------------------------------------------------ input checks
     def check_inputs(self, images, targets) -> None:
@@ -443,6 +446,10 @@ class MaskRCNN(nn.Module):
             return_detections = not self.training
         original_sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
         batch, image_sizes, rtargets = self.transform(images, targets)
+        if self.channels_last:
+            # NHWC end to end: oneDNN's convolutions run NHWC, and the Numba RoI kernels,
+            # which read pixels with their channels contiguous, need no layout copy
+            batch = batch.contiguous(memory_format=torch.channels_last)
         features = self.backbone(batch)
         if isinstance(features, Tensor):
             features = OrderedDict([("0", features)])

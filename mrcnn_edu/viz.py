@@ -1829,3 +1829,616 @@ def draw_paste_steps(mask, box, image_size, *, gt_mask=None, padding: int = 1,
         _zoom(ax, (gx1, gy1, gx2, gy2), h, w, margin=0.25)
     fig.tight_layout()
     return fig
+
+
+# --------------------------------------------------------------------------------------------
+# 07: FPN levels, the feature pyramid, parameters per part, the forward pass stage by stage
+# (notebook 07_fpn_full_model.ipynb; the explorer is mrcnn_edu.widgets.fpn_levels)
+# --------------------------------------------------------------------------------------------
+
+#: Colour of each pyramid level P2..P6 in every drawing of notebook 07.
+LEVEL_COLORS: dict[int, str] = {2: "tab:blue", 3: "tab:green", 4: "tab:orange", 5: "tab:red",
+                                6: "tab:purple"}
+
+
+def _level_color(k: int) -> str:
+    return LEVEL_COLORS.get(int(k), "0.4")
+
+
+def box_levels(boxes, k_min: int = 2, k_max: int = 5) -> np.ndarray:
+    """Pyramid level ``k`` (not an index) of every box, by the pooler's own rule.
+
+    ``boxes [K, 4]`` (x1, y1, x2, y2) pixels -> ``[K]`` int64 levels in ``k_min..k_max``:
+    :func:`mrcnn_edu.poolers.assign_levels` (Eqn. (1) of the FPN paper) plus ``k_min``. The
+    boxes are taken as float32, the dtype the model's boxes have.
+    """
+    from mrcnn_edu.poolers import assign_levels
+
+    b = torch.as_tensor(_as_boxes(boxes, "boxes", "box_levels"), dtype=torch.float32)
+    return (assign_levels(b, k_min, k_max) + int(k_min)).numpy()
+
+
+def box_wh(size: float, aspect: float) -> tuple[float, float]:
+    """``(w, h)`` of a box with ``sqrt(w h) = size`` and ``h / w = aspect`` (the anchors' rule:
+    ``w = size / sqrt(aspect)``, ``h = size * sqrt(aspect)``)."""
+    size, aspect = float(size), float(aspect)
+    if not (size > 0 and aspect > 0 and math.isfinite(size) and math.isfinite(aspect)):
+        raise ValueError(f"box_wh: size and aspect must be positive and finite, got {size}, "
+                         f"{aspect}")
+    return size / math.sqrt(aspect), size * math.sqrt(aspect)
+
+
+def draw_level_rule(ax: Axes, boxes=None, *, k_min: int = 2, k_max: int = 5,
+                    size_range: tuple[float, float] = (8.0, 2048.0),
+                    title: str | None = None) -> Axes:
+    """FPN's level rule as a staircase: level ``k`` against the RoI size ``sqrt(w h)``.
+
+    The solid staircase is :func:`mrcnn_edu.poolers.assign_levels` evaluated on square boxes of
+    every size in ``size_range`` (``gid="rule"``); the dotted line is Eqn. (1) before the floor
+    and the clamp, ``4 + log2(sqrt(w h) / 224)``; dashed verticals mark the sizes where the
+    level changes (``224 * 2**(k - 4)``: 112, 224, 448 for P2..P5). ``boxes`` (``[K, 4]``,
+    optional) are scattered on the staircase at their own level (``gid="roi_P<k>"`` per level),
+    with their count per level in the legend. Returns ``ax``.
+    """
+    from mrcnn_edu.poolers import CANONICAL_LEVEL, CANONICAL_SCALE
+
+    lo, hi = (float(v) for v in size_range)
+    if not 0 < lo < hi:
+        raise ValueError(f"draw_level_rule: size_range must be 0 < low < high, got {size_range}")
+    s = np.geomspace(lo, hi, 1200)
+    squares = np.stack([np.zeros_like(s), np.zeros_like(s), s, s], axis=1)
+    k = box_levels(squares, k_min, k_max)
+    ax.plot(s, k, color="0.15", lw=2, drawstyle="steps-post", gid="rule",
+            label="assign_levels (floor, clamped)")
+    ax.plot(s, CANONICAL_LEVEL + np.log2(s / CANONICAL_SCALE), ":", color="0.45",
+            label=f"{CANONICAL_LEVEL} + log2(sqrt(wh) / {CANONICAL_SCALE})")
+    for j in range(k_min + 1, k_max + 1):
+        edge = CANONICAL_SCALE * 2.0 ** (j - CANONICAL_LEVEL)
+        if lo < edge < hi:
+            ax.axvline(edge, color=_level_color(j), ls="--", lw=1)
+            ax.text(edge, k_min - 0.35, f"{edge:g}", color=_level_color(j), ha="center",
+                    va="top", fontsize=8)
+    if boxes is not None:
+        b = _as_boxes(boxes, "boxes", "draw_level_rule")
+        levels = box_levels(b, k_min, k_max)
+        size = np.sqrt(np.clip((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]), 0, None))
+        # a small deterministic vertical spread so that the points do not hide each other
+        spread = (np.arange(len(b)) % 7 - 3) * 0.04
+        for lev in range(k_min, k_max + 1):
+            m = levels == lev
+            if m.any():
+                ax.scatter(size[m], lev + spread[m], s=10, color=_level_color(lev), alpha=0.7,
+                           gid=f"roi_P{lev}", label=f"P{lev}: {int(m.sum())} RoIs", zorder=3)
+    ax.set_xscale("log")
+    ax.set_xlim(lo, hi)
+    ax.set_ylim(k_min - 0.8, k_max + 0.6)
+    ax.set_yticks(range(k_min, k_max + 1), [f"P{j}" for j in range(k_min, k_max + 1)])
+    ax.set_xlabel("RoI size sqrt(w h) [input pixels]")
+    ax.set_ylabel("pyramid level k")
+    ax.legend(loc="upper left", fontsize=7)
+    ax.set_title(title if title is not None else
+                 "k = floor(4 + log2(sqrt(wh) / 224)), clamped to "
+                 f"{k_min}..{k_max}", fontsize=9)
+    return ax
+
+
+def draw_fpn_levels(box_size: tuple[float, float], *, image_size: tuple[int, int] = (800, 800),
+                    k_min: int = 2, k_max: int = 5, rpn_levels: int = 1, output_size: int = 7,
+                    fig: Figure | None = None) -> Figure:
+    """Which pyramid level pools an RoI of ``box_size = (w, h)`` pixels, drawn on the pyramid.
+
+    Left: the pyramid ``P2 .. P5`` of an ``image_size`` input (and ``rpn_levels`` extra levels
+    such as P6, hatched: only the RPN uses them), finest at the bottom, drawn as planes seen at a
+    slant in the style of the FPN paper's figures (not to scale: each plane is 0.8 times as
+    wide as the one below; the text gives the real map size and the box's size in cells), with
+    the box covering the same fraction of every plane; the level chosen by
+    :func:`mrcnn_edu.poolers.assign_levels` is filled (``gid="assigned_level"``). Right: one
+    close-up per level over the same image window: the level's cells as a checkerboard
+    (stride ``2**k`` pixels), the box and its ``output_size x output_size`` pooling bins. On
+    the chosen level a bin spans about 2-4 cells (the box is 14-28 cells wide when unclamped).
+
+    Returns the ``Figure``; ``fig.fpn_level`` is the chosen ``k``.
+    """
+    from matplotlib.patches import Polygon
+
+    from mrcnn_edu.poolers import CANONICAL_LEVEL, CANONICAL_SCALE
+
+    fn = "draw_fpn_levels"
+    w, h = (float(v) for v in box_size)
+    if not (w > 0 and h > 0 and math.isfinite(w) and math.isfinite(h)):
+        raise ValueError(f"{fn}: box_size must be two positive numbers (w, h), got {box_size}")
+    H, W = (int(v) for v in image_size)
+    if H <= 0 or W <= 0:
+        raise ValueError(f"{fn}: image_size must be positive (H, W), got {image_size}")
+    if int(k_min) != k_min or int(k_max) != k_max or not 0 <= k_min <= k_max:
+        raise ValueError(f"{fn}: need integer levels 0 <= k_min <= k_max, got {k_min}, {k_max}")
+    k_min, k_max, n_bins = int(k_min), int(k_max), int(output_size)
+    if n_bins < 1:
+        raise ValueError(f"{fn}: output_size must be >= 1, got {output_size}")
+    k = int(box_levels([[0.0, 0.0, w, h]], k_min, k_max)[0])
+    size = math.sqrt(w * h)
+    raw = CANONICAL_LEVEL + math.log2(size / CANONICAL_SCALE)
+    levels = list(range(k_min, k_max + 1))
+    all_levels = levels + list(range(k_max + 1, k_max + 1 + int(rpn_levels)))
+
+    if fig is None:
+        fig = Figure(figsize=(3.2 * (len(levels) + 1.3), 3.7))
+    fig.clear()
+    gs = fig.add_gridspec(1, len(levels) + 1, width_ratios=[1.5] + [1] * len(levels))
+    # ---- the pyramid, FPN-paper style: each level a plane seen at a slant, finest at the bottom
+    # (widths shrink by 0.8 per level so that P6 stays visible: not to scale; the text gives the
+    # real sizes). The box covers the same fraction of every plane: w / W by h / H.
+    ax = fig.add_subplot(gs[0, 0])
+    y = 0.0
+    fw, fh = min(w / W, 1.0), min(h / H, 1.0)
+    for j in all_levels:
+        s = 2 ** j
+        cells_w, cells_h = math.ceil(W / s), math.ceil(H / s)  # map size (rounded up)
+        rw = 0.8 ** (j - k_min)
+        depth, x0 = 0.32 * rw, -rw / 2
+        skew = 0.5 * depth
+
+        def at(u: float, v: float, x0=x0, rw=rw, y=y, depth=depth, skew=skew):
+            return (x0 + u * rw + v * skew, y + v * depth)  # (u, v) in 0..1 on the plane
+
+        chosen = j == k
+        plane = Polygon([at(0, 0), at(1, 0), at(1, 1), at(0, 1)], closed=True,
+                        facecolor=_level_color(j) if chosen else "0.93",
+                        alpha=0.9 if chosen else 1.0, edgecolor=_level_color(j),
+                        lw=2.5 if chosen else 1.0, hatch="//" if j > k_max else None,
+                        gid="assigned_level" if chosen else f"level_P{j}")
+        ax.add_patch(plane)
+        u0, u1, v0, v1 = 0.5 - fw / 2, 0.5 + fw / 2, 0.5 - fh / 2, 0.5 + fh / 2
+        ax.add_patch(Polygon([at(u0, v0), at(u1, v0), at(u1, v1), at(u0, v1)], closed=True,
+                             fill=False, edgecolor="black" if chosen else "0.35", lw=1.2,
+                             gid=f"pyramid_box_P{j}"))
+        note = " (RPN only)" if j > k_max else ("  <- pooled" if chosen else "")
+        ax.text(at(1, 0.5)[0] + 0.06, y + depth / 2,
+                f"P{j}, stride {s}: {cells_h}x{cells_w}\nbox {w / s:.1f}x{h / s:.1f} cells{note}",
+                va="center", ha="left", fontsize=7, color="black" if chosen else "0.35",
+                fontweight="bold" if chosen else "normal")
+        y += depth + 0.1
+    ax.set_xlim(-0.55, 1.45)
+    ax.set_ylim(-0.05, y)
+    ax.axis("off")
+    ax.set_title(f"pyramid of a {H}x{W} input (not to scale)", fontsize=9)
+
+    # ---- close-ups: the same window of the image at every level
+    margin = 0.3 * max(w, h)
+    cx, cy = W / 2.0, H / 2.0
+    x1, y1, x2, y2 = cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2
+    wx1, wy1, wx2, wy2 = x1 - margin, y1 - margin, x2 + margin, y2 + margin
+    side = max(wx2 - wx1, wy2 - wy1)  # a square window, so every panel has the same scale
+    wx1, wx2 = cx - side / 2, cx + side / 2
+    wy1, wy2 = cy - side / 2, cy + side / 2
+    for col, j in enumerate(levels, start=1):
+        a = fig.add_subplot(gs[0, col])
+        s = 2 ** j
+        j0, j1 = math.floor(wx1 / s), math.ceil(wx2 / s)  # cell columns in the window
+        i0, i1 = math.floor(wy1 / s), math.ceil(wy2 / s)
+        jj, ii = np.meshgrid(np.arange(j0, j1), np.arange(i0, i1))
+        board = ((ii + jj) % 2).astype(np.float32)  # [rows, cols] checkerboard of the cells
+        im = a.imshow(board, cmap="Greys", vmin=-1.5, vmax=4.0, interpolation="nearest",
+                      extent=(j0 * s, j1 * s, i1 * s, i0 * s))
+        im.set_gid(f"cells_P{j}")
+        color = _level_color(j)
+        a.add_patch(Rectangle((x1, y1), w, h, fill=False, edgecolor=color, lw=2, gid="box"))
+        for t in range(1, n_bins):  # bin edges of the output_size x output_size pooling grid
+            a.plot([x1 + t * w / n_bins] * 2, [y1, y2], color=color, lw=0.6, gid="bins")
+            a.plot([x1, x2], [y1 + t * h / n_bins] * 2, color=color, lw=0.6, gid="bins")
+        a.set_xlim(wx1, wx2)
+        a.set_ylim(wy2, wy1)
+        a.set_xticks([])
+        a.set_yticks([])
+        chosen = j == k
+        for spine in a.spines.values():
+            spine.set_edgecolor(color if chosen else "0.7")
+            spine.set_linewidth(3.5 if chosen else 0.8)
+        bin_w, bin_h = w / s / n_bins, h / s / n_bins
+        a.set_title(f"P{j}, stride {s}: box {w / s:.1f}x{h / s:.1f} cells\n"
+                    f"bin {bin_w:.2f}x{bin_h:.2f} cells" + ("  [pooled]" if chosen else ""),
+                    fontsize=8, fontweight="bold" if chosen else "normal",
+                    color=color if chosen else "black")
+    clamp = "" if k_min <= math.floor(raw + 1e-6) <= k_max else f", clamped to {k}"
+    fig.suptitle(f"box {w:.0f}x{h:.0f} px, sqrt(wh) = {size:.1f}:  k = floor(4 + log2({size:.1f}"
+                 f" / 224)) = floor({raw:.2f}) = {math.floor(raw + 1e-6)}{clamp}", fontsize=10)
+    fig.tight_layout()
+    fig.fpn_level = k
+    return fig
+
+
+def _level_label(name: str, index: int, names: Sequence[str]) -> str:
+    return str(names[index]) if index < len(names) else str(name)
+
+
+def draw_feature_pyramid(features, *, index: int = 0, labels: Sequence[str] | None = None,
+                         image_size: tuple[int, int] | None = None,
+                         fig: Figure | None = None) -> Figure:
+    """One panel per feature map: the mean absolute activation over channels of image ``index``.
+
+    Args:
+        features: mapping (e.g. the backbone's ``OrderedDict``) or sequence of ``[B, C, h, w]``.
+        labels: a name per map for the titles (default: the mapping's keys, or ``P2, P3, ...``).
+        image_size: ``(H, W)`` of the padded input; when given every map is drawn over the
+            same pixel extent ``(0, W) x (0, H)`` (cells of ``H / h`` pixels), so the levels line
+            up and get blockier; otherwise in its own cells.
+
+    Each panel's image (``gid="feature_<i>"``) is exactly ``x[index].abs().mean(0)``; its title
+    gives the tensor's shape. Returns the ``Figure``.
+    """
+    fn = "draw_feature_pyramid"
+    items = list(features.items()) if hasattr(features, "items") else [
+        (f"P{2 + i}", f) for i, f in enumerate(features)]
+    if not items:
+        raise ValueError(f"{fn}: features is empty")
+    for name, x in items:
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"{fn}: feature {name!r} must be [B, C, h, w], got {got}")
+        if not 0 <= index < x.shape[0]:
+            raise ValueError(f"{fn}: index {index} out of range for feature {name!r} with "
+                             f"batch size {x.shape[0]}")
+    names = list(labels) if labels is not None else [str(n) for n, _ in items]
+    if fig is None:
+        fig = Figure(figsize=(2.6 * len(items), 3.0))
+    fig.clear()
+    axes = fig.subplots(1, len(items), squeeze=False)[0]
+    for i, (ax, (name, x)) in enumerate(zip(axes, items)):
+        act = x[index].detach().float().abs().mean(dim=0).cpu().numpy()  # [C, h, w] -> [h, w]
+        h, w = act.shape
+        extent = (0, w, h, 0)  # in the map's own cells
+        if image_size is not None:  # cells of H / h pixels: every map spans the input
+            s = image_size[0] / h
+            extent = (0, w * s, h * s, 0)
+        im = ax.imshow(act, cmap="viridis", interpolation="nearest", extent=extent)
+        im.set_gid(f"feature_{i}")
+        if image_size is not None:
+            ax.set_xlim(0, image_size[1])
+            ax.set_ylim(image_size[0], 0)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_title(f"{_level_label(name, i, names)}: {list(x.shape)}", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+#: Fixed colours of the model's parts in :func:`draw_parameter_counts`.
+PART_COLORS: dict[str, str] = {"backbone body": "tab:blue", "FPN": "tab:cyan",
+                               "RPN": "tab:green", "box head": "tab:orange",
+                               "mask head": "tab:red"}
+
+
+def draw_parameter_counts(ax: Axes, counts, *, title: str | None = None) -> Axes:
+    """Stacked horizontal bars: parameters per part (millions) for each model.
+
+    Args:
+        counts: ``{model name: {part: number of parameters}}``; parts are drawn in the order
+            given, coloured by :data:`PART_COLORS` (other parts grey). A part with 0 parameters
+            takes no space (e.g. a C4 model has no FPN).
+
+    Each segment is a bar patch with ``gid="<model>:<part>"`` whose width is the count in
+    millions; the total is written at the end of each bar. Returns ``ax``.
+    """
+    fn = "draw_parameter_counts"
+    if not hasattr(counts, "items") or not counts:
+        raise ValueError(f"{fn}: counts must be a non-empty mapping {{model: {{part: n}}}}")
+    models = list(counts)
+    seen: list[str] = []
+    for m in models:
+        parts = counts[m]
+        if not hasattr(parts, "items"):
+            raise TypeError(f"{fn}: counts[{m!r}] must be a mapping {{part: n}}, got "
+                            f"{type(parts).__name__}")
+        for p, n in parts.items():
+            if int(n) != n or n < 0:
+                raise ValueError(f"{fn}: counts[{m!r}][{p!r}] must be a count >= 0, got {n!r}")
+            if p not in seen:
+                seen.append(p)
+    for row, m in enumerate(models):
+        left = 0.0
+        for p in seen:
+            n = int(counts[m].get(p, 0))
+            if n == 0:
+                continue
+            bars = ax.barh(row, n / 1e6, left=left, color=PART_COLORS.get(p, "0.6"),
+                           edgecolor="white", height=0.6)
+            bars.patches[0].set_gid(f"{m}:{p}")
+            if n / 1e6 > 0.06 * max(sum(c.values()) for c in counts.values()) / 1e6:
+                ax.text(left + n / 2e6, row, f"{n / 1e6:.1f}", ha="center", va="center",
+                        fontsize=7, color="white")
+            left += n / 1e6
+        ax.text(left, row, f"  {left:.2f} M", va="center", fontsize=8)
+    handles = [Rectangle((0, 0), 1, 1, color=PART_COLORS.get(p, "0.6"), label=p) for p in seen]
+    ax.set_yticks(range(len(models)), models)
+    ax.invert_yaxis()
+    ax.set_xlabel("parameters [millions]")
+    ax.set_xlim(0, 1.18 * max(sum(c.values()) for c in counts.values()) / 1e6)
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=7)
+    ax.set_title(title if title is not None else "parameters per part", fontsize=9)
+    return ax
+
+
+def draw_rois_by_level(ax: Axes, image, boxes, *, k_min: int = 2, k_max: int = 5,
+                       max_boxes: int | None = None, title: str | None = None,
+                       legend: bool = True) -> Axes:
+    """RoIs over ``image``, each in the colour of the pyramid level it is pooled from.
+
+    ``boxes [K, 4]`` (x1, y1, x2, y2) pixels of ``image``; levels by
+    :func:`mrcnn_edu.poolers.assign_levels`. Only the first ``max_boxes`` are drawn (proposals
+    come best first), but the legend counts all ``K`` per level. Each box is a rectangle with
+    ``gid="roi_P<k>"``. Returns ``ax``.
+    """
+    fn = "draw_rois_by_level"
+    img = image_for_display(image, fn)
+    H, W = img.shape[:2]
+    b = _as_boxes(boxes, "boxes", fn)
+    levels = box_levels(b, k_min, k_max) if len(b) else np.zeros(0, np.int64)
+    n = len(b) if max_boxes is None else min(len(b), max(int(max_boxes), 0))
+    ax.imshow(img, extent=(0, W, H, 0))
+    for i in range(n - 1, -1, -1):  # best last, so it is drawn on top
+        x1, y1, x2, y2 = b[i]
+        ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False,
+                               edgecolor=_level_color(levels[i]), lw=1.0, alpha=0.85,
+                               gid=f"roi_P{levels[i]}"))
+    if legend:
+        for lev in range(k_min, k_max + 1):
+            ax.plot([], [], color=_level_color(lev), lw=2,
+                    label=f"P{lev}: {int((levels == lev).sum())}")
+        leg = ax.legend(loc="lower right", fontsize=7, framealpha=0.85,
+                        title=f"all {len(b)} by level", title_fontsize=7)
+        leg.get_frame().set_facecolor("0.9")
+    ax.set_xlim(0, W)
+    ax.set_ylim(H, 0)
+    ax.set_title(title if title is not None else
+                 f"{n} of {len(b)} RoIs, coloured by pyramid level", fontsize=9)
+    return ax
+
+
+def centre_anchors(anchor_generator, image_shape, feature_shapes) -> list[torch.Tensor]:
+    """Per level, the ``A`` anchors of the feature cell nearest the image centre.
+
+    Calls the generator exactly as the RPN does (``anchor_generator(image_shape,
+    feature_shapes)``, all anchors of the padded batch, level by level, location-major) and
+    cuts out, for each level, the anchors of cell ``(h_l // 2, w_l // 2)``.
+    Returns a list per level of ``[A_l, 4]`` anchors.
+    """
+    shapes = [tuple(int(v) for v in s[-2:]) for s in feature_shapes]
+    anchors = anchor_generator(tuple(int(v) for v in image_shape), shapes)  # [sum h w A, 4]
+    counts = anchor_generator.num_anchors_per_location()
+    out, start = [], 0
+    for (h, w), A in zip(shapes, counts):
+        cell = (h // 2) * w + (w // 2)  # location-major: cell (i, j) -> i * w + j
+        out.append(anchors[start + cell * A: start + (cell + 1) * A])
+        start += h * w * A
+    if start != anchors.shape[0]:
+        raise ValueError(f"centre_anchors: the generator returned {anchors.shape[0]} anchors, "
+                         f"the feature shapes account for {start}")
+    return out
+
+
+def draw_forward_stages(image, stages, *, anchor_generator=None, index: int = 0,
+                        num_proposals: int = 40, num_detections: int = 8, class_names=None,
+                        image_mean: Sequence[float] = (0.485, 0.456, 0.406),
+                        image_std: Sequence[float] = (0.229, 0.224, 0.225),
+                        fig: Figure | None = None) -> Figure:
+    """One Mask R-CNN forward pass, stage by stage, from :meth:`mrcnn_edu.model.MaskRCNN.
+    run_stages` (eval mode, or train mode with ``return_detections=True``).
+
+    Six panels for image ``index``: (1) the network's input (resized, normalized, padded:
+    the padding right and below the dashed image rectangle); (2) the anchors of the cell
+    nearest the centre on every level (``centre_anchors``; needs ``anchor_generator``, the
+    model's ``rpn.anchor_generator``), coloured by level; (3) the best ``num_proposals``
+    proposals, coloured by the level the RoI pooler takes them from; (4) how many RoIs each
+    level pools (``stages["sampled_rois"]`` in train mode, else all proposals; bars with
+    ``gid="level_count_P<k>"``); (5) the ``num_detections`` best detections with label and
+    score; (6) their masks, pasted into ``image``. Panels 1-4 are in the resized image's
+    pixels, 5-6 in ``image``'s (``stages["detections"]``). The pooler's levels are P2..P5.
+
+    Args:
+        image: the original ``[3, H, W]`` image given to the model (values 0..1).
+        stages: the dict ``run_stages`` returns.
+        class_names: ``class_names[label]`` for panel 5 (index 0 = background).
+        image_mean, image_std: the model's normalization (``model.transform.image_mean`` /
+            ``image_std``), undone for panels 1-3; the zero padding then shows as the mean
+            colour.
+
+    Returns the ``Figure``.
+    """
+    fn = "draw_forward_stages"
+    need = ("images", "image_sizes", "features", "proposals", "detections")
+    missing = [key for key in need if key not in stages]
+    if missing:
+        raise KeyError(f"{fn}: stages lacks {missing}; pass the dict MaskRCNN.run_stages returns")
+    if not 0 <= index < len(stages["proposals"]):
+        raise ValueError(f"{fn}: index {index} out of range for {len(stages['proposals'])} images")
+    if not stages["detections"]:
+        raise ValueError(f"{fn}: stages has no detections; run the model in eval mode or with "
+                         "return_detections=True")
+    h, w = stages["image_sizes"][index]
+    batch = stages["images"][index].detach().cpu().float()  # [3, Hp, Wp] normalized, padded
+    if len(image_mean) != batch.shape[0] or len(image_std) != batch.shape[0]:
+        raise ValueError(f"{fn}: image_mean and image_std need {batch.shape[0]} values, got "
+                         f"{len(image_mean)} and {len(image_std)}")
+    mean = torch.tensor([float(m) for m in image_mean])[:, None, None]  # [3, 1, 1]
+    std = torch.tensor([float(s) for s in image_std])[:, None, None]
+    batch = (batch * std + mean).clamp(0.0, 1.0)  # undo (x - mean) / std
+    Hp, Wp = batch.shape[-2:]
+    if fig is None:
+        fig = Figure(figsize=(13, 8.4))
+    fig.clear()
+    axes = fig.subplots(2, 3).ravel()
+
+    # 1. the input as the network sees it
+    ax = axes[0]
+    ax.imshow(image_for_display(batch, fn), extent=(0, Wp, Hp, 0))
+    ax.add_patch(Rectangle((0, 0), w, h, fill=False, edgecolor="white", lw=1.5, ls="--",
+                           gid="image_size"))
+    ax.set_title(f"1. input: resized to {h}x{w}, padded to {Hp}x{Wp}", fontsize=9)
+
+    # 2. anchors of the centre cell, every level
+    ax = axes[1]
+    ax.imshow(image_for_display(batch, fn), extent=(0, Wp, Hp, 0))
+    feats = list(stages["features"].values())
+    if anchor_generator is not None:
+        per_level = centre_anchors(anchor_generator, (Hp, Wp), [f.shape for f in feats])
+        total = sum(f.shape[-2] * f.shape[-1] * a for f, a in
+                    zip(feats, anchor_generator.num_anchors_per_location()))
+        for lev, a in enumerate(per_level):
+            k = 2 + lev
+            for x1, y1, x2, y2 in a.tolist():
+                ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False,
+                                       edgecolor=_level_color(k), lw=1.2, gid=f"anchor_P{k}"))
+            ax.plot([], [], color=_level_color(k), lw=2,
+                    label=f"P{k}: {feats[lev].shape[-2]}x{feats[lev].shape[-1]} cells")
+        ax.legend(loc="lower right", fontsize=6.5, framealpha=0.85)
+        ax.set_title(f"2. anchors of the centre cell per level ({total} in all)", fontsize=9)
+    else:
+        ax.set_title("2. anchors (pass anchor_generator to draw them)", fontsize=9)
+    ax.set_xlim(0, Wp)
+    ax.set_ylim(Hp, 0)
+
+    # 3. proposals by level
+    proposals = stages["proposals"][index]
+    draw_rois_by_level(axes[2], batch, proposals, max_boxes=num_proposals,
+                       title=f"3. best {min(num_proposals, len(proposals))} of {len(proposals)} "
+                             "proposals, by pooling level")
+    axes[2].set_xlim(0, Wp)
+    axes[2].set_ylim(Hp, 0)
+
+    # 4. RoIs per level
+    ax = axes[3]
+    sampled = stages.get("sampled_rois")
+    if sampled:
+        rois, what = sampled[index].proposal_boxes, "sampled RoIs (training)"
+    else:
+        rois, what = proposals, "RoIs = proposals (inference)"
+    levels = box_levels(rois) if len(rois) else np.zeros(0, np.int64)
+    for k in range(2, 6):
+        n = int((levels == k).sum())
+        bar = ax.bar(f"P{k}", n, color=_level_color(k))
+        bar.patches[0].set_gid(f"level_count_P{k}")
+        ax.text(k - 2, n, str(n), ha="center", va="bottom", fontsize=8)
+    ax.set_ylabel("RoIs pooled from the level")
+    ax.set_title(f"4. {len(rois)} {what} per level", fontsize=9)
+
+    # 5. detections, 6. masks (original image pixels)
+    det = stages["detections"][index]
+    n = min(int(num_detections), len(det["boxes"]))
+    top = {key: v[:n] for key, v in det.items()}
+    draw_instances(image, boxes=top["boxes"], labels=top["labels"], scores=top["scores"],
+                   class_names=class_names, ax=axes[4],
+                   title=f"5. best {n} of {len(det['boxes'])} detections")
+    if "masks" in top:
+        draw_instances(image, masks=top["masks"], labels=top["labels"], ax=axes[5],
+                       title="6. their masks, pasted into the image (p >= 0.5)")
+    else:
+        axes[5].set_title("6. no mask branch", fontsize=9)
+        axes[5].axis("off")
+    fig.tight_layout()
+    return fig
+
+
+__all__ += ["LEVEL_COLORS", "PART_COLORS", "box_levels", "box_wh", "centre_anchors",
+            "draw_feature_pyramid", "draw_forward_stages", "draw_fpn_levels",
+            "draw_level_rule", "draw_parameter_counts", "draw_rois_by_level"]
+
+
+# --------------------------------------------------------------------------------------------
+# training and evaluation (notebook 08, make demo)
+# --------------------------------------------------------------------------------------------
+def plot_loss_curves(rows: Sequence[dict], ax: Axes | None = None, title: str | None = None,
+                     log_y: bool = True) -> Axes:
+    """Plot the losses logged by ``mrcnn_edu.engine.train`` against the step.
+
+    Args:
+        rows: metrics rows (``engine.read_metrics_csv(run / "metrics.csv")`` or
+            ``TrainResult.history``): dicts with ``step``, ``loss`` (the sum) and one
+            ``loss_*`` entry per named loss.
+        log_y: a log scale shows the small losses beside the large ones.
+
+    The total is drawn thick and black, every named loss thin in its own colour.
+    """
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7, 4))
+    if not rows:
+        ax.text(0.5, 0.5, "no metrics logged yet", ha="center", va="center",
+                transform=ax.transAxes)
+        return ax
+    steps = [float(r["step"]) for r in rows]
+    names = [k for k in rows[0] if k.startswith("loss_")]
+    for i, name in enumerate(names):
+        ax.plot(steps, [float(r[name]) for r in rows], lw=1.2, label=name,
+                color=plt.cm.tab10(i % 10))
+    if "loss" in rows[0]:
+        ax.plot(steps, [float(r["loss"]) for r in rows], lw=2.4, color="black", label="total")
+    if log_y:
+        ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (mean since the previous row)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    if title:
+        ax.set_title(title)
+    return ax
+
+
+def draw_predictions_vs_truth(images: Sequence, detections: Sequence[dict],
+                              targets: Sequence[dict], class_names: Sequence[str] | None = None,
+                              score_threshold: float = 0.5, titles: Sequence[str] | None = None,
+                              ) -> Figure:
+    """One row per image: the ground truth on the left, the model's detections on the right.
+
+    Args:
+        images: ``[3, H, W]`` float images.
+        detections: the model's outputs (``boxes``, ``labels``, ``scores``, optional ``masks``
+            ``[N, 1, H, W]`` probabilities), one per image.
+        targets: the data set's targets (``boxes``, ``labels``, ``masks [N, H, W]``).
+        score_threshold: detections below it are not drawn.
+        titles: optional extra text per image (e.g. its image id).
+    """
+    n = len(images)
+    fig, axes = plt.subplots(n, 2, figsize=(7, 3.4 * n), squeeze=False)
+    for i, (img, det, tgt) in enumerate(zip(images, detections, targets)):
+        extra = f" ({titles[i]})" if titles else ""
+        draw_instances(img, tgt.get("boxes"), tgt.get("labels"), masks=tgt.get("masks"),
+                       class_names=class_names, ax=axes[i, 0], title=f"ground truth{extra}")
+        keep = det["scores"] >= score_threshold
+        draw_instances(img, det["boxes"][keep], det["labels"][keep], det["scores"][keep],
+                       masks=det["masks"][keep] if "masks" in det else None,
+                       class_names=class_names, ax=axes[i, 1],
+                       title=f"prediction (score >= {score_threshold}){extra}")
+    fig.tight_layout()
+    return fig
+
+
+def save_prediction_figure(image, detection: dict, path, class_names: Sequence[str] | None = None,
+                           score_thresh: float = 0.5) -> None:
+    """Draw one image's detections and write the picture to ``path`` (PNG, written
+    atomically)."""
+    fig, ax = plt.subplots(figsize=(6, 6 * image.shape[-2] / max(1, image.shape[-1])))
+    keep = detection["scores"] >= score_thresh
+    draw_instances(image, detection["boxes"][keep], detection["labels"][keep],
+                   detection["scores"][keep],
+                   masks=detection["masks"][keep] if "masks" in detection else None,
+                   keypoints=detection["keypoints"][keep] if "keypoints" in detection else None,
+                   class_names=class_names, ax=ax)
+    save_figure(fig, path)
+
+
+def save_figure(fig: Figure, path, dpi: int = 100) -> None:
+    """Write ``fig`` to ``path`` atomically (the PNG is never half-written) and close it."""
+    import io
+    from pathlib import Path
+
+    from mrcnn_edu.utils import atomic_write
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format=Path(path).suffix.lstrip(".") or "png", dpi=dpi,
+                bbox_inches="tight")
+    plt.close(fig)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda f: f.write(buf.getvalue()))
+
+
+__all__ += ["draw_predictions_vs_truth", "plot_loss_curves", "save_figure",
+            "save_prediction_figure"]

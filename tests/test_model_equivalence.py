@@ -203,3 +203,44 @@ def test_torchvision_weights_api_is_used_for_enums(monkeypatch):
     assert calls == [True] and model.num_classes == 3
     assert hasattr(torchvision.models.detection.MaskRCNN_ResNet50_FPN_Weights.DEFAULT,
                    "get_state_dict")
+
+
+@torch.no_grad()
+def test_channels_last_model_computes_the_same():
+    # NHWC sums in another order: compare stage by stage on the same inputs (with random
+    # weights all scores are nearly tied, so a 1e-7 change reorders the final detections)
+    torch.manual_seed(0)
+    tv = tvd.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, min_size=160,
+                                   max_size=240)
+    models = []
+    for channels_last in (False, True):
+        cfg = get_preset("maskrcnn-r50-fpn")
+        cfg.backbone.norm = "bn"
+        cfg.transform.min_size, cfg.transform.max_size = (160,), 240
+        cfg.channels_last = channels_last
+        m = build_model(cfg)
+        load_torchvision_state_dict(m, tv.state_dict())
+        models.append(m.eval())
+    nchw, nhwc = models
+    assert nhwc.backbone.body.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    images = _images()[:2]
+    a, b = nchw.run_stages(images), nhwc.run_stages(images)
+    assert b["features"]["0"].is_contiguous(memory_format=torch.channels_last)
+    for name in a["features"]:
+        fa, fb = a["features"][name], b["features"][name]
+        # float32 sums of ~10^4 terms in another order: relative differences ~1e-6
+        rel = ((fb - fa).abs().max() / fa.abs().max()).item()
+        assert rel < 1e-5, f"feature {name}: relative difference {rel:.2g}"
+    # the second stage on the same proposals
+    sizes = a["image_sizes"]
+    stages_a, stages_b = {}, {}
+    dets_a, _ = nchw.roi_heads(a["features"], a["proposals"], sizes, stages=stages_a)
+    nhwc.roi_heads(b["features"], a["proposals"], sizes, stages=stages_b)
+    _close(stages_b["class_logits"], stages_a["class_logits"], "class logits")
+    _close(stages_b["box_regression"], stages_a["box_regression"], "box regression")
+    # masks of the same boxes
+    boxes = [d.pred_boxes for d in dets_a]
+    ma = nchw.roi_heads._mask_features(a["features"], boxes, sizes)
+    mb = nhwc.roi_heads._mask_features(b["features"], boxes, sizes)
+    rel = ((mb - ma).abs().max() / ma.abs().max()).item()
+    assert rel < 1e-5, f"mask logits: relative difference {rel:.2g} (max |logit| {ma.abs().max():.3g})"

@@ -206,17 +206,56 @@ def _fit_num_classes(exp: Experiment, dataset: CocoDetection) -> None:
     exp.data.class_names = tuple(dataset.class_names)
 
 
+def time_train_step(model: MaskRCNN, loader, *, steps: int = 3,
+                    device: str | torch.device = "cpu") -> float:
+    """Seconds per training step (forward + backward, no optimizer update) of ``model`` on
+    ``loader``'s batches: the median of ``steps`` steps after one warm-up step, on a copy of
+    the model, with torch's random state restored afterwards (training is not disturbed)."""
+    import copy
+    import statistics
+    import time
+
+    rng = torch.get_rng_state()
+    probe = copy.deepcopy(model).to(device).train()
+    times = []
+    it = iter(loader)
+    try:
+        for i in range(steps + 1):
+            images, targets = next(it)
+            images = [im.to(device) for im in images]
+            targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()}
+                       for t in targets]
+            start = time.perf_counter()
+            _, losses = probe(images, targets)
+            sum(losses.values()).backward()
+            if i:
+                times.append(time.perf_counter() - start)
+    finally:
+        torch.set_rng_state(rng)
+    return statistics.median(times)
+
+
 def run_training(exp: Experiment, data_root: str | Path, out_dir: str | Path, *,
                  resume: bool = False, progress: bool = True, callbacks=(),
                  device: str | torch.device = "cpu", check: bool = True,
-                 max_minutes: float | None = None) -> tuple[MaskRCNN, TrainResult]:
+                 max_minutes: float | None = None,
+                 fit_budget: bool = False) -> tuple[MaskRCNN, TrainResult]:
     """Train ``exp`` on the data under ``data_root``; checkpoints and ``metrics.csv`` go to
     ``out_dir``. Returns the trained model (eval mode) and the :class:`TrainResult`.
 
     The number of classes comes from the data (background + its categories). ``check`` runs
     :func:`~mrcnn_edu.engine.check_data.check_data` first and refuses a set with bad targets
     (listing them). ``resume`` continues from ``out_dir/last.pt``.
+
+    ``fit_budget`` (with a time budget, ``max_minutes`` or ``exp.train.max_minutes``) times a few
+    training steps first and shortens the schedule (``exp.train.steps``, warm-up, milestones)
+    so that it ends within the budget: a cosine or step schedule cut short by the clock would
+    never reach its small learning rates. The steps chosen are recorded in the checkpoint's
+    config.
     """
+    import time
+
+    started = time.perf_counter()
     t = exp.train
     out_dir = Path(out_dir)
     train_set, _ = build_datasets(exp, data_root, val=False)
@@ -227,6 +266,21 @@ def run_training(exp: Experiment, data_root: str | Path, out_dir: str | Path, *,
     model = build_model(exp.model).to(device)
     loader = make_train_loader(train_set, t.batch_size, num_workers=t.num_workers, seed=t.seed,
                                aspect_ratio_grouping=t.aspect_ratio_grouping)
+    budget = max_minutes if max_minutes is not None else t.max_minutes
+    if fit_budget and budget and not resume:
+        step_s = time_train_step(model, make_train_loader(
+            train_set, t.batch_size, num_workers=0, seed=t.seed + 7,
+            aspect_ratio_grouping=t.aspect_ratio_grouping), device=device)
+        # the budget counts from the start of this call (data checks and timing included);
+        # 0.85: the optimizer step, data loading and more positives later in training
+        budget = budget - (time.perf_counter() - started) / 60
+        fitted = max(20, int(budget * 60 * 0.85 / step_s))
+        if fitted < t.steps:
+            scale = fitted / t.steps
+            t.milestones = tuple(int(m * scale) for m in t.milestones)
+            t.warmup_steps = min(t.warmup_steps, fitted // 10)
+            t.steps = fitted
+            t.checkpoint_every = min(t.checkpoint_every, max(1, fitted // 4))
     lr = t.lr * t.batch_size / t.reference_batch
     optimizer = build_optimizer(model, t.optimizer, lr=lr, momentum=t.momentum,
                                 weight_decay=t.weight_decay, norm_bias_decay=t.norm_bias_decay)
@@ -240,7 +294,7 @@ def run_training(exp: Experiment, data_root: str | Path, out_dir: str | Path, *,
                    checkpoint_every=t.checkpoint_every, keep_last=t.keep_last,
                    resume=True if resume else None, log_every=t.log_every,
                    metrics_csv=out_dir / "metrics.csv", progress=progress, config=exp,
-                   max_minutes=max_minutes if max_minutes is not None else t.max_minutes)
+                   max_minutes=budget)
     return model.eval(), result
 
 
