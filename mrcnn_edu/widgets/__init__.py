@@ -2,12 +2,13 @@
 matplotlib / ipywidgets, DESIGN.md).
 
 Every explorer follows one pattern: a ``VBox`` of controls plus an ``Output`` that is cleared and
-re-drawn on each change. The dataset browser and the mask target explorer are imported here (both
-need only ``viz``); import the others from their submodule (``mrcnn_edu.widgets.roi``,
+re-drawn on each change. The dataset browser, the FPN level explorer and the mask target explorer
+are imported here (they need only ``viz``); import the others from their submodule (``mrcnn_edu.widgets.roi``,
 ``mrcnn_edu.widgets.anchors``) so that importing this package stays light.
 """
 
 from .dataset import dataset_browser, draw_sample
+from .fpn_levels import fpn_level_explorer
 from .mask_targets import mask_target_explorer
 
-__all__ = ["dataset_browser", "draw_sample", "mask_target_explorer"]
+__all__ = ["dataset_browser", "draw_sample", "fpn_level_explorer", "mask_target_explorer"]

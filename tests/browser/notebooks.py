@@ -28,4 +28,6 @@ NOTEBOOKS: list[Notebook] = [
     Notebook("04_anchors_and_rpn.ipynb"),
     Notebook("05_box_head.ipynb", explorers=0),  # figures of sampling, targets, NMS
     Notebook("06_mask_head.ipynb"),  # the mask target explorer
+    # builds several ResNet-50 models and runs torchvision's and ours: slower
+    Notebook("07_fpn_full_model.ipynb", limit_s=200.0),  # the FPN level explorer
 ]
