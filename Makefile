@@ -8,7 +8,7 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 .PHONY: help setup demo test test-full test-browser lab bench lint clean
 
 help:
-	@echo "make demo          set up .venv and run the main job (operator benchmark + figure)"
+	@echo "make demo          set up .venv, train on the shapes set for 10 minutes, evaluate, draw"
 	@echo "make test          set up .venv and run the test suite (notebooks in quick mode)"
 	@echo "make test-browser  run notebooks 00-04 in JupyterLab in headless Chromium"
 	@echo "make lab           open JupyterLab on notebooks/"
@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml Makefile
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python benchmarks/bench_ops.py --quick --plot build/bench_ops.png
+	$(BIN)/mrcnn-edu demo --data data/shapes --out build/demo --minutes 10
 
 test: $(STAMP)
 	MRCNN_EDU_QUICK=1 $(BIN)/python -m pytest -q -m "not slow" tests

@@ -216,6 +216,18 @@ class RoIHeads(nn.Module):
         x = self.keypoint_roi_pool(features, boxes, image_sizes)  # [P, C, 14, 14]
         return self.keypoint_predictor(self.keypoint_head(x))  # [P, K, 56, 56]
 
+    def _pooling_layout(self, features: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
+        """The Numba CPU RoI kernels read NHWC: convert each level once here, not once per
+        pooler call (the box and mask branches pool the same levels)."""
+        if self.box_roi_pool.backend not in ("auto", "numba"):
+            return features
+        out = OrderedDict()
+        for name, f in features.items():
+            if f.device.type == "cpu" and f.dim() == 4 and name in self.box_roi_pool.featmap_names:
+                f = f.contiguous(memory_format=torch.channels_last)  # free if already NHWC
+            out[name] = f
+        return out
+
     def _mask_features(self, features, boxes: list[Tensor], image_sizes) -> Tensor:
         x = self.mask_roi_pool(features, boxes, image_sizes)  # [P, C, 14, 14]
         if self.mask_head is not None:
@@ -231,6 +243,7 @@ class RoIHeads(nn.Module):
         resized image's pixels) and the losses ``loss_classifier``, ``loss_box_reg``,
         ``loss_mask`` when ``targets`` are given. ``stages`` (a dict) collects intermediates."""
         losses: dict[str, Tensor] = {}
+        features = self._pooling_layout(features)
         if targets is not None:
             gt_boxes = [t["boxes"] for t in targets]
             gt_labels = [t["labels"] for t in targets]

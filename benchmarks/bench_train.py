@@ -1,0 +1,197 @@
+"""Training speed (and, with ``--minutes``, accuracy) of mrcnn_edu against torchvision.
+
+Usage::
+
+    python benchmarks/bench_train.py [--preset shapes] [--steps 5] [--minutes M]
+                                     [--data data/shapes] [--json FILE]
+
+* Step time: the preset's model and torchvision's own ``MaskRCNN`` built with the same widths
+  (``benchmarks/twins.py``) and the same weights, timed on the same batches, alternating the
+  two so that the machine's load hits both; prints medians and ours / torchvision (goal for
+  ``shapes``: at most 0.8x). Evaluation images/s of both on the validation set.
+* ``--minutes M``: trains both for ``M`` minutes each with the preset's recipe (the same loop,
+  data, seed and budget fitting), evaluates both with COCOeval and prints both APs: issue 13's
+  side-by-side comparison (``M = 10`` for the ``make demo`` budget).
+* ``--preset coco-r50-fpn-1x``: seconds per iteration at COCO size (2 images of 800x1066 per
+  device) and the projected time of the 90k-iteration 1x schedule on 8 such devices.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from twins import copy_weights, torchvision_twin  # noqa: E402
+
+from mrcnn_edu.data.sampler import make_train_loader  # noqa: E402
+from mrcnn_edu.engine.recipe import build_datasets, get_experiment  # noqa: E402
+from mrcnn_edu.model import build_model  # noqa: E402
+from mrcnn_edu.utils import atomic_write  # noqa: E402
+
+
+class TorchvisionAdapter(nn.Module):
+    """torchvision's detector behind mrcnn_edu's interface: ``(detections, losses)``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images, targets=None):
+        if self.training:
+            return [], self.model(images, targets)
+        return self.model(images), {}
+
+
+def _batches(dataset, batch_size, n, seed=0):
+    loader = make_train_loader(dataset, batch_size, num_workers=0, seed=seed)
+    it = iter(loader)
+    return [next(it) for _ in range(n)]
+
+
+def step_times(ours, tv, batches, device):
+    def step(m, batch):
+        images, targets = batch
+        images = [i.to(device) for i in images]
+        targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()}
+                   for t in targets]
+        m.train()
+        _, losses = m(images, targets)
+        sum(losses.values()).backward()
+        m.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    step(ours, batches[0])
+    step(tv, batches[0])
+    t_ours, t_tv = [], []
+    for b in batches[1:]:
+        for m, acc in ((ours, t_ours), (tv, t_tv)):
+            s = time.perf_counter()
+            step(m, b)
+            acc.append(time.perf_counter() - s)
+    return statistics.median(t_ours), statistics.median(t_tv)
+
+
+@torch.no_grad()
+def eval_speed(model, dataset, n, device):
+    model.eval()
+    images = [dataset[i][0].to(device) for i in range(min(n, len(dataset)))]
+    model(images[:1])
+    s = time.perf_counter()
+    for img in images:
+        model([img])
+    return len(images) / (time.perf_counter() - s)
+
+
+def train_and_eval(exp, data, model, minutes, out, device):
+    """Train ``model`` with ``exp``'s recipe for ``minutes`` and return its COCO metrics."""
+    from mrcnn_edu.engine.evaluate import evaluate
+    from mrcnn_edu.engine.optim import build_optimizer, build_scheduler
+    from mrcnn_edu.engine.recipe import time_train_step
+    from mrcnn_edu.engine.train import train
+
+    t = exp.train
+    train_set, val_set = build_datasets(exp, data)
+    loader = make_train_loader(train_set, t.batch_size, num_workers=t.num_workers, seed=t.seed)
+    start = time.perf_counter()
+    step_s = time_train_step(model, make_train_loader(train_set, t.batch_size, seed=t.seed + 7),
+                             device=device)
+    budget = minutes - (time.perf_counter() - start) / 60
+    steps = min(t.steps, max(20, int(budget * 60 * 0.85 / step_s)))
+    lr = t.lr * t.batch_size / t.reference_batch
+    opt = build_optimizer(model, t.optimizer, lr=lr, momentum=t.momentum,
+                          weight_decay=t.weight_decay)
+    sched = build_scheduler(opt, total_steps=steps, warmup_steps=min(t.warmup_steps, steps // 10),
+                            warmup_factor=t.warmup_factor, schedule=t.schedule,
+                            milestones=tuple(int(m * steps / t.steps) for m in t.milestones),
+                            gamma=t.gamma, min_lr_ratio=t.min_lr_ratio)
+    result = train(model, loader, opt, sched, steps=steps, device=device,
+                   grad_clip=t.grad_clip, max_minutes=budget, progress=False,
+                   log_every=t.log_every)
+    res = evaluate(model, val_set, progress=False, device=device, with_losses=False)
+    return {"steps": result.steps_done, "seconds_per_step": step_s,
+            "bbox_AP": res.metrics["bbox"]["AP"], "segm_AP": res.metrics["segm"]["AP"],
+            "segm_AP50": res.metrics["segm"]["AP50"], "segm_AP75": res.metrics["segm"]["AP75"]}
+
+
+def coco_projection(device, repeat):
+    from bench_model import make_batch, make_pair
+
+    ours, tv = make_pair(800, 1333, channels_last=True)
+    ours, tv = ours.to(device), TorchvisionAdapter(tv).to(device)
+    images, targets = make_batch(2, 800, 1066)
+    batch = ([i.to(device) for i in images],
+             [{k: v.to(device) for k, v in t.items()} for t in targets])
+    a, b = step_times(ours, tv, [batch] * (repeat + 1), device)
+    for name, s in (("mrcnn_edu", a), ("torchvision", b)):
+        hours = s * 90000 / 3600
+        print(f"{name:12s} {s:.3f} s/iter (2 images) -> 1x schedule (90k iter, 16 images/iter "
+              f"on 8 devices): {hours:.1f} h")
+    return {"ours_s_per_iter": a, "torchvision_s_per_iter": b,
+            "ours_1x_hours_8dev": a * 90000 / 3600, "tv_1x_hours_8dev": b * 90000 / 3600}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--preset", default="shapes")
+    p.add_argument("--data", type=Path, default=Path("data/shapes"))
+    p.add_argument("--steps", type=int, default=5, help="timed steps per model")
+    p.add_argument("--minutes", type=float, default=0.0,
+                   help="also train both for this many minutes and compare AP")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    report = {"preset": args.preset, "device": str(device), "date": time.strftime("%Y-%m-%d"),
+              "threads": torch.get_num_threads()}
+    if args.preset.startswith("coco"):
+        report.update(coco_projection(device, args.steps))
+    else:
+        exp = get_experiment(args.preset)
+        train_set, val_set = build_datasets(exp, args.data)
+        exp.model.num_classes = len(train_set.class_names)
+        torch.manual_seed(exp.train.seed)
+        ours = build_model(exp.model).to(device)
+        tv = torchvision_twin(exp.model)
+        copy_weights(ours, tv)
+        tv = TorchvisionAdapter(tv).to(device)
+        batches = _batches(train_set, exp.train.batch_size, args.steps + 1)
+        a, b = step_times(ours, tv, batches, device)
+        print(f"train step (batch {exp.train.batch_size}): mrcnn_edu {a:.3f} s, torchvision "
+              f"{b:.3f} s, ratio {a / b:.2f}")
+        ea, eb = eval_speed(ours, val_set, 20, device), eval_speed(tv, val_set, 20, device)
+        print(f"evaluation: mrcnn_edu {ea:.1f} images/s, torchvision {eb:.1f} images/s")
+        report.update(ours_step_s=a, tv_step_s=b, ratio=a / b, ours_eval_ips=ea, tv_eval_ips=eb)
+        if args.minutes:
+            for name, model in (("mrcnn_edu", build_model(exp.model)),
+                                ("torchvision", None)):
+                torch.manual_seed(exp.train.seed)
+                if model is None:
+                    fresh = build_model(exp.model)
+                    twin = torchvision_twin(exp.model)
+                    copy_weights(fresh, twin)  # the same initial weights as ours
+                    model = TorchvisionAdapter(twin)
+                else:
+                    torch.manual_seed(exp.train.seed)
+                    model = build_model(exp.model)
+                r = train_and_eval(get_experiment(args.preset), args.data, model.to(device),
+                                   args.minutes, None, device)
+                print(f"{name:12s} {r['steps']} steps in {args.minutes} min: box AP "
+                      f"{r['bbox_AP']:.3f}, mask AP {r['segm_AP']:.3f} (AP50 "
+                      f"{r['segm_AP50']:.3f}, AP75 {r['segm_AP75']:.3f})", flush=True)
+                report[name] = r
+    if args.json:
+        atomic_write(args.json, lambda f: f.write(json.dumps(report, indent=2).encode()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
