@@ -29,12 +29,12 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from twins import copy_weights, torchvision_twin  # noqa: E402
+from twins import copy_weights, torchvision_twin
 
-from mrcnn_edu.data.sampler import make_train_loader  # noqa: E402
-from mrcnn_edu.engine.recipe import build_datasets, get_experiment  # noqa: E402
-from mrcnn_edu.model import build_model  # noqa: E402
-from mrcnn_edu.utils import atomic_write  # noqa: E402
+from mrcnn_edu.data.sampler import make_train_loader
+from mrcnn_edu.engine.recipe import build_datasets, get_experiment
+from mrcnn_edu.model import build_model
+from mrcnn_edu.utils import atomic_write
 
 
 class TorchvisionAdapter(nn.Module):
