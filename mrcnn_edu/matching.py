@@ -11,7 +11,10 @@ same two pieces with IoU 0.5 / 0.5 and 512 RoIs, 25 % positive.
 
 Both classes reproduce torchvision's ``det_utils.Matcher`` and
 ``det_utils.BalancedPositiveNegativeSampler`` exactly, including ties and random draws
-(``tests/test_matching.py``).
+(``tests/test_matching.py``), with one documented difference: a ground-truth box whose best IoU
+with every prediction is 0 (outside the image, or of zero width) claims no prediction through
+the low-quality-match rule (torchvision would make every IoU-0 anchor its positive).
+:func:`match_targets` and :func:`add_gt_proposals` are the steps the RPN and the box head share.
 """
 
 from __future__ import annotations
