@@ -370,6 +370,11 @@ class MaskRCNN(nn.Module):
                                  f"{device}")
             if min(img.shape[-2:]) < 1:
                 raise ValueError(f"MaskRCNN: images[{i}] is empty: {_shape(img)}")
+            lo, hi = float(img.min()), float(img.max())
+            if not (lo >= -1e-3 and hi <= 1.0 + 1e-3):  # also catches NaN
+                raise ValueError(f"MaskRCNN: images[{i}] has values in [{lo:.4g}, {hi:.4g}]; the "
+                                 "model takes RGB values in 0..1 and normalizes them itself "
+                                 "(divide 0..255 images by 255; do not normalize beforehand)")
         param = next(self.parameters(), None)
         if param is not None and device != param.device:
             raise ValueError(f"MaskRCNN: the images are on {device} but the model is on "
