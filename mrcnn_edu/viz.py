@@ -2442,3 +2442,384 @@ def save_figure(fig: Figure, path, dpi: int = 100) -> None:
 
 __all__ += ["draw_predictions_vs_truth", "plot_loss_curves", "save_figure",
             "save_prediction_figure"]
+
+
+# --------------------------------------------------------------------------------------------
+# COCO AP explained: one detection against its ground truth at two IoU thresholds, and a
+# gallery of matches, false positives and missed objects sorted by mask IoU (notebook 08)
+# --------------------------------------------------------------------------------------------
+
+from dataclasses import dataclass  # this section's own import (viz.py grows by appending)
+
+__all__ += ["GalleryEntry", "box_pair_iou", "collect_gallery", "draw_ap_thresholds",
+            "draw_gallery", "draw_iou_match", "mask_pair_iou"]
+
+#: colours of a verdict: passes the threshold / fails it
+_PASS, _FAIL = (0.0, 0.62, 0.45), (0.84, 0.15, 0.10)
+
+
+def _box1(box, name: str, fn: str) -> np.ndarray:
+    """One box ``(x1, y1, x2, y2)`` (a list, a ``[4]`` or ``[1, 4]`` tensor/array) -> ``[1, 4]``
+    float64."""
+    arr = _to_numpy(box, name).astype(np.float64)
+    if arr.size != 4:
+        raise ValueError(f"{fn}: {name} must be one box (x1, y1, x2, y2), got shape {arr.shape}")
+    return arr.reshape(1, 4)
+
+
+def box_pair_iou(box_a, box_b) -> float:
+    """IoU of two boxes ``(x1, y1, x2, y2)`` as COCO measures it (continuous coordinates: a box's
+    width is ``x2 - x1``; torchvision's ``box_iou`` and ``COCOeval`` agree). 0 when both are
+    empty."""
+    fn = "box_pair_iou"
+    ax1, ay1, ax2, ay2 = (float(v) for v in _box1(box_a, "box_a", fn)[0])
+    bx1, by1, bx2, by2 = (float(v) for v in _box1(box_b, "box_b", fn)[0])
+    iw = max(0.0, min(ax2, bx2) - max(ax1, bx1))
+    ih = max(0.0, min(ay2, by2) - max(ay1, by1))
+    inter = iw * ih
+    union = (ax2 - ax1) * (ay2 - ay1) + (bx2 - bx1) * (by2 - by1) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def _binary(mask, name: str, fn: str, threshold: float = 0.5) -> np.ndarray:
+    """``[H, W]`` / ``[1, H, W]`` mask (0/1 or probabilities) -> ``[H, W]`` bool
+    (``>= threshold``)."""
+    m = _to_numpy(mask, name)
+    if m.ndim == 3 and m.shape[0] == 1:
+        m = m[0]  # (1, H, W) -> (H, W)
+    if m.ndim != 2:
+        raise ValueError(f"{fn}: {name} must be [H, W] or [1, H, W], got {m.shape}")
+    return m.astype(np.float32) >= threshold
+
+
+def mask_pair_iou(mask_a, mask_b, threshold: float = 0.5) -> float:
+    """IoU of two masks ``[H, W]`` (or ``[1, H, W]``), each binarized at ``>= threshold`` (the
+    0.5 COCO results use): pixels in both / pixels in either; 0 when both are empty."""
+    fn = "mask_pair_iou"
+    a, b = _binary(mask_a, "mask_a", fn, threshold), _binary(mask_b, "mask_b", fn, threshold)
+    if a.shape != b.shape:
+        raise ValueError(f"{fn}: masks of different sizes {a.shape} and {b.shape}")
+    union = int((a | b).sum())
+    return int((a & b).sum()) / union if union else 0.0
+
+
+def _mask_overlay(ax: Axes, pred: np.ndarray, gt: np.ndarray, pred_color, W: int, H: int) -> None:
+    """Prediction only, ground truth only and both, as one translucent RGBA layer."""
+    rgba = np.zeros(pred.shape + (4,), np.float32)  # [H, W, 4]
+    rgba[pred & ~gt] = (*pred_color, 0.45)
+    rgba[gt & ~pred] = (1.0, 1.0, 1.0, 0.55)
+    rgba[pred & gt] = (0.95, 0.85, 0.1, 0.6)
+    ax.imshow(rgba, extent=(0, W, H, 0), interpolation="nearest", zorder=2)
+
+
+def _contour(ax: Axes, mask: np.ndarray, **kw) -> None:
+    if mask.any() and not mask.all():
+        H, W = mask.shape
+        # pixel (i, j) spans [j, j+1) x [i, i+1): its centre is at (j + 0.5, i + 0.5)
+        ax.contour(np.arange(W) + 0.5, np.arange(H) + 0.5, mask.astype(np.float32),
+                   levels=[0.5], **kw)
+
+
+def draw_iou_match(ax: Axes, image, pred_box, gt_box, *, threshold: float = 0.5,
+                   kind: str = "bbox", pred_mask=None, gt_mask=None, zoom: float | None = 0.6,
+                   title: str | None = None) -> Axes:
+    """One prediction against its ground truth at one IoU threshold, as ``COCOeval`` judges it.
+
+    ``kind="bbox"``: the gt box (white, dashed, ``gid="gt_box"``), the predicted box
+    (``gid="pred_box"``) and their intersection (yellow hatching, ``gid="intersection"``).
+    ``kind="segm"``: the masks instead (``pred_mask``, ``gt_mask`` ``[H, W]`` or ``[1, H, W]``,
+    binarized at 0.5): yellow where both are, white where only the gt is, coloured where only
+    the prediction is, the gt's outline dashed. The prediction is green when its IoU reaches
+    ``threshold`` (a true positive at that threshold) and red when it does not (then COCO counts
+    a false positive *and* a missed object). The IoU (:func:`box_pair_iou` /
+    :func:`mask_pair_iou`) is written in the corner as ``"IoU 0.623"`` (``gid="iou_text"``).
+
+    Args:
+        ax: matplotlib axes; image: ``[3, H, W]`` tensor or ``[H, W, 3]`` array.
+        pred_box, gt_box: ``(x1, y1, x2, y2)`` in image pixels (also used to zoom for "segm").
+        threshold: the IoU threshold, e.g. 0.5 (AP50) or 0.75 (AP75).
+        zoom: show the two boxes with this fraction of their size around them (None: the whole
+            image).
+
+    Returns ``ax``.
+    """
+    fn = "draw_iou_match"
+    if kind not in ("bbox", "segm"):
+        raise ValueError(f"{fn}: kind must be 'bbox' or 'segm', got {kind!r}")
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"{fn}: threshold must lie in [0, 1], got {threshold}")
+    img = image_for_display(image, fn)
+    H, W = img.shape[:2]
+    pb, gb = _box1(pred_box, "pred_box", fn), _box1(gt_box, "gt_box", fn)  # [1, 4] each
+    ax.imshow(img, extent=(0, W, H, 0))
+    if kind == "bbox":
+        iou = box_pair_iou(pb, gb)
+        color = _PASS if iou >= threshold else _FAIL
+        x1, y1 = max(pb[0, 0], gb[0, 0]), max(pb[0, 1], gb[0, 1])
+        x2, y2 = min(pb[0, 2], gb[0, 2]), min(pb[0, 3], gb[0, 3])
+        if x2 > x1 and y2 > y1:
+            ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, hatch="///",
+                                   ec=(0.95, 0.85, 0.1), lw=0.0, zorder=2, gid="intersection"))
+        gx1, gy1, gx2, gy2 = gb[0]
+        ax.add_patch(Rectangle((gx1, gy1), gx2 - gx1, gy2 - gy1, fill=False, ec="white", lw=2.2,
+                               ls="--", zorder=3, gid="gt_box"))
+        px1, py1, px2, py2 = pb[0]
+        ax.add_patch(Rectangle((px1, py1), px2 - px1, py2 - py1, fill=False, ec=color, lw=2.2,
+                               zorder=4, gid="pred_box"))
+    else:
+        if pred_mask is None or gt_mask is None:
+            raise ValueError(f"{fn}: kind='segm' needs pred_mask and gt_mask")
+        pm, gm = _binary(pred_mask, "pred_mask", fn), _binary(gt_mask, "gt_mask", fn)
+        if pm.shape != (H, W) or gm.shape != (H, W):
+            raise ValueError(f"{fn}: masks must be {H}x{W} like the image, got {pm.shape} and "
+                             f"{gm.shape}")
+        iou = mask_pair_iou(pm, gm)
+        color = _PASS if iou >= threshold else _FAIL
+        _mask_overlay(ax, pm, gm, color, W, H)
+        _contour(ax, gm, colors=["white"], linewidths=1.5, linestyles="--", zorder=3)
+        _contour(ax, pm, colors=[color], linewidths=1.8, zorder=4)
+    passed = iou >= threshold
+    ax.text(0.02, 0.98, f"IoU {iou:.3f}", transform=ax.transAxes, ha="left", va="top",
+            fontsize=10, color="black", gid="iou_text", zorder=6,
+            bbox={"facecolor": "white", "alpha": 0.85, "pad": 2, "edgecolor": color})
+    if zoom is not None:
+        union = np.array([min(pb[0, 0], gb[0, 0]), min(pb[0, 1], gb[0, 1]),
+                          max(pb[0, 2], gb[0, 2]), max(pb[0, 3], gb[0, 3])])
+        _zoom(ax, union, H, W, margin=zoom)
+    else:
+        ax.set_xlim(0, W)
+        ax.set_ylim(H, 0)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    verdict = ("true positive" if passed else "false positive + missed gt")
+    sign = ">=" if passed else "<"
+    ax.set_title(title if title is not None else
+                 f"{'box' if kind == 'bbox' else 'mask'} IoU {iou:.3f} {sign} {threshold:g}: "
+                 f"{verdict}", fontsize=9, color=color)
+    return ax
+
+
+def draw_ap_thresholds(image, pred_box, gt_box, *, pred_mask=None, gt_mask=None,
+                       thresholds: Sequence[float] = (0.5, 0.75), zoom: float | None = 0.6,
+                       fig: Figure | None = None) -> Figure:
+    """The same prediction judged at each IoU threshold (columns), by its box (first row) and,
+    when both masks are given, by its mask (second row): the picture behind AP50 and AP75.
+    Every panel is :func:`draw_iou_match`. Returns the ``Figure``."""
+    kinds = ["bbox"] + (["segm"] if pred_mask is not None and gt_mask is not None else [])
+    thresholds = [float(t) for t in thresholds]
+    if not thresholds:
+        raise ValueError("draw_ap_thresholds: thresholds is empty")
+    if fig is None:
+        fig = plt.figure(figsize=(3.4 * len(thresholds), 3.4 * len(kinds)))
+    axes = np.asarray(fig.subplots(len(kinds), len(thresholds), squeeze=False))
+    for r, kind in enumerate(kinds):
+        for c, t in enumerate(thresholds):
+            draw_iou_match(axes[r, c], image, pred_box, gt_box, threshold=t, kind=kind,
+                           pred_mask=pred_mask, gt_mask=gt_mask, zoom=zoom)
+    fig.tight_layout()
+    return fig
+
+
+@dataclass
+class GalleryEntry:
+    """One row of :func:`collect_gallery`: a detection matched to a gt object, an unmatched
+    detection or an unmatched gt object, in one image.
+
+    Attributes:
+        image_index: position of the image in the lists given to :func:`collect_gallery`.
+        kind: ``"match"``, ``"false positive"`` (a detection that matched no gt object) or
+            ``"missed"`` (a gt object no detection matched).
+        label: the class (the detection's, or the gt's when missed).
+        det_index: index into the image's detections (``None`` when missed).
+        gt_index: index into the image's gt objects (``None`` for a false positive).
+        score: the detection's score (``None`` when missed).
+        box_iou: box IoU of the matched pair (0 when unmatched).
+        mask_iou: mask IoU of the matched pair (0 when unmatched): the sort key.
+        best_iou: for unmatched entries, the best box IoU with any object (false positive) or
+            detection (missed) of the same class, whatever was matched already (a duplicate
+            detection has a high one); equals ``box_iou`` for a match.
+    """
+
+    image_index: int
+    kind: str
+    label: int
+    det_index: int | None
+    gt_index: int | None
+    score: float | None
+    box_iou: float
+    mask_iou: float
+    best_iou: float
+
+    @property
+    def verdict(self) -> str:
+        """``"good mask"`` (mask IoU >= 0.75), ``"fair mask"`` (0.5..0.75, fails AP75),
+        ``"poor mask"`` (< 0.5: its box was found, its mask would not count at AP50), or the
+        kind of an unmatched entry."""
+        if self.kind != "match":
+            return self.kind
+        if self.mask_iou >= 0.75:
+            return "good mask"
+        return "fair mask" if self.mask_iou >= 0.5 else "poor mask"
+
+
+_KIND_ORDER = {"false positive": 0, "missed": 1, "match": 2}
+
+
+def collect_gallery(detections: Sequence[dict], targets: Sequence[dict], *,
+                    score_threshold: float = 0.5, iou_threshold: float = 0.5,
+                    mask_threshold: float = 0.5) -> list[GalleryEntry]:
+    """Match detections to ground truth as ``COCOeval`` does, and list every outcome, sorted by
+    mask IoU (worst first).
+
+    Per image, detections with ``score >= score_threshold`` are taken in order of decreasing
+    score; each is matched to the not yet matched gt object **of its class** with the highest
+    **box** IoU, if that IoU is ``>= iou_threshold`` (COCOeval's greedy rule for box AP at one
+    threshold). A matched pair then gets its **mask** IoU, so a detection that found the object
+    but drew a poor mask is told apart from one that found nothing.
+
+    Args:
+        detections: per image the model's output: ``boxes`` [N, 4] (x1, y1, x2, y2), ``labels``
+            [N], ``scores`` [N], ``masks`` [N, 1, H, W] probabilities (pasted into the image).
+        targets: per image ``boxes`` [G, 4], ``labels`` [G], ``masks`` [G, H, W] 0/1.
+        score_threshold: detections below it are left out (COCO's AP uses them all; a gallery
+            shows what a user would keep).
+        iou_threshold: box IoU needed for a match.
+        mask_threshold: mask probability at or above which a pixel is in the predicted mask.
+
+    Returns:
+        :class:`GalleryEntry` list sorted by ``(mask_iou, kind, image_index, index)``: false
+        positives and missed objects (mask IoU 0) first, then matches from the poorest mask to
+        the best.
+    """
+    fn = "collect_gallery"
+    from mrcnn_edu.ops import box_iou
+
+    if len(detections) != len(targets):
+        raise ValueError(f"{fn}: got {len(detections)} detection dicts and {len(targets)} "
+                         "targets; need one of each per image")
+    entries: list[GalleryEntry] = []
+    for i, (det, tgt) in enumerate(zip(detections, targets)):
+        for key, d in (("detections", det), ("targets", tgt)):
+            missing = [k for k in ("boxes", "labels", "masks") if k not in d]
+            if missing:
+                raise ValueError(f"{fn}: {key}[{i}] lacks {missing}; has {sorted(d)}")
+        keep = torch.as_tensor(det["scores"]).detach().cpu() >= score_threshold  # [N]
+        d_idx = torch.nonzero(keep).flatten()
+        d_idx = d_idx[torch.as_tensor(det["scores"]).detach().cpu()[d_idx]
+                      .argsort(descending=True, stable=True)]  # by decreasing score
+        d_boxes = det["boxes"].detach().cpu().float()[d_idx]  # [D, 4]
+        d_labels = det["labels"].detach().cpu()[d_idx]  # [D]
+        d_masks = det["masks"].detach().cpu()
+        if d_masks.dim() == 4:
+            d_masks = d_masks[:, 0]  # (N, 1, H, W) -> (N, H, W)
+        d_masks = d_masks[d_idx] >= mask_threshold  # [D, H, W] bool
+        g_boxes = tgt["boxes"].detach().cpu().float()  # [G, 4]
+        g_labels = tgt["labels"].detach().cpu()
+        g_masks = tgt["masks"].detach().cpu() >= 0.5  # [G, H, W]
+        if d_masks.shape[1:] != g_masks.shape[1:] and len(d_masks) and len(g_masks):
+            raise ValueError(f"{fn}: image {i}: detection masks are {tuple(d_masks.shape[1:])} "
+                             f"but gt masks {tuple(g_masks.shape[1:])}")
+        G, D = len(g_boxes), len(d_boxes)
+        iou = (box_iou(d_boxes, g_boxes) if D and G else torch.zeros(D, G))  # [D, G]
+        same = d_labels[:, None] == g_labels[None, :]  # [D, G]
+        iou = torch.where(same, iou, torch.zeros(()))
+        gt_taken = [False] * G
+        det_match: list[int | None] = [None] * D
+        for d in range(D):
+            best, best_g = iou_threshold, None
+            for g in range(G):
+                if not gt_taken[g] and float(iou[d, g]) >= best:
+                    best, best_g = float(iou[d, g]), g
+            if best_g is not None:
+                gt_taken[best_g], det_match[d] = True, best_g
+        for d in range(D):
+            g = det_match[d]
+            score = float(det["scores"][d_idx[d]])
+            if g is None:
+                best = float(iou[d].max()) if G else 0.0
+                entries.append(GalleryEntry(i, "false positive", int(d_labels[d]),
+                                            int(d_idx[d]), None, score, 0.0, 0.0, best))
+            else:
+                m = mask_pair_iou(d_masks[d], g_masks[g])
+                entries.append(GalleryEntry(i, "match", int(d_labels[d]), int(d_idx[d]), g,
+                                            score, float(iou[d, g]), m, float(iou[d, g])))
+        for g in range(G):
+            if not gt_taken[g]:
+                best = float(iou[:, g].max()) if D else 0.0
+                entries.append(GalleryEntry(i, "missed", int(g_labels[g]), None, g, None, 0.0,
+                                            0.0, best))
+    entries.sort(key=lambda e: (e.mask_iou, _KIND_ORDER[e.kind], e.image_index,
+                                e.det_index if e.det_index is not None else e.gt_index))
+    return entries
+
+
+def draw_gallery(images: Sequence, entries: Sequence[GalleryEntry], detections: Sequence[dict],
+                 targets: Sequence[dict], *, class_names: Sequence[str] | None = None,
+                 ncols: int = 4, size: float = 2.6, margin: float = 0.5,
+                 fig: Figure | None = None, title: str | None = None) -> Figure:
+    """One panel per :class:`GalleryEntry` (in the order given), zoomed on the object: the gt
+    mask's outline white and dashed, the predicted mask filled (yellow where it agrees with the
+    gt, as in :func:`draw_iou_match`), the predicted box thin. The panel title names the
+    outcome, the class, the score and the mask IoU (``"mask IoU 0.812"``), coloured green (mask
+    IoU >= 0.75), orange (0.5..0.75) or red (poor mask, false positive, missed). Each panel's
+    ``gid`` is ``"gallery_<k>"``. Returns the ``Figure``.
+
+    ``images``, ``detections``, ``targets``: the lists given to :func:`collect_gallery`.
+    """
+    fn = "draw_gallery"
+    entries = list(entries)
+    if not entries:
+        raise ValueError(f"{fn}: no entries to draw")
+    if ncols < 1:
+        raise ValueError(f"{fn}: ncols must be >= 1, got {ncols}")
+    ncols = min(ncols, len(entries))
+    nrows = math.ceil(len(entries) / ncols)
+    if fig is None:
+        fig = plt.figure(figsize=(size * ncols, (size + 0.35) * nrows))
+    axes = np.asarray(fig.subplots(nrows, ncols, squeeze=False)).ravel()
+    for k, (ax, e) in enumerate(zip(axes, entries)):
+        if not 0 <= e.image_index < len(images):
+            raise ValueError(f"{fn}: entry {k} names image {e.image_index} of {len(images)}")
+        img = image_for_display(images[e.image_index], fn)
+        H, W = img.shape[:2]
+        det, tgt = detections[e.image_index], targets[e.image_index]
+        empty = np.zeros((H, W), bool)
+        pm = (_binary(det["masks"][e.det_index], "mask", fn) if e.det_index is not None
+              else empty)
+        gm = _binary(tgt["masks"][e.gt_index], "mask", fn) if e.gt_index is not None else empty
+        if e.kind == "match":
+            color = (_PASS if e.mask_iou >= 0.75 else (0.9, 0.55, 0.0) if e.mask_iou >= 0.5
+                     else _FAIL)
+        else:
+            color = _FAIL
+        ax.imshow(img, extent=(0, W, H, 0))
+        _mask_overlay(ax, pm, gm, class_color(e.label), W, H)
+        _contour(ax, gm, colors=["white"], linewidths=1.2, linestyles="--", zorder=3)
+        boxes = []
+        if e.gt_index is not None:
+            boxes.append(_as_boxes(tgt["boxes"][e.gt_index].reshape(1, 4), "box", fn)[0])
+        if e.det_index is not None:
+            b = _as_boxes(det["boxes"][e.det_index].reshape(1, 4), "box", fn)[0]
+            boxes.append(b)
+            ax.add_patch(Rectangle((b[0], b[1]), b[2] - b[0], b[3] - b[1], fill=False,
+                                   ec=class_color(e.label), lw=1.0, zorder=4, gid="pred_box"))
+        bb = np.stack(boxes)
+        _zoom(ax, (bb[:, 0].min(), bb[:, 1].min(), bb[:, 2].max(), bb[:, 3].max()), H, W,
+              margin=margin)
+        name = _class_name(e.label, class_names)
+        score = f" {e.score:.2f}" if e.score is not None else ""
+        what = e.verdict if e.kind == "match" else e.kind
+        ax.set_title(f"{k + 1}. {what}: {name}{score}\nmask IoU {e.mask_iou:.3f}", fontsize=8,
+                     color=color)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_gid(f"gallery_{k}")
+        for side in ax.spines.values():
+            side.set_edgecolor(color)
+            side.set_linewidth(2.0)
+    for ax in axes[len(entries):]:
+        ax.set_axis_off()
+    if title is not None:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig

@@ -4,8 +4,8 @@ matplotlib / ipywidgets, DESIGN.md).
 Every explorer follows one pattern: a ``VBox`` of controls plus an ``Output`` that is cleared and
 re-drawn on each change. The dataset browser, the FPN level explorer and the mask target explorer
 are imported here (they need only ``viz``); import the others from their submodule
-(``mrcnn_edu.widgets.roi``, ``mrcnn_edu.widgets.anchors``) so that importing this package stays
-light.
+(``mrcnn_edu.widgets.roi``, ``mrcnn_edu.widgets.anchors``; notebook 08's live loss plot,
+``mrcnn_edu.widgets.training.LiveLossPlot``) so that importing this package stays light.
 """
 
 from .dataset import dataset_browser, draw_sample

@@ -30,4 +30,6 @@ NOTEBOOKS: list[Notebook] = [
     Notebook("06_mask_head.ipynb"),  # the mask target explorer
     # builds several ResNet-50 models and runs torchvision's and ours: slower
     Notebook("07_fpn_full_model.ipynb", limit_s=200.0),  # the FPN level explorer
+    # trains a few steps and evaluates: slower; the live loss plot is a picture, not an explorer
+    Notebook("08_training.ipynb", limit_s=200.0, explorers=0),
 ]
