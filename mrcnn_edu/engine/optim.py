@@ -187,6 +187,41 @@ class LRFactor:
                 f"min_lr_ratio={self.min_lr_ratio})")
 
 
+class TimeBudgetFactor(LRFactor):
+    """:class:`LRFactor` whose schedule runs on the wall clock instead of the step counter.
+
+    For a run with a fixed time budget (``make demo``: 10 minutes) the number of steps depends
+    on the machine and its load, so a schedule written in steps is either cut short (the
+    learning rate never decays) or ends early. Here the warm-up still counts steps, but the
+    main schedule reads ``t = elapsed / budget_s`` (the clock starts at the first call, when
+    the ``LambdaLR`` is built): ``"cosine"`` decays from 1 to ``min_lr_ratio`` exactly when the
+    budget runs out, and ``"step"`` milestones are fractions ``m / total_steps`` of it.
+    Not bit-reproducible (it depends on timing): use step schedules for exact resumes.
+    """
+
+    def __init__(self, *, budget_s: float, **kwargs):
+        super().__init__(**kwargs)
+        if budget_s <= 0:
+            raise ValueError(f"TimeBudgetFactor: budget_s must be > 0, got {budget_s}")
+        self.budget_s = float(budget_s)
+        self.start: float | None = None
+
+    def progress(self) -> float:
+        """Fraction of the budget spent, in [0, 1]."""
+        import time
+
+        now = time.monotonic()
+        if self.start is None:
+            self.start = now
+        return min(1.0, (now - self.start) / self.budget_s)
+
+    def main(self, step: int) -> float:
+        return super().main(round(self.progress() * self.total_steps))
+
+    def __repr__(self) -> str:
+        return f"TimeBudgetFactor(budget_s={self.budget_s}, {super().__repr__()})"
+
+
 def build_scheduler(
     optimizer: torch.optim.Optimizer,
     *,
