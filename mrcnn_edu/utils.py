@@ -71,3 +71,20 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def load_torch_dict(path: str | Path, what: str = "checkpoint") -> dict:
+    """``torch.load`` a file that must hold a dict (a checkpoint or a state dict), safely
+    (``weights_only=True``, on the CPU), with errors that name the file: a missing file is a
+    ``FileNotFoundError``, anything unreadable or not a dict a ``ValueError``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no {what} file at {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # any unpickling failure: name the file
+        raise ValueError(f"{path} is not a readable torch {what} ({type(err).__name__}: "
+                         f"{err})") from err
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} holds a {type(obj).__name__}, not a {what}")  # noqa: TRY004
+    return obj

@@ -21,11 +21,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from .config import ModelConfig, get_preset
 from .model import MaskRCNN, build_model
+from .utils import load_torch_dict
 
 __all__ = [
     "ARCHS",
@@ -166,17 +166,7 @@ def _state_dict_from(source: Any) -> tuple[dict[str, Tensor], str]:
         return dict(sd), "the state dict"
     if isinstance(source, (str, Path)):
         path = Path(source)
-        if not path.is_file():
-            raise FileNotFoundError(f"from_torchvision: no checkpoint file at {path}")
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:
-            raise ValueError(f"from_torchvision: {path} is not a readable torch checkpoint "
-                             f"({type(err).__name__}: {err})") from err
-        if not isinstance(obj, Mapping):
-            raise ValueError(f"from_torchvision: {path} holds a {type(obj).__name__}, not a "  # noqa: TRY004
-                             "state dict")
-        sd, _ = _state_dict_from(obj)
+        sd, _ = _state_dict_from(load_torch_dict(path, "checkpoint"))
         return sd, str(path)
     if hasattr(source, "get_state_dict"):  # a torchvision WeightsEnum member
         return source.get_state_dict(progress=True), f"torchvision weights {source}"
