@@ -5,7 +5,8 @@ options and sets ``func``, the function that runs it with the parsed arguments a
 status. A new job (train, eval, ...) adds one such pair and one line in ``_SUBCOMMANDS``.
 
     mrcnn-edu make-shapes --out data/shapes --train 2000 --val 300 --size 256 --seed 0 [--keypoints]
-                          [--overwrite]
+                          [--overlap] [--small] [--overwrite]
+    mrcnn-edu ablate --study roi-pool|mask-loss|all --seeds 3 --minutes 2 --out results/ablations
 """
 
 from __future__ import annotations
@@ -55,6 +56,12 @@ def _add_make_shapes(subparsers) -> None:
     p.add_argument("--seed", type=_shapes_int("seed"), default=0,
                    help="random seed, >= 0 (0); same seed, same bytes")
     p.add_argument("--keypoints", action="store_true", help="stick figures with keypoints")
+    p.add_argument("--overlap", action="store_true",
+                   help="denser scenes, objects placed across objects of other classes (the "
+                        "mask-loss ablation's set; default --out data/shapes_overlap)")
+    p.add_argument("--small", action="store_true",
+                   help="smaller objects, 1/16..1/4 of the image side (the roi-pool ablation's "
+                        "set; default --out data/shapes_small)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a set already in OUT (by default an existing set is an error)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -64,12 +71,15 @@ def _add_make_shapes(subparsers) -> None:
 def _run_make_shapes(args: argparse.Namespace) -> int:
     from mrcnn_edu.data.shapes import write_shapes_dataset
 
-    out = args.out or Path("data/shapes_keypoints" if args.keypoints else "data/shapes")
+    default = "data/shapes" + "".join(f"_{o}" for o in ("keypoints", "overlap", "small")
+                                      if getattr(args, o))
+    out = args.out or Path(default)
     try:
         files = write_shapes_dataset(out, train=args.train, val=args.val, size=args.size,
                                      seed=args.seed, keypoints=args.keypoints,
                                      progress=not args.no_progress,
-                                     overwrite=args.overwrite)
+                                     overwrite=args.overwrite, overlap=args.overlap,
+                                     small=args.small)
     except (ValueError, OSError) as err:  # bad sizes, an existing set, a folder we cannot write
         print(f"mrcnn-edu make-shapes: error: {err}", file=sys.stderr)
         return 2
@@ -411,11 +421,106 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# ablate: the paper's Table 2 on the shapes set (notebook 08b)
+# ---------------------------------------------------------------------------------------------
+
+
+def _add_ablate(subparsers) -> None:
+    from mrcnn_edu.engine.ablate import list_studies  # also registers shapes-c4 / shapes-c5
+
+    p = subparsers.add_parser(
+        "ablate", help="rerun the paper's Table 2 ablations on the shapes set, with seeds",
+        description="Train and evaluate every variant of a study (roi-pool: RoIPool vs "
+                    "RoIAlign vs RoIAlign aligned on stride-16 and stride-32 backbones; "
+                    "mask-loss: sigmoid vs softmax vs class-agnostic masks) with the same "
+                    "data, seeds and number of steps. Writes OUT/<study>_<variant>_seed<n>.json "
+                    "per run, OUT/results.md (mean and spread over seeds beside the paper's "
+                    "numbers, a verdict per comparison) and OUT/<study>.png. Runs whose JSON "
+                    "exists are skipped, so an interrupted study resumes.")
+    p.add_argument("--study", required=True, choices=[*list_studies(), "all"])
+    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per variant (3)")
+    p.add_argument("--minutes", type=float, default=2.0,
+                   help="training budget per run, turned into one number of steps per group "
+                        "of variants by timing the slowest (2)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="optimizer steps per run instead of a budget")
+    p.add_argument("--out", type=Path, default=Path("results/ablations"),
+                   help="results folder (results/ablations)")
+    p.add_argument("--data", type=Path, default=Path("data"),
+                   help="folder holding the studies' sets (data): data/shapes_small, "
+                        "data/shapes_overlap; written when absent")
+    p.add_argument("--work", type=Path, default=Path("build/ablations"),
+                   help="checkpoints of the runs (build/ablations)")
+    p.add_argument("--keep", choices=("first-seed", "all", "none"), default="first-seed",
+                   help="whose checkpoints stay after evaluation (first-seed)")
+    p.add_argument("--val-images", type=int, default=None,
+                   help="evaluate only the first N val images (default: all)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value for EVERY variant alike (repeatable)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_run_ablate)
+
+
+def _run_ablate(args: argparse.Namespace) -> int:
+    import shlex
+
+    from mrcnn_edu.engine.ablate import (
+        chart_data,
+        get_study,
+        list_studies,
+        load_runs,
+        run_study,
+        summarize,
+        write_results,
+    )
+    from mrcnn_edu.engine.check_data import DataError
+    from mrcnn_edu.viz import plot_ablation_study, save_figure
+
+    names = list_studies() if args.study == "all" else [args.study]
+    words = ["mrcnn-edu", "ablate", "--study", args.study, "--seeds", str(args.seeds)]
+    words += ["--steps", str(args.steps)] if args.steps is not None else \
+        ["--minutes", f"{args.minutes:g}"]
+    words += ["--out", str(args.out), "--data", str(args.data)]
+    words += ["--val-images", str(args.val_images)] if args.val_images is not None else []
+    words += [w for kv in args.set for w in ("--set", kv)]
+    command = " ".join(shlex.quote(w) for w in words)  # what made the runs, for results.md
+
+    def report(record: dict, skipped: bool) -> None:
+        segm = (record["metrics"].get("segm") or {}).get("AP")
+        ap = "n/a" if segm is None else f"{100 * segm:.1f}"
+        how = "done before" if skipped else f"{record['minutes']:.1f} min"
+        print(f"{record['study']} {record['variant']} seed {record['seed']}: mask AP {ap} "
+              f"({record['steps']} steps, {how})", flush=True)
+
+    try:
+        for name in names:
+            run_study(get_study(name), args.seeds, args.minutes, args.data, args.out,
+                      progress=not args.no_progress, steps=args.steps,
+                      overrides=_parse_sets(args.set), work_dir=args.work,
+                      val_images=args.val_images, device=_device(args.device),
+                      keep=args.keep, command=command, on_run=report)
+    except (KeyError, ValueError, FileNotFoundError, FileExistsError, OSError, DataError) as err:
+        return _fail("ablate", err)
+    summaries = summarize(load_runs(args.out))
+    charted = list(dict.fromkeys(s.study for s in summaries))
+    for name in charted:
+        panels, paper = chart_data(summaries, name)
+        save_figure(plot_ablation_study(panels, paper=paper, title=get_study(name).title
+                                        if name in list_studies() else name),
+                    args.out / f"{name}.png")
+    path = write_results(args.out)
+    print(path.read_text(encoding="utf-8"))
+    print(f"wrote {path} and {', '.join(f'{n}.png' for n in charted)} in {args.out}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
 # Entry point
 # ---------------------------------------------------------------------------------------------
 
 _SUBCOMMANDS = (_add_make_shapes, _add_train, _add_eval, _add_predict, _add_check_data,
-                _add_demo)
+                _add_demo, _add_ablate)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -2823,3 +2823,84 @@ def draw_gallery(images: Sequence, entries: Sequence[GalleryEntry], detections: 
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return fig
+
+
+# =============================================================================================
+# 08b: the paper's ablations (Table 2) rerun with seeds (engine.ablate)
+# =============================================================================================
+def draw_ablation_bars(ax: Axes, values, *, paper=None, ylabel: str = "mask AP",
+                       title: str | None = None) -> Axes:
+    """One bar per variant at the mean over seeds, a +-1 sample-std error bar, every seed a dot.
+
+    Args:
+        values: ``{variant label: [one value per seed]}`` (e.g. AP in percent), in drawing order.
+        paper: ``{variant label: value}``, the paper's number, written above its bar (the
+            paper measured COCO, so it is text, not a bar on the same axis).
+
+    Bars carry ``gid="bar:<label>"`` (height = mean), the seed dots ``gid="seeds:<label>"``
+    (one offset per seed, y = the values), error bars only where there are two seeds or more.
+    Returns ``ax``.
+    """
+    fn = "draw_ablation_bars"
+    if not hasattr(values, "items") or not values:
+        raise ValueError(f"{fn}: values must be a non-empty mapping {{label: [values]}}")
+    labels = list(values)
+    top = 0.0
+    for i, label in enumerate(labels):
+        v = np.asarray(values[label], dtype=float).reshape(-1)
+        if v.size == 0 or not np.isfinite(v).all():
+            raise ValueError(f"{fn}: values[{label!r}] must be finite numbers, one per seed, "
+                             f"got {values[label]!r}")
+        color = PALETTE[i % len(PALETTE)]
+        mean = float(v.mean())
+        bar = ax.bar(i, mean, width=0.6, color=color, alpha=0.55, edgecolor="black")
+        bar.patches[0].set_gid(f"bar:{label}")
+        if v.size > 1:
+            ax.errorbar(i, mean, yerr=float(v.std(ddof=1)), color="black", capsize=4,
+                        linewidth=1)
+        offsets = np.linspace(-0.15, 0.15, v.size) if v.size > 1 else np.zeros(1)
+        dots = ax.scatter(i + offsets, v, s=18, color="black", zorder=3)
+        dots.set_gid(f"seeds:{label}")
+        top = max(top, float(v.max()))
+        if paper and label in paper:
+            ax.annotate(f"paper {paper[label]:.1f}", (i, 0), xytext=(0, 3),
+                        textcoords="offset points", ha="center", va="bottom", fontsize=7,
+                        color="0.25")
+    ax.set_xticks(range(len(labels)), labels, fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(0, max(1.0, top) * 1.15)
+    if title is not None:
+        ax.set_title(title, fontsize=9)
+    return ax
+
+
+def plot_ablation_study(panels, *, paper=None, title: str | None = None) -> Figure:
+    """A grid of :func:`draw_ablation_bars`: one row per group of variants, one column per
+    metric.
+
+    Args:
+        panels: ``{row title: {metric: {variant label: [values per seed]}}}`` (what
+            ``mrcnn_edu.engine.ablate.chart_data`` returns).
+        paper: the paper's values in the same layout (``{row: {metric: {label: value}}}``).
+    """
+    if not hasattr(panels, "items") or not panels:
+        raise ValueError("plot_ablation_study: panels must be a non-empty mapping "
+                         "{row: {metric: {label: [values]}}}")
+    rows = list(panels)
+    ncols = max(len(panels[r]) for r in rows)
+    fig, axes = plt.subplots(len(rows), ncols, figsize=(3.6 * ncols, 3.0 * len(rows)),
+                             squeeze=False)
+    for i, row in enumerate(rows):
+        for j, metric in enumerate(panels[row]):
+            draw_ablation_bars(axes[i][j], panels[row][metric], ylabel=metric,
+                               paper=((paper or {}).get(row) or {}).get(metric),
+                               title=row)
+        for j in range(len(panels[row]), ncols):
+            axes[i][j].set_axis_off()
+    if title is not None:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+__all__ += ["draw_ablation_bars", "plot_ablation_study"]

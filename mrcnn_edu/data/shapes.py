@@ -14,6 +14,16 @@ compressed RLE (their visible part is no longer a polygon). The val split also h
 "crowd" regions (a cluster of tiny objects of one class, ``iscrowd=1``, uncompressed RLE, as COCO
 annotates crowds).
 
+Two options change the scenes for the ablations of ``mrcnn_edu.engine.ablate`` (Table 2 of the
+paper; notebook ``08b_ablations.ipynb``); without them the output is exactly the default set:
+
+* ``overlap=True``: denser scenes (``OVERLAP_OBJECTS`` objects per image) where most objects are
+  placed across an earlier object of a *different* class, so RoIs hold parts of two classes
+  (what a per-pixel softmax over classes has to fight over, Table 2b);
+* ``small=True``: object sides of about 1/16 .. 1/4 of the image (16..64 px at 256 px), mostly
+  COCO "small" and "medium": a cell of a stride-16 or stride-32 map is a large fraction of such
+  an object, so RoIPool's rounding to cells shows (Table 2c/2d).
+
 Keypoint set (``person_keypoints_{split}.json``, ``keypoints=True``): stick-figure "persons" with
 the 11 keypoints of ``KEYPOINT_NAMES``, a COCO ``skeleton`` (1-based pairs) and visibility
 v = 0 (out of the frame, stored as x = y = 0), 1 (occluded by a later object) or 2 (visible),
@@ -112,6 +122,10 @@ MIN_VISIBLE_FRACTION = 0.2   # drop an instance when less than this fraction of 
 MIN_VISIBLE_PIXELS = 12      # ... or fewer visible pixels than this
 MAX_OBJECTS = 6              # objects per detection image: uniform in 1..MAX_OBJECTS
 MAX_PERSONS = 4              # persons per keypoint image: uniform in 1..MAX_PERSONS
+OVERLAP_OBJECTS = (4, 10)    # overlap=True: objects per image, uniform in this range
+OVERLAP_PROBABILITY = 0.75   # overlap=True: chance an object is placed across an earlier one
+OVERLAP_DISTANCE = (0.3, 0.75)  # ... centre distance / (sum of the two radii): partial overlap
+SMALL_SIDES = (1 / 16, 0.25)  # small=True: object side (sqrt of area) range, / image side
 CROWD_PROBABILITY = 0.2      # chance that a val image holds one crowd region (detection set)
 
 _MODES = {"detection": 0, "keypoints": 1}
@@ -176,8 +190,14 @@ def _regular_polygon(cx: float, cy: float, radius: float, n: int, angle: float) 
     return np.stack([cx + radius * np.cos(t), cy + radius * np.sin(t)], axis=1)
 
 
-def _shape_polygon(kind: str, area: float, rng: np.random.Generator, size: int) -> np.ndarray:
-    """Vertices [P, 2] of a square / circle / triangle of about ``area`` px^2, inside the frame."""
+def _shape_polygon(kind: str, area: float, rng: np.random.Generator, size: int,
+                   near: tuple[np.ndarray, float] | None = None) -> np.ndarray:
+    """Vertices [P, 2] of a square / circle / triangle of about ``area`` px^2, inside the frame.
+
+    ``near = (centre [2], radius)``: place it across that shape (``overlap=True`` scenes): its
+    centre at ``OVERLAP_DISTANCE`` times the sum of the two radii from ``centre``, in a random
+    direction (then moved, if needed, so that every vertex stays in the frame).
+    """
     angle = rng.uniform(0, 2 * np.pi)
     if kind == "square":      # area = side^2, circumradius = side / sqrt(2)
         radius, n = math.sqrt(area / 2), 4
@@ -189,6 +209,13 @@ def _shape_polygon(kind: str, area: float, rng: np.random.Generator, size: int) 
     radius = min(radius, size / 2 - 1)
     pts = _regular_polygon(0.0, 0.0, radius, n, angle)
     lo, hi = pts.min(0), pts.max(0)
+    if near is not None:
+        centre, other_radius = near
+        phi = rng.uniform(0, 2 * np.pi)
+        dist = rng.uniform(*OVERLAP_DISTANCE) * (radius + other_radius)
+        cx = float(np.clip(centre[0] + dist * np.cos(phi), -lo[0], size - hi[0]))
+        cy = float(np.clip(centre[1] + dist * np.sin(phi), -lo[1], size - hi[1]))
+        return pts + np.array([cx, cy])
     # place the shape so every vertex stays in [0, size]
     cx = rng.uniform(-lo[0], size - hi[0])
     cy = rng.uniform(-lo[1], size - hi[1])
@@ -232,8 +259,16 @@ def _contrasting_color(rng: np.random.Generator, img: np.ndarray, mask: np.ndarr
     return color.astype(np.float32)
 
 
-def _sample_area(rng: np.random.Generator, size: int) -> float:
-    """Log-uniform area from ~(size/25)^2 to (0.65 size)^2: at 256 px about 40% small, 20% large."""
+def _sample_area(rng: np.random.Generator, size: int, small: bool = False) -> float:
+    """Log-uniform area from ~(size/25)^2 to (0.65 size)^2: at 256 px about 40% small, 20% large.
+
+    ``small``: sides from ``SMALL_SIDES[0] * size`` to ``SMALL_SIDES[1] * size`` instead (16..64
+    px at 256 px: about half COCO "small", none "large").
+    """
+    if small:
+        a_min = max(64.0, (SMALL_SIDES[0] * size) ** 2)
+        a_max = max(a_min * 2, (SMALL_SIDES[1] * size) ** 2)
+        return float(np.exp(rng.uniform(np.log(a_min), np.log(a_max))))
     a_min = max(64.0, (size / 25) ** 2)
     a_max = max(a_min * 2, (0.65 * size) ** 2)
     return float(np.exp(rng.uniform(np.log(a_min), np.log(a_max))))
@@ -289,7 +324,8 @@ def _stick_figure(rng: np.random.Generator, size: int) -> tuple[np.ndarray, list
 
 
 def generate_image(rng: np.random.Generator, size: int = 256, *, keypoints: bool = False,
-                   crowd: bool = False) -> tuple[np.ndarray, list[dict]]:
+                   crowd: bool = False, overlap: bool = False,
+                   small: bool = False) -> tuple[np.ndarray, list[dict]]:
     """Draw one image and its instances.
 
     Args:
@@ -297,12 +333,18 @@ def generate_image(rng: np.random.Generator, size: int = 256, *, keypoints: bool
         size: image height = width in pixels.
         keypoints: stick-figure persons (plus unlabelled occluding shapes) instead of shapes.
         crowd: add one crowd region (detection set only).
+        overlap: denser scenes (``OVERLAP_OBJECTS``), most objects placed across an earlier
+            object of another class (detection set only; see the module docstring).
+        small: smaller objects (``SMALL_SIDES``; detection set only).
     Returns:
         image: uint8 [H, W, 3].
         instances: list of dicts with ``category_id`` (int), ``mask`` uint8 [H, W] (visible part),
         ``segmentation`` (COCO polygons or RLE), ``iscrowd`` (0/1) and, for persons,
         ``keypoints`` float [K, 3] (x, y, v). Hidden instances are already dropped.
     """
+    if keypoints and (overlap or small):
+        raise ValueError("generate_image: overlap and small are options of the detection set, "
+                         "not of the keypoint set (keypoints=True)")
     img = _background(rng, size)
     # painter's list: (category_id or None for unlabelled, polygons, keypoints or None, iscrowd)
     items: list[tuple] = []
@@ -330,15 +372,25 @@ def generate_image(rng: np.random.Generator, size: int = 256, *, keypoints: bool
                 pts = _shape_polygon(shape, _sample_area(rng, size) / 3, rng, size)
                 items.append((None, [_round_poly(pts)], None, 0))
     else:
-        n = int(rng.integers(1, MAX_OBJECTS + 1))
+        lo, hi = OVERLAP_OBJECTS if overlap else (1, MAX_OBJECTS)
+        n = int(rng.integers(lo, hi + 1))
         objs = []
         for _ in range(n):
             k = int(rng.integers(len(CLASS_NAMES)))
-            area = _sample_area(rng, size)
+            area = _sample_area(rng, size, small=small)
             objs.append((area * rng.lognormal(0, 0.7), k, area))
         objs.sort(key=lambda o: -o[0])  # mostly large behind small, with some jitter
+        placed: list[tuple[np.ndarray, float, int]] = []  # overlap: (centre [2], radius, class)
         for _, k, area in objs:
-            pts = _shape_polygon(CLASS_NAMES[k], area, rng, size)
+            near = None
+            if overlap and placed and rng.random() < OVERLAP_PROBABILITY:
+                centre, radius, other = placed[int(rng.integers(len(placed)))]
+                k = (other + 1 + int(rng.integers(len(CLASS_NAMES) - 1))) % len(CLASS_NAMES)
+                near = (centre, radius)
+            pts = _shape_polygon(CLASS_NAMES[k], area, rng, size, near=near)
+            if overlap:
+                centre = pts.mean(0)
+                placed.append((centre, float(np.linalg.norm(pts - centre, axis=1).max()), k))
             items.append((CATEGORY_IDS[k], [_round_poly(pts)], None, 0))
 
     # paint back to front
@@ -398,14 +450,22 @@ def _categories(keypoints: bool) -> list[dict]:
             for cid, name in zip(CATEGORY_IDS, CLASS_NAMES)]
 
 
+def _options(overlap: bool, small: bool) -> dict[str, bool]:
+    """The scene options that differ from the default set (``{}`` for the default set)."""
+    return {k: True for k, v in (("overlap", overlap), ("small", small)) if v}
+
+
 def write_split(out: str | Path, split: str, num_images: int, size: int = 256, seed: int = 0,
-                keypoints: bool = False, progress=None, manifest: dict | None = None) -> Path:
+                keypoints: bool = False, progress=None, manifest: dict | None = None, *,
+                overlap: bool = False, small: bool = False) -> Path:
     """Write one split: PNGs under ``out/{split}/`` and its annotation JSON; returns the JSON path.
 
     ``progress``: a tqdm bar to advance (or None). ``manifest``: a dict that receives this
     split's entry of the set's manifest (annotation file, its sha256, counts, and the byte size
-    and sha256 of every image). Files are written in place: :func:`write_shapes_dataset` calls
-    this inside a staging folder, so nobody sees a half-written split.
+    and sha256 of every image). ``overlap``, ``small``: see :func:`generate_image`; when set they
+    are recorded as ``info["mrcnn_edu"]["options"]`` (the default set records none). Files are
+    written in place: :func:`write_shapes_dataset` calls this inside a staging folder, so nobody
+    sees a half-written split.
     """
     out = Path(out)
     mode = "keypoints" if keypoints else "detection"
@@ -415,7 +475,8 @@ def write_split(out: str | Path, split: str, num_images: int, size: int = 256, s
     for i in range(num_images):
         rng = np.random.default_rng([seed, _MODES[mode], _SPLITS[split], i])
         crowd = split == "val" and not keypoints and rng.random() < CROWD_PROBABILITY
-        image, instances = generate_image(rng, size, keypoints=keypoints, crowd=crowd)
+        image, instances = generate_image(rng, size, keypoints=keypoints, crowd=crowd,
+                                          overlap=overlap, small=small)
         image_id = i + 1
         file_name = f"{image_id:012d}.png"
         buf = io.BytesIO()
@@ -440,15 +501,17 @@ def write_split(out: str | Path, split: str, num_images: int, size: int = 256, s
         if progress is not None:
             progress.update(1)
     name = "stick figures" if keypoints else "shapes"
+    ours = {"kind": mode, "split": split, "seed": int(seed), "size": int(size),
+            "num_images": int(num_images), "num_annotations": len(annotations),
+            "mrcnn_edu_version": __version__}
+    if _options(overlap, small):
+        ours["options"] = _options(overlap, small)
     data = {
         "info": {"description": f"mrcnn_edu synthetic {name} ({split})", "version": "1.0",
                  "year": 2017, "contributor": "mrcnn_edu.data.shapes",
                  "url": "", "date_created": f"seed={seed} size={size}",
                  # what this set is, for a reader to check (see shapes_manifest.json)
-                 "mrcnn_edu": {"kind": mode, "split": split, "seed": int(seed),
-                               "size": int(size), "num_images": int(num_images),
-                               "num_annotations": len(annotations),
-                               "mrcnn_edu_version": __version__}},
+                 "mrcnn_edu": ours},
         "licenses": [{"id": 1, "name": "CC0 1.0 Universal",
                       "url": "https://creativecommons.org/publicdomain/zero/1.0/"}],
         "images": images,
@@ -487,7 +550,8 @@ def existing_outputs(out: str | Path, keypoints: bool = False) -> list[Path]:
 
 def write_shapes_dataset(out: str | Path, train: int = 2000, val: int = 300, size: int = 256,
                          seed: int = 0, keypoints: bool = False,
-                         progress: bool = True, overwrite: bool = False) -> dict[str, Path]:
+                         progress: bool = True, overwrite: bool = False, *,
+                         overlap: bool = False, small: bool = False) -> dict[str, Path]:
     """Write the synthetic set in COCO 2017 layout and return ``{split: annotation file}``.
 
     Layout::
@@ -500,7 +564,11 @@ def write_shapes_dataset(out: str | Path, train: int = 2000, val: int = 300, siz
 
     Image ids run 1..n within each split. The same arguments give byte-identical files.
     ``keypoints=True`` writes the stick-figure set; give it its own ``out`` folder, since the
-    image file names would collide with a detection set in the same folder.
+    image file names would collide with a detection set in the same folder. ``overlap=True``
+    (denser scenes of overlapping objects of different classes) and ``small=True`` (smaller
+    objects) change the detection scenes (see :func:`generate_image`); the manifest and the
+    annotation files' ``info["mrcnn_edu"]`` record them as ``"options"`` (absent without them,
+    so the default set's bytes do not change).
 
     All or nothing: the set is written into a staging folder beside ``out``
     (``.{name}.writing-XXXX``, same parent, so same file system) and moved into place in one
@@ -526,6 +594,9 @@ def write_shapes_dataset(out: str | Path, train: int = 2000, val: int = 300, siz
             raise ValueError(f"write_shapes_dataset: {name} must be at most {hi}, got {n}")
     if size < MIN_SIZE:
         raise ValueError(f"write_shapes_dataset: size must be at least {MIN_SIZE} px, got {size}")
+    if keypoints and (overlap or small):
+        raise ValueError("write_shapes_dataset: overlap and small are options of the detection "
+                         "set, not of the keypoint set (keypoints=True)")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"write_shapes_dataset: {out} exists and is not a folder")
@@ -560,7 +631,8 @@ def write_shapes_dataset(out: str | Path, train: int = 2000, val: int = 300, siz
         splits: dict = {}
         try:
             for split, n in (("train", train), ("val", val)):
-                write_split(staging, split, n, size, seed, keypoints, bar, manifest=splits)
+                write_split(staging, split, n, size, seed, keypoints, bar, manifest=splits,
+                            overlap=overlap, small=small)
         finally:
             if bar is not None:
                 bar.close()
@@ -568,6 +640,8 @@ def write_shapes_dataset(out: str | Path, train: int = 2000, val: int = 300, siz
                     "mrcnn_edu_version": __version__,
                     "kind": "keypoints" if keypoints else "detection",
                     "seed": int(seed), "size": int(size), "splits": splits}
+        if _options(overlap, small):
+            manifest["options"] = _options(overlap, small)
         text = json.dumps(manifest, indent=1, sort_keys=True).encode("utf-8")
         atomic_write(staging / MANIFEST_NAME, lambda f: f.write(text))
         (staging / ".pid").unlink()

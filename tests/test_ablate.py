@@ -1,0 +1,412 @@
+"""engine.ablate: the paper's Table 2 studies end to end on a tiny set (2 steps), resume, the
+table's statistics against hand-computed values, the verdicts, the variants' switches reaching
+the built model (against torchvision's operators), the shapes options and the CLI."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+from mrcnn_edu.cli import main
+from mrcnn_edu.config import flat_keys
+from mrcnn_edu.data.shapes import (
+    MANIFEST_NAME,
+    generate_image,
+    mask_to_bbox,
+    write_shapes_dataset,
+)
+from mrcnn_edu.engine import ablate
+from mrcnn_edu.engine.ablate import (
+    ShapesData,
+    compare,
+    format_results,
+    get_study,
+    list_studies,
+    mean_std,
+    plan_steps,
+    run_study,
+    summarize,
+)
+from mrcnn_edu.engine.recipe import get_experiment, list_experiments
+from mrcnn_edu.model import build_model
+from mrcnn_edu.viz import draw_ablation_bars, plot_ablation_study
+
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+
+# every variant alike: 64 px images, narrow heads, few RoIs (the studies' switches untouched)
+TINY = {
+    "model.transform.min_size": "(64,)", "model.transform.max_size": "64",
+    "model.backbone.fpn_channels": "32", "model.roi_heads.representation_size": "64",
+    "model.roi_heads.mask_layers": "(16, 16)", "model.roi_heads.mask_dim_reduced": "16",
+    "model.roi_heads.batch_size_per_image": "32", "model.rpn.pre_nms_top_n_train": "100",
+    "model.rpn.post_nms_top_n_train": "50", "model.rpn.pre_nms_top_n_test": "50",
+    "model.rpn.post_nms_top_n_test": "20", "model.roi_heads.detections_per_img": "10",
+    "train.batch_size": "1", "train.num_workers": "0", "train.log_every": "1",
+}
+
+
+def _tiny_study(name: str, variants: tuple[str, ...]) -> ablate.Study:
+    study = get_study(name)
+    return dataclasses.replace(
+        study, data=dataclasses.replace(study.data, train=4, val=2, size=64),
+        variants=tuple(v for v in study.variants if v.name in variants))
+
+
+# ------------------------------------------------------------------------------ definitions
+def test_studies_and_recipes_are_registered():
+    assert list_studies() == ["roi-pool", "mask-loss"]
+    assert {"shapes-c4", "shapes-c5"} <= set(list_experiments())
+    roi = get_study("roi-pool")
+    assert [v.name for v in roi.variants] == ["c4-pool", "c4-align", "c4-aligned",
+                                              "c5-pool", "c5-align", "c5-aligned"]
+    assert roi.data.small and not roi.data.overlap and roi.data.name == "shapes_small"
+    loss = get_study("mask-loss")
+    assert loss.data.overlap and loss.data.name == "shapes_overlap"
+    # the paper's numbers (He et al. 2017, Table 2b/2c/2d and sec. 4.2)
+    assert roi.variant("c4-pool").paper["segm AP"] == 26.9
+    assert roi.variant("c4-align").paper["segm AP"] == 30.3
+    assert roi.variant("c5-pool").paper == {"segm AP": 23.6, "segm AP50": 46.5,
+                                            "segm AP75": 21.6, "bbox AP": 28.2}
+    assert roi.variant("c5-align").paper == {"segm AP": 30.9, "segm AP50": 51.8,
+                                             "segm AP75": 32.1, "bbox AP": 34.0}
+    assert not roi.variant("c4-aligned").paper
+    assert [loss.variant(m).paper["segm AP"] for m in ("sigmoid", "softmax", "agnostic")] == \
+        [30.3, 24.8, 29.7]
+    with pytest.raises(KeyError, match="studies: roi-pool, mask-loss"):
+        get_study("roi-align")
+
+
+def _pool_reference(op: str, aligned: bool, feats: torch.Tensor, boxes: torch.Tensor,
+                    scale: float, size: int) -> torch.Tensor:
+    rois = torch.cat([torch.zeros(len(boxes), 1), boxes], 1)  # [K, 5] (batch index first)
+    if op == "pool":
+        return torchvision.ops.roi_pool(feats, rois, size, scale)
+    return torchvision.ops.roi_align(feats, rois, size, scale, sampling_ratio=2, aligned=aligned)
+
+
+@pytest.mark.parametrize("name", ["roi-pool", "mask-loss"])
+def test_variants_differ_in_the_built_model(name):
+    """The switch of each variant reaches the model: the poolers compute torchvision's
+    roi_pool / roi_align(aligned) at the backbone's stride; the mask loss mode and the mask
+    predictor's channels follow ``mask_loss``; everything else is the same."""
+    study = get_study(name)
+    feats = torch.randn(1, 8, 16, 16, generator=torch.Generator().manual_seed(0))
+    boxes = torch.tensor([[13.3, 20.7, 61.9, 50.2], [100.5, 90.1, 180.0, 230.6]])
+    for v in study.variants:
+        exp = v.experiment(0, TINY)
+        model = build_model(exp.model)
+        h = exp.model.roi_heads
+        pool = model.roi_heads.box_roi_pool
+        assert (pool.op, pool.aligned) == (h.pooler_op, h.aligned)
+        assert model.roi_heads.mask_loss_mode == h.mask_loss
+        channels = model.roi_heads.mask_predictor.mask_fcn_logits.out_channels
+        assert channels == (1 if h.mask_loss == "agnostic" else exp.model.num_classes)
+        strides = tuple(model.backbone.strides)
+        if name == "roi-pool":
+            assert strides == {"c4": (16,), "c5": (32,)}[v.group]
+            stride = strides[0]
+            f = {"0": feats[:, :, : 256 // stride, : 256 // stride]}
+            got = pool(f, [boxes], [(256, 256)])  # [K, C, 7, 7]
+            want = _pool_reference(h.pooler_op, h.aligned, f["0"], boxes, 1 / stride, 7)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        else:
+            assert strides == (4, 8, 16, 32, 64)  # P2..P5 and the pooled P6
+    # variants of a group differ only in the keys they declare
+    for v in study.variants:
+        ref = next(w for w in study.variants if w.group == v.group)
+        a = flat_keys(get_experiment(v.recipe, {**TINY, **v.overrides}))
+        b = flat_keys(get_experiment(ref.recipe, {**TINY, **ref.overrides}))
+        assert {k for k in a if a[k] != b[k]} <= set(v.overrides) | set(ref.overrides)
+
+
+def test_shared_overrides_cannot_erase_the_switch():
+    v = get_study("roi-pool").variant("c4-pool")
+    with pytest.raises(ValueError, match="model.roi_heads.pooler_op"):
+        v.experiment(0, {"model.roi_heads.pooler_op": "align"})
+    with pytest.raises(ValueError, match="train.seed"):
+        v.experiment(0, {"train.seed": "3"})
+    assert v.experiment(5, TINY).train.seed == 5
+
+
+# -------------------------------------------------------------------------- shapes options
+def test_shapes_options_overlap_and_small():
+    counts = {}
+    for opts in ({}, {"overlap": True}, {"small": True}):
+        n, crossed, large, sides = 0, 0, 0, []
+        for i in range(30):
+            _, inst = generate_image(np.random.default_rng([1, i]), 128, **opts)
+            n += len(inst)
+            boxes = [mask_to_bbox(x["mask"]) for x in inst]
+            sides += [math.sqrt(x["mask"].sum()) for x in inst]
+            large += sum(x["mask"].sum() >= (0.3 * 128) ** 2 for x in inst)
+            for a in range(len(inst)):
+                for b in range(a + 1, len(inst)):
+                    xa, ya, wa, ha = boxes[a]
+                    xb, yb, wb, hb = boxes[b]
+                    if inst[a]["category_id"] != inst[b]["category_id"] and \
+                            min(xa + wa, xb + wb) > max(xa, xb) and \
+                            min(ya + ha, yb + hb) > max(ya, yb):
+                        crossed += 1
+        counts[tuple(opts)] = (n / 30, crossed / 30, large, max(sides))
+    default, overlap, small = counts[()], counts[("overlap",)], counts[("small",)]
+    assert overlap[0] > 1.5 * default[0]  # denser scenes
+    assert overlap[1] > 3 * default[1]  # objects of different classes cross each other
+    assert small[2] == 0 < default[2] and small[3] <= 0.25 * 128 + 1  # no large objects
+    with pytest.raises(ValueError, match="detection set"):
+        generate_image(np.random.default_rng(0), 64, keypoints=True, overlap=True)
+
+
+def test_option_sets_record_their_options_and_ensure_checks_them(tmp_path):
+    write_shapes_dataset(tmp_path / "shapes_small", train=2, val=1, size=48, progress=False)
+    manifest = json.loads((tmp_path / "shapes_small" / MANIFEST_NAME).read_text())
+    assert "options" not in manifest  # the default set's bytes are unchanged
+    with pytest.raises(ValueError, match="options none, but this study needs {'small': True}"):
+        ShapesData("shapes_small", small=True).ensure(tmp_path)
+    root = ShapesData("shapes_overlap", train=2, val=1, size=48, overlap=True).ensure(
+        tmp_path, progress=False)
+    manifest = json.loads((root / MANIFEST_NAME).read_text())
+    info = json.loads((root / "annotations" / "instances_val.json").read_text())["info"]
+    assert manifest["options"] == info["mrcnn_edu"]["options"] == {"overlap": True}
+    assert ShapesData("shapes_overlap", overlap=True).ensure(tmp_path) == root  # kept as is
+
+
+def test_cli_make_shapes_options(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["make-shapes", "--overlap", "--small", "--train", "2", "--val", "1",
+                 "--size", "48", "--no-progress"]) == 0
+    manifest = json.loads((tmp_path / "data/shapes_overlap_small" / MANIFEST_NAME).read_text())
+    assert manifest["options"] == {"overlap": True, "small": True}
+
+
+# ------------------------------------------------------------------------------ the plan
+def test_plan_steps_from_the_slowest_variant(monkeypatch):
+    study = get_study("roi-pool")
+    secs = {"c4-pool": 0.5, "c4-align": 1.0, "c4-aligned": 2.0}
+    timed = []
+
+    def fake_time(exp, data_dir, device="cpu"):
+        name = {("pool", False): "c4-pool", ("align", False): "c4-align",
+                ("align", True): "c4-aligned"}[(exp.model.roi_heads.pooler_op,
+                                                exp.model.roi_heads.aligned)]
+        timed.append(name)
+        return secs[name]
+
+    monkeypatch.setattr(ablate, "time_variant", fake_time)
+    plan = plan_steps(study, "c4", None, minutes=1.0, steps=None)
+    assert sorted(timed) == sorted(secs)  # only the group's variants are timed
+    assert plan["steps"] == int(60 * 0.85 / 2.0) == 25  # the slowest sets the steps
+    assert plan_steps(study, "c4", None, minutes=0.1, steps=None)["steps"] == ablate.MIN_STEPS
+    assert plan_steps(study, "c4", None, minutes=1000.0, steps=None)["steps"] == 1000  # recipe
+    timed.clear()
+    assert plan_steps(study, "c4", None, minutes=1.0, steps=None, plan=plan) is plan
+    assert not timed  # a resumed study reuses its plan
+    with pytest.raises(ValueError, match=r"planned with --minutes 1.0 \(25 steps\), not "
+                                         r"--minutes 2.0"):
+        plan_steps(study, "c4", None, minutes=2.0, steps=None, plan=plan)
+    with pytest.raises(ValueError, match="not --steps 7"):
+        plan_steps(study, "c4", None, minutes=1.0, steps=7, plan=plan)
+
+
+def test_fit_schedule_keeps_every_run_to_the_same_steps():
+    exp = get_experiment("shapes")
+    ablate.fit_schedule(exp, 40)
+    t = exp.train
+    assert (t.steps, t.warmup_steps, t.max_minutes, t.checkpoint_every, t.keep_last) == \
+        (40, 4, None, 10, 1)
+
+
+# ------------------------------------------------------------------------- end to end
+def test_two_step_study_end_to_end_and_resume(tmp_path, monkeypatch):
+    study = _tiny_study("roi-pool", ("c5-pool", "c5-align"))
+    kw = {"seeds": 1, "minutes": None, "data_root": tmp_path / "data",
+          "out_dir": tmp_path / "out", "progress": False, "steps": 2, "overrides": TINY,
+          "work_dir": tmp_path / "work"}
+    calls = []
+    real = ablate.run_training
+
+    def counting(exp, *a, **k):
+        calls.append(exp.model.roi_heads.pooler_op)
+        return real(exp, *a, **k)
+
+    monkeypatch.setattr(ablate, "run_training", counting)
+    records = run_study(study, command="pytest", **kw)
+    assert calls == ["pool", "align"] and len(records) == 2
+    out = tmp_path / "out"
+    manifest = json.loads((tmp_path / "data" / "shapes_small" / MANIFEST_NAME).read_text())
+    assert manifest["options"] == {"small": True} and manifest["size"] == 64  # written
+    for v in study.variants:
+        rec = json.loads((out / f"roi-pool_{v.name}_seed0.json").read_text())
+        assert rec["config"]["model"]["roi_heads"]["pooler_op"] == \
+            v.overrides["model.roi_heads.pooler_op"]
+        assert rec["config"]["model"]["backbone"]["kind"] == "resnet_c5"
+        assert rec["config"]["train"]["seed"] == 0 and rec["seed"] == 0
+        assert rec["steps"] == rec["steps_planned"] == 2 and rec["minutes"] >= 0
+        assert rec["git"]["commit"] is None or len(rec["git"]["commit"]) == 40
+        assert rec["machine"]["cpu_count"] >= 1
+        assert rec["machine"]["torch"] == torch.__version__
+        assert set(rec["stats"]) == {"bbox", "segm"}
+        assert all(len(rec["stats"][t]) == 12 for t in ("bbox", "segm"))  # full COCOeval stats
+        assert rec["data"]["options"] == {"small": True} and rec["command"] == "pytest"
+    assert (tmp_path / "work/roi-pool/c5-pool/seed0/last.pt").is_file()  # first seed kept
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["roi-pool/c5"]["steps"] == 2 and plan["roi-pool/c5"]["how"] == "given"
+    text = (out / "results.md").read_text()
+    assert "| RoIPool | 1 | 2 |" in text and "| RoIAlign | 1 | 2 |" in text
+    assert "23.6" in text and "30.9" in text and "one seed only" in text
+
+    # resume: everything is there, nothing trains
+    calls.clear()
+    again = run_study(study, **kw)
+    assert calls == [] and [r["variant"] for r in again] == ["c5-pool", "c5-align"]
+    # an interrupted study re-runs only what is missing, with the plan it was started with
+    (out / "roi-pool_c5-align_seed0.json").unlink()
+    with pytest.raises(ValueError, match="planned with --steps 2, not --steps 3"):
+        run_study(study, **{**kw, "steps": 3})
+    assert calls == []
+    stub = _StubRuns()
+    monkeypatch.setattr(ablate, "_train_and_evaluate", stub)
+    run_study(study, **kw)
+    assert stub.calls == [("c5-align", 0, 2)]
+
+
+class _StubRuns:
+    """Stands in for ablate._train_and_evaluate (no training): records what it was asked to
+    run, leaves a file in the run folder, returns a record with fixed metrics."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, study, variant, seed, *, data_dir, steps, overrides, run_dir, **kw):
+        self.calls.append((variant.name, seed, steps))
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "last.pt").write_bytes(b"")
+        exp = variant.experiment(seed, overrides)
+        return {**_fake(study.name, variant.name, seed, {"AP": 0.1, "AP50": 0.2, "AP75": 0.05}),
+                "steps": steps, "config": dataclasses.asdict(exp)}
+
+
+# ------------------------------------------------------------------ statistics and verdicts
+def _fake(study: str, variant: str, seed: int, segm: dict, bbox_ap: float = 0.5) -> dict:
+    v = get_study(study).variant(variant)
+    return {"study": study, "variant": variant, "label": v.label, "group": v.group,
+            "seed": seed, "steps": 100, "minutes": 1.5,
+            "metrics": {"segm": segm, "bbox": {"AP": bbox_ap}},
+            "data": {"root": "data/shapes_overlap", "train_images": 1000,
+                     "evaluated_images": 200, "size": 256, "options": {"overlap": True}},
+            "git": {"commit": "a" * 40, "dirty": False},
+            "machine": {"platform": "Linux", "cpu_count": 2, "torch": "2.x", "device": "cpu"},
+            "command": "mrcnn-edu ablate --study mask-loss --seeds 3 --minutes 2"}
+
+
+def test_mean_std_by_hand():
+    mean, std, n = mean_std([1.0, 2.0, 4.0])
+    assert n == 3 and mean == pytest.approx(7 / 3)
+    # sum of squared deviations: (4/3)^2 + (1/3)^2 + (5/3)^2 = 42/9, over n - 1 = 2
+    assert std == pytest.approx(math.sqrt(42 / 9 / 2))
+    mean, std, n = mean_std([0.5, None, float("nan")])
+    assert (mean, n) == (0.5, 1) and math.isnan(std)
+    assert mean_std([])[2] == 0
+
+
+def test_table_and_verdicts_from_fake_runs(tmp_path):
+    records = []
+    for seed, (sig, soft, agn) in enumerate([(0.30, 0.20, 0.33), (0.32, 0.21, 0.30),
+                                             (0.34, 0.22, 0.32)]):
+        records += [_fake("mask-loss", "sigmoid", seed, {"AP": sig, "AP50": 0.5, "AP75": sig}),
+                    _fake("mask-loss", "softmax", seed, {"AP": soft, "AP50": 0.4, "AP75": soft}),
+                    _fake("mask-loss", "agnostic", seed, {"AP": agn, "AP50": 0.5,
+                                                          "AP75": agn})]
+    for r in records:
+        (tmp_path / f"mask-loss_{r['variant']}_seed{r['seed']}.json").write_text(json.dumps(r))
+    summaries = {s.variant: s for s in summarize(ablate.load_runs(tmp_path))}
+    sig, soft, agn = summaries["sigmoid"], summaries["softmax"], summaries["agnostic"]
+    # hand-computed: sigmoid 30, 32, 34 -> 32.0 +- 2.0; softmax 20, 21, 22 -> 21.0 +- 1.0;
+    # agnostic 33, 30, 32 -> 31.67 +- sqrt(((4/3)^2 + (5/3)^2 + (1/3)^2) / 2) = 1.53
+    assert sig.mean["segm AP"] == pytest.approx(32.0) and sig.std["segm AP"] == pytest.approx(2.0)
+    assert soft.mean["segm AP"] == pytest.approx(21.0)
+    assert soft.std["segm AP"] == pytest.approx(1.0)
+    assert agn.mean["segm AP"] == pytest.approx(95 / 3)
+    assert agn.std["segm AP"] == pytest.approx(math.sqrt(42 / 9 / 2))
+    assert sig.seeds == [0, 1, 2] and sig.values["bbox AP"] == [50.0, 50.0, 50.0]
+
+    text = format_results(ablate.load_runs(tmp_path))
+    assert "| sigmoid (decoupled) | 3 | 100 | 32.0 ± 2.0 | 50.0 ± 0.0 | 32.0 ± 2.0 | " \
+           "50.0 ± 0.0 | 30.3 | 51.2 | 31.5 | — |" in text
+    assert "| softmax (coupled) | 3 | 100 | 21.0 ± 1.0 |" in text
+    assert "| class-agnostic | 3 | 100 | 31.7 ± 1.5 |" in text and "| 29.7 | — | — | — |" in text
+    assert "mrcnn-edu ablate --study mask-loss --seeds 3 --minutes 2" in text
+    # sigmoid vs softmax: +11.0 > spread 2.0; sigmoid vs agnostic: +0.33 < spread 2.0
+    assert ("mask AP: sigmoid (decoupled) 32.0 ± 2.0 vs softmax (coupled) 21.0 ± 1.0, a "
+            "difference of +11.0 points, larger than the spread over seeds (2.0): sigmoid "
+            "(decoupled) is better here, as the paper found.") in text
+    assert ("mask AP: sigmoid (decoupled) 32.0 ± 2.0 vs class-agnostic 31.7 ± 1.5, a "
+            "difference of +0.3 points, within the noise (the spread over seeds is 2.0)") in text
+    # compare(a, b) reads "the paper found a better": the other way round, outside the noise
+    assert "sigmoid (decoupled) is better here, unlike the paper" in compare(soft, sig)
+    # a difference exactly as large as the spread is not "within"; one seed has no spread
+    at = dataclasses.replace(soft, values={**soft.values, "segm AP": [29.0, 31.0, 30.0]})
+    assert "+2.0 points, larger than the spread over seeds (2.0)" in compare(sig, at)
+    one = dataclasses.replace(sig, values={**sig.values, "segm AP": [30.0]})
+    assert "one seed only" in compare(one, soft)
+
+
+def test_charts_bars_are_means_and_dots_are_seeds():
+    values = {"RoIPool": [20.0, 22.0, 24.0], "RoIAlign": [30.0, 31.0, 35.0], "one": [5.0]}
+    fig, ax = plt.subplots()
+    draw_ablation_bars(ax, values, paper={"RoIPool": 26.9})
+    bars = {p.get_gid(): p for p in ax.patches if p.get_gid()}
+    assert bars["bar:RoIPool"].get_height() == pytest.approx(22.0)
+    assert bars["bar:RoIAlign"].get_height() == pytest.approx(32.0)
+    dots = {c.get_gid(): c.get_offsets() for c in ax.collections if c.get_gid()}
+    np.testing.assert_allclose(dots["seeds:RoIAlign"][:, 1], [30.0, 31.0, 35.0])
+    np.testing.assert_allclose(dots["seeds:one"][:, 1], [5.0])
+    assert any(t.get_text() == "paper 26.9" for t in ax.texts)
+    with pytest.raises(ValueError, match="values\\['x'\\] must be finite"):
+        draw_ablation_bars(ax, {"x": [float("nan")]})
+    plt.close(fig)
+    fig = plot_ablation_study({"C4": {"mask AP": values}, "C5": {"mask AP": values,
+                                                                 "box AP": values}})
+    assert len(fig.axes) == 4 and not fig.axes[1].axison  # the empty cell is switched off
+    plt.close(fig)
+
+
+def test_cli_ablate(tmp_path, capsys, monkeypatch):
+    """The command's plumbing (training itself is the end-to-end test's): the study's set,
+    --set for every variant, --keep, the JSONs, results.md and the chart."""
+    write_shapes_dataset(tmp_path / "data" / "shapes_overlap", train=4, val=2, size=64,
+                         overlap=True, progress=False)
+    stub = _StubRuns()
+    monkeypatch.setattr(ablate, "_train_and_evaluate", stub)
+    args = ["ablate", "--study", "mask-loss", "--seeds", "2", "--steps", "3", "--out",
+            str(tmp_path / "out"), "--data", str(tmp_path / "data"), "--work",
+            str(tmp_path / "work"), "--no-progress", "--set", "train.lr=0.001"]
+    assert main(args) == 0
+    assert stub.calls == [(v, s, 3) for v in ("sigmoid", "softmax", "agnostic") for s in (0, 1)]
+    out = capsys.readouterr().out
+    assert "mask-loss softmax seed 1: mask AP 10.0 (3 steps" in out
+    assert "## Decoupled vs coupled masks (Table 2b)" in out
+    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert names == ["mask-loss.png"] + [f"mask-loss_{v}_seed{s}.json"
+                                         for v in ("agnostic", "sigmoid", "softmax")
+                                         for s in (0, 1)] + ["plan.json", "results.md"]
+    work = tmp_path / "work" / "mask-loss" / "softmax"
+    assert (work / "seed0").is_dir() and not (work / "seed1").exists()  # --keep first-seed
+    rec = json.loads((tmp_path / "out" / "mask-loss_softmax_seed1.json").read_text())
+    assert rec["command"] == ("mrcnn-edu ablate --study mask-loss --seeds 2 --steps 3 --out "
+                              f"{tmp_path / 'out'} --data {tmp_path / 'data'} --set "
+                              "train.lr=0.001")
+    assert rec["config"]["model"]["roi_heads"]["mask_loss"] == "softmax"
+    assert rec["config"]["train"]["lr"] == 0.001 and rec["config"]["train"]["seed"] == 1
+    assert main([*args, "--set", "model.roi_heads.mask_loss=softmax"]) == 2
+    assert "may not set model.roi_heads.mask_loss" in capsys.readouterr().err
