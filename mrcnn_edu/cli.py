@@ -7,6 +7,11 @@ status. A new job (train, eval, ...) adds one such pair and one line in ``_SUBCO
     mrcnn-edu make-shapes --out data/shapes --train 2000 --val 300 --size 256 --seed 0 [--keypoints]
                           [--overlap] [--small] [--overwrite]
     mrcnn-edu ablate --study roi-pool|mask-loss|all --seeds 3 --minutes 2 --out results/ablations
+
+``train`` and ``eval`` also run under PyTorch's launcher, one process per GPU (or CPU process
+with gloo), on one machine or several (``scripts/slurm_train.sh``)::
+
+    torchrun --nproc_per_node=8 -m mrcnn_edu.cli train --preset coco-r50-fpn-1x --data COCO --out RUN
 """
 
 from __future__ import annotations
@@ -140,25 +145,34 @@ def _device(name: str | None) -> str:
 
 
 def _run_train(args: argparse.Namespace) -> int:
+    from mrcnn_edu.engine import distributed as dist_utils
     from mrcnn_edu.engine.check_data import DataError
     from mrcnn_edu.engine.recipe import build_datasets, get_experiment, run_training
 
-    try:
-        exp = get_experiment(args.preset, _parse_sets(args.set))
-        model, result = run_training(exp, args.data, args.out, resume=args.resume,
-                                     progress=not args.no_progress, device=_device(args.device),
-                                     max_minutes=args.max_minutes)
-    except (KeyError, ValueError, FileNotFoundError, FileExistsError, DataError) as err:
-        return _fail("train", err)
-    print(f"trained {result.steps_done} steps; last checkpoint: {result.last_checkpoint}")
-    if args.eval:
-        from mrcnn_edu.engine.evaluate import evaluate, format_metrics_table
+    try:  # under torchrun every rank runs this; rank 0 prints
+        try:
+            device = dist_utils.init_distributed(_device(args.device))
+            exp = get_experiment(args.preset, _parse_sets(args.set))
+            model, result = run_training(exp, args.data, args.out, resume=args.resume,
+                                         progress=not args.no_progress, device=device,
+                                         max_minutes=args.max_minutes)
+        except (KeyError, ValueError, FileNotFoundError, FileExistsError, DataError,
+                dist_utils.DistributedError) as err:
+            return _fail("train", err)
+        main = dist_utils.is_main_process()
+        if main:
+            print(f"trained {result.steps_done} steps; last checkpoint: {result.last_checkpoint}")
+        if args.eval:
+            from mrcnn_edu.engine.evaluate import evaluate, format_metrics_table
 
-        _, val = build_datasets(exp, args.data, train=False)
-        res = evaluate(model, val, progress=not args.no_progress,
-                       results_file=args.out / "val_results.json")
-        print(format_metrics_table(res))
-    return 0
+            _, val = build_datasets(exp, args.data, train=False)
+            res = evaluate(model, val, progress=not args.no_progress,
+                           results_file=args.out / "val_results.json")
+            if main:
+                print(format_metrics_table(res))
+        return 0
+    finally:
+        dist_utils.cleanup()
 
 
 class _TorchvisionLabels:
@@ -226,11 +240,12 @@ def _load_weights_arg(spec: str):
 
 
 def _run_eval(args: argparse.Namespace) -> int:
+    from mrcnn_edu.engine import distributed as dist_utils
     from mrcnn_edu.engine.evaluate import evaluate, format_metrics_table
     from mrcnn_edu.engine.recipe import build_datasets, get_experiment, load_model
 
-    try:
-        device = _device(args.device)
+    try:  # under torchrun each rank evaluates its shard (engine.evaluate); rank 0 prints
+        device = dist_utils.init_distributed(_device(args.device))
         if args.checkpoint is not None:
             model, exp = load_model(args.checkpoint, device)
             if args.layout:
@@ -244,10 +259,14 @@ def _run_eval(args: argparse.Namespace) -> int:
             model = _TorchvisionLabels(model, val)
         res = evaluate(model, val, max_images=args.max_images, progress=not args.no_progress,
                        results_file=args.results, device=device)
-    except (KeyError, ValueError, FileNotFoundError, OSError) as err:
+        main = dist_utils.is_main_process()
+    except (KeyError, ValueError, FileNotFoundError, OSError, dist_utils.DistributedError) as err:
         return _fail("eval", err)
-    print(format_metrics_table(res))
-    print(f"{res.num_images} images, {res.images_per_second:.2f} images/s")
+    finally:
+        dist_utils.cleanup()
+    if main:
+        print(format_metrics_table(res))
+        print(f"{res.num_images} images, {res.images_per_second:.2f} images/s")
     return 0
 
 

@@ -19,6 +19,10 @@ How a model's output becomes a COCO result (:func:`coco_results`)::
     masks  [N, 1, H, W] probability ->  "segmentation": RLE of (mask >= 0.5), counts as str
     keypoints [N, K, 3] (x, y, v)    ->  "keypoints": [x1, y1, v1, x2, y2, v2, ...]
 
+Under ``torchrun`` :func:`evaluate` runs in parallel: each rank runs the model on its shard of
+the batches, rank 0 gathers the detections, puts them back in the data set's order and runs
+COCOeval once, and every rank returns the same result, equal to a single-process evaluation.
+
 ``engine`` reports through return values: nothing here prints (COCOeval's own printing is
 captured into :attr:`EvalResult.summary_text`) or plots.
 """
@@ -46,6 +50,8 @@ from tqdm.auto import tqdm
 
 from mrcnn_edu.ops import box_iou
 from mrcnn_edu.utils import atomic_write
+
+from . import distributed as dist_utils
 
 # ---------------------------------------------------------------------------------------------
 # Proposal recall (notebook 04)
@@ -440,6 +446,20 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+@contextlib.contextmanager
+def _seeded(seed: int, device: torch.device):
+    """Inside: torch's CPU generator and ``device``'s CUDA generator seeded with ``seed``;
+    after: both as they were."""
+    cuda = ([device.index if device.index is not None else torch.cuda.current_device()]
+            if device.type == "cuda" else [])
+    with torch.random.fork_rng(devices=cuda):
+        torch.default_generator.manual_seed(seed)
+        for index in cuda:
+            with torch.cuda.device(index):
+                torch.cuda.manual_seed(seed)
+        yield
+
+
 def evaluate(
     model: nn.Module,
     dataset,
@@ -454,6 +474,7 @@ def evaluate(
     with_losses: bool = True,
     kpt_oks_sigmas: Sequence[float] | None = None,
     mask_threshold: float = 0.5,
+    distributed: bool | None = None,
 ) -> EvalResult:
     """COCO AP of ``model`` on ``dataset``, scored by pycocotools' COCOeval.
 
@@ -484,14 +505,36 @@ def evaluate(
         max_images: evaluate only the first ``max_images`` images.
         progress: show a tqdm bar.
         with_losses: pass the targets, so the model also returns its losses (one forward pass);
-            their mean over the images is ``val_losses``.
+            their mean over the images is ``val_losses``. The losses' random sampling (anchors,
+            RoIs) draws from torch's generators seeded with the batch's index and restored
+            afterwards, so ``val_losses`` are reproducible, the same however the batches are
+            shared among ranks, and the caller's random state is left as it was.
         kpt_oks_sigmas: K OKS sigmas; default: the annotation file's category ``"sigmas"``,
             else COCO's 17 (only when K = 17).
         mask_threshold: mask probability at or above which a pixel belongs to the object.
+        distributed: shard the images over the ranks of the process group (``None``: when
+            one with more than one process is initialised; every rank must call
+            ``evaluate``). The batches are those of a single process (``batch_size``
+            consecutive images), dealt out round robin (batch ``b`` to rank ``b % W``), so
+            every image is batched (padded) with the same companions; rank 0 gathers the
+            detections and losses, replays them in batch order and runs COCOeval once; every
+            rank returns that result, equal to a single-process evaluation exactly. A
+            ``DistributedDataParallel`` model is unwrapped (its forward would synchronise),
+            and rank 0's buffers (batch-norm statistics) are copied to the other ranks.
+            ``images_per_second`` is then all images over the slowest rank's model time.
 
     Returns:
         :class:`EvalResult`. No detections at all gives AP 0 (and a warning).
     """
+    if distributed is None:
+        distributed = dist_utils.is_distributed()
+    elif distributed and not dist_utils.is_distributed():
+        raise ValueError("evaluate: distributed=True needs an initialised process group with "
+                         "more than one process (torchrun + init_distributed())")
+    if distributed:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        dist_utils.broadcast_buffers(model)  # one model: rank 0's batch-norm statistics
     base, all_ids = unwrap_coco_dataset(dataset)
     if iou_types is not None:
         if isinstance(iou_types, str):
@@ -519,8 +562,14 @@ def evaluate(
     if n == 0:
         raise ValueError(f"evaluate: the data set is empty ({base!r})")
     subset = dataset if n == len(all_ids) else torch.utils.data.Subset(dataset, range(n))
-    loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False,
+    # batch b holds images b*batch_size ... (b+1)*batch_size - 1; rank r runs b = r, r + W, ...
+    batch_ids = list(range(-(-n // batch_size)))  # ceil(n / batch_size)
+    if distributed:
+        batch_ids = batch_ids[dist_utils.rank()::dist_utils.world_size()]
+    batches = [list(range(b * batch_size, min((b + 1) * batch_size, n))) for b in batch_ids]
+    loader = torch.utils.data.DataLoader(subset, batch_sampler=batches,
                                          num_workers=num_workers, collate_fn=_collate)
+    progress = progress and dist_utils.is_main_process()
     if device is not None:
         device = torch.device(device)
         model.to(device)
@@ -528,19 +577,18 @@ def evaluate(
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
     label_to_cat_id = _label_map(base)
 
-    results: list[dict] = []
-    image_ids: list[int] = []
-    loss_sums: dict[str, float] = {}
+    records: list[tuple] = []  # per batch: (batch id, image ids, results, {loss: value}, size)
     seen = {"masks": False, "keypoints": False}
     model_seconds = 0.0
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            for images, targets in tqdm(loader, desc="evaluate", disable=not progress):
+            for b, (images, targets) in zip(batch_ids, tqdm(loader, desc="evaluate",
+                                                            disable=not progress)):
                 ids = []
                 for j, (image, target) in enumerate(zip(images, targets)):
-                    index = len(image_ids) + j
+                    index = b * batch_size + j
                     if "image_id" not in target:
                         raise ValueError(f"evaluate: dataset[{index}] target has no 'image_id'")
                     image_id = int(target["image_id"])
@@ -559,7 +607,8 @@ def evaluate(
                 tgts = [_to_device(t, device) for t in targets] if with_losses else None
                 _sync(device)
                 start = time.perf_counter()
-                out = model(batch, tgts)
+                with _seeded(b, device) if with_losses else contextlib.nullcontext():
+                    out = model(batch, tgts)
                 _sync(device)
                 model_seconds += time.perf_counter() - start
                 if not (isinstance(out, (tuple, list)) and len(out) == 2):
@@ -572,16 +621,58 @@ def evaluate(
                 for det in detections:
                     for key, was_seen in seen.items():
                         seen[key] = was_seen or key in det
-                results.extend(coco_results(detections, ids, label_to_cat_id=label_to_cat_id,
-                                            mask_threshold=mask_threshold))
-                image_ids.extend(ids)
+                batch_results = coco_results(detections, ids, label_to_cat_id=label_to_cat_id,
+                                             mask_threshold=mask_threshold)
+                batch_losses = {}
                 for name, value in (losses or {}).items():
                     if not (isinstance(value, torch.Tensor) and value.numel() == 1):
                         raise ValueError(f"evaluate: loss '{name}' must be a scalar tensor, got "
                                          f"{getattr(value, 'shape', type(value).__name__)}")
-                    loss_sums[name] = loss_sums.get(name, 0.0) + float(value) * len(batch)
+                    batch_losses[name] = float(value)
+                records.append((b, ids, batch_results, batch_losses, len(batch)))
     finally:
         model.train(was_training)
+
+    if not distributed:
+        return _score(records, seen, model_seconds, gt=gt, base=base, iou_types=iou_types,
+                      num_keypoints=num_keypoints, sigmas=sigmas, kpt_oks_sigmas=kpt_oks_sigmas,
+                      results_file=results_file)
+    try:
+        gathered = dist_utils.gather_object((records, seen, model_seconds))
+        outcome = None
+        if dist_utils.is_main_process():
+            records = sorted((r for part in gathered for r in part[0]), key=lambda r: r[0])
+            seen = {k: any(part[1][k] for part in gathered) for k in seen}
+            try:
+                outcome = ("ok", _score(records, seen, max(part[2] for part in gathered), gt=gt,
+                                        base=base, iou_types=iou_types,
+                                        num_keypoints=num_keypoints, sigmas=sigmas,
+                                        kpt_oks_sigmas=kpt_oks_sigmas, results_file=results_file))
+            except (ValueError, OSError) as err:  # every rank raises it, not rank 0 alone
+                outcome = ("error", err)
+        kind, value = dist_utils.broadcast_object(outcome)
+    except RuntimeError as err:
+        if dist_utils.is_comm_error(err):  # another rank failed on its shard, or died
+            raise dist_utils.peer_lost_error("evaluate", err) from err
+        raise
+    if kind == "error":
+        raise value
+    return value
+
+
+def _score(records: list[tuple], seen: dict[str, bool], model_seconds: float, *, gt: COCO,
+           base, iou_types, num_keypoints: int, sigmas, kpt_oks_sigmas,
+           results_file) -> EvalResult:
+    """The second half of :func:`evaluate`: the per-batch ``records`` (in batch order) ->
+    COCO results, mean losses, COCOeval per IoU type, an :class:`EvalResult`."""
+    results: list[dict] = []
+    image_ids: list[int] = []
+    loss_sums: dict[str, float] = {}
+    for _, ids, batch_results, batch_losses, size in records:
+        results.extend(batch_results)
+        image_ids.extend(ids)
+        for name, value in batch_losses.items():
+            loss_sums[name] = loss_sums.get(name, 0.0) + value * size
 
     if iou_types is None:
         iou_types = ["bbox"]
@@ -605,7 +696,7 @@ def evaluate(
     if not results:
         warnings.warn(f"evaluate: the model returned no detections on the {len(image_ids)} "
                       "images; AP and AR are 0 (nan where the set has no ground truth)",
-                      stacklevel=2)
+                      stacklevel=3)
 
     metrics, per_category, stats, texts = {}, {}, {}, []
     for t in iou_types:

@@ -9,7 +9,11 @@ trains a small model from scratch on the synthetic set on a 2-core CPU in minute
 ``run_training(experiment, data_root, out_dir)`` builds the data sets, checks them
 (``check_data``), builds the model, the optimizer and the schedule, and runs
 :func:`mrcnn_edu.engine.train.train`; the CLI's ``mrcnn-edu train`` is a thin wrapper around it.
-Notebook ``08_training_ablations.ipynb`` calls it directly.
+Notebook ``08_training_ablations.ipynb`` calls it directly. Under ``torchrun`` (after
+``engine.distributed.init_distributed()``, which the CLI calls) the same call trains with
+``DistributedDataParallel``: ``batch_size`` is the global batch, split evenly over the ranks, so
+the learning rate and warm-up do not depend on how many processes share it
+(``09_coco_training.ipynb``).
 """
 
 from __future__ import annotations
@@ -22,10 +26,11 @@ import torch
 
 from mrcnn_edu.config import ModelConfig, flat_keys, from_dict, get_preset, override
 from mrcnn_edu.data.coco import CocoDetection, coco2017, shapes_dataset
-from mrcnn_edu.data.sampler import make_train_loader
+from mrcnn_edu.data.sampler import make_train_loader, transform_generators
 from mrcnn_edu.model import MaskRCNN, build_model
 from mrcnn_edu.transforms import RandomHorizontalFlip
 
+from . import distributed as dist_utils
 from .check_data import check_data
 from .checkpoint import load_checkpoint
 from .optim import build_optimizer, build_scheduler
@@ -54,7 +59,7 @@ class TrainConfig:
     norm_bias_decay: bool = False  # also decay norm weights and biases
     batch_size: int = 16  # images per step, all processes together
     steps: int = 90000  # optimizer steps ("1x": 90k)
-    warmup_steps: int = 1000  # linear warm-up from lr * warmup_factor
+    warmup_steps: int = 1000  # linear warm-up (steps of reference_batch images; scaled too)
     warmup_factor: float = 0.001  # warm-up start factor
     schedule: str = "step"  # "step" (decay at milestones), "cosine" or "constant"
     milestones: tuple[int, ...] = (60000, 80000)  # "step": lr x gamma at these steps
@@ -243,6 +248,17 @@ def run_training(exp: Experiment, data_root: str | Path, out_dir: str | Path, *,
     """Train ``exp`` on the data under ``data_root``; checkpoints and ``metrics.csv`` go to
     ``out_dir``. Returns the trained model (eval mode) and the :class:`TrainResult`.
 
+    Linear scaling (Goyal et al. 2017): the learning rate is ``lr * batch_size /
+    reference_batch`` and the warm-up lasts ``warmup_steps * reference_batch / batch_size``
+    steps (the same number of images), where ``batch_size`` is the global batch.
+
+    Distributed (the process group initialised, e.g. under ``torchrun``): every rank builds
+    the same model (same seed; DDP broadcasts rank 0's), wraps it in
+    ``DistributedDataParallel`` and trains on its shard of each epoch with ``batch_size /
+    world size`` images per step (``make_distributed_train_loader``); flips and RoI sampling
+    draw from per-rank seeds. Rank 0 writes the checkpoints and ``metrics.csv``; ``resume``
+    reads ``out_dir/last.pt`` on every rank. The returned model is the unwrapped one.
+
     The number of classes comes from the data (background + its categories). ``check`` runs
     :func:`~mrcnn_edu.engine.check_data.check_data` first and refuses a set with bad targets
     (listing them). ``resume`` continues from ``out_dir/last.pt``.
@@ -256,6 +272,9 @@ def run_training(exp: Experiment, data_root: str | Path, out_dir: str | Path, *,
     import time
 
     started = time.perf_counter()
+    dist_utils.require_initialized("run_training")
+    distributed = dist_utils.is_distributed()
+    progress = progress and dist_utils.is_main_process()
     t = exp.train
     out_dir = Path(out_dir)
     train_set, _ = build_datasets(exp, data_root, val=False)
@@ -264,10 +283,22 @@ def run_training(exp: Experiment, data_root: str | Path, out_dir: str | Path, *,
     _fit_num_classes(exp, train_set)
     torch.manual_seed(t.seed)
     model = build_model(exp.model).to(device)
-    loader = make_train_loader(train_set, t.batch_size, num_workers=t.num_workers, seed=t.seed,
-                               aspect_ratio_grouping=t.aspect_ratio_grouping)
+    if distributed:
+        loader = dist_utils.make_distributed_train_loader(
+            train_set, t.batch_size, num_workers=t.num_workers, seed=t.seed,
+            aspect_ratio_grouping=t.aspect_ratio_grouping)
+        torch.manual_seed(dist_utils.rank_seed(t.seed))  # RoI sampling differs between ranks
+        for gen in transform_generators(train_set).values():  # and so do the flips
+            gen.manual_seed(dist_utils.rank_seed(gen.initial_seed()))
+    else:
+        loader = make_train_loader(train_set, t.batch_size, num_workers=t.num_workers,
+                                   seed=t.seed, aspect_ratio_grouping=t.aspect_ratio_grouping)
     budget = max_minutes if max_minutes is not None else t.max_minutes
     if fit_budget and budget and not resume:
+        if distributed:
+            raise ValueError("run_training: fit_budget times this process's steps, which differ "
+                             "between ranks; under torchrun use a step schedule (and "
+                             "--max-minutes to stop)")
         step_s = time_train_step(model, make_train_loader(
             train_set, t.batch_size, num_workers=0, seed=t.seed + 7,
             aspect_ratio_grouping=t.aspect_ratio_grouping), device=device)
@@ -281,15 +312,19 @@ def run_training(exp: Experiment, data_root: str | Path, out_dir: str | Path, *,
             t.warmup_steps = min(t.warmup_steps, fitted // 10)
             t.steps = fitted
             t.checkpoint_every = min(t.checkpoint_every, max(1, fitted // 4))
-    lr = t.lr * t.batch_size / t.reference_batch
+    lr = t.lr * t.batch_size / t.reference_batch  # the global batch (all ranks together)
+    warmup_steps = round(t.warmup_steps * t.reference_batch / t.batch_size)  # same images
+    if t.warmup_steps <= t.steps:  # (a warm-up longer than the run stays build_scheduler's error)
+        warmup_steps = min(warmup_steps, t.steps)
     optimizer = build_optimizer(model, t.optimizer, lr=lr, momentum=t.momentum,
                                 weight_decay=t.weight_decay, norm_bias_decay=t.norm_bias_decay)
-    scheduler = build_scheduler(optimizer, total_steps=t.steps, warmup_steps=t.warmup_steps,
+    scheduler = build_scheduler(optimizer, total_steps=t.steps, warmup_steps=warmup_steps,
                                 warmup_factor=t.warmup_factor, schedule=t.schedule,
                                 milestones=t.milestones, gamma=t.gamma,
                                 min_lr_ratio=t.min_lr_ratio)
     out_dir.mkdir(parents=True, exist_ok=True)
-    result = train(model, loader, optimizer, scheduler, steps=t.steps, device=device, amp=t.amp,
+    result = train(dist_utils.wrap_model(model, device), loader, optimizer, scheduler,
+                   steps=t.steps, device=device, amp=t.amp,
                    grad_clip=t.grad_clip, callbacks=callbacks, checkpoint_dir=out_dir,
                    checkpoint_every=t.checkpoint_every, keep_last=t.keep_last,
                    resume=True if resume else None, log_every=t.log_every,

@@ -17,7 +17,11 @@ What the loop adds to ``loss.backward(); optimizer.step()``:
 * checkpoints every ``checkpoint_every`` steps, at a wall-time budget (``max_minutes``), at the
   end, and on Ctrl-C; and ``resume`` that continues *exactly*: with ``num_workers=0`` a run
   interrupted and resumed ends with the same parameters, bit for bit, as one that never stopped
-  (the random states and the position in the shuffled data are part of the checkpoint).
+  (the random states and the position in the shuffled data are part of the checkpoint);
+* under ``torchrun`` (``engine.distributed``): a ``DistributedDataParallel`` model, rows that
+  average the losses over the ranks, a bar, CSV and checkpoints on rank 0 only (holding every
+  rank's random states and data position, so a distributed resume is exact too), and a clear
+  :class:`~mrcnn_edu.engine.distributed.DistributedError` when another rank dies or hangs.
 
 ``engine`` reports through return values and callbacks; it never plots or prints (except the
 optional progress bar).
@@ -29,6 +33,7 @@ import csv
 import io
 import math
 import time
+import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -48,6 +53,19 @@ from .checkpoint import (
     save_checkpoint,
     set_rng_state,
     unwrap_model,
+)
+from .distributed import (
+    all_gather_object,
+    all_reduce_mean,
+    any_rank,
+    broadcast_buffers,
+    broadcast_object,
+    is_comm_error,
+    is_distributed,
+    is_main_process,
+    peer_lost_error,
+    rank,
+    world_size,
 )
 
 __all__ = ["Callback", "NonFiniteLossError", "TrainResult", "TrainingOutOfMemoryError",
@@ -216,6 +234,27 @@ def _losses_of(out, step: int) -> dict[str, torch.Tensor]:
     return losses
 
 
+def _rank_state(ckpt: dict, path: Path, data) -> dict:
+    """This process's ``{"rng", "data", "generators"}`` in a checkpoint: its own entry of
+    ``extra["ranks"]`` when the checkpoint was written by a run of this world size, else the
+    checkpoint's main states (rank 0's, or the single process's) with the data continuing at
+    the start of the next epoch (not exact: the shards changed with the world size)."""
+    main = {"rng": ckpt["rng"], "data": ckpt.get("data_state"),
+            "generators": ckpt.get("generators") or {}}
+    per_rank = ckpt["extra"].get("ranks")
+    saved_world = len(per_rank) if per_rank else 1
+    if saved_world == world_size():
+        return per_rank[rank()] if per_rank else main
+    warnings.warn(f"train: {path} was written by {saved_world} process(es), this run has "
+                  f"{world_size()}: the data order restarts at the next epoch and every rank "
+                  "takes the saved main random states, so the run continues but not bit for bit "
+                  "as it would have with the same number of processes", stacklevel=3)
+    if main["data"] is not None:
+        main["data"] = {**data.state_dict(), "epoch": int(main["data"]["epoch"]) + 1,
+                        "batches_in_epoch": 0}
+    return main
+
+
 def _is_oom(err: BaseException) -> bool:
     oom_type = getattr(torch, "OutOfMemoryError", None)
     return (oom_type is not None and isinstance(err, oom_type)) or (
@@ -307,6 +346,16 @@ def train(
             checkpoints (e.g. one the model samples with). Those of the data set's transforms
             (``transform_generators``) are found and handled automatically.
 
+    Distributed (launched by ``torchrun``, after ``engine.distributed.init_distributed()``):
+    every rank calls ``train`` with its own loader (``make_distributed_train_loader``) and
+    ``model`` wrapped in ``DistributedDataParallel`` (``engine.distributed.wrap_model``), which
+    averages the gradients. The logged losses and ``images`` are over all ranks; the bar, the
+    CSV, ``callbacks`` and ``on_eval`` run on rank 0 only (``eval_fn`` on every rank, so it may
+    evaluate in parallel); rank 0 writes the checkpoints, with every rank's random states and
+    data position, and ``resume`` on every rank from the same file restores each rank's own.
+    The ``max_minutes`` stop is decided together. Ctrl-C writes no checkpoint (the ranks could
+    not agree on one); the last periodic one stands.
+
     Returns:
         :class:`TrainResult`.
 
@@ -315,6 +364,7 @@ def train(
             raised before the optimizer step, so the parameters are those of the step before.
         TrainingOutOfMemoryError: the device ran out of memory.
         FileExistsError: ``checkpoint_dir`` holds checkpoints and ``resume`` is not set.
+        DistributedError: another rank died or hung (this rank lost contact with it).
     """
     if steps < 0 or start_step < 0:
         raise ValueError(f"train: steps and start_step must be >= 0, got steps={steps}, "
@@ -329,9 +379,15 @@ def train(
     if eval_every and eval_fn is None:
         raise ValueError("train: eval_every needs an eval_fn")
     device = torch.device(device)
-    callbacks = list(callbacks)
+    dist_on, main = is_distributed(), is_main_process()
+    if dist_on and not isinstance(model, nn.parallel.DistributedDataParallel):
+        raise ValueError(f"train: running distributed ({world_size()} processes) but the model "
+                         "is not wrapped in DistributedDataParallel, so the ranks' gradients "
+                         "would not be averaged; use mrcnn_edu.engine.distributed.wrap_model")
+    callbacks = list(callbacks) if main else []  # rank 0 reports; the others only compute
+    progress = progress and main
     ckdir = None if checkpoint_dir is None else Path(checkpoint_dir)
-    csv_path = None if metrics_csv is None else Path(metrics_csv)
+    csv_path = None if metrics_csv is None or not main else Path(metrics_csv)
 
     model.to(device)  # in place: the optimizer's parameter references stay valid
     data = infinite(loader_or_iterable)
@@ -359,15 +415,16 @@ def train(
                                config=config)
         step = int(ckpt["step"])
         elapsed_before = float(ckpt["extra"].get("elapsed_s", 0.0))
-        if ckpt.get("data_state") is not None:
-            data.load_state_dict(ckpt["data_state"])  # may draw random numbers: before the RNGs
-        saved_gens = ckpt.get("generators") or {}
+        own = _rank_state(ckpt, resume_path, data)  # this rank's states (all ranks: one file)
+        if own["data"] is not None:
+            data.load_state_dict(own["data"])  # may draw random numbers: before the RNGs
+        saved_gens = own["generators"]
         for name, gen in gens.items():
             if name not in saved_gens:
                 raise ValueError(f"train: {resume_path} holds no state for generator {name!r} "
                                  f"(it has {sorted(saved_gens) or 'none'})")
             gen.set_state(saved_gens[name])
-        set_rng_state(ckpt["rng"])
+        set_rng_state(own["rng"])
     csv_rows: list[dict] = []
     if csv_path is not None and resume_path is not None and csv_path.is_file():
         csv_rows = [r for r in read_metrics_csv(csv_path) if r.get("step", 0) <= step]
@@ -379,11 +436,16 @@ def train(
                 "generators": {k: g.get_state() for k, g in gens.items()}}
 
     def save(state: dict, at_step: int) -> Path:
-        path = save_checkpoint(ckdir, model=model, optimizer=optimizer, scheduler=scheduler,
-                               scaler=scaler, step=at_step, config=config,
-                               extra={"elapsed_s": elapsed_before + time.perf_counter() - t0},
-                               data_state=state["data"], generators=state["generators"],
-                               rng_state=state["rng"], keep_last=keep_last)
+        extra = {"elapsed_s": elapsed_before + time.perf_counter() - t0}
+        if dist_on:  # every rank's random states and data position, in rank order
+            extra["ranks"] = all_gather_object(state)
+        path = None
+        if main:
+            path = save_checkpoint(ckdir, model=model, optimizer=optimizer, scheduler=scheduler,
+                                   scaler=scaler, step=at_step, config=config, extra=extra,
+                                   data_state=state["data"], generators=state["generators"],
+                                   rng_state=state["rng"], keep_last=keep_last)
+        path = broadcast_object(path)  # the others go on once the file is written
         _dispatch(callbacks, "on_checkpoint", at_step, path)
         return path
 
@@ -419,7 +481,8 @@ def train(
 
     try:
         while step < steps:
-            if max_minutes is not None and time.perf_counter() - t0 >= 60.0 * max_minutes:
+            if max_minutes is not None and any_rank(  # all ranks stop at the same step
+                    time.perf_counter() - t0 >= 60.0 * max_minutes):
                 stopped_early = True
                 break
             n = step + 1  # the step being taken
@@ -430,6 +493,11 @@ def train(
                     losses = _losses_of(model(images, targets), n)
                 losses = {k: v.float().reshape(()) for k, v in losses.items()}
                 values = {k: float(v.detach()) for k, v in losses.items()}
+                num_images = len(images)
+                if dist_on:  # means over the ranks: every rank logs and checks the same values
+                    *means, mean_images = all_reduce_mean([*values.values(), num_images])
+                    values = dict(zip(values, means))
+                    num_images = round(mean_images * world_size())
                 if not all(math.isfinite(v) for v in values.values()):
                     raise NonFiniteLossError(n, values, image_ids)
                 total = sum(losses.values())
@@ -465,7 +533,7 @@ def train(
             state = snapshot()
 
             row = {"step": step, "epoch": data.epoch, "lr": lr, **values,
-                   "loss": sum(values.values()), "images": len(images)}
+                   "loss": sum(values.values()), "images": num_images}
             if grad_norm is not None:
                 row["grad_norm"] = grad_norm
             recent.append(row)
@@ -496,9 +564,14 @@ def train(
             log_row()
         if ckdir is not None and step != saved_step:
             last_checkpoint, saved_step = save(state, step), step
+        broadcast_buffers(model)  # every rank returns rank 0's model (the checkpoint's)
     except KeyboardInterrupt:
-        if ckdir is not None and step != saved_step:
+        if ckdir is not None and step != saved_step and not dist_on:
             save(state, step)  # the last completed step; atomic, so last.pt is never half-written
+        raise
+    except RuntimeError as err:
+        if dist_on and is_comm_error(err):  # a collective failed: another rank died or hung
+            raise peer_lost_error(f"train: step {step + 1}", err) from err
         raise
     finally:
         bar.close()
