@@ -2866,7 +2866,8 @@ def draw_ablation_bars(ax: Axes, values, *, paper=None, ylabel: str = "mask AP",
             ax.annotate(f"paper {paper[label]:.1f}", (i, 0), xytext=(0, 3),
                         textcoords="offset points", ha="center", va="bottom", fontsize=7,
                         color="0.25")
-    ax.set_xticks(range(len(labels)), labels, fontsize=8)
+    wrapped = [lb.replace(" (", "\n(").replace(", ", ",\n") for lb in labels]  # 2 lines
+    ax.set_xticks(range(len(labels)), wrapped, fontsize=8)
     ax.set_ylabel(ylabel)
     ax.set_ylim(0, max(1.0, top) * 1.15)
     if title is not None:
