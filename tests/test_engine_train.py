@@ -12,6 +12,7 @@ bit), torch's own ``LinearLR`` / ``MultiStepLR`` / ``CosineAnnealingLR`` and han
 
 from __future__ import annotations
 
+import importlib
 import math
 import random
 
@@ -23,7 +24,6 @@ from torch import nn
 
 from mrcnn_edu.data import shapes_dataset, write_shapes_dataset
 from mrcnn_edu.data.sampler import make_train_loader
-from mrcnn_edu.engine import train as train_mod
 from mrcnn_edu.engine.checkpoint import checkpoint_files, load_checkpoint
 from mrcnn_edu.engine.optim import LRFactor, build_optimizer, build_scheduler, param_groups
 from mrcnn_edu.engine.train import (
@@ -34,6 +34,9 @@ from mrcnn_edu.engine.train import (
     train,
 )
 from mrcnn_edu.transforms import Compose, RandomHorizontalFlip, batch_images
+
+# the module (the package exports the function train under the same name)
+train_mod = importlib.import_module("mrcnn_edu.engine.train")
 
 
 @pytest.fixture(autouse=True)
