@@ -9,8 +9,14 @@ returns ``(detections, losses)``; ``rpn_train`` trains a Region Proposal Network
 
 from .check_data import DataError, DataReport, Problem, check_data
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .distributed import (
+    DistributedError,
+    init_distributed,
+    make_distributed_train_loader,
+    wrap_model,
+)
 from .evaluate import EvalResult, coco_results, evaluate, format_metrics_table, proposal_recall
-from .optim import build_optimizer, build_scheduler
+from .optim import TimeBudgetFactor, build_optimizer, build_scheduler
 from .rpn_train import pick_example, predict_proposals, train_rpn
 from .train import (
     Callback,
@@ -26,9 +32,11 @@ __all__ = [
     "CheckpointError",
     "DataError",
     "DataReport",
+    "DistributedError",
     "EvalResult",
     "NonFiniteLossError",
     "Problem",
+    "TimeBudgetFactor",
     "TrainResult",
     "TrainingOutOfMemoryError",
     "build_optimizer",
@@ -37,12 +45,15 @@ __all__ = [
     "coco_results",
     "evaluate",
     "format_metrics_table",
-    "pick_example",
+    "init_distributed",
     "load_checkpoint",
+    "make_distributed_train_loader",
+    "pick_example",
     "predict_proposals",
     "proposal_recall",
     "read_metrics_csv",
     "save_checkpoint",
     "train",
     "train_rpn",
+    "wrap_model",
 ]
