@@ -539,6 +539,10 @@ def train(
             recent.append(row)
             window.append(row)
             bar.update(1)
+            if progress and max_minutes is not None:  # the clock ends the run: estimate its end
+                spent = time.perf_counter() - t0
+                expected = step + int((60.0 * max_minutes - spent) * (step - first_step) / spent)
+                bar.total = max(step, min(steps, expected))
             if progress:
                 shown = {k.removeprefix("loss_"): f"{sum(r[k] for r in recent) / len(recent):.3f}"
                          for k in (*values, "loss")}
