@@ -410,3 +410,19 @@ def test_cli_ablate(tmp_path, capsys, monkeypatch):
     assert rec["config"]["train"]["lr"] == 0.001 and rec["config"]["train"]["seed"] == 1
     assert main([*args, "--set", "model.roi_heads.mask_loss=softmax"]) == 2
     assert "may not set model.roi_heads.mask_loss" in capsys.readouterr().err
+
+
+def test_run_dir_of_an_interrupted_run_is_kept_and_a_stale_one_replaced(tmp_path):
+    run = tmp_path / "roi-pool" / "c4-pool" / "seed0"
+    what = {"variant_overrides": {"model.roi_heads.aligned": False}, "seed": 0, "steps": 40}
+    ablate._claim_run_dir(run, what)
+    (run / "last.pt").write_bytes(b"checkpoint")  # then the run was interrupted
+    ablate._claim_run_dir(run, dict(what))
+    assert (run / "last.pt").read_bytes() == b"checkpoint"  # same request: training continues
+    ablate._claim_run_dir(run, {**what, "steps": 80})
+    assert not (run / "last.pt").exists()  # another request: the old checkpoint is gone
+    assert json.loads((run / "ablate_run.json").read_text())["steps"] == 80
+    (run / "last.pt").write_bytes(b"x")
+    (run / "ablate_run.json").unlink()  # a folder that is not an ablate run's
+    ablate._claim_run_dir(run, what)
+    assert sorted(p.name for p in run.iterdir()) == ["ablate_run.json"]

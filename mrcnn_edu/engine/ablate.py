@@ -579,6 +579,9 @@ def run_study(study: str | Study, seeds: int | Iterable[int] = 3, minutes: float
                 plan_steps(study, v.group, data_dir, minutes=minutes, steps=steps,
                            plan=plan[key])  # same request as before, or a ValueError
             run_dir = work_dir / study.name / v.name / f"seed{s}"
+            _claim_run_dir(run_dir, {"variant_overrides": dict(v.overrides),
+                                     "shared_overrides": overrides, "seed": s,
+                                     "steps": plan[key]["steps"], "data": str(data_dir)})
             record = _train_and_evaluate(study, v, s, data_dir=data_dir,
                                          steps=plan[key]["steps"], overrides=overrides,
                                          run_dir=run_dir, device=device, progress=progress,
@@ -592,6 +595,23 @@ def run_study(study: str | Study, seeds: int | Iterable[int] = 3, minutes: float
                 on_run(record, False)
     write_results(out_dir)
     return records
+
+
+def _claim_run_dir(run_dir: Path, what: dict) -> None:
+    """Make ``run_dir`` the folder of this run: a folder left by an interrupted run of the same
+    request (``ablate_run.json`` equal to ``what``) is kept, so training continues from its
+    checkpoint; anything else there (another study's or another setting's run) is removed."""
+    marker = run_dir / "ablate_run.json"
+    if run_dir.exists():
+        try:
+            same = json.loads(marker.read_text(encoding="utf-8")) == json.loads(json.dumps(what))
+        except (OSError, ValueError):
+            same = False
+        if same:
+            return
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
+    _write_json(marker, what)
 
 
 # ----------------------------------------------------------------------------- the summaries
