@@ -5,10 +5,11 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.mrcnn_edu-installed
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: help setup demo test test-full test-browser lab bench lint clean
+.PHONY: help setup demo demo-keypoints test test-full test-browser lab bench lint clean
 
 help:
 	@echo "make demo          set up .venv, train on the shapes set for 10 minutes, evaluate, draw"
+	@echo "make demo-keypoints  the same for Keypoint R-CNN on the stick figures (15 minutes)"
 	@echo "make test          set up .venv and run the test suite (notebooks in quick mode)"
 	@echo "make test-browser  run notebooks 00-04 in JupyterLab in headless Chromium"
 	@echo "make lab           open JupyterLab on notebooks/"
@@ -25,6 +26,9 @@ setup: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/mrcnn-edu demo --data data/shapes --out build/demo --minutes 10
+
+demo-keypoints: $(STAMP)
+	$(BIN)/mrcnn-edu demo --preset stick-figures --data data/shapes_keypoints --out build/demo-keypoints --minutes 15
 
 test: $(STAMP)
 	MRCNN_EDU_QUICK=1 $(BIN)/python -m pytest -q -m "not slow" tests

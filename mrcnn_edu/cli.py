@@ -235,6 +235,7 @@ def _load_weights_arg(spec: str):
         "maskrcnn_resnet50_fpn_v2": tvd.MaskRCNN_ResNet50_FPN_V2_Weights,
         "fasterrcnn_resnet50_fpn": tvd.FasterRCNN_ResNet50_FPN_Weights,
         "fasterrcnn_resnet50_fpn_v2": tvd.FasterRCNN_ResNet50_FPN_V2_Weights,
+        "keypointrcnn_resnet50_fpn": tvd.KeypointRCNN_ResNet50_FPN_Weights,
     }[arch].DEFAULT
     return from_torchvision(enum, arch=arch)
 
@@ -254,6 +255,7 @@ def _run_eval(args: argparse.Namespace) -> int:
         else:
             model = _load_weights_arg(args.weights).to(device)
             exp = get_experiment("shapes" if args.layout == "shapes" else "coco-r50-fpn-1x")
+            exp.model.roi_heads.keypoint = model.roi_heads.has_keypoint  # person_keypoints_*
         _, val = build_datasets(exp, args.data, train=False)
         if args.weights is not None:
             model = _TorchvisionLabels(model, val)
@@ -366,8 +368,11 @@ def _add_demo(subparsers) -> None:
         description="Generate the shapes set if absent, train the `shapes` preset within a "
                     "wall-time budget, evaluate with COCOeval, print the box and mask AP table "
                     "and write OUT/predictions.png, OUT/losses.png and OUT/metrics.json. The "
-                    "run's checkpoints go to OUT/run (replaced on every demo).")
-    p.add_argument("--data", type=Path, default=Path("data/shapes"), help="shapes set root")
+                    "run's checkpoints go to OUT/run (replaced on every demo). A keypoint "
+                    "recipe (--preset stick-figures, make demo-keypoints) uses the stick-figure "
+                    "set, reports keypoint AP (OKS) and draws skeletons.")
+    p.add_argument("--data", type=Path, default=Path("data/shapes"),
+                   help="shapes set root (stick figures for a keypoint recipe)")
     p.add_argument("--out", type=Path, default=Path("build/demo"), help="output folder")
     p.add_argument("--minutes", type=float, default=10.0, help="training budget (10)")
     p.add_argument("--preset", default="shapes", help="recipe (shapes)")
@@ -385,21 +390,29 @@ def _run_demo(args: argparse.Namespace) -> int:
 
     import torch
 
-    from mrcnn_edu.data.shapes import write_shapes_dataset
+    from mrcnn_edu.data.shapes import KEYPOINT_NAMES, KEYPOINT_SIGMAS, write_shapes_dataset
     from mrcnn_edu.engine.evaluate import evaluate, format_metrics_table
     from mrcnn_edu.engine.recipe import build_datasets, get_experiment, run_training
     from mrcnn_edu.engine.train import read_metrics_csv
     from mrcnn_edu.utils import atomic_write
-    from mrcnn_edu.viz import draw_predictions_vs_truth, plot_loss_curves, save_figure
+    from mrcnn_edu.viz import (
+        draw_keypoint_predictions_vs_truth,
+        draw_predictions_vs_truth,
+        plot_loss_curves,
+        save_figure,
+    )
 
     progress = not args.no_progress
     try:
         exp = get_experiment(args.preset, _parse_sets(args.set))
-        ann = args.data / "annotations" / "instances_train.json"
+        keypoints = exp.model.roi_heads.keypoint  # a keypoint recipe trains on stick figures
+        stem = "person_keypoints" if keypoints else "instances"
+        ann = args.data / "annotations" / f"{stem}_train.json"
         if not ann.is_file():
-            print(f"no shapes set under {args.data}: writing one (2000 train / 300 val, 256 px)")
+            print(f"no {'stick-figure' if keypoints else 'shapes'} set under {args.data}: "
+                  "writing one (2000 train / 300 val, 256 px)")
             write_shapes_dataset(args.data, train=2000, val=300, size=256, seed=0,
-                                 progress=progress)
+                                 keypoints=keypoints, progress=progress)
         run_dir = args.out / "run"
         if run_dir.exists():  # the demo's own previous run: start afresh
             shutil.rmtree(run_dir)
@@ -408,13 +421,18 @@ def _run_demo(args: argparse.Namespace) -> int:
                                      max_minutes=args.minutes, fit_budget=True)
         train_minutes = (time.perf_counter() - t0) / 60
         _, val = build_datasets(exp, args.data, train=False)
-        res = evaluate(model, val, progress=progress, results_file=args.out / "val_results.json")
+        # OKS sigmas come from the annotation file; a stick-figure set written before the
+        # generator stored them is given the generator's own
+        old_set = keypoints and val.keypoint_names == list(KEYPOINT_NAMES) and not any(
+            c.get("sigmas") for c in val.coco.dataset["categories"])
+        res = evaluate(model, val, progress=progress, results_file=args.out / "val_results.json",
+                       kpt_oks_sigmas=KEYPOINT_SIGMAS if old_set else None)
     except (KeyError, ValueError, FileNotFoundError, FileExistsError, OSError) as err:
         return _fail("demo", err)
 
     print(format_metrics_table(res))
     metrics = {t: {k: res.metrics[t][k] for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")}
-               for t in ("bbox", "segm") if t in res.metrics}
+               for t in ("bbox", "segm", "keypoints") if t in res.metrics}
     metrics.update(train_minutes=round(train_minutes, 2), steps=result.steps_done,
                    eval_images_per_second=round(res.images_per_second, 2),
                    preset=args.preset, overrides=args.set)
@@ -428,12 +446,16 @@ def _run_demo(args: argparse.Namespace) -> int:
     samples = [val[i] for i in idx]
     with torch.no_grad():
         dets, _ = model([img for img, _ in samples])
-    fig = draw_predictions_vs_truth([img for img, _ in samples], dets,
-                                    [t for _, t in samples], class_names=val.class_names,
-                                    titles=[f"image {int(t['image_id'])}" for _, t in samples])
+    draw, extra = draw_predictions_vs_truth, {}
+    if keypoints:  # skeletons drawn on the ground truth and on the predictions
+        draw, extra = draw_keypoint_predictions_vs_truth, {"skeleton": val.skeleton}
+    fig = draw([img for img, _ in samples], dets, [t for _, t in samples],
+               class_names=val.class_names,
+               titles=[f"image {int(t['image_id'])}" for _, t in samples], **extra)
     save_figure(fig, args.out / "predictions.png")
-    segm = metrics.get("segm", {}).get("AP", float("nan"))
-    print(f"mask AP {segm:.3f} after {result.steps_done} steps in {train_minutes:.1f} min; "
+    iou_type, what = ("keypoints", "keypoint") if keypoints else ("segm", "mask")
+    ap = metrics.get(iou_type, {}).get("AP", float("nan"))
+    print(f"{what} AP {ap:.3f} after {result.steps_done} steps in {train_minutes:.1f} min; "
           f"wrote {args.out / 'metrics.json'}, {args.out / 'losses.png'}, "
           f"{args.out / 'predictions.png'}")
     return 0

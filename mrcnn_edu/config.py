@@ -217,6 +217,22 @@ def shapes() -> ModelConfig:
     return cfg
 
 
+def stick_figures() -> ModelConfig:
+    """Keypoint R-CNN at a CPU's scale for the 256 px stick-figure set (``make-shapes
+    --keypoints``): the ``shapes`` backbone (ResNet-18 with trainable BN, 128-channel FPN, anchors
+    16..256) and 512-d box head, no mask branch, a keypoint head of four 128-channel 3x3 convs
+    (the paper's: eight 512-d) predicting 11 heatmaps of 56 x 56. Classes: background + person.
+    At most 20 detections per image: COCO's keypoint AP reads no more (``maxDets=20``)."""
+    cfg = shapes()
+    cfg.num_classes = 2
+    cfg.roi_heads.mask = False
+    cfg.roi_heads.keypoint = True
+    cfg.roi_heads.num_keypoints = 11  # mrcnn_edu.data.shapes.KEYPOINT_NAMES
+    cfg.roi_heads.keypoint_layers = (128, 128, 128, 128)
+    cfg.roi_heads.detections_per_img = 20
+    return cfg
+
+
 _PRESETS = {
     "maskrcnn-r50-fpn": maskrcnn_r50_fpn,
     "maskrcnn-r50-fpn-v2": maskrcnn_r50_fpn_v2,
@@ -226,6 +242,7 @@ _PRESETS = {
     "maskrcnn-r50-c4": maskrcnn_r50_c4,
     "maskrcnn-r50-c5": maskrcnn_r50_c5,
     "shapes": shapes,
+    "stick-figures": stick_figures,
 }
 
 

@@ -2825,6 +2825,513 @@ def draw_gallery(images: Sequence, entries: Sequence[GalleryEntry], detections: 
     return fig
 
 
+# --------------------------------------------------------------------------------------------
+# keypoints (notebook 10, make demo-keypoints): one-hot targets on an RoI, the m^2-way softmax
+# against a per-pixel sigmoid, predicted heatmaps over their RoI, skeletons on predictions, and
+# COCO's object keypoint similarity (OKS) with its tolerance circles
+# --------------------------------------------------------------------------------------------
+
+from matplotlib.colors import LogNorm  # this section's own imports (viz.py grows by appending)
+from matplotlib.patches import Circle
+
+__all__ += ["draw_keypoint_heatmap", "draw_keypoint_heatmaps",
+            "draw_keypoint_predictions_vs_truth", "draw_keypoint_targets", "draw_oks_circles",
+            "draw_softmax_vs_sigmoid", "keypoint_color", "keypoint_oks", "oks_radius"]
+
+
+def keypoint_color(k: int) -> tuple[float, float, float]:
+    """RGB colour (0..1) of keypoint type ``k``: matplotlib's ``tab20``, so every figure of
+    notebook 10 gives "left_hand" the same colour."""
+    k = int(k)
+    if k < 0:
+        raise ValueError(f"keypoint_color: k must be >= 0, got {k}")
+    return tuple(float(c) for c in plt.get_cmap("tab20")(k % 20)[:3])
+
+
+def _kp_array(kps, fn: str, name: str, K: int | None = None, cols=(3,)) -> np.ndarray:
+    """``kps`` as float64 ``[K, c]`` with ``c`` in ``cols``; ``K`` checked when given."""
+    arr = (kps.detach().cpu().double().numpy() if isinstance(kps, torch.Tensor)
+           else np.asarray(kps, dtype=np.float64))
+    if arr.ndim != 2 or arr.shape[1] not in cols or (K is not None and arr.shape[0] != K):
+        want = " or ".join(f"[{'K' if K is None else K}, {c}]" for c in cols)
+        raise ValueError(f"{fn}: {name} must be {want} (x, y{', v' if 3 in cols else ''} per "
+                         f"keypoint), got {arr.shape}")
+    return arr
+
+
+def _kp_names(names, K: int, fn: str) -> list[str]:
+    if names is None:
+        return [f"keypoint {k}" for k in range(K)]
+    names = [str(n) for n in names]
+    if len(names) != K:
+        raise ValueError(f"{fn}: keypoint_names has {len(names)} names for {K} keypoints")
+    return names
+
+
+def _kp_skeleton(ax: Axes, kps: np.ndarray, skeleton, color, fn: str, **kw) -> None:
+    """Lines between labelled keypoints (``kps [K, 3]`` in continuous pixel coordinates, on axes
+    whose image has ``extent=(0, W, H, 0)``); ``skeleton`` pairs are 1-based, as COCO's."""
+    K = kps.shape[0]
+    for a, b in skeleton or ():
+        i, j = int(a) - 1, int(b) - 1
+        if not (0 <= i < K and 0 <= j < K):
+            raise ValueError(f"{fn}: skeleton pair ({a}, {b}) is out of range for {K} keypoints "
+                             "(pairs are 1-based, as in COCO)")
+        if kps[i, 2] > 0 and kps[j, 2] > 0:
+            ax.plot([kps[i, 0], kps[j, 0]], [kps[i, 1], kps[j, 1]], color=color, **kw)
+
+
+def draw_keypoint_targets(image, roi, keypoints, *, m: int = 56, keypoint_names=None,
+                          skeleton=None, fig: Figure | None = None,
+                          title: str | None = None) -> Figure:
+    """One RoI's keypoint targets (Mask R-CNN sec. 5): each visible keypoint is a one-hot
+    ``m x m`` mask, "where only a single pixel is labeled as foreground".
+
+    The targets are ``heads.keypoint_targets(keypoints[None], roi[None], m)``, the function the
+    keypoint loss uses: the RoI is cut into an ``m x m`` grid and each labelled keypoint (v > 0)
+    inside it marks the one cell it falls in.
+
+    Two panels: (1) the image around the RoI (yellow, ``gid="roi_box"``) with the gt keypoints
+    and skeleton, and the grid cell of each keypoint with a target outlined in the keypoint's
+    colour (one ``Rectangle`` with ``gid="target_cell"`` each, in image pixels); (2) the ``m x m``
+    targets of all ``K`` keypoints in one picture (``gid="keypoint_targets"``; its array is
+    ``[m, m, 3]``, black with each target's single pixel in its keypoint's colour), each target
+    ringed and named. Keypoints without a target (not labelled, or outside the RoI) are listed
+    in the title.
+
+    Args:
+        image: ``[3, H, W]`` tensor; roi: ``(x1, y1, x2, y2)`` in pixels.
+        keypoints: ``[K, 3]`` (x, y, v) gt keypoints of the object the RoI is matched to.
+        m: the heatmap size (56 in the paper); keypoint_names: ``K`` names; skeleton: 1-based
+            pairs (COCO's ``skeleton``).
+        fig: draw into this figure (cleared); by default a new ``Figure``.
+    """
+    from mrcnn_edu.heads.keypoint_head import keypoint_targets
+
+    fn = "draw_keypoint_targets"
+    img = image_for_display(image, fn)
+    H, W = img.shape[:2]
+    kps = _kp_array(keypoints, fn, "keypoints")
+    K = kps.shape[0]
+    names = _kp_names(keypoint_names, K, fn)
+    m = int(m)
+    if m < 1:
+        raise ValueError(f"{fn}: m must be >= 1, got {m}")
+    b = _one_box(roi, fn)  # [1, 4]
+    x1, y1, x2, y2 = b[0].tolist()
+    if not (x2 > x1 and y2 > y1):
+        raise ValueError(f"{fn}: roi {b[0].tolist()} is empty (needs x2 > x1 and y2 > y1)")
+    index, valid = keypoint_targets(torch.as_tensor(kps, dtype=torch.float32)[None], b, m)
+    index, valid = index[0].tolist(), valid[0].tolist()  # [K] each
+    cw, ch = (x2 - x1) / m, (y2 - y1) / m  # one grid cell in image pixels
+
+    if fig is None:
+        fig = Figure(figsize=(10, 4.6))
+    fig.clear()
+    ax0, ax1 = fig.subplots(1, 2)
+    ax0.imshow(img, extent=(0, W, H, 0))
+    _kp_skeleton(ax0, kps, skeleton, "white", fn, linewidth=1.0, alpha=0.8)
+    ax0.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor="yellow",
+                            linewidth=1.5, gid="roi_box"))
+    picture = np.zeros((m, m, 3), dtype=np.float32)
+    for k in range(K):
+        color = keypoint_color(k)
+        if kps[k, 2] > 0:
+            ax0.scatter([kps[k, 0]], [kps[k, 1]], s=14, c=[color], edgecolors="black",
+                        linewidths=0.5, zorder=4)
+        if not valid[k]:
+            continue
+        row, col = divmod(index[k], m)
+        picture[row, col] = color
+        ax0.add_patch(Rectangle((x1 + col * cw, y1 + row * ch), cw, ch, fill=False,
+                                edgecolor=color, linewidth=1.2, zorder=5, gid="target_cell"))
+        ax1.add_patch(Circle((col + 0.5, row + 0.5), 1.6, fill=False, edgecolor=color,
+                             linewidth=1.0))
+        ax1.text(col + 2.3, row + 0.5, names[k], color=color, fontsize=7, va="center")
+    _zoom(ax0, (x1, y1, x2, y2), H, W, margin=0.25)
+    ax0.set_title(f"RoI (yellow), the {m} x {m} grid cell of each keypoint", fontsize=9)
+    im = ax1.imshow(picture, extent=(0, m, m, 0), interpolation="nearest")
+    im.set_gid("keypoint_targets")
+    ax1.set_xlim(0, m)
+    ax1.set_ylim(m, 0)
+    ax1.set_title(f"{sum(valid)} one-hot {m} x {m} targets (one pixel each), drawn together",
+                  fontsize=9)
+    missing = [names[k] for k in range(K) if not valid[k]]
+    if title is None:
+        title = (f"keypoint targets of RoI ({x1:.0f}, {y1:.0f}, {x2:.0f}, {y2:.0f})"
+                 + (f"; no target: {', '.join(missing)}" if missing else ""))
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.94))  # room for the title
+    return fig
+
+
+def _flat_target(target, m: int, fn: str) -> tuple[int, int] | None:
+    """``None``, a flat index ``row * m + col`` or a ``(row, col)`` pair -> ``(row, col)``."""
+    if target is None:
+        return None
+    t = np.asarray(target.cpu() if isinstance(target, torch.Tensor) else target).reshape(-1)
+    if t.size == 1:
+        row, col = divmod(int(t[0]), m)
+    elif t.size == 2:
+        row, col = int(t[0]), int(t[1])
+    else:
+        raise ValueError(f"{fn}: target must be a flat index or (row, col), got {t.tolist()}")
+    if not (0 <= row < m and 0 <= col < m):
+        raise ValueError(f"{fn}: target ({row}, {col}) is outside the {m} x {m} heatmap")
+    return row, col
+
+
+def draw_softmax_vs_sigmoid(logits, target=None, *, fig: Figure | None = None,
+                            title: str | None = None) -> Figure:
+    """One ``m x m`` heatmap of logits read two ways: the paper's ``m^2``-way softmax and a
+    per-pixel sigmoid (the mask head's loss).
+
+    Left (``gid="softmax_map"``): ``softmax`` over all ``m^2`` positions, a distribution that
+    sums to 1: the positions compete, so raising one lowers all others ("encourages a single
+    point to be detected", sec. 5). Right (``gid="sigmoid_map"``): ``sigmoid`` of each pixel on
+    its own, ``m^2`` independent yes/no answers whose sum is unconstrained. The titles give each
+    map's sum, maximum and its value at ``target`` (a flat index ``row * m + col`` or a
+    ``(row, col)`` pair, ringed, ``gid="target_pixel"``). The arrays of the two images are the
+    probabilities, drawn on one logarithmic colour scale (so a background of many small values
+    shows beside the peak).
+    """
+    fn = "draw_softmax_vs_sigmoid"
+    z = logits.detach().cpu().double() if isinstance(logits, torch.Tensor) else torch.as_tensor(
+        np.asarray(logits, dtype=np.float64))
+    if z.dim() != 2 or z.shape[0] != z.shape[1] or z.numel() == 0:
+        raise ValueError(f"{fn}: logits must be one square [m, m] heatmap, got {tuple(z.shape)}")
+    m = z.shape[0]
+    rc = _flat_target(target, m, fn)
+    soft = torch.softmax(z.reshape(-1), dim=0).reshape(m, m).numpy()  # [m*m] -> [m, m]
+    sig = torch.sigmoid(z).numpy()
+    if fig is None:
+        fig = Figure(figsize=(10, 4.4))
+    fig.clear()
+    axes = fig.subplots(1, 2)
+    # one log colour scale for both maps: the background's share is visible beside the peak
+    norm = LogNorm(vmin=max(float(min(soft.min(), sig.min())), 1e-12), vmax=1.0)
+    for ax, p, gid, what in ((axes[0], soft, "softmax_map", f"softmax over the {m * m} positions"),
+                             (axes[1], sig, "sigmoid_map", "per-pixel sigmoid")):
+        im = ax.imshow(p, extent=(0, m, m, 0), cmap="viridis", norm=norm, interpolation="nearest")
+        im.set_gid(gid)
+        fig.colorbar(im, ax=ax, shrink=0.8)
+        text = f"{what}\nsum {p.sum():.3g}, max {p.max():.3g}"
+        if rc is not None:
+            row, col = rc
+            ax.add_patch(Circle((col + 0.5, row + 0.5), max(1.0, m / 28), fill=False,
+                                edgecolor="red", linewidth=1.5, gid="target_pixel"))
+            text += f", at the target {p[row, col]:.3g}"
+        ax.set_title(text, fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if title is not None:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.94 if title is not None else 1))
+    return fig
+
+
+def draw_keypoint_heatmaps(heatmaps, *, keypoint_names=None, targets=None, ncols: int = 6,
+                           size: float = 1.9, fig: Figure | None = None,
+                           title: str | None = None) -> Figure:
+    """All ``K`` heatmaps of one RoI as pictures: panel ``k`` (``gid="heatmap_<k>"``, its array
+    the ``m^2``-way softmax of heatmap ``k``) with its maximum marked ``+``, and the one-hot
+    target ringed in red when ``targets`` (``[K]`` flat indices, -1 for none) are given.
+
+    Args:
+        heatmaps: ``[K, m, m]`` logits (one RoI's keypoint head output).
+    """
+    fn = "draw_keypoint_heatmaps"
+    maps = heatmaps.detach().cpu().double() if isinstance(heatmaps, torch.Tensor) else \
+        torch.as_tensor(np.asarray(heatmaps, dtype=np.float64))
+    if maps.dim() != 3 or maps.shape[1] != maps.shape[2] or maps.shape[0] == 0:
+        raise ValueError(f"{fn}: heatmaps must be [K, m, m] with K >= 1, got {tuple(maps.shape)}")
+    K, m = maps.shape[0], maps.shape[1]
+    names = _kp_names(keypoint_names, K, fn)
+    if targets is not None:
+        targets = [int(t) for t in np.asarray(
+            targets.cpu() if isinstance(targets, torch.Tensor) else targets).reshape(-1)]
+        if len(targets) != K:
+            raise ValueError(f"{fn}: targets has {len(targets)} entries for {K} heatmaps")
+    if ncols < 1:
+        raise ValueError(f"{fn}: ncols must be >= 1, got {ncols}")
+    ncols = min(ncols, K)
+    nrows = math.ceil(K / ncols)
+    probs = torch.softmax(maps.reshape(K, m * m), dim=1).reshape(K, m, m).numpy()
+    if fig is None:
+        fig = Figure(figsize=(size * ncols, (size + 0.3) * nrows))
+    fig.clear()
+    axes = np.asarray(fig.subplots(nrows, ncols, squeeze=False)).ravel()
+    for k in range(K):
+        ax = axes[k]
+        im = ax.imshow(probs[k], extent=(0, m, m, 0), cmap="magma", interpolation="nearest")
+        im.set_gid(f"heatmap_{k}")
+        row, col = divmod(int(probs[k].argmax()), m)
+        ax.plot([col + 0.5], [row + 0.5], "+", color="cyan", markersize=8, mew=1.5)
+        if targets is not None and targets[k] >= 0:
+            t_row, t_col = divmod(targets[k], m)
+            ax.add_patch(Circle((t_col + 0.5, t_row + 0.5), max(1.0, m / 20), fill=False,
+                                edgecolor="red", linewidth=1.2))
+        ax.set_title(f"{names[k]}\nmax p {probs[k].max():.2f}", fontsize=7,
+                     color=keypoint_color(k))
+        ax.set_xticks([])
+        ax.set_yticks([])
+    for ax in axes[K:]:
+        ax.set_axis_off()
+    if title is not None:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.94 if title is not None else 1))
+    return fig
+
+
+def draw_keypoint_heatmap(image, box, heatmaps, k: int, *, keypoint_names=None,
+                          gt_keypoint=None, skeleton=None, fig: Figure | None = None,
+                          title: str | None = None) -> Figure:
+    """One detection's heatmap of keypoint ``k``, laid over the image inside its box.
+
+    The keypoints are ``heads.heatmaps_to_keypoints(heatmaps[None], box[None])``, the model's
+    post-processing: each heatmap resized (bicubic) to the box's size in pixels, its maximum
+    taken.
+
+    Three panels: (1) the image around the box (yellow, ``gid="roi_box"``) with all ``K``
+    predicted keypoints and the skeleton; (2) the box's pixels with the ``m^2``-way softmax of
+    heatmap ``k`` laid over them (``gid="heatmap_overlay"``: an RGBA image whose extent is the
+    box, so grid cell ``(r, c)`` covers ``x1 + c w/m .. x1 + (c+1) w/m``), the predicted keypoint
+    (``x``, ``gid="pred_keypoint"``) and, when given and labelled, the gt keypoint (ring,
+    ``gid="gt_keypoint"``); (3) the raw ``m x m`` logits (``gid="heatmap_logits"``, its array
+    the logits) with their maximum marked.
+
+    Args:
+        image: ``[3, H, W]`` tensor; box: ``(x1, y1, x2, y2)`` the detection's box (the RoI
+            its heatmaps were pooled from), in the image's pixels.
+        heatmaps: ``[K, m, m]`` logits of that detection; k: the keypoint to show.
+        gt_keypoint: optional ``(x, y, v)`` of the matched gt object's keypoint ``k``.
+    """
+    from mrcnn_edu.heads.keypoint_head import heatmaps_to_keypoints
+
+    fn = "draw_keypoint_heatmap"
+    img = image_for_display(image, fn)
+    H, W = img.shape[:2]
+    maps = heatmaps.detach().cpu().float() if isinstance(heatmaps, torch.Tensor) else \
+        torch.as_tensor(np.asarray(heatmaps, dtype=np.float32))
+    if maps.dim() != 3 or maps.shape[1] != maps.shape[2] or maps.shape[0] == 0:
+        raise ValueError(f"{fn}: heatmaps must be [K, m, m] with K >= 1, got {tuple(maps.shape)}")
+    K, m = maps.shape[0], maps.shape[1]
+    k = int(k)
+    if not 0 <= k < K:
+        raise ValueError(f"{fn}: k must lie in [0, {K}), got {k}")
+    names = _kp_names(keypoint_names, K, fn)
+    b = _one_box(box, fn)
+    x1, y1, x2, y2 = b[0].tolist()
+    kps, scores = heatmaps_to_keypoints(maps[None], b)  # [1, K, 3], [1, K]
+    kps, scores = kps[0].double().numpy(), scores[0].numpy()
+    probs = torch.softmax(maps[k].reshape(-1).double(), dim=0).reshape(m, m).numpy()
+    gt = None
+    if gt_keypoint is not None:
+        gt = np.asarray(gt_keypoint.cpu() if isinstance(gt_keypoint, torch.Tensor)
+                        else gt_keypoint, dtype=np.float64).reshape(-1)
+        if gt.size != 3:
+            raise ValueError(f"{fn}: gt_keypoint must be (x, y, v), got {gt.tolist()}")
+
+    if fig is None:
+        fig = Figure(figsize=(12, 4.2))
+    fig.clear()
+    ax0, ax1, ax2 = fig.subplots(1, 3)
+    ax0.imshow(img, extent=(0, W, H, 0))
+    ax0.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor="yellow",
+                            linewidth=1.5, gid="roi_box"))
+    _kp_skeleton(ax0, kps, skeleton, "white", fn, linewidth=1.2)
+    ax0.scatter(kps[:, 0], kps[:, 1], s=14, c=[keypoint_color(j) for j in range(K)],
+                edgecolors="black", linewidths=0.5, zorder=4)
+    _zoom(ax0, (x1, y1, x2, y2), H, W, margin=0.5)
+    ax0.set_title("the detection and its predicted keypoints", fontsize=9)
+
+    ax1.imshow(img, extent=(0, W, H, 0))
+    rgba = plt.get_cmap("magma")(probs / max(float(probs.max()), 1e-12))  # [m, m, 4]
+    rgba[..., 3] = 0.15 + 0.7 * probs / max(float(probs.max()), 1e-12)
+    over = ax1.imshow(rgba, extent=(x1, x2, y2, y1), interpolation="nearest")
+    over.set_gid("heatmap_overlay")
+    ax1.plot([kps[k, 0]], [kps[k, 1]], "x", color="cyan", markersize=10, mew=2.0,
+             gid="pred_keypoint", label="predicted")
+    if gt is not None and gt[2] > 0:
+        ax1.plot([gt[0]], [gt[1]], "o", mfc="none", mec="lime", markersize=10, mew=1.5,
+                 gid="gt_keypoint", label="ground truth")
+    ax1.legend(fontsize=7, loc="lower right")
+    _zoom(ax1, (x1, y1, x2, y2), H, W, margin=0.05)
+    ax1.set_title(f"{names[k]}: softmax over {m} x {m} positions, max p {probs.max():.2f}",
+                  fontsize=9)
+
+    logits = maps[k].numpy()
+    im = ax2.imshow(logits, extent=(0, m, m, 0), cmap="viridis", interpolation="nearest")
+    im.set_gid("heatmap_logits")
+    row, col = divmod(int(logits.argmax()), m)
+    ax2.plot([col + 0.5], [row + 0.5], "+", color="red", markersize=10, mew=1.5)
+    fig.colorbar(im, ax=ax2, shrink=0.8)
+    ax2.set_title(f"logits ({m} x {m}); score {scores[k]:.2f} (the resized map's max)",
+                  fontsize=9)
+    if title is None:
+        title = (f"{names[k]} of the detection at ({x1:.0f}, {y1:.0f}, {x2:.0f}, {y2:.0f}): "
+                 f"({kps[k, 0]:.1f}, {kps[k, 1]:.1f})")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.94))  # room for the title
+    return fig
+
+
+def draw_keypoint_predictions_vs_truth(images: Sequence, detections: Sequence[dict],
+                                       targets: Sequence[dict], *, skeleton=None,
+                                       class_names: Sequence[str] | None = None,
+                                       score_threshold: float = 0.5,
+                                       titles: Sequence[str] | None = None) -> Figure:
+    """:func:`draw_predictions_vs_truth` with keypoints: one row per image, the ground truth
+    (boxes, keypoints, skeleton) on the left and the detections with ``score >=
+    score_threshold`` and their predicted keypoints on the right (all drawn as found: the
+    model's visibility is always 1).
+
+    Args:
+        detections: per image ``boxes``, ``labels``, ``scores`` and ``keypoints [N, K, 3]``.
+        targets: per image ``boxes``, ``labels`` and ``keypoints [G, K, 3]``.
+        skeleton: 1-based keypoint pairs (the data set's ``skeleton``).
+    """
+    fn = "draw_keypoint_predictions_vs_truth"
+    if not (len(images) == len(detections) == len(targets)) or not images:
+        raise ValueError(f"{fn}: need as many detections and targets as images (>= 1), got "
+                         f"{len(images)}, {len(detections)}, {len(targets)}")
+    n = len(images)
+    fig, axes = plt.subplots(n, 2, figsize=(7, 3.4 * n), squeeze=False)
+    for i, (img, det, tgt) in enumerate(zip(images, detections, targets)):
+        if "keypoints" not in det:
+            raise ValueError(f"{fn}: detections[{i}] has no 'keypoints' (a keypoint model's "
+                             f"output); keys {sorted(det)}")
+        extra = f" ({titles[i]})" if titles else ""
+        draw_instances(img, tgt.get("boxes"), tgt.get("labels"), keypoints=tgt.get("keypoints"),
+                       class_names=class_names, skeleton=skeleton, ax=axes[i, 0],
+                       title=f"ground truth{extra}")
+        keep = det["scores"] >= score_threshold
+        draw_instances(img, det["boxes"][keep], det["labels"][keep], det["scores"][keep],
+                       keypoints=det["keypoints"][keep][..., :2], class_names=class_names,
+                       skeleton=skeleton, ax=axes[i, 1],
+                       title=f"prediction (score >= {score_threshold}){extra}")
+    fig.tight_layout()
+    return fig
+
+
+def keypoint_oks(pred, gt, area: float, sigmas) -> tuple[float, np.ndarray]:
+    """COCO's object keypoint similarity of one predicted pose with one gt object.
+
+    For each gt keypoint that is labelled (``v > 0``), with ``d`` its distance to the
+    prediction, ``s^2 = area`` the object's segment area and ``kappa = 2 sigma`` (``sigma``
+    the keypoint type's constant)::
+
+        similarity_k = exp(-d^2 / (2 s^2 kappa^2))          OKS = mean over labelled k
+
+    so ``OKS`` plays the role of IoU for keypoints (1: perfect; COCO's AP thresholds it at
+    0.50 .. 0.95). Computed as ``COCOeval.computeOks`` does (``area + eps``, float64), so the
+    values are COCOeval's.
+
+    Args:
+        pred: ``[K, 2]`` or ``[K, 3]`` predicted (x, y[, v]); the visibility is not used.
+        gt: ``[K, 3]`` gt (x, y, v); area: the gt's area (``> 0``); sigmas: ``[K]`` constants.
+
+    Returns:
+        ``(oks, similarity)``: a float and ``[K]`` per-keypoint similarities (``nan`` where the
+        gt keypoint is not labelled).
+    """
+    fn = "keypoint_oks"
+    g = _kp_array(gt, fn, "gt")
+    K = g.shape[0]
+    p = _kp_array(pred, fn, "pred", K, cols=(2, 3))
+    s = np.asarray(sigmas, dtype=np.float64).reshape(-1)
+    if s.shape != (K,) or not np.all(s > 0):
+        raise ValueError(f"{fn}: sigmas must be {K} positive numbers, got {s.tolist()}")
+    if not float(area) > 0:
+        raise ValueError(f"{fn}: area must be > 0, got {area}")
+    labelled = g[:, 2] > 0
+    if not labelled.any():
+        raise ValueError(f"{fn}: the gt has no labelled keypoint (all v = 0): OKS is undefined "
+                         "(COCOeval then measures the distance to the box instead)")
+    variances = (2 * s) ** 2  # kappa^2
+    d2 = (p[:, 0] - g[:, 0]) ** 2 + (p[:, 1] - g[:, 1]) ** 2
+    e = d2 / variances / (float(area) + np.spacing(1)) / 2
+    sim = np.where(labelled, np.exp(-e), np.nan)
+    return float(np.exp(-e[labelled]).sum() / labelled.sum()), sim
+
+
+def oks_radius(sigma: float, area: float, threshold: float) -> float:
+    """The distance ``d`` at which a keypoint's OKS similarity falls to ``threshold``:
+    ``exp(-d^2 / (2 area (2 sigma)^2)) = t``  =>  ``d = 2 sigma sqrt(2 area ln(1/t))``."""
+    if not 0 < threshold < 1:
+        raise ValueError(f"oks_radius: threshold must lie in (0, 1), got {threshold}")
+    if not (sigma > 0 and area > 0):
+        raise ValueError(f"oks_radius: sigma and area must be > 0, got {sigma}, {area}")
+    return 2.0 * float(sigma) * math.sqrt(2.0 * float(area) * math.log(1.0 / threshold))
+
+
+#: line styles of the tolerance circles, by threshold order (loosest first)
+_OKS_STYLES = ("-", "--", ":", "-.")
+
+
+def draw_oks_circles(ax: Axes, image, gt_keypoints, area: float, sigmas, *,
+                     pred_keypoints=None, thresholds: Sequence[float] = (0.5, 0.75, 0.95),
+                     keypoint_names=None, skeleton=None, box=None,
+                     title: str | None = None) -> Axes:
+    """COCO's keypoint tolerance drawn on a gt pose: around each labelled keypoint ``k`` one
+    circle per threshold ``t``, of radius :func:`oks_radius` ``(sigma_k, area, t)``: a
+    prediction inside the circle has similarity ``>= t`` for that keypoint. The circles grow
+    with the object (``sqrt(area)``) and with the keypoint type's ``sigma`` (a hip is harder to
+    place than an eye, so it is given more room). Each circle is a ``Circle`` patch with
+    ``gid="oks_<t:.2f>_<k>"``.
+
+    With ``pred_keypoints`` (``[K, 2|3]``) each predicted keypoint is drawn (``x``, one
+    ``gid="pred_keypoint"`` line of markers) and joined to its gt keypoint, and the title gives
+    the OKS (:func:`keypoint_oks`). ``box`` (x1, y1, x2, y2): zoom on it (default: on the
+    labelled keypoints).
+    """
+    fn = "draw_oks_circles"
+    img = image_for_display(image, fn)
+    H, W = img.shape[:2]
+    g = _kp_array(gt_keypoints, fn, "gt_keypoints")
+    K = g.shape[0]
+    s = np.asarray(sigmas, dtype=np.float64).reshape(-1)
+    if s.shape != (K,):
+        raise ValueError(f"{fn}: sigmas must have one value per keypoint ({K}), got {s.shape}")
+    names = _kp_names(keypoint_names, K, fn)
+    ts = sorted(float(t) for t in thresholds)
+    if not ts or len(ts) > len(_OKS_STYLES):
+        raise ValueError(f"{fn}: give 1..{len(_OKS_STYLES)} thresholds, got {list(thresholds)}")
+    labelled = g[:, 2] > 0
+    ax.imshow(img, extent=(0, W, H, 0))
+    _kp_skeleton(ax, g, skeleton, "white", fn, linewidth=1.0, alpha=0.7)
+    for k in np.flatnonzero(labelled):
+        color = keypoint_color(k)
+        for t, style in zip(ts, _OKS_STYLES):
+            ax.add_patch(Circle((g[k, 0], g[k, 1]), oks_radius(s[k], area, t), fill=False,
+                                edgecolor=color, linestyle=style, linewidth=1.2,
+                                gid=f"oks_{t:.2f}_{k}"))
+        ax.plot([g[k, 0]], [g[k, 1]], "o", color=color, markersize=3)
+    text = f"OKS tolerance circles: similarity {' / '.join(f'{t:g}' for t in ts)}"
+    if pred_keypoints is not None:
+        p = _kp_array(pred_keypoints, fn, "pred_keypoints", K, cols=(2, 3))
+        oks, sim = keypoint_oks(p, g, area, s)
+        for k in np.flatnonzero(labelled):
+            ax.plot([g[k, 0], p[k, 0]], [g[k, 1], p[k, 1]], color=keypoint_color(k),
+                    linewidth=0.8)
+        ax.plot(p[labelled, 0], p[labelled, 1], "x", color="red", markersize=6, mew=1.5,
+                linestyle="none", gid="pred_keypoint")
+        worst = int(np.nanargmin(sim))
+        text += f"\nOKS {oks:.3f} (worst: {names[worst]}, {sim[worst]:.2f})"
+    for t, style in zip(ts, _OKS_STYLES):  # legend entries for the line styles
+        ax.plot([], [], color="black", linestyle=style, label=f"similarity {t:g}")
+    ax.legend(fontsize=7, loc="lower right")
+    if box is not None:
+        _zoom(ax, _one_box(box, fn)[0].tolist(), H, W, margin=0.15)
+    else:
+        pts = g[labelled, :2]
+        _zoom(ax, (*pts.min(0), *pts.max(0)), H, W, margin=0.25)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(title if title is not None else text, fontsize=9)
+    return ax
+
+
 # =============================================================================================
 # 08b: the paper's ablations (Table 2) rerun with seeds (engine.ablate)
 # =============================================================================================

@@ -25,9 +25,10 @@ paper; notebook ``08b_ablations.ipynb``); without them the output is exactly the
   an object, so RoIPool's rounding to cells shows (Table 2c/2d).
 
 Keypoint set (``person_keypoints_{split}.json``, ``keypoints=True``): stick-figure "persons" with
-the 11 keypoints of ``KEYPOINT_NAMES``, a COCO ``skeleton`` (1-based pairs) and visibility
-v = 0 (out of the frame, stored as x = y = 0), 1 (occluded by a later object) or 2 (visible),
-among unlabelled shapes that occlude them.
+the 11 keypoints of ``KEYPOINT_NAMES``, a COCO ``skeleton`` (1-based pairs), the OKS ``sigmas``
+of ``KEYPOINT_SIGMAS`` (not a COCO field: ``engine.evaluate`` gives them to COCOeval) and
+visibility v = 0 (out of the frame, stored as x = y = 0), 1 (occluded by a later object) or
+2 (visible), among unlabelled shapes that occlude them.
 
 Every instance mask is *defined* as pycocotools' rasterization of its polygons, so the masks a
 reader decodes from the JSON are bit-identical to the ones the generator composed.
@@ -108,6 +109,15 @@ def flip_index(names: tuple[str, ...] | list[str] = KEYPOINT_NAMES) -> list[int]
         out.append(names.index(partner) if partner in names else names.index(n))
     return out
 
+
+#: OKS sigmas (COCOeval's ``kpt_oks_sigmas``), one per keypoint of ``KEYPOINT_NAMES``: COCO's
+#: constants for the nearest COCO body part (head <- nose .026, neck <- shoulders .079, elbows
+#: .072, hands <- wrists .062, hip <- hips .107, knees .087, feet <- ankles .089). Stored as the
+#: person category's ``"sigmas"`` in the annotation file, where ``engine.evaluate`` reads them.
+KEYPOINT_SIGMAS: tuple[float, ...] = tuple(
+    {"head": 0.026, "neck": 0.079, "elbow": 0.072, "hand": 0.062, "hip": 0.107, "knee": 0.087,
+     "foot": 0.089}[name.removeprefix("left_").removeprefix("right_")]
+    for name in KEYPOINT_NAMES)
 
 #: ``keypoints[:, FLIP_INDEX]`` swaps left and right (a permutation of range(K)).
 FLIP_INDEX: list[int] = flip_index(KEYPOINT_NAMES)
@@ -445,7 +455,8 @@ def generate_image(rng: np.random.Generator, size: int = 256, *, keypoints: bool
 def _categories(keypoints: bool) -> list[dict]:
     if keypoints:
         return [{"id": PERSON_CATEGORY_ID, "name": "person", "supercategory": "person",
-                 "keypoints": list(KEYPOINT_NAMES), "skeleton": [list(p) for p in SKELETON]}]
+                 "keypoints": list(KEYPOINT_NAMES), "skeleton": [list(p) for p in SKELETON],
+                 "sigmas": list(KEYPOINT_SIGMAS)}]  # OKS constants (not a COCO field)
     return [{"id": cid, "name": name, "supercategory": "shape"}
             for cid, name in zip(CATEGORY_IDS, CLASS_NAMES)]
 

@@ -4,7 +4,9 @@ Mask R-CNN's COCO recipe (He et al. 2017, section 3.1 "Training"): 16 images per
 (8 GPUs x 2), learning rate 0.02 for 160k iterations decreased by 10 at 120k (the paper's
 schedule; Detectron's and torchvision's "1x" schedule is 90k iterations with decays at 60k and
 80k), weight decay 1e-4, momentum 0.9, shorter side 800, horizontal flips. The ``shapes`` recipe
-trains a small model from scratch on the synthetic set on a 2-core CPU in minutes (``make demo``).
+trains a small model from scratch on the synthetic set on a 2-core CPU in minutes (``make demo``);
+``stick-figures`` does the same for Keypoint R-CNN on the stick-figure set (``make
+demo-keypoints``) and ``coco-keypoints-r50-fpn`` is the paper's COCO keypoint recipe (sec. 5).
 
 ``run_training(experiment, data_root, out_dir)`` builds the data sets, checks them
 (``check_data``), builds the model, the optimizer and the schedule, and runs
@@ -27,6 +29,7 @@ import torch
 from mrcnn_edu.config import ModelConfig, flat_keys, from_dict, get_preset, override
 from mrcnn_edu.data.coco import CocoDetection, coco2017, shapes_dataset
 from mrcnn_edu.data.sampler import make_train_loader, transform_generators
+from mrcnn_edu.data.shapes import flip_index
 from mrcnn_edu.model import MaskRCNN, build_model
 from mrcnn_edu.transforms import RandomHorizontalFlip
 
@@ -122,8 +125,35 @@ def shapes_recipe() -> Experiment:
                       data=DataConfig(layout="shapes", train_split="train", val_split="val"))
 
 
+def stick_figures_recipe() -> Experiment:
+    """The ``stick-figures`` Keypoint R-CNN (``mrcnn_edu.config.stick_figures``) from scratch on
+    the stick-figure set (``mrcnn-edu make-shapes --keypoints``, by default in
+    ``data/shapes_keypoints``): the ``shapes`` recipe's AdamW (lr 5e-4, warm-up and cosine
+    decay, batch 4) with horizontal flips that swap left and right keypoints (the set's flip
+    map, see :func:`build_datasets`), on a 15-minute budget (``make demo-keypoints``)."""
+    exp = shapes_recipe()
+    exp.model = get_preset("stick-figures")
+    exp.train.steps = 1500
+    exp.train.max_minutes = 15.0
+    return exp
+
+
+def coco_keypoints_r50_fpn() -> Experiment:
+    """The paper's COCO keypoint recipe (Mask R-CNN sec. 5, "Implementation Details"):
+    ``keypointrcnn-r50-fpn`` on the ``person_keypoints_*`` files, 16 images per step, lr 0.02
+    for 90k steps, divided by 10 at 60k and 80k, shorter side drawn from 640..800 when training
+    (800 at test), horizontal flips with COCO's left/right flip map. (torchvision's released
+    weights, keypoint AP 65.0 on val2017, follow its own schedule instead: 46 epochs of about
+    3.7k steps, decays at epochs 36 and 43.)"""
+    exp = coco_r50_fpn_1x()
+    exp.model = get_preset("keypointrcnn-r50-fpn")
+    return exp
+
+
 _EXPERIMENTS = {
     "shapes": shapes_recipe,
+    "stick-figures": stick_figures_recipe,
+    "coco-keypoints-r50-fpn": coco_keypoints_r50_fpn,
     "coco-r50-fpn-1x": coco_r50_fpn_1x,
     "coco-r50-fpn-3x": coco_r50_fpn_3x,
 }
@@ -160,8 +190,11 @@ def build_datasets(exp: Experiment, root: str | Path, *, train: bool = True, val
     """``(train_set, val_set)`` for the experiment's data layout under ``root``.
 
     The training set skips images without objects and flips with probability
-    ``exp.train.hflip`` (a seeded generator, saved in checkpoints). A root without the expected
-    layout raises ``FileNotFoundError`` listing what is missing.
+    ``exp.train.hflip`` (a seeded generator, saved in checkpoints); a keypoint set's flip also
+    swaps its ``left_*`` and ``right_*`` keypoints (``data.shapes.flip_index`` of the set's
+    keypoint names: the stick figures' or COCO's 17). A model with a keypoint branch reads the
+    ``person_keypoints_*`` files of a COCO root. A root without the expected layout raises
+    ``FileNotFoundError`` listing what is missing.
     """
     root = Path(root)
     d = exp.data
@@ -188,17 +221,19 @@ def build_datasets(exp: Experiment, root: str | Path, *, train: bool = True, val
     def load(split: str, **kw) -> CocoDetection:
         if d.layout == "shapes":
             return shapes_dataset(root, split, **kw)
-        kp = (root / "annotations" / f"person_keypoints_{split}.json").is_file() and not (
-            root / "annotations" / f"instances_{split}.json").is_file()
+        kp = exp.model.roi_heads.keypoint or (  # a keypoint model reads the keypoint files
+            (root / "annotations" / f"person_keypoints_{split}.json").is_file() and not (
+                root / "annotations" / f"instances_{split}.json").is_file())
         return coco2017(root, split, keypoints=kp, **kw)
 
     train_set = val_set = None
     if train:
-        flip = None
-        if exp.train.hflip > 0:
+        train_set = load(d.train_split, skip_empty=True)
+        if exp.train.hflip > 0:  # with keypoints: the set's flip map swaps left and right
             gen = torch.Generator().manual_seed(exp.train.seed + 1)
-            flip = RandomHorizontalFlip(exp.train.hflip, generator=gen)
-        train_set = load(d.train_split, transforms=flip, skip_empty=True)
+            names = train_set.keypoint_names
+            train_set.transforms = RandomHorizontalFlip(
+                exp.train.hflip, flip_index=flip_index(names) if names else None, generator=gen)
     if val:
         val_set = load(d.val_split)
     return train_set, val_set

@@ -32,4 +32,6 @@ NOTEBOOKS: list[Notebook] = [
     Notebook("07_fpn_full_model.ipynb", limit_s=200.0),  # the FPN level explorer
     # trains a few steps and evaluates: slower; the live loss plot is a picture, not an explorer
     Notebook("08_training.ipynb", limit_s=200.0, explorers=0),
+    # trains a few steps, evaluates, builds a ResNet-50 model: slower; the heatmap explorer
+    Notebook("10_keypoints.ipynb", limit_s=200.0),
 ]
