@@ -4,7 +4,7 @@ Detection images differ in shape, and a batch is zero-padded to its largest imag
 (``mrcnn_edu.transforms.batch_images``). Mixing a portrait and a landscape image pads both to a
 square and wastes much of the batch on zeros, so Detectron (and torchvision's reference
 ``group_by_aspect_ratio.py``) batch together images whose width / height falls in the same bin.
-Notebook ``08_training_ablations.ipynb`` shows the padding this saves; ``engine.train`` draws its
+Notebook ``08_training.ipynb`` shows the padding this saves; ``engine.train`` draws its
 batches through :func:`make_train_loader` and :func:`infinite`.
 
 Reproducibility: every random choice here comes from one ``torch.Generator`` seeded with

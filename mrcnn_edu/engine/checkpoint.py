@@ -5,7 +5,7 @@ GPUs), so it must survive interruptions. Resuming "exactly" means more than relo
 weights: the optimizer's momentum buffers, the learning-rate schedule's position, the fp16 loss
 scaler, the random states (torch, CUDA, numpy, Python ``random``, and any ``torch.Generator`` a
 transform draws from) and the position in the shuffled data all have to come back, or the
-resumed run drifts from the one that never stopped. Notebook ``08_training_ablations.ipynb``
+resumed run drifts from the one that never stopped. Notebook ``08_training.ipynb``
 interrupts a run and resumes it; ``09_coco_training.ipynb`` relies on it for the long runs.
 
 Files are written atomically (a temp file in the same folder, then ``os.replace``), so an

@@ -9,7 +9,7 @@ Two measures live here:
 - :func:`evaluate`, COCO's AP through ``pycocotools.cocoeval.COCOeval``: box AP, mask AP and
   keypoint AP (OKS), the numbers of Mask R-CNN's tables (He et al. 2017, section 4: "AP
   (averaged over IoU thresholds), AP50, AP75 and APS, APM, APL (AP at different scales)").
-  Notebooks ``08_training_ablations.ipynb`` (COCO metrics) and ``10_keypoints.ipynb`` (OKS)
+  Notebooks ``08_training.ipynb`` (COCO metrics) and ``10_keypoints.ipynb`` (OKS)
   are where the series explains it.
 
 How a model's output becomes a COCO result (:func:`coco_results`)::

@@ -6,7 +6,7 @@ iterations; Detectron's shorter "1x" schedule (the one torchvision's COCO weight
 with) is 90k iterations, divided by 10 at 60k and 80k. Goyal
 et al. 2017 ("Accurate, Large Minibatch SGD") add a linear warm-up over the first iterations,
 which Detectron, detectron2 and torchvision's reference scripts all use. Notebook
-``08_training_ablations.ipynb`` plots these schedules and trains with them;
+``08_training.ipynb`` plots these schedules and trains with them;
 ``09_coco_training.ipynb`` uses the 1x recipe.
 
 Two choices follow detectron2 and torchvision rather than the paper, which does not mention them:
@@ -214,6 +214,11 @@ class TimeBudgetFactor(LRFactor):
         if self.start is None:
             self.start = now
         return min(1.0, (now - self.start) / self.budget_s)
+
+    def warmup(self, step: int) -> float:
+        # also ends once 5 % of the budget is spent: on a slow machine 50 warm-up steps could
+        # otherwise outlast the whole run
+        return max(super().warmup(step), min(1.0, self.progress() / 0.05))
 
     def main(self, step: int) -> float:
         return super().main(round(self.progress() * self.total_steps))

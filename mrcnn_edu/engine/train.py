@@ -4,7 +4,7 @@ Mask R-CNN (He et al. 2017, section 3.1 "Training") minimises the multi-task los
 ``L = L_cls + L_box + L_mask`` (plus the RPN's two terms, Faster R-CNN Eqn. (1)) end to end by
 SGD. This loop knows nothing of that structure: the model is any
 ``model(images, targets) -> (detections, losses)`` whose ``losses`` dict holds named scalar
-tensors, and one step minimises their sum. Notebook ``08_training_ablations.ipynb`` trains on the
+tensors, and one step minimises their sum. Notebook ``08_training.ipynb`` trains on the
 shapes set with it (a live loss plot through a callback); ``09_coco_training.ipynb`` runs the 1x
 COCO recipe.
 
