@@ -251,15 +251,18 @@ def list_presets() -> list[str]:
     return sorted(_PRESETS)
 
 
+def unknown_name(name: str, choices, what: str = "preset") -> KeyError:
+    """The error for a name that is not among ``choices``: the nearest names, then all."""
+    close = difflib.get_close_matches(name, list(choices), n=3)
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    return KeyError(f"unknown {what} {name!r}{hint}; {what}s: {', '.join(sorted(choices))}")
+
+
 def get_preset(name: str) -> ModelConfig:
     """A fresh :class:`ModelConfig` for preset ``name``; an unknown name lists the presets."""
-    try:
-        return _PRESETS[name]()
-    except KeyError:
-        close = difflib.get_close_matches(name, list(_PRESETS), n=3)
-        hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        raise KeyError(f"unknown preset {name!r}{hint}; presets: {', '.join(list_presets())}")\
-            from None
+    if name not in _PRESETS:
+        raise unknown_name(name, _PRESETS)
+    return _PRESETS[name]()
 
 
 def register_preset(name: str, fn) -> None:

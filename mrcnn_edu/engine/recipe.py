@@ -11,7 +11,7 @@ demo-keypoints``) and ``coco-keypoints-r50-fpn`` is the paper's COCO keypoint re
 ``run_training(experiment, data_root, out_dir)`` builds the data sets, checks them
 (``check_data``), builds the model, the optimizer and the schedule, and runs
 :func:`mrcnn_edu.engine.train.train`; the CLI's ``mrcnn-edu train`` is a thin wrapper around it.
-Notebook ``08_training_ablations.ipynb`` calls it directly. Under ``torchrun`` (after
+Notebook ``08_training.ipynb`` calls it directly. Under ``torchrun`` (after
 ``engine.distributed.init_distributed()``, which the CLI calls) the same call trains with
 ``DistributedDataParallel``: ``batch_size`` is the global batch, split evenly over the ranks, so
 the learning rate and warm-up do not depend on how many processes share it
@@ -20,13 +20,19 @@ the learning rate and warm-up do not depend on how many processes share it
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from mrcnn_edu.config import ModelConfig, flat_keys, from_dict, get_preset, override
+from mrcnn_edu.config import (
+    ModelConfig,
+    flat_keys,
+    from_dict,
+    get_preset,
+    override,
+    unknown_name,
+)
 from mrcnn_edu.data.coco import CocoDetection, coco2017, shapes_dataset
 from mrcnn_edu.data.sampler import make_train_loader, transform_generators
 from mrcnn_edu.data.shapes import flip_index
@@ -36,7 +42,7 @@ from mrcnn_edu.transforms import RandomHorizontalFlip
 from . import distributed as dist_utils
 from .check_data import check_data
 from .checkpoint import load_checkpoint
-from .optim import build_optimizer, build_scheduler
+from .optim import TimeBudgetFactor, build_optimizer, build_scheduler
 from .train import TrainResult, train
 
 __all__ = [
@@ -169,10 +175,7 @@ def get_experiment(name: str, overrides: dict | None = None) -> Experiment:
     (``{"train.lr": "0.01", "model.roi_heads.pooler_op": "pool"}``). An unknown name lists
     the recipes; an unknown key names the nearest keys."""
     if name not in _EXPERIMENTS:
-        close = difflib.get_close_matches(name, list(_EXPERIMENTS), n=3)
-        hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        raise KeyError(f"unknown preset {name!r}{hint}; presets: "
-                       f"{', '.join(list_experiments())}")
+        raise unknown_name(name, _EXPERIMENTS)
     exp = _EXPERIMENTS[name]()
     if overrides:
         override(exp, overrides)
@@ -298,11 +301,10 @@ def run_training(exp: Experiment, data_root: str | Path, out_dir: str | Path, *,
     :func:`~mrcnn_edu.engine.check_data.check_data` first and refuses a set with bad targets
     (listing them). ``resume`` continues from ``out_dir/last.pt``.
 
-    ``fit_budget`` (with a time budget, ``max_minutes`` or ``exp.train.max_minutes``) times a few
-    training steps first and shortens the schedule (``exp.train.steps``, warm-up, milestones)
-    so that it ends within the budget: a cosine or step schedule cut short by the clock would
-    never reach its small learning rates. The steps chosen are recorded in the checkpoint's
-    config.
+    ``fit_budget`` (with a time budget, ``max_minutes`` or ``exp.train.max_minutes``) runs the
+    learning-rate schedule on the wall clock (:class:`~mrcnn_edu.engine.optim.TimeBudgetFactor`)
+    and stops when the budget is spent, so the schedule completes however fast the machine is
+    (a step schedule cut short by the clock would never reach its small learning rates).
     """
     import time
 
@@ -329,37 +331,35 @@ def run_training(exp: Experiment, data_root: str | Path, out_dir: str | Path, *,
         loader = make_train_loader(train_set, t.batch_size, num_workers=t.num_workers,
                                    seed=t.seed, aspect_ratio_grouping=t.aspect_ratio_grouping)
     budget = max_minutes if max_minutes is not None else t.max_minutes
-    if fit_budget and budget and not resume:
-        if distributed:
-            raise ValueError("run_training: fit_budget times this process's steps, which differ "
-                             "between ranks; under torchrun use a step schedule (and "
-                             "--max-minutes to stop)")
-        step_s = time_train_step(model, make_train_loader(
-            train_set, t.batch_size, num_workers=0, seed=t.seed + 7,
-            aspect_ratio_grouping=t.aspect_ratio_grouping), device=device)
-        # the budget counts from the start of this call (data checks and timing included);
-        # 0.85: the optimizer step, data loading and more positives later in training
-        budget = budget - (time.perf_counter() - started) / 60
-        fitted = max(20, int(budget * 60 * 0.85 / step_s))
-        if fitted < t.steps:
-            scale = fitted / t.steps
-            t.milestones = tuple(int(m * scale) for m in t.milestones)
-            t.warmup_steps = min(t.warmup_steps, fitted // 10)
-            t.steps = fitted
-            t.checkpoint_every = min(t.checkpoint_every, max(1, fitted // 4))
     lr = t.lr * t.batch_size / t.reference_batch  # the global batch (all ranks together)
     warmup_steps = round(t.warmup_steps * t.reference_batch / t.batch_size)  # same images
     if t.warmup_steps <= t.steps:  # (a warm-up longer than the run stays build_scheduler's error)
         warmup_steps = min(warmup_steps, t.steps)
     optimizer = build_optimizer(model, t.optimizer, lr=lr, momentum=t.momentum,
                                 weight_decay=t.weight_decay, norm_bias_decay=t.norm_bias_decay)
-    scheduler = build_scheduler(optimizer, total_steps=t.steps, warmup_steps=warmup_steps,
-                                warmup_factor=t.warmup_factor, schedule=t.schedule,
-                                milestones=t.milestones, gamma=t.gamma,
-                                min_lr_ratio=t.min_lr_ratio)
+    steps = t.steps
+    if fit_budget and budget and not resume:
+        if distributed:
+            raise ValueError("run_training: fit_budget runs the learning rate on the wall clock, "
+                             "which differs between ranks (their parameters would drift apart); "
+                             "under torchrun use a step schedule (and --max-minutes to stop)")
+        # the schedule runs on the clock: the budget counts from the start of this call (data
+        # checks included), the cosine / step decay ends when it runs out, whatever the speed
+        budget = budget - (time.perf_counter() - started) / 60
+        factor = TimeBudgetFactor(budget_s=budget * 60, total_steps=t.steps,
+                                  warmup_steps=warmup_steps, warmup_factor=t.warmup_factor,
+                                  schedule=t.schedule, milestones=t.milestones, gamma=t.gamma,
+                                  min_lr_ratio=t.min_lr_ratio)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        steps = 100 * t.steps  # the clock stops the run, not the step counter
+    else:
+        scheduler = build_scheduler(optimizer, total_steps=t.steps, warmup_steps=warmup_steps,
+                                    warmup_factor=t.warmup_factor, schedule=t.schedule,
+                                    milestones=t.milestones, gamma=t.gamma,
+                                    min_lr_ratio=t.min_lr_ratio)
     out_dir.mkdir(parents=True, exist_ok=True)
     result = train(dist_utils.wrap_model(model, device), loader, optimizer, scheduler,
-                   steps=t.steps, device=device, amp=t.amp,
+                   steps=steps, device=device, amp=t.amp,
                    grad_clip=t.grad_clip, callbacks=callbacks, checkpoint_dir=out_dir,
                    checkpoint_every=t.checkpoint_every, keep_last=t.keep_last,
                    resume=True if resume else None, log_every=t.log_every,
@@ -382,16 +382,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Ma
     """Rebuild the model a training checkpoint holds (its config, then its weights), in eval
     mode. A file that is not a checkpoint, or whose weights do not fit its config, raises an
     error naming what does not match."""
+    from mrcnn_edu.utils import load_torch_dict
+
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(f"{path} is not a readable torch checkpoint ({type(err).__name__}: "
-                         f"{err})") from err
-    if not isinstance(ckpt, dict):
-        raise ValueError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint")  # noqa: TRY004
+    ckpt = load_torch_dict(path, "checkpoint")
     exp = experiment_from_checkpoint(ckpt, path)
     model = build_model(exp.model)
     load_checkpoint(path, model=model, restore_rng=False)
