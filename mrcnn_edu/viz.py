@@ -3096,7 +3096,7 @@ def draw_keypoint_heatmap(image, box, heatmaps, k: int, *, keypoint_names=None,
     predicted keypoints and the skeleton; (2) the box's pixels with the ``m^2``-way softmax of
     heatmap ``k`` laid over them (``gid="heatmap_overlay"``: an RGBA image whose extent is the
     box, so grid cell ``(r, c)`` covers ``x1 + c w/m .. x1 + (c+1) w/m``), the predicted keypoint
-    (``x``, ``gid="pred_keypoint"``) and, when given and labelled, the gt keypoint (ring,
+    (``+``, ``gid="pred_keypoint"``) and, when given and labelled, the gt keypoint (ring,
     ``gid="gt_keypoint"``); (3) the raw ``m x m`` logits (``gid="heatmap_logits"``, its array
     the logits) with their maximum marked.
 
@@ -3146,19 +3146,20 @@ def draw_keypoint_heatmap(image, box, heatmaps, k: int, *, keypoint_names=None,
     ax0.set_title("the detection and its predicted keypoints", fontsize=9)
 
     ax1.imshow(img, extent=(0, W, H, 0))
-    rgba = plt.get_cmap("magma")(probs / max(float(probs.max()), 1e-12))  # [m, m, 4]
-    rgba[..., 3] = 0.15 + 0.7 * probs / max(float(probs.max()), 1e-12)
+    # colour and opacity grow with sqrt(p / max p): the peak, and the mass around it, show
+    rel = np.sqrt(probs / max(float(probs.max()), 1e-300))  # [m, m] in 0..1
+    rgba = plt.get_cmap("magma")(rel)  # [m, m, 4]
+    rgba[..., 3] = 0.25 + 0.65 * rel
     over = ax1.imshow(rgba, extent=(x1, x2, y2, y1), interpolation="nearest")
     over.set_gid("heatmap_overlay")
-    ax1.plot([kps[k, 0]], [kps[k, 1]], "x", color="cyan", markersize=10, mew=2.0,
+    ax1.plot([kps[k, 0]], [kps[k, 1]], "+", color="cyan", markersize=9, mew=1.0,
              gid="pred_keypoint", label="predicted")
     if gt is not None and gt[2] > 0:
         ax1.plot([gt[0]], [gt[1]], "o", mfc="none", mec="lime", markersize=10, mew=1.5,
                  gid="gt_keypoint", label="ground truth")
     ax1.legend(fontsize=7, loc="lower right")
     _zoom(ax1, (x1, y1, x2, y2), H, W, margin=0.05)
-    ax1.set_title(f"{names[k]}: softmax over {m} x {m} positions, max p {probs.max():.2f}",
-                  fontsize=9)
+    ax1.set_title(f"{names[k]}: softmax over {m}x{m},\nmax p {probs.max():.2f}", fontsize=9)
 
     logits = maps[k].numpy()
     im = ax2.imshow(logits, extent=(0, m, m, 0), cmap="viridis", interpolation="nearest")
@@ -3166,8 +3167,7 @@ def draw_keypoint_heatmap(image, box, heatmaps, k: int, *, keypoint_names=None,
     row, col = divmod(int(logits.argmax()), m)
     ax2.plot([col + 0.5], [row + 0.5], "+", color="red", markersize=10, mew=1.5)
     fig.colorbar(im, ax=ax2, shrink=0.8)
-    ax2.set_title(f"logits ({m} x {m}); score {scores[k]:.2f} (the resized map's max)",
-                  fontsize=9)
+    ax2.set_title(f"logits ({m}x{m});\nscore {scores[k]:.2f} (the resized map's max)", fontsize=9)
     if title is None:
         title = (f"{names[k]} of the detection at ({x1:.0f}, {y1:.0f}, {x2:.0f}, {y2:.0f}): "
                  f"({kps[k, 0]:.1f}, {kps[k, 1]:.1f})")

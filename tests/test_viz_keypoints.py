@@ -160,7 +160,7 @@ def test_heatmap_overlay_and_keypoint_match_torchvision_postprocessing() -> None
         assert over.get_extent() == pytest.approx([15.2, 61.7, 70.3, 8.9])
         alpha = np.asarray(over.get_array())[..., 3]
         p = torch.softmax(maps[k].double().reshape(-1), 0).reshape(m, m).numpy()
-        np.testing.assert_allclose(alpha, 0.15 + 0.7 * p / p.max(), rtol=1e-6)
+        np.testing.assert_allclose(alpha, 0.25 + 0.65 * np.sqrt(p / p.max()), rtol=1e-6)
         np.testing.assert_array_equal(_image("heatmap_logits", fig).get_array(), maps[k].numpy())
         (ring,) = _lines(fig, "gt_keypoint")
         assert (ring.get_xdata()[0], ring.get_ydata()[0]) == (30.0, 40.0)
