@@ -4,7 +4,7 @@ For each builder: torchvision's model with ``weights=None, weights_backbone=None
 seed; its state dict loaded into ours through ``mrcnn_edu.weights``; then, on images of three
 sizes, eval mode with the score threshold at 0 (random weights give low scores, so all 100
 detections are compared): features, proposals, head logits, boxes, scores, labels, masks; and in
-train mode with the same seed, every loss. Images are resized to a short side of 256 here (not
+train mode with the same seed, every loss. Images are resized to a short side of 192 here (not
 800) to keep the test quick on a 2-core CPU; the code path is the same.
 """
 
@@ -25,7 +25,7 @@ from mrcnn_edu.weights import (
     to_torchvision_state_dict,
 )
 
-MIN_SIZE, MAX_SIZE = 256, 400
+MIN_SIZE, MAX_SIZE = 192, 320
 SIZES = [(3, 180, 240), (3, 240, 200), (3, 150, 150)]
 
 
