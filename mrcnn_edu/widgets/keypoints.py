@@ -93,7 +93,8 @@ def keypoint_heatmap_explorer(image, boxes, heatmaps, *, scores=None,
 
     for w in controls.values():
         w.observe(redraw, names="value")
-    explorer = widgets.VBox([widgets.HBox([controls["person"], controls["keypoint"]]), out])
+    # the keypoint first: it always has several options (a quick-mode image may hold one person)
+    explorer = widgets.VBox([widgets.HBox([controls["keypoint"], controls["person"]]), out])
     explorer.controls, explorer.output, explorer.redraw = controls, out, redraw
     redraw()
     return explorer
