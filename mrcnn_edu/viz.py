@@ -20,9 +20,20 @@ widgets; the explorers in ``mrcnn_edu.widgets`` only wire controls to them):
   reference operators use, never re-derived here);
 * 03: :func:`draw_thread_mapping`, :func:`draw_data_race`, :func:`draw_memory_layout`;
 * 04: :func:`draw_anchors`, :func:`plot_anchors_at`, :func:`draw_box_deltas` (deltas as arrows),
-  :func:`draw_best_proposals` (each object's best proposal, its rank and IoU).
+  :func:`draw_best_proposals` (each object's best proposal, its rank and IoU);
+* 05/06: :func:`draw_sampled_rois`, :func:`draw_nms_result`, :func:`draw_mask_target`,
+  :func:`draw_mask_probs`, :func:`draw_paste_steps`;
+* 07: :func:`draw_level_rule`, :func:`draw_fpn_levels`, :func:`draw_feature_pyramid`,
+  :func:`draw_parameter_counts`, :func:`draw_rois_by_level`, :func:`draw_forward_stages`;
+* 08 and ``make demo``: :func:`plot_loss_curves`, :func:`draw_predictions_vs_truth`,
+  :func:`draw_iou_match`, :func:`draw_ap_thresholds`, :func:`draw_gallery`,
+  :func:`save_figure` (PNG written atomically);
+* ablations: :func:`draw_ablation_bars`, :func:`plot_ablation_study`;
+* 10: :func:`draw_keypoint_targets`, :func:`draw_softmax_vs_sigmoid`,
+  :func:`draw_keypoint_heatmaps`, :func:`draw_oks_circles`.
 
-This is the only module besides ``widgets`` and ``cli`` that imports matplotlib (DESIGN.md).
+This is the only module besides ``widgets`` and ``cli`` that imports matplotlib
+(``docs/ARCHITECTURE.md``).
 Modules that pull in Numba (``mrcnn_edu.ops``) are imported inside the functions that need them,
 so ``import mrcnn_edu.viz`` stays light.
 """
