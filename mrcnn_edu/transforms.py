@@ -8,7 +8,7 @@ callables on ``(image, target) -> (image, target)`` that move the targets with t
 Notebook ``00_tour.ipynb`` shows them at work; ``07_fpn_full_model.ipynb`` wires them into the
 model the way torchvision's ``GeneralizedRCNNTransform`` does.
 
-Formats (DESIGN.md):
+Formats (docs/ARCHITECTURE.md):
 
 * ``image``   float tensor ``[3, H, W]``, values in 0..1 (``Normalize`` makes them zero-mean),
 * ``target``  dict with ``boxes [N, 4]`` float32 ``(x1, y1, x2, y2)`` in pixels, ``labels [N]``

@@ -358,7 +358,7 @@ def _target_kwargs(target: dict) -> dict:
 def show_samples(dataset, indices: Sequence[int], ncols: int = 4, size: float = 3.0, **kw) -> Figure:
     """A grid of ``dataset[i]`` for ``i`` in ``indices``, each drawn with :func:`draw_instances`.
 
-    ``dataset[i]`` must return ``(image, target)`` with the target keys of DESIGN.md.
+    ``dataset[i]`` must return ``(image, target)`` with the target keys of docs/ARCHITECTURE.md.
     ``class_names`` and ``skeleton`` default to the dataset's attributes of that name when it has
     them; other keyword arguments go to :func:`draw_instances`. Returns the ``Figure``.
     """
@@ -1226,7 +1226,7 @@ def sampling_points(box, output_size, sampling_ratio: int = -1, aligned: bool = 
         output_size: ``int`` or ``(oh, ow)``, the number of bins.
         sampling_ratio: points per bin side; ``<= 0`` means adaptive ``ceil(roi_size / bins)``.
         aligned: ``True`` subtracts half a cell (the half-pixel shift Detectron2 introduced after
-            the paper; DESIGN.md).
+            the paper; docs/ARCHITECTURE.md).
         spatial_scale: feature-map cells per image pixel (``1 / stride``).
 
     Returns:

@@ -1,5 +1,5 @@
 """ipywidgets explorers used by the notebooks (only ``viz``, ``widgets`` and ``cli`` import
-matplotlib / ipywidgets, DESIGN.md).
+matplotlib / ipywidgets, docs/ARCHITECTURE.md).
 
 Every explorer follows one pattern: a ``VBox`` of controls plus an ``Output`` that is cleared and
 re-drawn on each change. The dataset browser, the FPN level explorer and the mask target explorer
