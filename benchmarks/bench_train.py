@@ -91,33 +91,25 @@ def eval_speed(model, dataset, n, device):
     return len(images) / (time.perf_counter() - s)
 
 
-def train_and_eval(exp, data, model, minutes, out, device):
-    """Train ``model`` with ``exp``'s recipe for ``minutes`` and return its COCO metrics."""
+def train_and_eval(exp, data, model, minutes, device):
+    """Train ``model`` with ``exp``'s recipe for ``minutes`` exactly as ``make demo`` does (the
+    same optimizer and wall-clock schedule, ``recipe.build_optimization``) and return its COCO
+    metrics."""
     from mrcnn_edu.engine.evaluate import evaluate
-    from mrcnn_edu.engine.optim import build_optimizer, build_scheduler
-    from mrcnn_edu.engine.recipe import time_train_step
+    from mrcnn_edu.engine.recipe import build_optimization
     from mrcnn_edu.engine.train import train
 
     t = exp.train
     train_set, val_set = build_datasets(exp, data)
     loader = make_train_loader(train_set, t.batch_size, num_workers=t.num_workers, seed=t.seed)
+    opt, sched, steps = build_optimization(exp, model, budget_minutes=minutes)
     start = time.perf_counter()
-    step_s = time_train_step(model, make_train_loader(train_set, t.batch_size, seed=t.seed + 7),
-                             device=device)
-    budget = minutes - (time.perf_counter() - start) / 60
-    steps = min(t.steps, max(20, int(budget * 60 * 0.85 / step_s)))
-    lr = t.lr * t.batch_size / t.reference_batch
-    opt = build_optimizer(model, t.optimizer, lr=lr, momentum=t.momentum,
-                          weight_decay=t.weight_decay)
-    sched = build_scheduler(opt, total_steps=steps, warmup_steps=min(t.warmup_steps, steps // 10),
-                            warmup_factor=t.warmup_factor, schedule=t.schedule,
-                            milestones=tuple(int(m * steps / t.steps) for m in t.milestones),
-                            gamma=t.gamma, min_lr_ratio=t.min_lr_ratio)
     result = train(model, loader, opt, sched, steps=steps, device=device,
-                   grad_clip=t.grad_clip, max_minutes=budget, progress=False,
+                   grad_clip=t.grad_clip, max_minutes=minutes, progress=False,
                    log_every=t.log_every)
+    seconds_per_step = (time.perf_counter() - start) / max(1, result.steps_done)
     res = evaluate(model, val_set, progress=False, device=device, with_losses=False)
-    return {"steps": result.steps_done, "seconds_per_step": step_s,
+    return {"steps": result.steps_done, "seconds_per_step": seconds_per_step,
             "bbox_AP": res.metrics["bbox"]["AP"], "segm_AP": res.metrics["segm"]["AP"],
             "segm_AP50": res.metrics["segm"]["AP50"], "segm_AP75": res.metrics["segm"]["AP75"]}
 
@@ -171,19 +163,15 @@ def main(argv=None) -> int:
         print(f"evaluation: mrcnn_edu {ea:.1f} images/s, torchvision {eb:.1f} images/s")
         report.update(ours_step_s=a, tv_step_s=b, ratio=a / b, ours_eval_ips=ea, tv_eval_ips=eb)
         if args.minutes:
-            for name, model in (("mrcnn_edu", build_model(exp.model)),
-                                ("torchvision", None)):
+            for name in ("mrcnn_edu", "torchvision"):
                 torch.manual_seed(exp.train.seed)
-                if model is None:
-                    fresh = build_model(exp.model)
+                model = build_model(exp.model)  # the same initial weights for both
+                if name == "torchvision":
                     twin = torchvision_twin(exp.model)
-                    copy_weights(fresh, twin)  # the same initial weights as ours
+                    copy_weights(model, twin)
                     model = TorchvisionAdapter(twin)
-                else:
-                    torch.manual_seed(exp.train.seed)
-                    model = build_model(exp.model)
                 r = train_and_eval(get_experiment(args.preset), args.data, model.to(device),
-                                   args.minutes, None, device)
+                                   args.minutes, device)
                 print(f"{name:12s} {r['steps']} steps in {args.minutes} min: box AP "
                       f"{r['bbox_AP']:.3f}, mask AP {r['segm_AP']:.3f} (AP50 "
                       f"{r['segm_AP50']:.3f}, AP75 {r['segm_AP75']:.3f})", flush=True)

@@ -265,11 +265,6 @@ def get_preset(name: str) -> ModelConfig:
     return _PRESETS[name]()
 
 
-def register_preset(name: str, fn) -> None:
-    """Add a preset (e.g. the training presets of ``mrcnn_edu.engine``)."""
-    _PRESETS[name] = fn
-
-
 # ---------------------------------------------------------------------------------- overrides
 def flat_keys(cfg: Any, prefix: str = "") -> dict[str, Any]:
     """``{"roi_heads.aligned": False, ...}``: every leaf field of a config tree by dotted name."""

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict
 
 import torch
 import torch.nn.functional as F
@@ -628,9 +627,3 @@ def build_model(cfg: ModelConfig | str) -> MaskRCNN:
     transform = ImageTransform(t.min_size, t.max_size, t.image_mean, t.image_std,
                                t.size_divisible)
     return MaskRCNN(transform, backbone, rpn, roi_heads, cfg.num_classes, config=cfg)
-
-
-def config_dict(model: MaskRCNN) -> dict | None:
-    """The model's config as a plain dict (for checkpoints), or None."""
-    return asdict(model.config) if model.config is not None else None
-

@@ -27,7 +27,6 @@ import torch
 
 from mrcnn_edu.config import (
     ModelConfig,
-    flat_keys,
     from_dict,
     get_preset,
     override,
@@ -278,6 +277,42 @@ def time_train_step(model: MaskRCNN, loader, *, steps: int = 3,
     return statistics.median(times)
 
 
+def build_optimization(exp: Experiment, model: torch.nn.Module, *,
+                       budget_minutes: float | None = None, distributed: bool = False,
+                       started: float | None = None):
+    """The recipe's optimizer, learning-rate schedule and step count: ``(optimizer, scheduler,
+    steps)``. The lr scales with ``batch_size / reference_batch`` and the warm-up the other way
+    (the same number of images). With ``budget_minutes`` the schedule runs on the wall clock
+    (:class:`~mrcnn_edu.engine.optim.TimeBudgetFactor`, the budget counted from ``started``, a
+    ``time.perf_counter()`` value, or from now) and ``steps`` is only a cap: the clock ends the
+    run, so the decay completes however fast the machine is."""
+    import time
+
+    t = exp.train
+    lr = t.lr * t.batch_size / t.reference_batch  # the global batch (all ranks together)
+    warmup_steps = round(t.warmup_steps * t.reference_batch / t.batch_size)  # same images
+    if t.warmup_steps <= t.steps:  # (a warm-up longer than the run stays build_scheduler's error)
+        warmup_steps = min(warmup_steps, t.steps)
+    optimizer = build_optimizer(model, t.optimizer, lr=lr, momentum=t.momentum,
+                                weight_decay=t.weight_decay, norm_bias_decay=t.norm_bias_decay)
+    if budget_minutes:
+        if distributed:
+            raise ValueError("run_training: fit_budget runs the learning rate on the wall clock, "
+                             "which differs between ranks (their parameters would drift apart); "
+                             "under torchrun use a step schedule (and --max-minutes to stop)")
+        spent = 0.0 if started is None else time.perf_counter() - started
+        factor = TimeBudgetFactor(budget_s=budget_minutes * 60 - spent, total_steps=t.steps,
+                                  warmup_steps=warmup_steps, warmup_factor=t.warmup_factor,
+                                  schedule=t.schedule, milestones=t.milestones, gamma=t.gamma,
+                                  min_lr_ratio=t.min_lr_ratio)
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor), 100 * t.steps
+    scheduler = build_scheduler(optimizer, total_steps=t.steps, warmup_steps=warmup_steps,
+                                warmup_factor=t.warmup_factor, schedule=t.schedule,
+                                milestones=t.milestones, gamma=t.gamma,
+                                min_lr_ratio=t.min_lr_ratio)
+    return optimizer, scheduler, t.steps
+
+
 def run_training(exp: Experiment, data_root: str | Path, out_dir: str | Path, *,
                  resume: bool = False, progress: bool = True, callbacks=(),
                  device: str | torch.device = "cpu", check: bool = True,
@@ -331,32 +366,11 @@ def run_training(exp: Experiment, data_root: str | Path, out_dir: str | Path, *,
         loader = make_train_loader(train_set, t.batch_size, num_workers=t.num_workers,
                                    seed=t.seed, aspect_ratio_grouping=t.aspect_ratio_grouping)
     budget = max_minutes if max_minutes is not None else t.max_minutes
-    lr = t.lr * t.batch_size / t.reference_batch  # the global batch (all ranks together)
-    warmup_steps = round(t.warmup_steps * t.reference_batch / t.batch_size)  # same images
-    if t.warmup_steps <= t.steps:  # (a warm-up longer than the run stays build_scheduler's error)
-        warmup_steps = min(warmup_steps, t.steps)
-    optimizer = build_optimizer(model, t.optimizer, lr=lr, momentum=t.momentum,
-                                weight_decay=t.weight_decay, norm_bias_decay=t.norm_bias_decay)
-    steps = t.steps
-    if fit_budget and budget and not resume:
-        if distributed:
-            raise ValueError("run_training: fit_budget runs the learning rate on the wall clock, "
-                             "which differs between ranks (their parameters would drift apart); "
-                             "under torchrun use a step schedule (and --max-minutes to stop)")
-        # the schedule runs on the clock: the budget counts from the start of this call (data
-        # checks included), the cosine / step decay ends when it runs out, whatever the speed
-        budget = budget - (time.perf_counter() - started) / 60
-        factor = TimeBudgetFactor(budget_s=budget * 60, total_steps=t.steps,
-                                  warmup_steps=warmup_steps, warmup_factor=t.warmup_factor,
-                                  schedule=t.schedule, milestones=t.milestones, gamma=t.gamma,
-                                  min_lr_ratio=t.min_lr_ratio)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-        steps = 100 * t.steps  # the clock stops the run, not the step counter
-    else:
-        scheduler = build_scheduler(optimizer, total_steps=t.steps, warmup_steps=warmup_steps,
-                                    warmup_factor=t.warmup_factor, schedule=t.schedule,
-                                    milestones=t.milestones, gamma=t.gamma,
-                                    min_lr_ratio=t.min_lr_ratio)
+    optimizer, scheduler, steps = build_optimization(
+        exp, model, budget_minutes=budget if fit_budget and not resume else None,
+        distributed=distributed, started=started)
+    if fit_budget and budget and not resume:  # the budget counts from the start of this call
+        budget -= (time.perf_counter() - started) / 60
     out_dir.mkdir(parents=True, exist_ok=True)
     result = train(dist_utils.wrap_model(model, device), loader, optimizer, scheduler,
                    steps=steps, device=device, amp=t.amp,
@@ -390,8 +404,3 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Ma
     model = build_model(exp.model)
     load_checkpoint(path, model=model, restore_rng=False)
     return model.to(device).eval(), exp
-
-
-def experiment_keys(exp: Experiment) -> list[str]:
-    """Every ``--set`` key of an experiment (dotted names)."""
-    return list(flat_keys(exp))
