@@ -40,9 +40,14 @@ from mrcnn_edu.weights import load_torchvision_state_dict
 
 def make_pair(min_size: int, max_size: int, *, channels_last: bool):
     torch.manual_seed(0)
-    tv = tvd.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, min_size=min_size,
-                                   max_size=max_size, trainable_backbone_layers=3,
-                                   norm_layer=misc.FrozenBatchNorm2d)
+    tv = tvd.maskrcnn_resnet50_fpn(
+        weights=None,
+        weights_backbone=None,
+        min_size=min_size,
+        max_size=max_size,
+        trainable_backbone_layers=3,
+        norm_layer=misc.FrozenBatchNorm2d,
+    )
     cfg = get_preset("maskrcnn-r50-fpn")  # frozen BN, 3 trainable stages
     cfg.transform.min_size = (min_size,)
     cfg.transform.max_size = max_size
@@ -64,8 +69,9 @@ def make_batch(n: int, h: int, w: int, seed: int = 0):
         masks = torch.zeros(k, h, w, dtype=torch.uint8)
         for i, (x1, y1, x2, y2) in enumerate(boxes.long().tolist()):
             masks[i, y1:y2, x1:x2] = 1
-        targets.append({"boxes": boxes, "labels": torch.randint(1, 91, (k,), generator=g),
-                        "masks": masks})
+        targets.append(
+            {"boxes": boxes, "labels": torch.randint(1, 91, (k,), generator=g), "masks": masks}
+        )
     return images, targets
 
 
@@ -91,8 +97,11 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
-    p.add_argument("--no-channels-last", action="store_true",
-                   help="run our model in NCHW (the default runs it channels-last)")
+    p.add_argument(
+        "--no-channels-last",
+        action="store_true",
+        help="run our model in NCHW (the default runs it channels-last)",
+    )
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     quick = args.quick or os.environ.get("MRCNN_EDU_QUICK") == "1"
@@ -100,8 +109,10 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     h, w = (320, 416) if quick else (800, 1066)
     ours, tv = make_pair(h, max(w, 1333), channels_last=not args.no_channels_last)
-    print(f"# R50-FPN Mask R-CNN, {h}x{w}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
+    print(
+        f"# R50-FPN Mask R-CNN, {h}x{w}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}"
+    )
     print("| case                         |   ours ms  |  tv ms     |  ratio |")
     print("|------------------------------|-----------:|-----------:|-------:|")
     rows = []
@@ -112,8 +123,11 @@ def main(argv=None) -> int:
         model.eval()
         return model(images[:1]) if is_tv else model(images[:1])[0]
 
-    rows.append(run_case("inference, batch 1", lambda: infer(ours, False),
-                         lambda: infer(tv, True), args.repeat))
+    rows.append(
+        run_case(
+            "inference, batch 1", lambda: infer(ours, False), lambda: infer(tv, True), args.repeat
+        )
+    )
 
     def step(model, is_tv):
         model.train()
@@ -121,12 +135,26 @@ def main(argv=None) -> int:
         sum(losses.values()).backward()
         model.zero_grad(set_to_none=True)
 
-    rows.append(run_case("train step, batch 2", lambda: step(ours, False),
-                         lambda: step(tv, True), args.repeat))
+    rows.append(
+        run_case(
+            "train step, batch 2", lambda: step(ours, False), lambda: step(tv, True), args.repeat
+        )
+    )
     if args.json:
-        atomic_write(args.json, lambda f: f.write(json.dumps(
-            {"size": [h, w], "threads": torch.get_num_threads(), "rows": rows,
-             "date": time.strftime("%Y-%m-%d")}, indent=2).encode()))
+        atomic_write(
+            args.json,
+            lambda f: f.write(
+                json.dumps(
+                    {
+                        "size": [h, w],
+                        "threads": torch.get_num_threads(),
+                        "rows": rows,
+                        "date": time.strftime("%Y-%m-%d"),
+                    },
+                    indent=2,
+                ).encode()
+            ),
+        )
     return 0
 
 

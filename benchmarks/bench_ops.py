@@ -74,14 +74,16 @@ def run(cases, repeat: int):
         base = timings["torchvision"]
         for backend, ms in timings.items():
             rows.append({"case": name, "backend": backend, "ms": ms, "ratio": ms / base})
-        print_rows(rows[-len(timings):])
+        print_rows(rows[-len(timings) :])
     return rows
 
 
 def print_rows(rows) -> None:
     for r in rows:
-        print(f"{r['case']:<34} {r['backend']:<12} {r['ms']:>10.2f} ms   x{r['ratio']:.2f}",
-              flush=True)
+        print(
+            f"{r['case']:<34} {r['backend']:<12} {r['ms']:>10.2f} ms   x{r['ratio']:.2f}",
+            flush=True,
+        )
 
 
 def plot(rows, path: Path) -> None:
@@ -125,22 +127,31 @@ def main(argv=None) -> int:
     import numba
     import torch
 
-    print(f"# {datetime.date.today()}  {platform.processor() or platform.machine()}  "
-          f"torch {torch.__version__} ({torch.get_num_threads()} threads), numba "
-          f"{numba.__version__} ({numba.get_num_threads()} threads), quick={quick}, "
-          f"repeat={repeat}")
+    print(
+        f"# {datetime.date.today()}  {platform.processor() or platform.machine()}  "
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads), numba "
+        f"{numba.__version__} ({numba.get_num_threads()} threads), quick={quick}, "
+        f"repeat={repeat}"
+    )
     print(f"{'case':<34} {'backend':<12} {'median':>13}   vs torchvision")
     rows = run(load_cases(quick), repeat)
     if args.plot:
         plot(rows, args.plot)
         print(f"wrote {args.plot}")
     if args.json:
-        meta = {"date": str(datetime.date.today()), "quick": quick, "repeat": repeat,
-                    "torch": torch.__version__, "numba": numba.__version__,
-                    "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-                    "argv": sys.argv[1:]}
-        atomic_write(args.json, lambda f: f.write(
-            json.dumps({"meta": meta, "rows": rows}, indent=2).encode()))
+        meta = {
+            "date": str(datetime.date.today()),
+            "quick": quick,
+            "repeat": repeat,
+            "torch": torch.__version__,
+            "numba": numba.__version__,
+            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            "argv": sys.argv[1:],
+        }
+        atomic_write(
+            args.json,
+            lambda f: f.write(json.dumps({"meta": meta, "rows": rows}, indent=2).encode()),
+        )
         print(f"wrote {args.json}")
     return 0
 

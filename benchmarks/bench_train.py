@@ -60,8 +60,9 @@ def step_times(ours, tv, batches, device):
     def step(m, batch):
         images, targets = batch
         images = [i.to(device) for i in images]
-        targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()}
-                   for t in targets]
+        targets = [
+            {k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets
+        ]
         m.train()
         _, losses = m(images, targets)
         sum(losses.values()).backward()
@@ -104,14 +105,28 @@ def train_and_eval(exp, data, model, minutes, device):
     loader = make_train_loader(train_set, t.batch_size, num_workers=t.num_workers, seed=t.seed)
     opt, sched, steps = build_optimization(exp, model, budget_minutes=minutes)
     start = time.perf_counter()
-    result = train(model, loader, opt, sched, steps=steps, device=device,
-                   grad_clip=t.grad_clip, max_minutes=minutes, progress=False,
-                   log_every=t.log_every)
+    result = train(
+        model,
+        loader,
+        opt,
+        sched,
+        steps=steps,
+        device=device,
+        grad_clip=t.grad_clip,
+        max_minutes=minutes,
+        progress=False,
+        log_every=t.log_every,
+    )
     seconds_per_step = (time.perf_counter() - start) / max(1, result.steps_done)
     res = evaluate(model, val_set, progress=False, device=device, with_losses=False)
-    return {"steps": result.steps_done, "seconds_per_step": seconds_per_step,
-            "bbox_AP": res.metrics["bbox"]["AP"], "segm_AP": res.metrics["segm"]["AP"],
-            "segm_AP50": res.metrics["segm"]["AP50"], "segm_AP75": res.metrics["segm"]["AP75"]}
+    return {
+        "steps": result.steps_done,
+        "seconds_per_step": seconds_per_step,
+        "bbox_AP": res.metrics["bbox"]["AP"],
+        "segm_AP": res.metrics["segm"]["AP"],
+        "segm_AP50": res.metrics["segm"]["AP50"],
+        "segm_AP75": res.metrics["segm"]["AP75"],
+    }
 
 
 def coco_projection(device, repeat):
@@ -120,15 +135,23 @@ def coco_projection(device, repeat):
     ours, tv = make_pair(800, 1333, channels_last=True)
     ours, tv = ours.to(device), TorchvisionAdapter(tv).to(device)
     images, targets = make_batch(2, 800, 1066)
-    batch = ([i.to(device) for i in images],
-             [{k: v.to(device) for k, v in t.items()} for t in targets])
+    batch = (
+        [i.to(device) for i in images],
+        [{k: v.to(device) for k, v in t.items()} for t in targets],
+    )
     a, b = step_times(ours, tv, [batch] * (repeat + 1), device)
     for name, s in (("mrcnn_edu", a), ("torchvision", b)):
         hours = s * 90000 / 3600
-        print(f"{name:12s} {s:.3f} s/iter (2 images) -> 1x schedule (90k iter, 16 images/iter "
-              f"on 8 devices): {hours:.1f} h")
-    return {"ours_s_per_iter": a, "torchvision_s_per_iter": b,
-            "ours_1x_hours_8dev": a * 90000 / 3600, "tv_1x_hours_8dev": b * 90000 / 3600}
+        print(
+            f"{name:12s} {s:.3f} s/iter (2 images) -> 1x schedule (90k iter, 16 images/iter "
+            f"on 8 devices): {hours:.1f} h"
+        )
+    return {
+        "ours_s_per_iter": a,
+        "torchvision_s_per_iter": b,
+        "ours_1x_hours_8dev": a * 90000 / 3600,
+        "tv_1x_hours_8dev": b * 90000 / 3600,
+    }
 
 
 def main(argv=None) -> int:
@@ -136,14 +159,22 @@ def main(argv=None) -> int:
     p.add_argument("--preset", default="shapes")
     p.add_argument("--data", type=Path, default=Path("data/shapes"))
     p.add_argument("--steps", type=int, default=5, help="timed steps per model")
-    p.add_argument("--minutes", type=float, default=0.0,
-                   help="also train both for this many minutes and compare AP")
+    p.add_argument(
+        "--minutes",
+        type=float,
+        default=0.0,
+        help="also train both for this many minutes and compare AP",
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     device = torch.device(args.device)
-    report = {"preset": args.preset, "device": str(device), "date": time.strftime("%Y-%m-%d"),
-              "threads": torch.get_num_threads()}
+    report = {
+        "preset": args.preset,
+        "device": str(device),
+        "date": time.strftime("%Y-%m-%d"),
+        "threads": torch.get_num_threads(),
+    }
     if args.preset.startswith("coco"):
         report.update(coco_projection(device, args.steps))
     else:
@@ -157,8 +188,10 @@ def main(argv=None) -> int:
         tv = TorchvisionAdapter(tv).to(device)
         batches = _batches(train_set, exp.train.batch_size, args.steps + 1)
         a, b = step_times(ours, tv, batches, device)
-        print(f"train step (batch {exp.train.batch_size}): mrcnn_edu {a:.3f} s, torchvision "
-              f"{b:.3f} s, ratio {a / b:.2f}")
+        print(
+            f"train step (batch {exp.train.batch_size}): mrcnn_edu {a:.3f} s, torchvision "
+            f"{b:.3f} s, ratio {a / b:.2f}"
+        )
         ea, eb = eval_speed(ours, val_set, 20, device), eval_speed(tv, val_set, 20, device)
         print(f"evaluation: mrcnn_edu {ea:.1f} images/s, torchvision {eb:.1f} images/s")
         report.update(ours_step_s=a, tv_step_s=b, ratio=a / b, ours_eval_ips=ea, tv_eval_ips=eb)
@@ -170,11 +203,15 @@ def main(argv=None) -> int:
                     twin = torchvision_twin(exp.model)
                     copy_weights(model, twin)
                     model = TorchvisionAdapter(twin)
-                r = train_and_eval(get_experiment(args.preset), args.data, model.to(device),
-                                   args.minutes, device)
-                print(f"{name:12s} {r['steps']} steps in {args.minutes} min: box AP "
-                      f"{r['bbox_AP']:.3f}, mask AP {r['segm_AP']:.3f} (AP50 "
-                      f"{r['segm_AP50']:.3f}, AP75 {r['segm_AP75']:.3f})", flush=True)
+                r = train_and_eval(
+                    get_experiment(args.preset), args.data, model.to(device), args.minutes, device
+                )
+                print(
+                    f"{name:12s} {r['steps']} steps in {args.minutes} min: box AP "
+                    f"{r['bbox_AP']:.3f}, mask AP {r['segm_AP']:.3f} (AP50 "
+                    f"{r['segm_AP50']:.3f}, AP75 {r['segm_AP75']:.3f})",
+                    flush=True,
+                )
                 report[name] = r
     if args.json:
         atomic_write(args.json, lambda f: f.write(json.dumps(report, indent=2).encode()))

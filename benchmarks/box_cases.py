@@ -19,8 +19,9 @@ NMS_THRESHOLD = 0.7  # the RPN's NMS threshold (Faster R-CNN section 3.1.2)
 IMAGE_SIZE = 1000.0  # boxes lie in a 1000 x 1000 image
 
 
-def clustered_boxes(num_boxes: int, seed: int = 0, boxes_per_object: int = 8,
-                    dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+def clustered_boxes(
+    num_boxes: int, seed: int = 0, boxes_per_object: int = 8, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Random proposals: ``boxes`` ``[N, 4]`` xyxy and ``scores`` ``[N]`` uniform in [0, 1).
 
     ``N / boxes_per_object`` objects of 20 to 200 pixels; each box jitters an object's

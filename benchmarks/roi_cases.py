@@ -23,8 +23,9 @@ import torch
 from mrcnn_edu.ops import roi_align, roi_pool
 
 
-def make_inputs(N: int, C: int, H: int, W: int, K: int, stride: int, device: str = "cpu",
-                seed: int = 0):
+def make_inputs(
+    N: int, C: int, H: int, W: int, K: int, stride: int, device: str = "cpu", seed: int = 0
+):
     """A random feature map ``[N, C, H, W]`` and ``K`` random RoIs ``[K, 5]`` inside the image.
 
     Boxes are 16..256 image pixels wide (typical proposals), in an image of ``stride * (H, W)``.
@@ -37,7 +38,7 @@ def make_inputs(N: int, C: int, H: int, W: int, K: int, stride: int, device: str
     y1 = torch.rand(K, generator=g) * (img_h - wh[:, 1])
     boxes = torch.stack([x1, y1, x1 + wh[:, 0], y1 + wh[:, 1]], dim=1)
     index = torch.randint(0, N, (K, 1), generator=g).float()
-    rois = torch.cat([index, boxes], dim=1)                            # (K, 1) + (K, 4) -> (K, 5)
+    rois = torch.cat([index, boxes], dim=1)  # (K, 1) + (K, 4) -> (K, 5)
     return feat.to(device), rois.to(device)
 
 
@@ -80,10 +81,24 @@ def cases(quick: bool) -> list[tuple[str, dict[str, Callable[[], object]]]]:
         for head, size in (("box", 7), ("mask", 14)):
             for backward in (False, True):
                 name = f"roi_align {head} {size}x{size} {'fwd+bwd' if backward else 'fwd'}{tag}"
-                out.append((name, {b: _runner(f, r, size, 1.0 / stride, b, backward,
-                                              device == "cuda") for b in backends}))
+                out.append(
+                    (
+                        name,
+                        {
+                            b: _runner(f, r, size, 1.0 / stride, b, backward, device == "cuda")
+                            for b in backends
+                        },
+                    )
+                )
         for backward in (False, True):  # RoIPool (Fast R-CNN), the operator RoIAlign replaces
             name = f"roi_pool box 7x7 {'fwd+bwd' if backward else 'fwd'}{tag}"
-            out.append((name, {b: _runner(f, r, 7, 1.0 / stride, b, backward, device == "cuda",
-                                          op="pool") for b in backends}))
+            out.append(
+                (
+                    name,
+                    {
+                        b: _runner(f, r, 7, 1.0 / stride, b, backward, device == "cuda", op="pool")
+                        for b in backends
+                    },
+                )
+            )
     return out

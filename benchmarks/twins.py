@@ -41,8 +41,13 @@ def torchvision_twin(cfg: ModelConfig) -> nn.Module:
             p.requires_grad_(False)
     in_list = [body.inplanes // 8 * 2 ** (i - 1) for i in b.returned_layers]
     return_layers = {f"layer{k}": str(v) for v, k in enumerate(b.returned_layers)}
-    backbone = BackboneWithFPN(body, return_layers, in_list, b.fpn_channels,
-                               norm_layer=nn.BatchNorm2d if b.fpn_norm == "bn" else None)
+    backbone = BackboneWithFPN(
+        body,
+        return_layers,
+        in_list,
+        b.fpn_channels,
+        norm_layer=nn.BatchNorm2d if b.fpn_norm == "bn" else None,
+    )
     C = backbone.out_channels
     anchors = AnchorGenerator(r.anchor_sizes, r.aspect_ratios)
     rpn_head = RPNHead(C, anchors.num_anchors_per_location()[0], conv_depth=r.conv_depth)
@@ -50,37 +55,57 @@ def torchvision_twin(cfg: ModelConfig) -> nn.Module:
     if h.box_head == "mlp":
         box_head = TwoMLPHead(C * R * R, h.representation_size)
     else:
-        box_head = FastRCNNConvFCHead((C, R, R), list(h.box_conv_dims),
-                                      [h.representation_size],
-                                      norm_layer=nn.BatchNorm2d if h.box_norm else None)
+        box_head = FastRCNNConvFCHead(
+            (C, R, R),
+            list(h.box_conv_dims),
+            [h.representation_size],
+            norm_layer=nn.BatchNorm2d if h.box_norm else None,
+        )
     from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
     from torchvision.ops import MultiScaleRoIAlign
 
     names = [str(i) for i in range(len(b.returned_layers))]
     kwargs = dict(  # noqa: C408 - torchvision keyword names, read as keywords
-        min_size=t.min_size, max_size=t.max_size, image_mean=list(t.image_mean),
-        image_std=list(t.image_std), rpn_anchor_generator=anchors, rpn_head=rpn_head,
-        rpn_pre_nms_top_n_train=r.pre_nms_top_n_train, rpn_pre_nms_top_n_test=r.pre_nms_top_n_test,
+        min_size=t.min_size,
+        max_size=t.max_size,
+        image_mean=list(t.image_mean),
+        image_std=list(t.image_std),
+        rpn_anchor_generator=anchors,
+        rpn_head=rpn_head,
+        rpn_pre_nms_top_n_train=r.pre_nms_top_n_train,
+        rpn_pre_nms_top_n_test=r.pre_nms_top_n_test,
         rpn_post_nms_top_n_train=r.post_nms_top_n_train,
-        rpn_post_nms_top_n_test=r.post_nms_top_n_test, rpn_nms_thresh=r.nms_thresh,
-        rpn_fg_iou_thresh=r.fg_iou_thresh, rpn_bg_iou_thresh=r.bg_iou_thresh,
+        rpn_post_nms_top_n_test=r.post_nms_top_n_test,
+        rpn_nms_thresh=r.nms_thresh,
+        rpn_fg_iou_thresh=r.fg_iou_thresh,
+        rpn_bg_iou_thresh=r.bg_iou_thresh,
         rpn_batch_size_per_image=r.batch_size_per_image,
-        rpn_positive_fraction=r.positive_fraction, rpn_score_thresh=r.score_thresh,
-        box_roi_pool=MultiScaleRoIAlign(names, R, h.sampling_ratio), box_head=box_head,
+        rpn_positive_fraction=r.positive_fraction,
+        rpn_score_thresh=r.score_thresh,
+        box_roi_pool=MultiScaleRoIAlign(names, R, h.sampling_ratio),
+        box_head=box_head,
         box_predictor=FastRCNNPredictor(h.representation_size, cfg.num_classes),
-        box_score_thresh=h.score_thresh, box_nms_thresh=h.nms_thresh,
-        box_detections_per_img=h.detections_per_img, box_fg_iou_thresh=h.fg_iou_thresh,
-        box_bg_iou_thresh=h.bg_iou_thresh, box_batch_size_per_image=h.batch_size_per_image,
-        box_positive_fraction=h.positive_fraction, bbox_reg_weights=h.bbox_reg_weights)
+        box_score_thresh=h.score_thresh,
+        box_nms_thresh=h.nms_thresh,
+        box_detections_per_img=h.detections_per_img,
+        box_fg_iou_thresh=h.fg_iou_thresh,
+        box_bg_iou_thresh=h.bg_iou_thresh,
+        box_batch_size_per_image=h.batch_size_per_image,
+        box_positive_fraction=h.positive_fraction,
+        bbox_reg_weights=h.bbox_reg_weights,
+    )
     if not h.mask:
         return FasterRCNN(backbone, **kwargs)
-    mask_head = MaskRCNNHeads(C, list(h.mask_layers), h.mask_dilation,
-                              norm_layer=nn.BatchNorm2d if h.mask_norm else None)
-    return MaskRCNN(backbone, mask_roi_pool=MultiScaleRoIAlign(names, h.mask_resolution,
-                                                              h.sampling_ratio),
-                    mask_head=mask_head,
-                    mask_predictor=MaskRCNNPredictor(h.mask_layers[-1], h.mask_dim_reduced,
-                                                     cfg.num_classes), **kwargs)
+    mask_head = MaskRCNNHeads(
+        C, list(h.mask_layers), h.mask_dilation, norm_layer=nn.BatchNorm2d if h.mask_norm else None
+    )
+    return MaskRCNN(
+        backbone,
+        mask_roi_pool=MultiScaleRoIAlign(names, h.mask_resolution, h.sampling_ratio),
+        mask_head=mask_head,
+        mask_predictor=MaskRCNNPredictor(h.mask_layers[-1], h.mask_dim_reduced, cfg.num_classes),
+        **kwargs,
+    )
 
 
 def copy_weights(ours: nn.Module, tv: nn.Module) -> None:

@@ -28,7 +28,6 @@ readably; its parameter names map onto torchvision's ``FeaturePyramidNetwork`` a
                  layer_blocks.{i}.{0,1}.*          ->  output_convs.{i}.{0,1}.*
 """
 
-
 from __future__ import annotations
 
 import math
@@ -42,9 +41,19 @@ from torch import nn
 from torchvision.models import resnet as resnet_models
 
 __all__ = [
-    "FPN", "BackboneWithFPN", "FrozenBatchNorm2d", "Res5Head", "ResNetBody", "ResNetC4Backbone",
-    "ResNetC5Backbone", "TinyBackbone", "freeze_resnet", "norm_layer", "resnet_body",
-    "resnet_fpn_backbone", "torchvision_resnet",
+    "FPN",
+    "BackboneWithFPN",
+    "FrozenBatchNorm2d",
+    "Res5Head",
+    "ResNetBody",
+    "ResNetC4Backbone",
+    "ResNetC5Backbone",
+    "TinyBackbone",
+    "freeze_resnet",
+    "norm_layer",
+    "resnet_body",
+    "resnet_fpn_backbone",
+    "torchvision_resnet",
 ]
 
 
@@ -78,17 +87,29 @@ class TinyBackbone(nn.Module):
     ceil(W / s_i)]`` where ``s_i = strides[i]``.
     """
 
-    def __init__(self, out_channels: int = 64, strides: tuple[int, ...] = (8, 16), width: int = 16,
-                 depth: int = 2, generator: torch.Generator | None = None) -> None:
+    def __init__(
+        self,
+        out_channels: int = 64,
+        strides: tuple[int, ...] = (8, 16),
+        width: int = 16,
+        depth: int = 2,
+        generator: torch.Generator | None = None,
+    ) -> None:
         super().__init__()
         strides = tuple(int(s) for s in strides)
-        if not strides or any(s < 2 or s & (s - 1) for s in strides) or list(strides) != sorted(
-                set(strides)):
-            raise ValueError(f"TinyBackbone: strides must be increasing powers of two >= 2, "
-                             f"got {strides}")
+        if (
+            not strides
+            or any(s < 2 or s & (s - 1) for s in strides)
+            or list(strides) != sorted(set(strides))
+        ):
+            raise ValueError(
+                f"TinyBackbone: strides must be increasing powers of two >= 2, got {strides}"
+            )
         if depth < 1 or width < 1 or out_channels < 1:
-            raise ValueError(f"TinyBackbone: out_channels, width and depth must be >= 1, got "
-                             f"out_channels={out_channels}, width={width}, depth={depth}")
+            raise ValueError(
+                f"TinyBackbone: out_channels, width and depth must be >= 1, got "
+                f"out_channels={out_channels}, width={width}, depth={depth}"
+            )
         self.out_channels = int(out_channels)
         self.strides = strides
         num_stages = int(math.log2(strides[-1]))  # stage s (1-based) has cumulative stride 2**s
@@ -101,8 +122,8 @@ class TinyBackbone(nn.Module):
             layers = [_conv_bn_relu(in_ch, ch, stride=2)]
             layers += [_conv_bn_relu(ch, ch, stride=1) for _ in range(depth - 1)]
             self.stages.append(nn.Sequential(*layers))
-            if 2 ** s in strides:
-                self.lateral[str(strides.index(2 ** s))] = nn.Conv2d(ch, self.out_channels, 1)
+            if 2**s in strides:
+                self.lateral[str(strides.index(2**s))] = nn.Conv2d(ch, self.out_channels, 1)
             in_ch = ch
         self.reset_parameters(generator)
 
@@ -111,8 +132,9 @@ class TinyBackbone(nn.Module):
         """Kaiming-normal convs (fan_out, ReLU), zero biases, BN weight 1 / bias 0."""
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu",
-                                        generator=generator)
+                nn.init.kaiming_normal_(
+                    m.weight, mode="fan_out", nonlinearity="relu", generator=generator
+                )
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
             elif isinstance(m, nn.BatchNorm2d):
@@ -130,8 +152,8 @@ class TinyBackbone(nn.Module):
         x = images
         for s, stage in enumerate(self.stages, start=1):
             x = stage(x)  # [B, C_s, ceil(H / 2**s), ceil(W / 2**s)]
-            if 2 ** s in self.strides:
-                key = str(self.strides.index(2 ** s))
+            if 2**s in self.strides:
+                key = str(self.strides.index(2**s))
                 features[key] = self.lateral[key](x)  # [B, out_channels, ., .]
         return features
 
@@ -179,11 +201,13 @@ class FrozenBatchNorm2d(nn.Module):
         self.register_buffer("running_mean", torch.zeros(num_features))
         self.register_buffer("running_var", torch.ones(num_features))
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         state_dict.pop(prefix + "num_batches_tracked", None)  # BatchNorm2d has it, we do not
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # every buffer (C,) -> (1, C, 1, 1), broadcast over batch and space
@@ -228,10 +252,14 @@ def _check_depth(depth, who: str) -> None:
 
 
 def _check_trainable_layers(trainable_layers, who: str) -> None:
-    if (not isinstance(trainable_layers, int) or isinstance(trainable_layers, bool)
-            or not 0 <= trainable_layers <= 5):
-        raise ValueError(f"{who}: trainable_layers must be an int in 0..5, got "
-                         f"{trainable_layers!r}")
+    if (
+        not isinstance(trainable_layers, int)
+        or isinstance(trainable_layers, bool)
+        or not 0 <= trainable_layers <= 5
+    ):
+        raise ValueError(
+            f"{who}: trainable_layers must be an int in 0..5, got {trainable_layers!r}"
+        )
 
 
 def freeze_resnet(resnet: nn.Module, trainable_layers: int) -> None:
@@ -251,8 +279,12 @@ def freeze_resnet(resnet: nn.Module, trainable_layers: int) -> None:
             parameter.requires_grad_(False)
 
 
-def torchvision_resnet(depth: int = 50, norm: str = "frozen_bn", trainable_layers: int = 3,
-                       generator: torch.Generator | None = None) -> resnet_models.ResNet:
+def torchvision_resnet(
+    depth: int = 50,
+    norm: str = "frozen_bn",
+    trainable_layers: int = 3,
+    generator: torch.Generator | None = None,
+) -> resnet_models.ResNet:
     """A torchvision ``ResNet`` (``weights=None``) with the chosen norm layer, partly frozen.
 
     Without ``generator`` the weights are drawn from torch's global RNG exactly as
@@ -270,8 +302,9 @@ def torchvision_resnet(depth: int = 50, norm: str = "frozen_bn", trainable_layer
         with torch.no_grad():
             for m in resnet.modules():
                 if isinstance(m, nn.Conv2d):
-                    nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu",
-                                            generator=generator)
+                    nn.init.kaiming_normal_(
+                        m.weight, mode="fan_out", nonlinearity="relu", generator=generator
+                    )
     freeze_resnet(resnet, trainable_layers)
     return resnet
 
@@ -307,12 +340,20 @@ class ResNetBody(nn.Module):
     def __init__(self, resnet: resnet_models.ResNet, returned=STAGES) -> None:
         super().__init__()
         returned = tuple(returned)
-        if (not returned or any(r not in STAGES for r in returned)
-                or list(returned) != sorted(set(returned), key=STAGES.index)):
-            raise ValueError(f"ResNetBody: returned must be increasing stage names from {STAGES}, "
-                             f"got {returned}")
-        self.conv1, self.bn1, self.relu, self.maxpool = (resnet.conv1, resnet.bn1, resnet.relu,
-                                                         resnet.maxpool)
+        if (
+            not returned
+            or any(r not in STAGES for r in returned)
+            or list(returned) != sorted(set(returned), key=STAGES.index)
+        ):
+            raise ValueError(
+                f"ResNetBody: returned must be increasing stage names from {STAGES}, got {returned}"
+            )
+        self.conv1, self.bn1, self.relu, self.maxpool = (
+            resnet.conv1,
+            resnet.bn1,
+            resnet.relu,
+            resnet.maxpool,
+        )
         self.stage_names = STAGES[: STAGES.index(returned[-1]) + 1]
         for name in self.stage_names:
             setattr(self, name, getattr(resnet, name))
@@ -331,8 +372,13 @@ class ResNetBody(nn.Module):
         return features
 
 
-def resnet_body(depth: int = 50, norm: str = "frozen_bn", trainable_layers: int = 3,
-                returned=STAGES, generator: torch.Generator | None = None) -> ResNetBody:
+def resnet_body(
+    depth: int = 50,
+    norm: str = "frozen_bn",
+    trainable_layers: int = 3,
+    returned=STAGES,
+    generator: torch.Generator | None = None,
+) -> ResNetBody:
     """A ResNet-``depth`` trunk (18, 34, 50 or 101) returning the ``returned`` stages.
 
     Args:
@@ -385,19 +431,28 @@ class FPN(nn.Module):
 
     EXTRAS = ("maxpool", None)
 
-    def __init__(self, in_channels_list, out_channels: int = 256, norm: str | None = None,
-                 extra: str | None = "maxpool", generator: torch.Generator | None = None) -> None:
+    def __init__(
+        self,
+        in_channels_list,
+        out_channels: int = 256,
+        norm: str | None = None,
+        extra: str | None = "maxpool",
+        generator: torch.Generator | None = None,
+    ) -> None:
         super().__init__()
         in_channels_list = tuple(int(c) for c in in_channels_list)
         if not in_channels_list or any(c <= 0 for c in in_channels_list) or out_channels <= 0:
-            raise ValueError(f"FPN: in_channels_list must be non-empty positive ints and "
-                             f"out_channels positive, got {in_channels_list}, {out_channels}")
+            raise ValueError(
+                f"FPN: in_channels_list must be non-empty positive ints and "
+                f"out_channels positive, got {in_channels_list}, {out_channels}"
+            )
         if extra not in self.EXTRAS:
             raise ValueError(f"FPN: unknown extra {extra!r}; expected one of {self.EXTRAS}")
         make_norm = None if norm is None else norm_layer(norm, "FPN")
         if norm == "gn" and out_channels % GN_GROUPS:
-            raise ValueError(f"FPN: norm='gn' needs out_channels divisible by {GN_GROUPS}, got "
-                             f"{out_channels}")
+            raise ValueError(
+                f"FPN: norm='gn' needs out_channels divisible by {GN_GROUPS}, got {out_channels}"
+            )
         self.in_channels_list = in_channels_list
         self.out_channels = int(out_channels)
         self.norm = norm
@@ -407,9 +462,10 @@ class FPN(nn.Module):
             padding = kernel // 2  # keeps the size: 1x1 pad 0, 3x3 pad 1
             if make_norm is None:
                 return nn.Conv2d(in_ch, self.out_channels, kernel, padding=padding)
-            return nn.Sequential(nn.Conv2d(in_ch, self.out_channels, kernel, padding=padding,
-                                           bias=False),
-                                 make_norm(self.out_channels))
+            return nn.Sequential(
+                nn.Conv2d(in_ch, self.out_channels, kernel, padding=padding, bias=False),
+                make_norm(self.out_channels),
+            )
 
         self.lateral_convs = nn.ModuleList()
         self.output_convs = nn.ModuleList()
@@ -446,7 +502,8 @@ class FPN(nn.Module):
             outputs.insert(0, self.output_convs[i](merged))  # P_i
 
         result: OrderedDict[str, torch.Tensor] = OrderedDict(
-            (str(i), p) for i, p in enumerate(outputs))
+            (str(i), p) for i, p in enumerate(outputs)
+        )
         if self.extra == "maxpool":
             # kernel 1 stride 2 max pool = plain subsampling of P_L (torchvision's LastLevelMaxPool)
             result["pool"] = F.max_pool2d(outputs[-1], kernel_size=1, stride=2, padding=0)
@@ -475,16 +532,22 @@ class BackboneWithFPN(nn.Module):
         super().__init__()
         strides = getattr(body, "strides", None)
         if strides is None:
-            raise ValueError("BackboneWithFPN: body must have a 'strides' attribute (one stride "
-                             "per returned map)")
+            raise ValueError(
+                "BackboneWithFPN: body must have a 'strides' attribute (one stride "
+                "per returned map)"
+            )
         strides = tuple(int(s) for s in strides)
         if len(strides) != len(fpn.lateral_convs):
-            raise ValueError(f"BackboneWithFPN: body returns {len(strides)} maps (strides "
-                             f"{strides}) but the FPN has {len(fpn.lateral_convs)} levels")
+            raise ValueError(
+                f"BackboneWithFPN: body returns {len(strides)} maps (strides "
+                f"{strides}) but the FPN has {len(fpn.lateral_convs)} levels"
+            )
         body_channels = getattr(body, "out_channels_list", None)
         if body_channels is not None and tuple(body_channels) != fpn.in_channels_list:
-            raise ValueError(f"BackboneWithFPN: body channels {tuple(body_channels)} differ from "
-                             f"the FPN's in_channels_list {fpn.in_channels_list}")
+            raise ValueError(
+                f"BackboneWithFPN: body channels {tuple(body_channels)} differ from "
+                f"the FPN's in_channels_list {fpn.in_channels_list}"
+            )
         self.body = body
         self.fpn = fpn
         self.out_channels = fpn.out_channels
@@ -495,10 +558,15 @@ class BackboneWithFPN(nn.Module):
         return self.fpn(self.body(images))
 
 
-def resnet_fpn_backbone(depth: int = 50, out_channels: int = 256, norm: str = "frozen_bn",
-                        fpn_norm: str | None = None, trainable_layers: int = 3,
-                        returned_layers=(1, 2, 3, 4),
-                        generator: torch.Generator | None = None) -> BackboneWithFPN:
+def resnet_fpn_backbone(
+    depth: int = 50,
+    out_channels: int = 256,
+    norm: str = "frozen_bn",
+    fpn_norm: str | None = None,
+    trainable_layers: int = 3,
+    returned_layers=(1, 2, 3, 4),
+    generator: torch.Generator | None = None,
+) -> BackboneWithFPN:
     """ResNet-``depth`` + FPN, as torchvision's ``resnet_fpn_backbone`` (Mask R-CNN's backbone).
 
     Args:
@@ -515,14 +583,19 @@ def resnet_fpn_backbone(depth: int = 50, out_channels: int = 256, norm: str = "f
         :class:`BackboneWithFPN` with ``strides`` ``(4, 8, 16, 32, 64)`` for the default layers.
     """
     layers = tuple(returned_layers)
-    if (not layers or any(not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= 4
-                          for k in layers) or list(layers) != sorted(set(layers))):
-        raise ValueError(f"resnet_fpn_backbone: returned_layers must be increasing ints in 1..4, "
-                         f"got {returned_layers!r}")
-    body = resnet_body(depth, norm, trainable_layers, tuple(f"layer{k}" for k in layers),
-                       generator)
-    fpn = FPN(body.out_channels_list, out_channels, norm=fpn_norm, extra="maxpool",
-              generator=generator)
+    if (
+        not layers
+        or any(not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= 4 for k in layers)
+        or list(layers) != sorted(set(layers))
+    ):
+        raise ValueError(
+            f"resnet_fpn_backbone: returned_layers must be increasing ints in 1..4, "
+            f"got {returned_layers!r}"
+        )
+    body = resnet_body(depth, norm, trainable_layers, tuple(f"layer{k}" for k in layers), generator)
+    fpn = FPN(
+        body.out_channels_list, out_channels, norm=fpn_norm, extra="maxpool", generator=generator
+    )
     return BackboneWithFPN(body, fpn)
 
 
@@ -545,8 +618,13 @@ class ResNetC4Backbone(nn.Module):
     ``forward(images [B, 3, H, W]) -> OrderedDict`` ``{"0": [B, out_channels, H/16, W/16]}``.
     """
 
-    def __init__(self, depth: int = 50, norm: str = "frozen_bn", trainable_layers: int = 3,
-                 generator: torch.Generator | None = None) -> None:
+    def __init__(
+        self,
+        depth: int = 50,
+        norm: str = "frozen_bn",
+        trainable_layers: int = 3,
+        generator: torch.Generator | None = None,
+    ) -> None:
         super().__init__()
         self.body = resnet_body(depth, norm, trainable_layers, ("layer3",), generator)
         self.out_channels = self.body.out_channels_list[0]
@@ -576,8 +654,13 @@ class Res5Head(nn.Module):
     ``ceil(h / 2), ceil(w / 2)``).
     """
 
-    def __init__(self, depth: int = 50, norm: str = "frozen_bn", trainable_layers: int = 3,
-                 generator: torch.Generator | None = None) -> None:
+    def __init__(
+        self,
+        depth: int = 50,
+        norm: str = "frozen_bn",
+        trainable_layers: int = 3,
+        generator: torch.Generator | None = None,
+    ) -> None:
         super().__init__()
         resnet = torchvision_resnet(depth, norm, trainable_layers, generator)
         self.layer4 = resnet.layer4
@@ -602,8 +685,13 @@ class ResNetC5Backbone(nn.Module):
     ``forward(images [B, 3, H, W]) -> OrderedDict`` ``{"0": [B, out_channels, H/32, W/32]}``.
     """
 
-    def __init__(self, depth: int = 50, norm: str = "frozen_bn", trainable_layers: int = 3,
-                 generator: torch.Generator | None = None) -> None:
+    def __init__(
+        self,
+        depth: int = 50,
+        norm: str = "frozen_bn",
+        trainable_layers: int = 3,
+        generator: torch.Generator | None = None,
+    ) -> None:
         super().__init__()
         self.body = resnet_body(depth, norm, trainable_layers, ("layer4",), generator)
         self.out_channels = self.body.out_channels_list[0]

@@ -29,11 +29,15 @@ def _shapes_int(kind: str):
     """argparse type: an int within the bounds ``write_shapes_dataset`` accepts for ``kind``
     (``"count"``, ``"size"`` or ``"seed"``), so e.g. ``--size 60000`` is a one-line usage error
     instead of a MemoryError traceback."""
+
     def parse(text: str) -> int:
         from mrcnn_edu.data import shapes
 
-        lo, hi = {"count": (0, shapes.MAX_IMAGES), "size": (shapes.MIN_SIZE, shapes.MAX_SIZE),
-                  "seed": (0, 2**63 - 1)}[kind]
+        lo, hi = {
+            "count": (0, shapes.MAX_IMAGES),
+            "size": (shapes.MIN_SIZE, shapes.MAX_SIZE),
+            "seed": (0, 2**63 - 1),
+        }[kind]
         value = int(text)
         if not lo <= value <= hi:
             raise argparse.ArgumentTypeError(f"must be between {lo} and {hi}, got {value}")
@@ -45,30 +49,48 @@ def _shapes_int(kind: str):
 
 def _add_make_shapes(subparsers) -> None:
     p = subparsers.add_parser(
-        "make-shapes", help="write the synthetic shapes (or stick-figure) set in COCO format",
+        "make-shapes",
+        help="write the synthetic shapes (or stick-figure) set in COCO format",
         description="Write the synthetic shapes set (squares, circles, triangles) or, with "
-                    "--keypoints, the stick-figure keypoint set, as COCO JSON + PNG images: "
-                    "OUT/annotations/instances_{train,val}.json (person_keypoints_* with "
-                    "--keypoints) and OUT/{train,val}/*.png.")
-    p.add_argument("--out", type=Path, default=None,
-                   help="output folder (default: data/shapes, or data/shapes_keypoints with "
-                        "--keypoints)")
-    p.add_argument("--train", type=_shapes_int("count"), default=2000,
-                   help="train images (2000)")
+        "--keypoints, the stick-figure keypoint set, as COCO JSON + PNG images: "
+        "OUT/annotations/instances_{train,val}.json (person_keypoints_* with "
+        "--keypoints) and OUT/{train,val}/*.png.",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="output folder (default: data/shapes, or data/shapes_keypoints with --keypoints)",
+    )
+    p.add_argument("--train", type=_shapes_int("count"), default=2000, help="train images (2000)")
     p.add_argument("--val", type=_shapes_int("count"), default=300, help="val images (300)")
-    p.add_argument("--size", type=_shapes_int("size"), default=256,
-                   help="image side in pixels, 32..4096 (256)")
-    p.add_argument("--seed", type=_shapes_int("seed"), default=0,
-                   help="random seed, >= 0 (0); same seed, same bytes")
+    p.add_argument(
+        "--size", type=_shapes_int("size"), default=256, help="image side in pixels, 32..4096 (256)"
+    )
+    p.add_argument(
+        "--seed",
+        type=_shapes_int("seed"),
+        default=0,
+        help="random seed, >= 0 (0); same seed, same bytes",
+    )
     p.add_argument("--keypoints", action="store_true", help="stick figures with keypoints")
-    p.add_argument("--overlap", action="store_true",
-                   help="denser scenes, objects placed across objects of other classes (the "
-                        "mask-loss ablation's set; default --out data/shapes_overlap)")
-    p.add_argument("--small", action="store_true",
-                   help="smaller objects, 1/16..1/4 of the image side (the roi-pool ablation's "
-                        "set; default --out data/shapes_small)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace a set already in OUT (by default an existing set is an error)")
+    p.add_argument(
+        "--overlap",
+        action="store_true",
+        help="denser scenes, objects placed across objects of other classes (the "
+        "mask-loss ablation's set; default --out data/shapes_overlap)",
+    )
+    p.add_argument(
+        "--small",
+        action="store_true",
+        help="smaller objects, 1/16..1/4 of the image side (the roi-pool ablation's "
+        "set; default --out data/shapes_small)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a set already in OUT (by default an existing set is an error)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_make_shapes)
 
@@ -76,15 +98,23 @@ def _add_make_shapes(subparsers) -> None:
 def _run_make_shapes(args: argparse.Namespace) -> int:
     from mrcnn_edu.data.shapes import write_shapes_dataset
 
-    default = "data/shapes" + "".join(f"_{o}" for o in ("keypoints", "overlap", "small")
-                                      if getattr(args, o))
+    default = "data/shapes" + "".join(
+        f"_{o}" for o in ("keypoints", "overlap", "small") if getattr(args, o)
+    )
     out = args.out or Path(default)
     try:
-        files = write_shapes_dataset(out, train=args.train, val=args.val, size=args.size,
-                                     seed=args.seed, keypoints=args.keypoints,
-                                     progress=not args.no_progress,
-                                     overwrite=args.overwrite, overlap=args.overlap,
-                                     small=args.small)
+        files = write_shapes_dataset(
+            out,
+            train=args.train,
+            val=args.val,
+            size=args.size,
+            seed=args.seed,
+            keypoints=args.keypoints,
+            progress=not args.no_progress,
+            overwrite=args.overwrite,
+            overlap=args.overlap,
+            small=args.small,
+        )
     except (ValueError, OSError) as err:  # bad sizes, an existing set, a folder we cannot write
         print(f"mrcnn-edu make-shapes: error: {err}", file=sys.stderr)
         return 2
@@ -120,18 +150,29 @@ def _add_train(subparsers) -> None:
     from mrcnn_edu.engine.recipe import list_experiments
 
     p = subparsers.add_parser(
-        "train", help="train a preset on a COCO-format data root",
+        "train",
+        help="train a preset on a COCO-format data root",
         description="Train a recipe (model + schedule + data layout) and write checkpoints "
-                    "(RUN/step_*.pt, RUN/last.pt) and RUN/metrics.csv. Presets: "
-                    + ", ".join(list_experiments()))
+        "(RUN/step_*.pt, RUN/last.pt) and RUN/metrics.csv. Presets: "
+        + ", ".join(list_experiments()),
+    )
     p.add_argument("--preset", required=True, help="recipe name, e.g. shapes, coco-r50-fpn-1x")
     p.add_argument("--data", required=True, type=Path, help="data root (shapes or COCO layout)")
     p.add_argument("--out", required=True, type=Path, help="run folder for checkpoints")
     p.add_argument("--resume", action="store_true", help="continue from RUN/last.pt")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set train.lr=0.01 (repeatable)")
-    p.add_argument("--max-minutes", type=float, default=None,
-                   help="stop cleanly after this many minutes (a checkpoint is written)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set train.lr=0.01 (repeatable)",
+    )
+    p.add_argument(
+        "--max-minutes",
+        type=float,
+        default=None,
+        help="stop cleanly after this many minutes (a checkpoint is written)",
+    )
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--eval", action="store_true", help="evaluate on the val split at the end")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -153,11 +194,23 @@ def _run_train(args: argparse.Namespace) -> int:
         try:
             device = dist_utils.init_distributed(_device(args.device))
             exp = get_experiment(args.preset, _parse_sets(args.set))
-            model, result = run_training(exp, args.data, args.out, resume=args.resume,
-                                         progress=not args.no_progress, device=device,
-                                         max_minutes=args.max_minutes)
-        except (KeyError, ValueError, FileNotFoundError, FileExistsError, DataError,
-                dist_utils.DistributedError) as err:
+            model, result = run_training(
+                exp,
+                args.data,
+                args.out,
+                resume=args.resume,
+                progress=not args.no_progress,
+                device=device,
+                max_minutes=args.max_minutes,
+            )
+        except (
+            KeyError,
+            ValueError,
+            FileNotFoundError,
+            FileExistsError,
+            DataError,
+            dist_utils.DistributedError,
+        ) as err:
             return _fail("train", err)
         main = dist_utils.is_main_process()
         if main:
@@ -166,8 +219,12 @@ def _run_train(args: argparse.Namespace) -> int:
             from mrcnn_edu.engine.evaluate import evaluate, format_metrics_table
 
             _, val = build_datasets(exp, args.data, train=False)
-            res = evaluate(model, val, progress=not args.no_progress,
-                           results_file=args.out / "val_results.json")
+            res = evaluate(
+                model,
+                val,
+                progress=not args.no_progress,
+                results_file=args.out / "val_results.json",
+            )
             if main:
                 print(format_metrics_table(res))
         return 0
@@ -201,16 +258,25 @@ class _TorchvisionLabels:
 
 def _add_eval(subparsers) -> None:
     p = subparsers.add_parser(
-        "eval", help="COCO box/mask AP of a checkpoint on a data root's val split",
-        description="Evaluate with pycocotools' COCOeval and print the AP table.")
+        "eval",
+        help="COCO box/mask AP of a checkpoint on a data root's val split",
+        description="Evaluate with pycocotools' COCOeval and print the AP table.",
+    )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", type=Path, help="a training checkpoint (RUN/last.pt)")
-    src.add_argument("--weights", help="torchvision:<builder>[=FILE], e.g. "
-                     "torchvision:maskrcnn_resnet50_fpn (downloads where allowed) or "
-                     "torchvision:maskrcnn_resnet50_fpn=/path/to/weights.pth")
+    src.add_argument(
+        "--weights",
+        help="torchvision:<builder>[=FILE], e.g. "
+        "torchvision:maskrcnn_resnet50_fpn (downloads where allowed) or "
+        "torchvision:maskrcnn_resnet50_fpn=/path/to/weights.pth",
+    )
     p.add_argument("--data", required=True, type=Path, help="data root")
-    p.add_argument("--layout", choices=("shapes", "coco"), default=None,
-                   help="data layout (default: the checkpoint's; coco for --weights)")
+    p.add_argument(
+        "--layout",
+        choices=("shapes", "coco"),
+        default=None,
+        help="data layout (default: the checkpoint's; coco for --weights)",
+    )
     p.add_argument("--max-images", type=int, default=None, help="evaluate the first N images")
     p.add_argument("--results", type=Path, default=None, help="write COCO results JSON here")
     p.add_argument("--device", default=None)
@@ -223,7 +289,7 @@ def _load_weights_arg(spec: str):
 
     if not spec.startswith("torchvision:"):
         raise ValueError(f"--weights must look like torchvision:<builder>, got {spec!r}")
-    arch, _, file = spec[len("torchvision:"):].partition("=")
+    arch, _, file = spec[len("torchvision:") :].partition("=")
     if arch not in ARCHS:
         raise ValueError(f"--weights: unknown builder {arch!r}; choose one of {', '.join(ARCHS)}")
     if file:
@@ -250,8 +316,9 @@ def _run_eval(args: argparse.Namespace) -> int:
         if args.checkpoint is not None:
             model, exp = load_model(args.checkpoint, device)
             if args.layout:
-                exp.data = get_experiment("shapes" if args.layout == "shapes"
-                                          else "coco-r50-fpn-1x").data
+                exp.data = get_experiment(
+                    "shapes" if args.layout == "shapes" else "coco-r50-fpn-1x"
+                ).data
         else:
             model = _load_weights_arg(args.weights).to(device)
             exp = get_experiment("shapes" if args.layout == "shapes" else "coco-r50-fpn-1x")
@@ -259,8 +326,14 @@ def _run_eval(args: argparse.Namespace) -> int:
         _, val = build_datasets(exp, args.data, train=False)
         if args.weights is not None:
             model = _TorchvisionLabels(model, val)
-        res = evaluate(model, val, max_images=args.max_images, progress=not args.no_progress,
-                       results_file=args.results, device=device)
+        res = evaluate(
+            model,
+            val,
+            max_images=args.max_images,
+            progress=not args.no_progress,
+            results_file=args.results,
+            device=device,
+        )
         main = dist_utils.is_main_process()
     except (KeyError, ValueError, FileNotFoundError, OSError, dist_utils.DistributedError) as err:
         return _fail("eval", err)
@@ -274,10 +347,12 @@ def _run_eval(args: argparse.Namespace) -> int:
 
 def _add_predict(subparsers) -> None:
     p = subparsers.add_parser(
-        "predict", help="draw a checkpoint's detections on images",
+        "predict",
+        help="draw a checkpoint's detections on images",
         description="Run a checkpoint on image files; write DIR/<name>.png with boxes and "
-                    "masks drawn, and DIR/predictions.json (COCO results format, image_id = "
-                    "position in the list).")
+        "masks drawn, and DIR/predictions.json (COCO results format, image_id = "
+        "position in the list).",
+    )
     p.add_argument("images", nargs="+", type=Path, help="image files (PNG/JPEG)")
     p.add_argument("--checkpoint", required=True, type=Path)
     p.add_argument("--out", required=True, type=Path, help="output folder")
@@ -316,13 +391,19 @@ def _run_predict(args: argparse.Namespace) -> int:
                 dets, _ = model([image.to(device)])
             det = {k: v.cpu() for k, v in dets[0].items()}
             all_dets.append(det)
-            save_prediction_figure(image, det, args.out / f"{path.stem}.png",
-                                   class_names=names, score_thresh=args.score_thresh)
-            print(f"{path}: {int((det['scores'] >= args.score_thresh).sum())} detections "
-                  f"-> {args.out / (path.stem + '.png')}")
+            save_prediction_figure(
+                image,
+                det,
+                args.out / f"{path.stem}.png",
+                class_names=names,
+                score_thresh=args.score_thresh,
+            )
+            print(
+                f"{path}: {int((det['scores'] >= args.score_thresh).sum())} detections "
+                f"-> {args.out / (path.stem + '.png')}"
+            )
         results = coco_results(all_dets, list(range(len(all_dets))))
-        atomic_write(args.out / "predictions.json",
-                     lambda f: f.write(json.dumps(results).encode()))
+        atomic_write(args.out / "predictions.json", lambda f: f.write(json.dumps(results).encode()))
     except (KeyError, ValueError, FileNotFoundError, OSError) as err:
         return _fail("predict", err)
     return 0
@@ -330,10 +411,12 @@ def _run_predict(args: argparse.Namespace) -> int:
 
 def _add_check_data(subparsers) -> None:
     p = subparsers.add_parser(
-        "check-data", help="name every bad annotation of a data root",
+        "check-data",
+        help="name every bad annotation of a data root",
         description="Check a data root's splits for degenerate or out-of-image boxes, labels "
-                    "outside 1..C, empty masks, masks that disagree with their box, and images "
-                    "whose size differs from the annotation file.")
+        "outside 1..C, empty masks, masks that disagree with their box, and images "
+        "whose size differs from the annotation file.",
+    )
     p.add_argument("--data", required=True, type=Path, help="data root")
     p.add_argument("--layout", choices=("shapes", "coco"), default="shapes")
     p.add_argument("--no-progress", action="store_true")
@@ -364,20 +447,31 @@ def _run_check_data(args: argparse.Namespace) -> int:
 
 def _add_demo(subparsers) -> None:
     p = subparsers.add_parser(
-        "demo", help="train the shapes preset for a few minutes, evaluate, draw (make demo)",
+        "demo",
+        help="train the shapes preset for a few minutes, evaluate, draw (make demo)",
         description="Generate the shapes set if absent, train the `shapes` preset within a "
-                    "wall-time budget, evaluate with COCOeval, print the box and mask AP table "
-                    "and write OUT/predictions.png, OUT/losses.png and OUT/metrics.json. The "
-                    "run's checkpoints go to OUT/run (replaced on every demo). A keypoint "
-                    "recipe (--preset stick-figures, make demo-keypoints) uses the stick-figure "
-                    "set, reports keypoint AP (OKS) and draws skeletons.")
-    p.add_argument("--data", type=Path, default=Path("data/shapes"),
-                   help="shapes set root (stick figures for a keypoint recipe)")
+        "wall-time budget, evaluate with COCOeval, print the box and mask AP table "
+        "and write OUT/predictions.png, OUT/losses.png and OUT/metrics.json. The "
+        "run's checkpoints go to OUT/run (replaced on every demo). A keypoint "
+        "recipe (--preset stick-figures, make demo-keypoints) uses the stick-figure "
+        "set, reports keypoint AP (OKS) and draws skeletons.",
+    )
+    p.add_argument(
+        "--data",
+        type=Path,
+        default=Path("data/shapes"),
+        help="shapes set root (stick figures for a keypoint recipe)",
+    )
     p.add_argument("--out", type=Path, default=Path("build/demo"), help="output folder")
     p.add_argument("--minutes", type=float, default=10.0, help="training budget (10)")
     p.add_argument("--preset", default="shapes", help="recipe (shapes)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value (repeatable)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value (repeatable)",
+    )
     p.add_argument("--num-images", type=int, default=4, help="images in predictions.png")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_run_demo)
@@ -409,39 +503,68 @@ def _run_demo(args: argparse.Namespace) -> int:
         stem = "person_keypoints" if keypoints else "instances"
         ann = args.data / "annotations" / f"{stem}_train.json"
         if not ann.is_file():
-            print(f"no {'stick-figure' if keypoints else 'shapes'} set under {args.data}: "
-                  "writing one (2000 train / 300 val, 256 px)")
-            write_shapes_dataset(args.data, train=2000, val=300, size=256, seed=0,
-                                 keypoints=keypoints, progress=progress)
+            print(
+                f"no {'stick-figure' if keypoints else 'shapes'} set under {args.data}: "
+                "writing one (2000 train / 300 val, 256 px)"
+            )
+            write_shapes_dataset(
+                args.data,
+                train=2000,
+                val=300,
+                size=256,
+                seed=0,
+                keypoints=keypoints,
+                progress=progress,
+            )
         run_dir = args.out / "run"
         if run_dir.exists():  # the demo's own previous run: start afresh
             shutil.rmtree(run_dir)
         t0 = time.perf_counter()
-        model, result = run_training(exp, args.data, run_dir, progress=progress,
-                                     max_minutes=args.minutes, fit_budget=True)
+        model, result = run_training(
+            exp, args.data, run_dir, progress=progress, max_minutes=args.minutes, fit_budget=True
+        )
         train_minutes = (time.perf_counter() - t0) / 60
         _, val = build_datasets(exp, args.data, train=False)
         # OKS sigmas come from the annotation file; a stick-figure set written before the
         # generator stored them is given the generator's own
-        old_set = keypoints and val.keypoint_names == list(KEYPOINT_NAMES) and not any(
-            c.get("sigmas") for c in val.coco.dataset["categories"])
-        res = evaluate(model, val, progress=progress, results_file=args.out / "val_results.json",
-                       kpt_oks_sigmas=KEYPOINT_SIGMAS if old_set else None)
+        old_set = (
+            keypoints
+            and val.keypoint_names == list(KEYPOINT_NAMES)
+            and not any(c.get("sigmas") for c in val.coco.dataset["categories"])
+        )
+        res = evaluate(
+            model,
+            val,
+            progress=progress,
+            results_file=args.out / "val_results.json",
+            kpt_oks_sigmas=KEYPOINT_SIGMAS if old_set else None,
+        )
     except (KeyError, ValueError, FileNotFoundError, FileExistsError, OSError) as err:
         return _fail("demo", err)
 
     print(format_metrics_table(res))
-    metrics = {t: {k: res.metrics[t][k] for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")}
-               for t in ("bbox", "segm", "keypoints") if t in res.metrics}
-    metrics.update(train_minutes=round(train_minutes, 2), steps=result.steps_done,
-                   eval_images_per_second=round(res.images_per_second, 2),
-                   preset=args.preset, overrides=args.set)
-    atomic_write(args.out / "metrics.json",
-                 lambda f: f.write(json.dumps(metrics, indent=2).encode()))
-    save_figure(plot_loss_curves(read_metrics_csv(run_dir / "metrics.csv"),
-                                 title=f"{args.preset}: {result.steps_done} steps, "
-                                       f"{train_minutes:.1f} min").figure,
-                args.out / "losses.png")
+    metrics = {
+        t: {k: res.metrics[t][k] for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")}
+        for t in ("bbox", "segm", "keypoints")
+        if t in res.metrics
+    }
+    metrics.update(
+        train_minutes=round(train_minutes, 2),
+        steps=result.steps_done,
+        eval_images_per_second=round(res.images_per_second, 2),
+        preset=args.preset,
+        overrides=args.set,
+    )
+    atomic_write(
+        args.out / "metrics.json", lambda f: f.write(json.dumps(metrics, indent=2).encode())
+    )
+    save_figure(
+        plot_loss_curves(
+            read_metrics_csv(run_dir / "metrics.csv"),
+            title=f"{args.preset}: {result.steps_done} steps, {train_minutes:.1f} min",
+        ).figure,
+        args.out / "losses.png",
+    )
     idx = list(range(min(args.num_images, len(val))))
     samples = [val[i] for i in idx]
     with torch.no_grad():
@@ -449,15 +572,22 @@ def _run_demo(args: argparse.Namespace) -> int:
     draw, extra = draw_predictions_vs_truth, {}
     if keypoints:  # skeletons drawn on the ground truth and on the predictions
         draw, extra = draw_keypoint_predictions_vs_truth, {"skeleton": val.skeleton}
-    fig = draw([img for img, _ in samples], dets, [t for _, t in samples],
-               class_names=val.class_names,
-               titles=[f"image {int(t['image_id'])}" for _, t in samples], **extra)
+    fig = draw(
+        [img for img, _ in samples],
+        dets,
+        [t for _, t in samples],
+        class_names=val.class_names,
+        titles=[f"image {int(t['image_id'])}" for _, t in samples],
+        **extra,
+    )
     save_figure(fig, args.out / "predictions.png")
     iou_type, what = ("keypoints", "keypoint") if keypoints else ("segm", "mask")
     ap = metrics.get(iou_type, {}).get("AP", float("nan"))
-    print(f"{what} AP {ap:.3f} after {result.steps_done} steps in {train_minutes:.1f} min; "
-          f"wrote {args.out / 'metrics.json'}, {args.out / 'losses.png'}, "
-          f"{args.out / 'predictions.png'}")
+    print(
+        f"{what} AP {ap:.3f} after {result.steps_done} steps in {train_minutes:.1f} min; "
+        f"wrote {args.out / 'metrics.json'}, {args.out / 'losses.png'}, "
+        f"{args.out / 'predictions.png'}"
+    )
     return 0
 
 
@@ -470,34 +600,66 @@ def _add_ablate(subparsers) -> None:
     from mrcnn_edu.engine.ablate import list_studies  # also registers shapes-c4 / shapes-c5
 
     p = subparsers.add_parser(
-        "ablate", help="rerun the paper's Table 2 ablations on the shapes set, with seeds",
+        "ablate",
+        help="rerun the paper's Table 2 ablations on the shapes set, with seeds",
         description="Train and evaluate every variant of a study (roi-pool: RoIPool vs "
-                    "RoIAlign vs RoIAlign aligned on stride-16 and stride-32 backbones; "
-                    "mask-loss: sigmoid vs softmax vs class-agnostic masks) with the same "
-                    "data, seeds and number of steps. Writes OUT/<study>_<variant>_seed<n>.json "
-                    "per run, OUT/results.md (mean and spread over seeds beside the paper's "
-                    "numbers, a verdict per comparison) and OUT/<study>.png. Runs whose JSON "
-                    "exists are skipped, so an interrupted study resumes.")
+        "RoIAlign vs RoIAlign aligned on stride-16 and stride-32 backbones; "
+        "mask-loss: sigmoid vs softmax vs class-agnostic masks) with the same "
+        "data, seeds and number of steps. Writes OUT/<study>_<variant>_seed<n>.json "
+        "per run, OUT/results.md (mean and spread over seeds beside the paper's "
+        "numbers, a verdict per comparison) and OUT/<study>.png. Runs whose JSON "
+        "exists are skipped, so an interrupted study resumes.",
+    )
     p.add_argument("--study", required=True, choices=[*list_studies(), "all"])
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per variant (3)")
-    p.add_argument("--minutes", type=float, default=2.0,
-                   help="training budget per run, turned into one number of steps per group "
-                        "of variants by timing the slowest (2)")
-    p.add_argument("--steps", type=int, default=None,
-                   help="optimizer steps per run instead of a budget")
-    p.add_argument("--out", type=Path, default=Path("results/ablations"),
-                   help="results folder (results/ablations)")
-    p.add_argument("--data", type=Path, default=Path("data"),
-                   help="folder holding the studies' sets (data): data/shapes_small, "
-                        "data/shapes_overlap; written when absent")
-    p.add_argument("--work", type=Path, default=Path("build/ablations"),
-                   help="checkpoints of the runs (build/ablations)")
-    p.add_argument("--keep", choices=("first-seed", "all", "none"), default="first-seed",
-                   help="whose checkpoints stay after evaluation (first-seed)")
-    p.add_argument("--val-images", type=int, default=None,
-                   help="evaluate only the first N val images (default: all)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value for EVERY variant alike (repeatable)")
+    p.add_argument(
+        "--minutes",
+        type=float,
+        default=2.0,
+        help="training budget per run, turned into one number of steps per group "
+        "of variants by timing the slowest (2)",
+    )
+    p.add_argument(
+        "--steps", type=int, default=None, help="optimizer steps per run instead of a budget"
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("results/ablations"),
+        help="results folder (results/ablations)",
+    )
+    p.add_argument(
+        "--data",
+        type=Path,
+        default=Path("data"),
+        help="folder holding the studies' sets (data): data/shapes_small, "
+        "data/shapes_overlap; written when absent",
+    )
+    p.add_argument(
+        "--work",
+        type=Path,
+        default=Path("build/ablations"),
+        help="checkpoints of the runs (build/ablations)",
+    )
+    p.add_argument(
+        "--keep",
+        choices=("first-seed", "all", "none"),
+        default="first-seed",
+        help="whose checkpoints stay after evaluation (first-seed)",
+    )
+    p.add_argument(
+        "--val-images",
+        type=int,
+        default=None,
+        help="evaluate only the first N val images (default: all)",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value for EVERY variant alike (repeatable)",
+    )
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_run_ablate)
@@ -520,8 +682,11 @@ def _run_ablate(args: argparse.Namespace) -> int:
 
     names = list_studies() if args.study == "all" else [args.study]
     words = ["mrcnn-edu", "ablate", "--study", args.study, "--seeds", str(args.seeds)]
-    words += ["--steps", str(args.steps)] if args.steps is not None else \
-        ["--minutes", f"{args.minutes:g}"]
+    words += (
+        ["--steps", str(args.steps)]
+        if args.steps is not None
+        else ["--minutes", f"{args.minutes:g}"]
+    )
     words += ["--out", str(args.out), "--data", str(args.data)]
     words += ["--val-images", str(args.val_images)] if args.val_images is not None else []
     words += [w for kv in args.set for w in ("--set", kv)]
@@ -531,25 +696,42 @@ def _run_ablate(args: argparse.Namespace) -> int:
         segm = (record["metrics"].get("segm") or {}).get("AP")
         ap = "n/a" if segm is None else f"{100 * segm:.1f}"
         how = "done before" if skipped else f"{record['minutes']:.1f} min"
-        print(f"{record['study']} {record['variant']} seed {record['seed']}: mask AP {ap} "
-              f"({record['steps']} steps, {how})", flush=True)
+        print(
+            f"{record['study']} {record['variant']} seed {record['seed']}: mask AP {ap} "
+            f"({record['steps']} steps, {how})",
+            flush=True,
+        )
 
     try:
         for name in names:
-            run_study(get_study(name), args.seeds, args.minutes, args.data, args.out,
-                      progress=not args.no_progress, steps=args.steps,
-                      overrides=_parse_sets(args.set), work_dir=args.work,
-                      val_images=args.val_images, device=_device(args.device),
-                      keep=args.keep, command=command, on_run=report)
+            run_study(
+                get_study(name),
+                args.seeds,
+                args.minutes,
+                args.data,
+                args.out,
+                progress=not args.no_progress,
+                steps=args.steps,
+                overrides=_parse_sets(args.set),
+                work_dir=args.work,
+                val_images=args.val_images,
+                device=_device(args.device),
+                keep=args.keep,
+                command=command,
+                on_run=report,
+            )
     except (KeyError, ValueError, FileNotFoundError, FileExistsError, OSError, DataError) as err:
         return _fail("ablate", err)
     summaries = summarize(load_runs(args.out))
     charted = list(dict.fromkeys(s.study for s in summaries))
     for name in charted:
         panels, paper = chart_data(summaries, name)
-        save_figure(plot_ablation_study(panels, paper=paper, title=get_study(name).title
-                                        if name in list_studies() else name),
-                    args.out / f"{name}.png")
+        save_figure(
+            plot_ablation_study(
+                panels, paper=paper, title=get_study(name).title if name in list_studies() else name
+            ),
+            args.out / f"{name}.png",
+        )
     path = write_results(args.out)
     print(path.read_text(encoding="utf-8"))
     print(f"wrote {path} and {', '.join(f'{n}.png' for n in charted)} in {args.out}")
@@ -560,14 +742,22 @@ def _run_ablate(args: argparse.Namespace) -> int:
 # Entry point
 # ---------------------------------------------------------------------------------------------
 
-_SUBCOMMANDS = (_add_make_shapes, _add_train, _add_eval, _add_predict, _add_check_data,
-                _add_demo, _add_ablate)
+_SUBCOMMANDS = (
+    _add_make_shapes,
+    _add_train,
+    _add_eval,
+    _add_predict,
+    _add_check_data,
+    _add_demo,
+    _add_ablate,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with every subcommand registered."""
     parser = argparse.ArgumentParser(
-        prog="mrcnn-edu", description="Mask R-CNN rebuilt from its parts: command-line jobs.")
+        prog="mrcnn-edu", description="Mask R-CNN rebuilt from its parts: command-line jobs."
+    )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in _SUBCOMMANDS:
         add(subparsers)

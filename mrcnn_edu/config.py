@@ -292,13 +292,14 @@ def _coerce(value: Any, current: Any, key: str) -> Any:
         if low in ("false", "0", "no"):
             return False
         raise ValueError(f"--set {key}: expected true/false, got {value!r}")
-    if isinstance(current, str) or (current is None and not value[:1] in "([{0123456789-."):
+    if isinstance(current, str) or (current is None and value[:1] not in "([{0123456789-."):
         return None if value in ("None", "none", "null") else value
     try:
         parsed = ast.literal_eval(value)
     except (ValueError, SyntaxError):
-        raise ValueError(f"--set {key}: cannot read {value!r} as a {type(current).__name__}")\
-            from None
+        raise ValueError(
+            f"--set {key}: cannot read {value!r} as a {type(current).__name__}"
+        ) from None
     if isinstance(current, float) and isinstance(parsed, int):
         parsed = float(parsed)
     if isinstance(current, tuple) and isinstance(parsed, list):

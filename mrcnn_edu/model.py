@@ -81,12 +81,18 @@ class ImageTransform(nn.Module):
     same seed gives the same sizes *and* leaves the RNG where torchvision leaves it.
     """
 
-    def __init__(self, min_size: Sequence[int] = (800,), max_size: int = 1333,
-                 image_mean: Sequence[float] = (0.485, 0.456, 0.406),
-                 image_std: Sequence[float] = (0.229, 0.224, 0.225), size_divisible: int = 32):
+    def __init__(
+        self,
+        min_size: Sequence[int] = (800,),
+        max_size: int = 1333,
+        image_mean: Sequence[float] = (0.485, 0.456, 0.406),
+        image_std: Sequence[float] = (0.229, 0.224, 0.225),
+        size_divisible: int = 32,
+    ):
         super().__init__()
-        self.min_size = tuple(int(s) for s in (min_size if isinstance(min_size, Sequence)
-                                                else (min_size,)))
+        self.min_size = tuple(
+            int(s) for s in (min_size if isinstance(min_size, Sequence) else (min_size,))
+        )
         self.max_size = int(max_size)
         self.image_mean = tuple(float(v) for v in image_mean)
         self.image_std = tuple(float(v) for v in image_std)
@@ -104,8 +110,13 @@ class ImageTransform(nn.Module):
         H, W = image.shape[-2:]
         scale = resize_scale(H, W, self._min_size(), self.max_size)
         # [3, H, W] -> [1, 3, H, W] -> bilinear -> [3, H', W']
-        image = F.interpolate(image[None], scale_factor=scale, mode="bilinear",
-                              recompute_scale_factor=True, align_corners=False)[0]
+        image = F.interpolate(
+            image[None],
+            scale_factor=scale,
+            mode="bilinear",
+            recompute_scale_factor=True,
+            align_corners=False,
+        )[0]
         if target is None:
             return image, None
         target = dict(target)
@@ -113,15 +124,18 @@ class ImageTransform(nn.Module):
             target["boxes"] = resize_boxes(target["boxes"], (H, W), tuple(image.shape[-2:]))
         if "masks" in target:
             # [N, H, W] -> [N, 1, H, W] float -> nearest -> [N, H', W'] uint8
-            target["masks"] = F.interpolate(target["masks"][:, None].float(), scale_factor=scale,
-                                            recompute_scale_factor=True)[:, 0].byte()
+            target["masks"] = F.interpolate(
+                target["masks"][:, None].float(), scale_factor=scale, recompute_scale_factor=True
+            )[:, 0].byte()
         if "keypoints" in target:
-            target["keypoints"] = resize_keypoints(target["keypoints"], (H, W),
-                                                   tuple(image.shape[-2:]))
+            target["keypoints"] = resize_keypoints(
+                target["keypoints"], (H, W), tuple(image.shape[-2:])
+            )
         return image, target
 
-    def forward(self, images: Sequence[Tensor], targets: Sequence[dict] | None = None
-                ) -> tuple[Tensor, list[tuple[int, int]], list[dict] | None]:
+    def forward(
+        self, images: Sequence[Tensor], targets: Sequence[dict] | None = None
+    ) -> tuple[Tensor, list[tuple[int, int]], list[dict] | None]:
         """``images``: list of ``[3, H_i, W_i]`` float in 0..1. Returns the padded batch
         ``[B, 3, H, W]``, the resized sizes ``(h_i, w_i)`` and the resized targets."""
         out_images, out_targets = [], [] if targets is not None else None
@@ -170,22 +184,34 @@ class RoIHeads(nn.Module):
     The per-image bookkeeping travels in :class:`mrcnn_edu.structures.Instances`.
     """
 
-    def __init__(self, box_pooler: MultiLevelRoIPooler, box_head: nn.Module,
-                 box_predictor: FastRCNNPredictor, *, mask_pooler: MultiLevelRoIPooler | None = None,
-                 mask_head: nn.Module | None = None, mask_predictor: MaskPredictor | None = None,
-                 mask_loss_mode: str = "sigmoid",
-                 keypoint_pooler: MultiLevelRoIPooler | None = None,
-                 keypoint_head: nn.Module | None = None,
-                 keypoint_predictor: KeypointPredictor | None = None, fg_iou_thresh: float = 0.5,
-                 bg_iou_thresh: float = 0.5, batch_size_per_image: int = 512,
-                 positive_fraction: float = 0.25,
-                 bbox_reg_weights: Sequence[float] = (10.0, 10.0, 5.0, 5.0),
-                 score_thresh: float = 0.05, nms_thresh: float = 0.5,
-                 detections_per_img: int = 100) -> None:
+    def __init__(
+        self,
+        box_pooler: MultiLevelRoIPooler,
+        box_head: nn.Module,
+        box_predictor: FastRCNNPredictor,
+        *,
+        mask_pooler: MultiLevelRoIPooler | None = None,
+        mask_head: nn.Module | None = None,
+        mask_predictor: MaskPredictor | None = None,
+        mask_loss_mode: str = "sigmoid",
+        keypoint_pooler: MultiLevelRoIPooler | None = None,
+        keypoint_head: nn.Module | None = None,
+        keypoint_predictor: KeypointPredictor | None = None,
+        fg_iou_thresh: float = 0.5,
+        bg_iou_thresh: float = 0.5,
+        batch_size_per_image: int = 512,
+        positive_fraction: float = 0.25,
+        bbox_reg_weights: Sequence[float] = (10.0, 10.0, 5.0, 5.0),
+        score_thresh: float = 0.05,
+        nms_thresh: float = 0.5,
+        detections_per_img: int = 100,
+    ) -> None:
         super().__init__()
         if mask_loss_mode not in ("sigmoid", "softmax", "agnostic"):
-            raise ValueError(f"RoIHeads: mask_loss_mode must be 'sigmoid', 'softmax' or "
-                             f"'agnostic', got {mask_loss_mode!r}")
+            raise ValueError(
+                f"RoIHeads: mask_loss_mode must be 'sigmoid', 'softmax' or "
+                f"'agnostic', got {mask_loss_mode!r}"
+            )
         self.box_roi_pool = box_pooler
         self.box_head = box_head
         self.box_predictor = box_predictor
@@ -233,10 +259,17 @@ class RoIHeads(nn.Module):
             x = self.mask_head(x)
         return self.mask_predictor(x)  # [P, num_classes (or 1), 28, 28]
 
-    def forward(self, features: Mapping[str, Tensor], proposals: list[Tensor],
-                image_sizes: list[tuple[int, int]], targets: list[dict] | None = None, *,
-                return_detections: bool = True, generator: torch.Generator | None = None,
-                stages: dict | None = None) -> tuple[list[Instances], dict[str, Tensor]]:
+    def forward(
+        self,
+        features: Mapping[str, Tensor],
+        proposals: list[Tensor],
+        image_sizes: list[tuple[int, int]],
+        targets: list[dict] | None = None,
+        *,
+        return_detections: bool = True,
+        generator: torch.Generator | None = None,
+        stages: dict | None = None,
+    ) -> tuple[list[Instances], dict[str, Tensor]]:
         """Per-image detections (``Instances`` with ``pred_boxes [N, 4]``, ``pred_scores [N]``,
         ``pred_labels [N]`` int64 and ``pred_masks [N, 1, M, M]`` probabilities, in the
         resized image's pixels) and the losses ``loss_classifier``, ``loss_box_reg``,
@@ -247,38 +280,64 @@ class RoIHeads(nn.Module):
             gt_boxes = [t["boxes"] for t in targets]
             gt_labels = [t["labels"] for t in targets]
             rois, matched_idxs, labels, regression_targets = sample_proposals(
-                proposals, gt_boxes, gt_labels, self.proposal_matcher, self.fg_bg_sampler,
-                self.box_coder, generator=generator)
-            sampled = [Instances(size, proposal_boxes=r, matched_idxs=m, gt_labels=lab,
-                                 regression_targets=t)
-                       for size, r, m, lab, t in zip(image_sizes, rois, matched_idxs, labels,
-                                                     regression_targets)]
-            box_features = self.box_roi_pool(features, [s.proposal_boxes for s in sampled],
-                                             image_sizes)  # [K, C, 7, 7]
+                proposals,
+                gt_boxes,
+                gt_labels,
+                self.proposal_matcher,
+                self.fg_bg_sampler,
+                self.box_coder,
+                generator=generator,
+            )
+            sampled = [
+                Instances(
+                    size, proposal_boxes=r, matched_idxs=m, gt_labels=lab, regression_targets=t
+                )
+                for size, r, m, lab, t in zip(
+                    image_sizes, rois, matched_idxs, labels, regression_targets
+                )
+            ]
+            box_features = self.box_roi_pool(
+                features, [s.proposal_boxes for s in sampled], image_sizes
+            )  # [K, C, 7, 7]
             class_logits, box_regression = self.box_predictor(self.box_head(box_features))
             loss_classifier, loss_box_reg = box_loss(
-                class_logits, box_regression, [s.gt_labels for s in sampled],
-                [s.regression_targets for s in sampled])
+                class_logits,
+                box_regression,
+                [s.gt_labels for s in sampled],
+                [s.regression_targets for s in sampled],
+            )
             losses.update(loss_classifier=loss_classifier, loss_box_reg=loss_box_reg)
             if stages is not None:
-                stages.update(sampled_rois=sampled, train_class_logits=class_logits,
-                              train_box_regression=box_regression)
+                stages.update(
+                    sampled_rois=sampled,
+                    train_class_logits=class_logits,
+                    train_box_regression=box_regression,
+                )
             positives = [s[s.gt_labels > 0] for s in sampled]
             if self.has_mask:
                 mask_logits = self._mask_features(
-                    features, [p.proposal_boxes for p in positives], image_sizes)
+                    features, [p.proposal_boxes for p in positives], image_sizes
+                )
                 losses["loss_mask"] = mask_loss(
-                    mask_logits, [p.proposal_boxes for p in positives],
-                    [t["masks"] for t in targets], gt_labels,
-                    [p.matched_idxs for p in positives], mode=self.mask_loss_mode)
+                    mask_logits,
+                    [p.proposal_boxes for p in positives],
+                    [t["masks"] for t in targets],
+                    gt_labels,
+                    [p.matched_idxs for p in positives],
+                    mode=self.mask_loss_mode,
+                )
                 if stages is not None:
                     stages["train_mask_logits"] = mask_logits
             if self.has_keypoint:
                 kp_logits = self._keypoint_logits(
-                    features, [p.proposal_boxes for p in positives], image_sizes)
+                    features, [p.proposal_boxes for p in positives], image_sizes
+                )
                 losses["loss_keypoint"] = keypoint_loss(
-                    kp_logits, [p.proposal_boxes for p in positives],
-                    [t["keypoints"] for t in targets], [p.matched_idxs for p in positives])
+                    kp_logits,
+                    [p.proposal_boxes for p in positives],
+                    [t["keypoints"] for t in targets],
+                    [p.matched_idxs for p in positives],
+                )
                 if stages is not None:
                     stages["train_keypoint_logits"] = kp_logits
 
@@ -287,11 +346,19 @@ class RoIHeads(nn.Module):
             box_features = self.box_roi_pool(features, proposals, image_sizes)
             class_logits, box_regression = self.box_predictor(self.box_head(box_features))
             boxes, scores, labels = postprocess_detections(
-                class_logits, box_regression, proposals, image_sizes, self.box_coder,
-                score_thresh=self.score_thresh, nms_thresh=self.nms_thresh,
-                detections_per_img=self.detections_per_img)
-            detections = [Instances(size, pred_boxes=b, pred_scores=s, pred_labels=lab)
-                          for size, b, s, lab in zip(image_sizes, boxes, scores, labels)]
+                class_logits,
+                box_regression,
+                proposals,
+                image_sizes,
+                self.box_coder,
+                score_thresh=self.score_thresh,
+                nms_thresh=self.nms_thresh,
+                detections_per_img=self.detections_per_img,
+            )
+            detections = [
+                Instances(size, pred_boxes=b, pred_scores=s, pred_labels=lab)
+                for size, b, s, lab in zip(image_sizes, boxes, scores, labels)
+            ]
             if stages is not None:
                 stages.update(class_logits=class_logits, box_regression=box_regression)
             if self.has_mask:
@@ -330,9 +397,15 @@ class MaskRCNN(nn.Module):
             checkpoints), if any.
     """
 
-    def __init__(self, transform: ImageTransform, backbone: nn.Module,
-                 rpn: RegionProposalNetwork, roi_heads: RoIHeads, num_classes: int,
-                 config: ModelConfig | None = None) -> None:
+    def __init__(
+        self,
+        transform: ImageTransform,
+        backbone: nn.Module,
+        rpn: RegionProposalNetwork,
+        roi_heads: RoIHeads,
+        num_classes: int,
+        config: ModelConfig | None = None,
+    ) -> None:
         super().__init__()
         self.transform = transform
         self.backbone = backbone
@@ -349,104 +422,136 @@ class MaskRCNN(nn.Module):
         """Clear errors for what the model cannot take (names image index, field, shape)."""
         if isinstance(images, Tensor):
             if images.dim() == 4:
-                raise TypeError("MaskRCNN: images must be a list of [3, H, W] tensors (images "
-                                f"of different sizes), got one tensor {_shape(images)}; use "
-                                "list(images)")
+                raise TypeError(
+                    "MaskRCNN: images must be a list of [3, H, W] tensors (images "
+                    f"of different sizes), got one tensor {_shape(images)}; use "
+                    "list(images)"
+                )
             images = [images] if images.dim() == 3 else images
         if not isinstance(images, (list, tuple)) or len(images) == 0:
-            raise TypeError(f"MaskRCNN: images must be a non-empty list of [3, H, W] float "
-                            f"tensors, got {type(images).__name__}")
+            raise TypeError(
+                f"MaskRCNN: images must be a non-empty list of [3, H, W] float "
+                f"tensors, got {type(images).__name__}"
+            )
         device = images[0].device if isinstance(images[0], Tensor) else None
         for i, img in enumerate(images):
             if not isinstance(img, Tensor) or img.dim() != 3 or img.shape[0] != 3:
-                raise ValueError(f"MaskRCNN: images[{i}] must be [3, H, W] (RGB), got "
-                                 f"{_shape(img)}")
+                raise ValueError(
+                    f"MaskRCNN: images[{i}] must be [3, H, W] (RGB), got {_shape(img)}"
+                )
             if not img.is_floating_point():
-                raise TypeError(f"MaskRCNN: images[{i}] has dtype {img.dtype}; the model takes "
-                                "float images with values in 0..1 (use image.float() / 255)")
+                raise TypeError(
+                    f"MaskRCNN: images[{i}] has dtype {img.dtype}; the model takes "
+                    "float images with values in 0..1 (use image.float() / 255)"
+                )
             if img.device != device:
-                raise ValueError(f"MaskRCNN: images[{i}] is on {img.device} but images[0] on "
-                                 f"{device}")
+                raise ValueError(
+                    f"MaskRCNN: images[{i}] is on {img.device} but images[0] on {device}"
+                )
             if min(img.shape[-2:]) < 1:
                 raise ValueError(f"MaskRCNN: images[{i}] is empty: {_shape(img)}")
             lo, hi = float(img.min()), float(img.max())
             if not (lo >= -1e-3 and hi <= 1.0 + 1e-3):  # also catches NaN
-                raise ValueError(f"MaskRCNN: images[{i}] has values in [{lo:.4g}, {hi:.4g}]; the "
-                                 "model takes RGB values in 0..1 and normalizes them itself "
-                                 "(divide 0..255 images by 255; do not normalize beforehand)")
+                raise ValueError(
+                    f"MaskRCNN: images[{i}] has values in [{lo:.4g}, {hi:.4g}]; the "
+                    "model takes RGB values in 0..1 and normalizes them itself "
+                    "(divide 0..255 images by 255; do not normalize beforehand)"
+                )
         param = next(self.parameters(), None)
         if param is not None and device != param.device:
-            raise ValueError(f"MaskRCNN: the images are on {device} but the model is on "
-                             f"{param.device}; move one of them (model.to(device))")
+            raise ValueError(
+                f"MaskRCNN: the images are on {device} but the model is on "
+                f"{param.device}; move one of them (model.to(device))"
+            )
         if targets is None:
             return
         if not isinstance(targets, (list, tuple)) or len(targets) != len(images):
             n = len(targets) if isinstance(targets, (list, tuple)) else type(targets).__name__
-            raise ValueError(f"MaskRCNN: {len(images)} images but targets is {n}; give one "
-                             "target dict per image")
+            raise ValueError(
+                f"MaskRCNN: {len(images)} images but targets is {n}; give one target dict per image"
+            )
         for i, (img, t) in enumerate(zip(images, targets)):
             if not isinstance(t, Mapping):
-                raise TypeError(f"MaskRCNN: targets[{i}] must be a dict, got "
-                                f"{type(t).__name__}")
+                raise TypeError(f"MaskRCNN: targets[{i}] must be a dict, got {type(t).__name__}")
             for key in ("boxes", "labels") + (("masks",) if self.roi_heads.has_mask else ()):
                 if key not in t:
-                    raise KeyError(f"MaskRCNN: targets[{i}] has no {key!r} (keys: "
-                                   f"{sorted(t)})")
+                    raise KeyError(f"MaskRCNN: targets[{i}] has no {key!r} (keys: {sorted(t)})")
             boxes, labels = t["boxes"], t["labels"]
             if not isinstance(boxes, Tensor) or boxes.dim() != 2 or boxes.shape[1] != 4:
-                raise ValueError(f"MaskRCNN: targets[{i}]['boxes'] must be [N, 4] (x1, y1, x2, "
-                                 f"y2), got {_shape(boxes)}")
+                raise ValueError(
+                    f"MaskRCNN: targets[{i}]['boxes'] must be [N, 4] (x1, y1, x2, "
+                    f"y2), got {_shape(boxes)}"
+                )
             if not boxes.is_floating_point():
-                raise TypeError(f"MaskRCNN: targets[{i}]['boxes'] must be float, got "
-                                f"{boxes.dtype}")
+                raise TypeError(f"MaskRCNN: targets[{i}]['boxes'] must be float, got {boxes.dtype}")
             n = boxes.shape[0]
             if not isinstance(labels, Tensor) or labels.shape != (n,):
-                raise ValueError(f"MaskRCNN: targets[{i}]['labels'] must be [{n}] (one per "
-                                 f"box), got {_shape(labels)}")
+                raise ValueError(
+                    f"MaskRCNN: targets[{i}]['labels'] must be [{n}] (one per "
+                    f"box), got {_shape(labels)}"
+                )
             if labels.dtype != torch.int64:
-                raise TypeError(f"MaskRCNN: targets[{i}]['labels'] must be int64, got "
-                                f"{labels.dtype}")
+                raise TypeError(
+                    f"MaskRCNN: targets[{i}]['labels'] must be int64, got {labels.dtype}"
+                )
             for key in ("boxes", "labels") + (("masks",) if self.roi_heads.has_mask else ()):
                 if t[key].device != device:
-                    raise ValueError(f"MaskRCNN: targets[{i}][{key!r}] is on {t[key].device} "
-                                     f"but images[{i}] on {device}")
+                    raise ValueError(
+                        f"MaskRCNN: targets[{i}][{key!r}] is on {t[key].device} "
+                        f"but images[{i}] on {device}"
+                    )
             if n:
                 if not torch.isfinite(boxes).all():
                     j = int((~torch.isfinite(boxes)).any(dim=1).nonzero()[0])
-                    raise ValueError(f"MaskRCNN: targets[{i}]['boxes'][{j}] is not finite: "
-                                     f"{boxes[j].tolist()}")
+                    raise ValueError(
+                        f"MaskRCNN: targets[{i}]['boxes'][{j}] is not finite: {boxes[j].tolist()}"
+                    )
                 bad = (boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])
                 if bad.any():
                     j = int(bad.nonzero()[0])
-                    raise ValueError(f"MaskRCNN: targets[{i}]['boxes'][{j}] = {boxes[j].tolist()}"
-                                     " is degenerate (needs x2 > x1 and y2 > y1)")
+                    raise ValueError(
+                        f"MaskRCNN: targets[{i}]['boxes'][{j}] = {boxes[j].tolist()}"
+                        " is degenerate (needs x2 > x1 and y2 > y1)"
+                    )
                 out = (labels < 1) | (labels >= self.num_classes)
                 if out.any():
                     j = int(out.nonzero()[0])
-                    raise ValueError(f"MaskRCNN: targets[{i}]['labels'][{j}] = {int(labels[j])} "
-                                     f"is outside 1..{self.num_classes - 1} (num_classes="
-                                     f"{self.num_classes} includes background 0)")
+                    raise ValueError(
+                        f"MaskRCNN: targets[{i}]['labels'][{j}] = {int(labels[j])} "
+                        f"is outside 1..{self.num_classes - 1} (num_classes="
+                        f"{self.num_classes} includes background 0)"
+                    )
             if self.roi_heads.has_keypoint:
                 kps = t.get("keypoints")
                 K = self.roi_heads.keypoint_predictor.out_channels
                 if not isinstance(kps, Tensor) or tuple(kps.shape) != (n, K, 3):
-                    raise ValueError(f"MaskRCNN: targets[{i}]['keypoints'] must be [{n}, {K}, 3] "
-                                     f"(x, y, visibility per keypoint), got {_shape(kps)}")
+                    raise ValueError(
+                        f"MaskRCNN: targets[{i}]['keypoints'] must be [{n}, {K}, 3] "
+                        f"(x, y, visibility per keypoint), got {_shape(kps)}"
+                    )
                 if not kps.is_floating_point():
-                    raise TypeError(f"MaskRCNN: targets[{i}]['keypoints'] must be float, got "
-                                    f"{kps.dtype}")
+                    raise TypeError(
+                        f"MaskRCNN: targets[{i}]['keypoints'] must be float, got {kps.dtype}"
+                    )
             if self.roi_heads.has_mask:
                 masks = t["masks"]
                 want = (n, img.shape[-2], img.shape[-1])
                 if not isinstance(masks, Tensor) or tuple(masks.shape) != want:
-                    raise ValueError(f"MaskRCNN: targets[{i}]['masks'] must be {list(want)} "
-                                     f"(one mask per box at the image's size), got "
-                                     f"{_shape(masks)}")
+                    raise ValueError(
+                        f"MaskRCNN: targets[{i}]['masks'] must be {list(want)} "
+                        f"(one mask per box at the image's size), got "
+                        f"{_shape(masks)}"
+                    )
 
     # ------------------------------------------------------------------ the pipeline
-    def run_stages(self, images: Sequence[Tensor], targets: Sequence[dict] | None = None, *,
-                   return_detections: bool | None = None,
-                   generator: torch.Generator | None = None) -> dict:
+    def run_stages(
+        self,
+        images: Sequence[Tensor],
+        targets: Sequence[dict] | None = None,
+        *,
+        return_detections: bool | None = None,
+        generator: torch.Generator | None = None,
+    ) -> dict:
         """Run the whole model and return every stage's result in a dict.
 
         Keys: ``images`` (padded batch ``[B, 3, H, W]``), ``image_sizes`` (resized ``(h, w)``),
@@ -471,15 +576,28 @@ class MaskRCNN(nn.Module):
         if isinstance(features, Tensor):
             features = OrderedDict([("0", features)])
         proposals, losses = self.rpn(batch, image_sizes, features, rtargets, generator=generator)
-        stages: dict = {"images": batch, "image_sizes": image_sizes, "original_sizes": original_sizes,
-                            "targets": rtargets, "features": features, "proposals": proposals}
+        stages: dict = {
+            "images": batch,
+            "image_sizes": image_sizes,
+            "original_sizes": original_sizes,
+            "targets": rtargets,
+            "features": features,
+            "proposals": proposals,
+        }
         instances, head_losses = self.roi_heads(
-            features, proposals, image_sizes, rtargets, return_detections=return_detections,
-            generator=generator, stages=stages)
+            features,
+            proposals,
+            image_sizes,
+            rtargets,
+            return_detections=return_detections,
+            generator=generator,
+            stages=stages,
+        )
         losses.update(head_losses)
         stages["instances"] = instances
-        stages["detections"] = [self.postprocess(inst, osize)
-                                for inst, osize in zip(instances, original_sizes)]
+        stages["detections"] = [
+            self.postprocess(inst, osize) for inst, osize in zip(instances, original_sizes)
+        ]
         stages["losses"] = losses
         return stages
 
@@ -494,15 +612,20 @@ class MaskRCNN(nn.Module):
         if inst.has("pred_masks"):
             out["masks"] = paste_masks_in_image(inst.pred_masks, boxes, original_size)
         if inst.has("pred_keypoints"):
-            out["keypoints"] = postprocess_keypoints(inst.pred_keypoints, inst.image_size,
-                                                     original_size)
+            out["keypoints"] = postprocess_keypoints(
+                inst.pred_keypoints, inst.image_size, original_size
+            )
             out["keypoints_scores"] = inst.pred_keypoint_scores
         return out
 
-    def forward(self, images: Sequence[Tensor], targets: Sequence[dict] | None = None, *,
-                return_detections: bool | None = None,
-                generator: torch.Generator | None = None
-                ) -> tuple[list[dict[str, Tensor]], dict[str, Tensor]]:
+    def forward(
+        self,
+        images: Sequence[Tensor],
+        targets: Sequence[dict] | None = None,
+        *,
+        return_detections: bool | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[list[dict[str, Tensor]], dict[str, Tensor]]:
         """Detect objects in ``images`` and/or compute the training losses.
 
         Args:
@@ -522,8 +645,9 @@ class MaskRCNN(nn.Module):
             ``loss_objectness``, ``loss_rpn_box_reg``, ``loss_classifier``, ``loss_box_reg``,
             ``loss_mask`` (empty without targets).
         """
-        stages = self.run_stages(images, targets, return_detections=return_detections,
-                                 generator=generator)
+        stages = self.run_stages(
+            images, targets, return_detections=return_detections, generator=generator
+        )
         return stages["detections"], stages["losses"]
 
 
@@ -531,9 +655,14 @@ class MaskRCNN(nn.Module):
 def _backbone(cfg: ModelConfig):
     b = cfg.backbone
     if b.kind == "resnet_fpn":
-        backbone = resnet_fpn_backbone(depth=b.depth, out_channels=b.fpn_channels, norm=b.norm,
-                                       fpn_norm=b.fpn_norm, trainable_layers=b.trainable_layers,
-                                       returned_layers=tuple(b.returned_layers))
+        backbone = resnet_fpn_backbone(
+            depth=b.depth,
+            out_channels=b.fpn_channels,
+            norm=b.norm,
+            fpn_norm=b.fpn_norm,
+            trainable_layers=b.trainable_layers,
+            returned_layers=tuple(b.returned_layers),
+        )
         names = [str(i) for i in range(len(b.returned_layers))]
         return backbone, names, None
     if b.kind == "resnet_c4":
@@ -543,8 +672,10 @@ def _backbone(cfg: ModelConfig):
     if b.kind == "resnet_c5":
         backbone = ResNetC5Backbone(depth=b.depth, norm=b.norm, trainable_layers=b.trainable_layers)
         return backbone, ["0"], None
-    raise ValueError(f"build_model: backbone.kind must be 'resnet_fpn', 'resnet_c4' or "
-                     f"'resnet_c5', got {b.kind!r}")
+    raise ValueError(
+        f"build_model: backbone.kind must be 'resnet_fpn', 'resnet_c4' or "
+        f"'resnet_c5', got {b.kind!r}"
+    )
 
 
 def build_model(cfg: ModelConfig | str) -> MaskRCNN:
@@ -555,50 +686,73 @@ def build_model(cfg: ModelConfig | str) -> MaskRCNN:
         cfg = get_preset(cfg)
     r, h, t = cfg.rpn, cfg.roi_heads, cfg.transform
     if cfg.num_classes < 2:
-        raise ValueError(f"build_model: num_classes counts background, so it must be >= 2, "
-                         f"got {cfg.num_classes}")
+        raise ValueError(
+            f"build_model: num_classes counts background, so it must be >= 2, got {cfg.num_classes}"
+        )
     backbone, featmap_names, res5 = _backbone(cfg)
     C = backbone.out_channels
 
     anchor_generator = AnchorGenerator(r.anchor_sizes, r.aspect_ratios)
     strides = tuple(backbone.strides)
     if anchor_generator.num_levels != len(strides):
-        raise ValueError(f"build_model: rpn.anchor_sizes has {anchor_generator.num_levels} levels "
-                         f"but the backbone returns {len(strides)} feature maps (strides "
-                         f"{strides}); give one tuple of sizes per feature map")
+        raise ValueError(
+            f"build_model: rpn.anchor_sizes has {anchor_generator.num_levels} levels "
+            f"but the backbone returns {len(strides)} feature maps (strides "
+            f"{strides}); give one tuple of sizes per feature map"
+        )
     num_anchors = anchor_generator.num_anchors_per_location()
     if len(set(num_anchors)) != 1:
-        raise ValueError(f"build_model: the RPN head is shared by all levels, so every level "
-                         f"needs the same number of anchors, got {num_anchors}")
+        raise ValueError(
+            f"build_model: the RPN head is shared by all levels, so every level "
+            f"needs the same number of anchors, got {num_anchors}"
+        )
     rpn = RegionProposalNetwork(
-        anchor_generator, RPNHead(C, num_anchors[0], conv_depth=r.conv_depth),
-        fg_iou_thresh=r.fg_iou_thresh, bg_iou_thresh=r.bg_iou_thresh,
-        batch_size_per_image=r.batch_size_per_image, positive_fraction=r.positive_fraction,
+        anchor_generator,
+        RPNHead(C, num_anchors[0], conv_depth=r.conv_depth),
+        fg_iou_thresh=r.fg_iou_thresh,
+        bg_iou_thresh=r.bg_iou_thresh,
+        batch_size_per_image=r.batch_size_per_image,
+        positive_fraction=r.positive_fraction,
         pre_nms_top_n={"training": r.pre_nms_top_n_train, "testing": r.pre_nms_top_n_test},
         post_nms_top_n={"training": r.post_nms_top_n_train, "testing": r.post_nms_top_n_test},
-        nms_thresh=r.nms_thresh, score_thresh=r.score_thresh)
+        nms_thresh=r.nms_thresh,
+        score_thresh=r.score_thresh,
+    )
 
     def pooler(resolution: int) -> MultiLevelRoIPooler:
-        return MultiLevelRoIPooler(featmap_names, resolution, h.sampling_ratio, op=h.pooler_op,
-                                   aligned=h.aligned, backend=h.backend)
+        return MultiLevelRoIPooler(
+            featmap_names,
+            resolution,
+            h.sampling_ratio,
+            op=h.pooler_op,
+            aligned=h.aligned,
+            backend=h.backend,
+        )
 
     R = h.box_resolution
     if h.box_head == "mlp":
         box_head = TwoMLPHead(C * R * R, h.representation_size)
         box_dim = h.representation_size
     elif h.box_head == "convfc":
-        box_head = ConvFCHead(C, R, conv_dims=tuple(h.box_conv_dims),
-                              fc_dims=(h.representation_size,), norm=h.box_norm)
+        box_head = ConvFCHead(
+            C,
+            R,
+            conv_dims=tuple(h.box_conv_dims),
+            fc_dims=(h.representation_size,),
+            norm=h.box_norm,
+        )
         box_dim = h.representation_size
     elif h.box_head == "res5":
         if res5 is None:
-            raise ValueError("build_model: box_head 'res5' needs the C4 backbone "
-                             "(backbone.kind='resnet_c4')")
+            raise ValueError(
+                "build_model: box_head 'res5' needs the C4 backbone (backbone.kind='resnet_c4')"
+            )
         box_head = Res5BoxHead(res5)
         box_dim = res5.out_channels
     else:
-        raise ValueError(f"build_model: roi_heads.box_head must be 'mlp', 'convfc' or 'res5', "
-                         f"got {h.box_head!r}")
+        raise ValueError(
+            f"build_model: roi_heads.box_head must be 'mlp', 'convfc' or 'res5', got {h.box_head!r}"
+        )
     box_predictor = FastRCNNPredictor(box_dim, cfg.num_classes)
 
     mask_kwargs = {}
@@ -611,19 +765,31 @@ def build_model(cfg: ModelConfig | str) -> MaskRCNN:
         else:
             mask_head = MaskHead(C, tuple(h.mask_layers), h.mask_dilation, norm=h.mask_norm)
             mask_predictor = MaskPredictor(h.mask_layers[-1], h.mask_dim_reduced, mask_channels)
-        mask_kwargs = {"mask_pooler": pooler(h.mask_resolution), "mask_head": mask_head,
-                           "mask_predictor": mask_predictor, "mask_loss_mode": h.mask_loss}
+        mask_kwargs = {
+            "mask_pooler": pooler(h.mask_resolution),
+            "mask_head": mask_head,
+            "mask_predictor": mask_predictor,
+            "mask_loss_mode": h.mask_loss,
+        }
     if h.keypoint:
         mask_kwargs.update(
             keypoint_pooler=pooler(h.keypoint_resolution),
             keypoint_head=KeypointHead(C, tuple(h.keypoint_layers)),
-            keypoint_predictor=KeypointPredictor(h.keypoint_layers[-1], h.num_keypoints))
+            keypoint_predictor=KeypointPredictor(h.keypoint_layers[-1], h.num_keypoints),
+        )
     roi_heads = RoIHeads(
-        pooler(R), box_head, box_predictor, fg_iou_thresh=h.fg_iou_thresh,
-        bg_iou_thresh=h.bg_iou_thresh, batch_size_per_image=h.batch_size_per_image,
-        positive_fraction=h.positive_fraction, bbox_reg_weights=h.bbox_reg_weights,
-        score_thresh=h.score_thresh, nms_thresh=h.nms_thresh,
-        detections_per_img=h.detections_per_img, **mask_kwargs)
-    transform = ImageTransform(t.min_size, t.max_size, t.image_mean, t.image_std,
-                               t.size_divisible)
+        pooler(R),
+        box_head,
+        box_predictor,
+        fg_iou_thresh=h.fg_iou_thresh,
+        bg_iou_thresh=h.bg_iou_thresh,
+        batch_size_per_image=h.batch_size_per_image,
+        positive_fraction=h.positive_fraction,
+        bbox_reg_weights=h.bbox_reg_weights,
+        score_thresh=h.score_thresh,
+        nms_thresh=h.nms_thresh,
+        detections_per_img=h.detections_per_img,
+        **mask_kwargs,
+    )
+    transform = ImageTransform(t.min_size, t.max_size, t.image_mean, t.image_std, t.size_divisible)
     return MaskRCNN(transform, backbone, rpn, roi_heads, cfg.num_classes, config=cfg)

@@ -32,8 +32,13 @@ from .ops import roi_align, roi_pool
 from .ops._common import BACKENDS
 from .ops.roi import boxes_to_rois
 
-__all__ = ["CANONICAL_LEVEL", "CANONICAL_SCALE", "MultiLevelRoIPooler", "assign_levels",
-           "infer_scales"]
+__all__ = [
+    "CANONICAL_LEVEL",
+    "CANONICAL_SCALE",
+    "MultiLevelRoIPooler",
+    "assign_levels",
+    "infer_scales",
+]
 
 # Eqn. (1) of the FPN paper: k = floor(CANONICAL_LEVEL + log2(sqrt(w * h) / CANONICAL_SCALE))
 CANONICAL_SCALE = 224  # side (pixels) of an RoI that maps to CANONICAL_LEVEL: ImageNet's 224
@@ -41,9 +46,14 @@ CANONICAL_LEVEL = 4  # k0: a 224 x 224 RoI is pooled from P4 (stride 16)
 OPS = ("align", "pool")
 
 
-def assign_levels(boxes: torch.Tensor, k_min: int, k_max: int,
-                  canonical_scale: float = CANONICAL_SCALE,
-                  canonical_level: int = CANONICAL_LEVEL, eps: float = 1e-6) -> torch.Tensor:
+def assign_levels(
+    boxes: torch.Tensor,
+    k_min: int,
+    k_max: int,
+    canonical_scale: float = CANONICAL_SCALE,
+    canonical_level: int = CANONICAL_LEVEL,
+    eps: float = 1e-6,
+) -> torch.Tensor:
     """Pyramid level of every box by Eqn. (1) of the FPN paper, as an index from ``k_min``.
 
     ``k = clamp(floor(canonical_level + log2(sqrt(area) / canonical_scale) + eps), k_min,
@@ -73,16 +83,18 @@ def assign_levels(boxes: torch.Tensor, k_min: int, k_max: int,
     if not boxes.is_floating_point():
         raise TypeError(f"{who}: boxes must be floating point, got {boxes.dtype}")
     if int(k_min) != k_min or int(k_max) != k_max or k_min > k_max:
-        raise ValueError(f"{who}: k_min and k_max must be ints with k_min <= k_max, got "
-                         f"{k_min}, {k_max}")
+        raise ValueError(
+            f"{who}: k_min and k_max must be ints with k_min <= k_max, got {k_min}, {k_max}"
+        )
     k_min, k_max = int(k_min), int(k_max)
     if boxes.dtype not in (torch.float32, torch.float64):
         boxes = boxes.float()  # torchvision's box_area upcasts half precision
     area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])  # [K]
     s = torch.sqrt(area)  # [K] sqrt(w h)
     # Eqn. (1) of the FPN paper (same operation order as torchvision, so same rounding)
-    k = torch.floor(canonical_level + torch.log2(s / canonical_scale)
-                    + torch.tensor(eps, dtype=s.dtype))
+    k = torch.floor(
+        canonical_level + torch.log2(s / canonical_scale) + torch.tensor(eps, dtype=s.dtype)
+    )
     k = torch.clamp(k, min=k_min, max=k_max)
     k = torch.where(torch.isnan(k), torch.full_like(k, k_min), k)  # negative area
     return k.to(torch.int64) - k_min
@@ -118,13 +130,17 @@ def infer_scales(feature_shapes, image_size) -> list[float]:
 def _output_size(output_size) -> tuple[int, int]:
     if isinstance(output_size, numbers.Integral) and not isinstance(output_size, bool):
         size = (int(output_size), int(output_size))
-    elif (isinstance(output_size, Sequence) and len(output_size) == 2
-          and all(isinstance(s, numbers.Integral) and not isinstance(s, bool)
-                  for s in output_size)):
+    elif (
+        isinstance(output_size, Sequence)
+        and len(output_size) == 2
+        and all(isinstance(s, numbers.Integral) and not isinstance(s, bool) for s in output_size)
+    ):
         size = (int(output_size[0]), int(output_size[1]))
     else:
-        raise TypeError(f"MultiLevelRoIPooler: output_size must be an int or a pair of ints "
-                        f"(h, w), got {output_size!r}")
+        raise TypeError(
+            f"MultiLevelRoIPooler: output_size must be an int or a pair of ints "
+            f"(h, w), got {output_size!r}"
+        )
     if min(size) <= 0:
         raise ValueError(f"MultiLevelRoIPooler: output_size must be positive, got {size}")
     return size
@@ -158,22 +174,33 @@ class MultiLevelRoIPooler(nn.Module):
         returns ``[sum K_i, C, oh, ow]``, rows in the order of the concatenated proposals.
     """
 
-    def __init__(self, featmap_names, output_size, sampling_ratio: int = 2, *,
-                 op: str = "align", aligned: bool = False, backend: str = "auto",
-                 canonical_scale: float = CANONICAL_SCALE,
-                 canonical_level: int = CANONICAL_LEVEL) -> None:
+    def __init__(
+        self,
+        featmap_names,
+        output_size,
+        sampling_ratio: int = 2,
+        *,
+        op: str = "align",
+        aligned: bool = False,
+        backend: str = "auto",
+        canonical_scale: float = CANONICAL_SCALE,
+        canonical_level: int = CANONICAL_LEVEL,
+    ) -> None:
         super().__init__()
         if isinstance(featmap_names, str) or not isinstance(featmap_names, Sequence):
-            raise TypeError(f"MultiLevelRoIPooler: featmap_names must be a list of str, got "
-                            f"{featmap_names!r}")
+            raise TypeError(
+                f"MultiLevelRoIPooler: featmap_names must be a list of str, got {featmap_names!r}"
+            )
         names = list(featmap_names)
-        if not names or not all(isinstance(n, str) for n in names) or len(set(names)) != len(
-                names):
-            raise ValueError(f"MultiLevelRoIPooler: featmap_names must be distinct strings, "
-                             f"got {featmap_names!r}")
+        if not names or not all(isinstance(n, str) for n in names) or len(set(names)) != len(names):
+            raise ValueError(
+                f"MultiLevelRoIPooler: featmap_names must be distinct strings, "
+                f"got {featmap_names!r}"
+            )
         if not canonical_scale > 0:
-            raise ValueError(f"MultiLevelRoIPooler: canonical_scale must be positive, got "
-                             f"{canonical_scale!r}")
+            raise ValueError(
+                f"MultiLevelRoIPooler: canonical_scale must be positive, got {canonical_scale!r}"
+            )
         self.featmap_names = names
         self.output_size = _output_size(output_size)
         self.op = op
@@ -221,68 +248,95 @@ class MultiLevelRoIPooler(nn.Module):
     @backend.setter
     def backend(self, value: str) -> None:
         if value not in BACKENDS:
-            raise ValueError(f"MultiLevelRoIPooler: unknown backend {value!r}; expected one of "
-                             f"{BACKENDS}")
+            raise ValueError(
+                f"MultiLevelRoIPooler: unknown backend {value!r}; expected one of {BACKENDS}"
+            )
         self._backend = value
 
     def extra_repr(self) -> str:
-        return (f"featmap_names={self.featmap_names}, output_size={self.output_size}, "
-                f"sampling_ratio={self.sampling_ratio}, op={self.op!r}, aligned={self.aligned}, "
-                f"backend={self.backend!r}")
+        return (
+            f"featmap_names={self.featmap_names}, output_size={self.output_size}, "
+            f"sampling_ratio={self.sampling_ratio}, op={self.op!r}, aligned={self.aligned}, "
+            f"backend={self.backend!r}"
+        )
 
     # -- pooling -------------------------------------------------------------------------------
     def _pool(self, fmap: torch.Tensor, rois: torch.Tensor, scale: float) -> torch.Tensor:
         """``fmap [B, C, h, w]``, ``rois [K, 5]`` -> ``[K, C, oh, ow]`` with the chosen op."""
         if self.op == "align":
-            return roi_align(fmap, rois, self.output_size, scale, self.sampling_ratio,
-                             self.aligned, backend=self.backend)
+            return roi_align(
+                fmap,
+                rois,
+                self.output_size,
+                scale,
+                self.sampling_ratio,
+                self.aligned,
+                backend=self.backend,
+            )
         return roi_pool(fmap, rois, self.output_size, scale, backend=self.backend)
 
     def _check_inputs(self, features, proposals, image_sizes) -> list[torch.Tensor]:
         who = "MultiLevelRoIPooler"
         if not isinstance(features, Mapping):
-            raise TypeError(f"{who}: features must be a dict name -> [B, C, h, w] tensor, got "
-                            f"{type(features).__name__}")
+            raise TypeError(
+                f"{who}: features must be a dict name -> [B, C, h, w] tensor, got "
+                f"{type(features).__name__}"
+            )
         missing = [n for n in self.featmap_names if n not in features]
         if missing:
-            raise KeyError(f"{who}: feature maps {missing} are missing from features (it has "
-                           f"{list(features)})")
+            raise KeyError(
+                f"{who}: feature maps {missing} are missing from features (it has {list(features)})"
+            )
         maps = [features[n] for n in self.featmap_names]
         first = maps[0]
         for name, m in zip(self.featmap_names, maps):
             if not isinstance(m, torch.Tensor) or m.dim() != 4 or not m.is_floating_point():
-                got = (f"{tuple(m.shape)} {m.dtype}" if isinstance(m, torch.Tensor)
-                       else type(m).__name__)
-                raise ValueError(f"{who}: features[{name!r}] must be a float [B, C, h, w] "
-                                 f"tensor, got {got}")
-            if (m.shape[:2] != first.shape[:2] or m.dtype != first.dtype
-                    or m.device != first.device):
-                raise ValueError(f"{who}: features[{name!r}] is [B, C] = {tuple(m.shape[:2])} "
-                                 f"{m.dtype} on {m.device} but features"
-                                 f"[{self.featmap_names[0]!r}] is {tuple(first.shape[:2])} "
-                                 f"{first.dtype} on {first.device}")
+                got = (
+                    f"{tuple(m.shape)} {m.dtype}"
+                    if isinstance(m, torch.Tensor)
+                    else type(m).__name__
+                )
+                raise ValueError(
+                    f"{who}: features[{name!r}] must be a float [B, C, h, w] tensor, got {got}"
+                )
+            if m.shape[:2] != first.shape[:2] or m.dtype != first.dtype or m.device != first.device:
+                raise ValueError(
+                    f"{who}: features[{name!r}] is [B, C] = {tuple(m.shape[:2])} "
+                    f"{m.dtype} on {m.device} but features"
+                    f"[{self.featmap_names[0]!r}] is {tuple(first.shape[:2])} "
+                    f"{first.dtype} on {first.device}"
+                )
         B = first.shape[0]
         if not isinstance(proposals, (list, tuple)) or len(proposals) != B:
-            got = len(proposals) if isinstance(proposals, (list, tuple)) else type(
-                proposals).__name__
-            raise ValueError(f"{who}: proposals must be a list of one [K_i, 4] tensor per image; "
-                             f"the features have B={B} images, got {got}")
+            got = (
+                len(proposals) if isinstance(proposals, (list, tuple)) else type(proposals).__name__
+            )
+            raise ValueError(
+                f"{who}: proposals must be a list of one [K_i, 4] tensor per image; "
+                f"the features have B={B} images, got {got}"
+            )
         for i, p in enumerate(proposals):
             if not isinstance(p, torch.Tensor) or p.dim() != 2 or p.shape[1] != 4:
                 got = tuple(p.shape) if isinstance(p, torch.Tensor) else type(p).__name__
                 raise ValueError(f"{who}: proposals[{i}] must be a [K, 4] tensor, got {got}")
             if p.dtype != first.dtype or p.device != first.device:
-                raise TypeError(f"{who}: proposals[{i}] is {p.dtype} on {p.device} but the "
-                                f"features are {first.dtype} on {first.device}")
+                raise TypeError(
+                    f"{who}: proposals[{i}] is {p.dtype} on {p.device} but the "
+                    f"features are {first.dtype} on {first.device}"
+                )
         if not isinstance(image_sizes, (list, tuple)) or len(image_sizes) != B:
-            got = len(image_sizes) if isinstance(image_sizes, (list, tuple)) else type(
-                image_sizes).__name__
-            raise ValueError(f"{who}: image_sizes must be a list of one (h, w) per image; the "
-                             f"features have B={B} images, got {got}")
+            got = (
+                len(image_sizes)
+                if isinstance(image_sizes, (list, tuple))
+                else type(image_sizes).__name__
+            )
+            raise ValueError(
+                f"{who}: image_sizes must be a list of one (h, w) per image; the "
+                f"features have B={B} images, got {got}"
+            )
         return maps
 
-    def forward(self, features: Mapping[str, torch.Tensor], proposals,
-                image_sizes) -> torch.Tensor:
+    def forward(self, features: Mapping[str, torch.Tensor], proposals, image_sizes) -> torch.Tensor:
         maps = self._check_inputs(features, proposals, image_sizes)
         B, C = maps[0].shape[:2]
         # torchvision's reference size: the largest height and width over the batch's images
@@ -295,11 +349,18 @@ class MultiLevelRoIPooler(nn.Module):
 
         levels_k = [-math.log2(s) for s in scales]  # e.g. [2, 3, 4, 5] for strides 4..32
         if any(b - a != 1 for a, b in itertools.pairwise(levels_k)):
-            raise ValueError(f"MultiLevelRoIPooler: feature maps {self.featmap_names} must be "
-                             f"consecutive pyramid levels, finest first; inferred strides "
-                             f"{[round(1 / s) for s in scales]} from image size {image_size}")
-        levels = assign_levels(rois[:, 1:], round(levels_k[0]), round(levels_k[-1]),
-                               self.canonical_scale, self.canonical_level)  # [K] 0..L-1
+            raise ValueError(
+                f"MultiLevelRoIPooler: feature maps {self.featmap_names} must be "
+                f"consecutive pyramid levels, finest first; inferred strides "
+                f"{[round(1 / s) for s in scales]} from image size {image_size}"
+            )
+        levels = assign_levels(
+            rois[:, 1:],
+            round(levels_k[0]),
+            round(levels_k[-1]),
+            self.canonical_scale,
+            self.canonical_level,
+        )  # [K] 0..L-1
 
         result = maps[0].new_zeros((rois.shape[0], C) + self.output_size)  # [K, C, oh, ow]
         for level, (fmap, scale) in enumerate(zip(maps, scales)):

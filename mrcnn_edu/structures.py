@@ -68,17 +68,21 @@ class Instances:
     def set(self, name: str, value: Any) -> None:
         """Add or replace field ``name``; its length must equal the other fields'."""
         if not hasattr(value, "__len__"):
-            raise TypeError(f"Instances: field {name!r} must be a tensor or a list, got "
-                            f"{type(value).__name__}")
+            raise TypeError(
+                f"Instances: field {name!r} must be a tensor or a list, got {type(value).__name__}"
+            )
         if isinstance(value, Tensor) and value.dim() == 0:
-            raise ValueError(f"Instances: field {name!r} must have a first dimension, got a "
-                             f"0-d tensor")
+            raise ValueError(
+                f"Instances: field {name!r} must have a first dimension, got a 0-d tensor"
+            )
         if self._fields:
             n = len(self)
             if len(value) != n and not (len(self._fields) == 1 and name in self._fields):
                 others = ", ".join(f"{k} ({len(v)})" for k, v in self._fields.items())
-                raise ValueError(f"Instances: field {name!r} has length {len(value)} but the "
-                                 f"other fields have {n}: {others}")
+                raise ValueError(
+                    f"Instances: field {name!r} has length {len(value)} but the "
+                    f"other fields have {n}: {others}"
+                )
         self._fields[name] = value
 
     def get(self, name: str) -> Any:
@@ -86,8 +90,9 @@ class Instances:
         try:
             return self._fields[name]
         except KeyError:
-            raise KeyError(f"Instances has no field {name!r}; fields: "
-                           f"{sorted(self._fields)}") from None
+            raise KeyError(
+                f"Instances has no field {name!r}; fields: {sorted(self._fields)}"
+            ) from None
 
     def has(self, name: str) -> bool:
         return name in self._fields
@@ -106,8 +111,9 @@ class Instances:
         try:
             return self._fields[name]
         except KeyError:
-            raise AttributeError(f"Instances has no field {name!r}; fields: "
-                                 f"{sorted(self._fields)}") from None
+            raise AttributeError(
+                f"Instances has no field {name!r}; fields: {sorted(self._fields)}"
+            ) from None
 
     def __setattr__(self, name: str, value: Any) -> None:
         self.set(name, value)
@@ -121,8 +127,9 @@ class Instances:
                 raise IndexError(f"Instances: index {item} out of range for {n} instances")
             item = slice(item, None if item == -1 else item + 1)
         if isinstance(item, Tensor) and item.dtype == torch.bool and item.shape != (len(self),):
-            raise IndexError(f"Instances: a bool mask must have shape [{len(self)}], got "
-                             f"{tuple(item.shape)}")
+            raise IndexError(
+                f"Instances: a bool mask must have shape [{len(self)}], got {tuple(item.shape)}"
+            )
         out = Instances(self._image_size)
         for name, value in self._fields.items():
             if isinstance(value, Tensor):
@@ -145,16 +152,21 @@ class Instances:
         first = instances[0]
         for i, inst in enumerate(instances[1:], start=1):
             if inst.image_size != first.image_size:
-                raise ValueError(f"Instances.cat: item {i} has image_size {inst.image_size}, "
-                                 f"item 0 has {first.image_size}")
+                raise ValueError(
+                    f"Instances.cat: item {i} has image_size {inst.image_size}, "
+                    f"item 0 has {first.image_size}"
+                )
             if set(inst.fields) != set(first.fields):
-                raise ValueError(f"Instances.cat: item {i} has fields {sorted(inst.fields)}, "
-                                 f"item 0 has {sorted(first.fields)}")
+                raise ValueError(
+                    f"Instances.cat: item {i} has fields {sorted(inst.fields)}, "
+                    f"item 0 has {sorted(first.fields)}"
+                )
         out = Instances(first.image_size)
         for name, value in first.fields.items():
             values = [inst.fields[name] for inst in instances]
-            out._fields[name] = (torch.cat(values) if isinstance(value, Tensor)
-                                 else [v for vs in values for v in vs])
+            out._fields[name] = (
+                torch.cat(values) if isinstance(value, Tensor) else [v for vs in values for v in vs]
+            )
         return out
 
     def to(self, *args: Any, **kwargs: Any) -> Instances:
@@ -171,8 +183,12 @@ class Instances:
         parts = []
         for name, value in self._fields.items():
             if isinstance(value, Tensor):
-                parts.append(f"{name}: {list(value.shape)} {str(value.dtype).replace('torch.', '')}")
+                parts.append(
+                    f"{name}: {list(value.shape)} {str(value.dtype).replace('torch.', '')}"
+                )
             else:
                 parts.append(f"{name}: list[{len(value)}]")
-        return (f"Instances(num_instances={len(self)}, image_size={self._image_size}, "
-                f"fields=[{', '.join(parts)}])")
+        return (
+            f"Instances(num_instances={len(self)}, image_size={self._image_size}, "
+            f"fields=[{', '.join(parts)}])"
+        )

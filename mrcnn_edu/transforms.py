@@ -70,7 +70,9 @@ Target = dict  # str -> tensor (and pass-through values)
 
 def _check_image(image, where: str, floating: bool = True) -> None:
     if not isinstance(image, torch.Tensor):
-        raise TypeError(f"{where}: image must be a torch.Tensor [3, H, W], got {type(image).__name__}")
+        raise TypeError(
+            f"{where}: image must be a torch.Tensor [3, H, W], got {type(image).__name__}"
+        )
     if image.dim() != 3 or image.shape[0] != 3:
         raise ValueError(f"{where}: image must have shape [3, H, W], got {tuple(image.shape)}")
     if floating and not image.is_floating_point():
@@ -128,9 +130,13 @@ def check_sample(image: torch.Tensor, target: Target | None, where: str = "check
             raise ValueError(f"{where}: target['{key}'] must have shape {want}, got {shape}")
         if key in BOX_FIELDS:
             if x.shape[1] != 4:
-                raise ValueError(f"{where}: target['{key}'] must have shape {want}, got {tuple(x.shape)}")
+                raise ValueError(
+                    f"{where}: target['{key}'] must have shape {want}, got {tuple(x.shape)}"
+                )
             if not x.is_floating_point():
-                raise TypeError(f"{where}: target['{key}'] must be floating (float32), got {x.dtype}")
+                raise TypeError(
+                    f"{where}: target['{key}'] must be floating (float32), got {x.dtype}"
+                )
         if key in MASK_FIELDS and tuple(x.shape[1:]) != (H, W):
             raise ValueError(
                 f"{where}: target['{key}'] has size {tuple(x.shape[1:])} but the image is "
@@ -166,7 +172,9 @@ def resize_scale(height: int, width: int, min_size: float, max_size: float) -> f
     return min(min_size / short, max_size / long)
 
 
-def _ratios(from_size: Sequence[int], to_size: Sequence[int], device) -> tuple[torch.Tensor, torch.Tensor]:
+def _ratios(
+    from_size: Sequence[int], to_size: Sequence[int], device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-axis ratios ``new / old`` as float32 tensors ``(ratio_h, ratio_w)`` (as torchvision)."""
     ratio_h, ratio_w = (
         torch.tensor(float(s_new), dtype=torch.float32, device=device)
@@ -176,7 +184,9 @@ def _ratios(from_size: Sequence[int], to_size: Sequence[int], device) -> tuple[t
     return ratio_h, ratio_w
 
 
-def resize_boxes(boxes: torch.Tensor, from_size: Sequence[int], to_size: Sequence[int]) -> torch.Tensor:
+def resize_boxes(
+    boxes: torch.Tensor, from_size: Sequence[int], to_size: Sequence[int]
+) -> torch.Tensor:
     """Scale ``boxes [N, 4]`` float (x1, y1, x2, y2) from an image of ``from_size (h, w)`` to ``to_size``.
 
     x is multiplied by ``w_new / w_old`` and y by ``h_new / h_old`` (ratios of the integer sizes
@@ -287,7 +297,9 @@ class ConvertImageDtype:
         elif image.is_floating_point():
             image = image.to(self.dtype)
         else:
-            raise TypeError(f"ConvertImageDtype: expected a uint8 or float image, got {image.dtype}")
+            raise TypeError(
+                f"ConvertImageDtype: expected a uint8 or float image, got {image.dtype}"
+            )
         return image, target
 
     def __repr__(self) -> str:
@@ -321,7 +333,9 @@ class Resize:
     ):
         self.min_sizes = tuple(min_size) if isinstance(min_size, (list, tuple)) else (min_size,)
         if not self.min_sizes or any(s <= 0 for s in self.min_sizes) or max_size <= 0:
-            raise ValueError(f"Resize: sizes must be positive, got min_size={min_size}, max_size={max_size}")
+            raise ValueError(
+                f"Resize: sizes must be positive, got min_size={min_size}, max_size={max_size}"
+            )
         self.max_size = max_size
         self.generator = generator
 
@@ -337,8 +351,11 @@ class Resize:
         scale = resize_scale(H, W, self._pick_min_size(), self.max_size)
         # [3, H, W] -> [1, 3, H, W] -> interpolate -> [3, H', W']
         image = F.interpolate(
-            image[None], scale_factor=scale, mode="bilinear",
-            recompute_scale_factor=True, align_corners=False,
+            image[None],
+            scale_factor=scale,
+            mode="bilinear",
+            recompute_scale_factor=True,
+            align_corners=False,
         )[0]
         if target is None:
             return image, None
@@ -437,7 +454,9 @@ class Normalize:
         """Undo the normalization of a ``[3, H, W]`` (or ``[B, 3, H, W]``) float image."""
         if not isinstance(image, torch.Tensor) or image.dim() not in (3, 4) or image.shape[-3] != 3:
             shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
-            raise ValueError(f"Normalize.inverse: image must be [3, H, W] or [B, 3, H, W], got {shape}")
+            raise ValueError(
+                f"Normalize.inverse: image must be [3, H, W] or [B, 3, H, W], got {shape}"
+            )
         mean, std = self._stats(image)
         return image * std + mean
 
@@ -497,6 +516,8 @@ def collate_fn(batch: Sequence[tuple]) -> tuple[list, list]:
         return [], []
     for i, sample in enumerate(batch):
         if not isinstance(sample, (tuple, list)) or len(sample) != 2:
-            raise ValueError(f"collate_fn: sample {i} must be an (image, target) pair, got {type(sample).__name__}")
+            raise ValueError(
+                f"collate_fn: sample {i} must be an (image, target) pair, got {type(sample).__name__}"
+            )
     images, targets = zip(*batch)
     return list(images), list(targets)

@@ -83,8 +83,9 @@ def load_torch_dict(path: str | Path, what: str = "checkpoint") -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # any unpickling failure: name the file
-        raise ValueError(f"{path} is not a readable torch {what} ({type(err).__name__}: "
-                         f"{err})") from err
+        raise ValueError(
+            f"{path} is not a readable torch {what} ({type(err).__name__}: {err})"
+        ) from err
     if not isinstance(obj, dict):
         raise ValueError(f"{path} holds a {type(obj).__name__}, not a {what}")  # noqa: TRY004
     return obj

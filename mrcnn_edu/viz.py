@@ -129,7 +129,9 @@ def _to_numpy(x, name: str) -> np.ndarray:
         return x
     if isinstance(x, (list, tuple)):
         return np.asarray(x)
-    raise TypeError(f"draw_instances: {name} must be a tensor or numpy array, got {type(x).__name__}")
+    raise TypeError(
+        f"draw_instances: {name} must be a tensor or numpy array, got {type(x).__name__}"
+    )
 
 
 def image_to_numpy(image) -> np.ndarray:
@@ -200,8 +202,17 @@ def draw_boxes(
         raise ValueError(f"draw_boxes: boxes must have shape [N, 4], got {tuple(b.shape)}")
     for i, (x1, y1, x2, y2) in enumerate(b):
         color = PALETTE[1] if colors is None else colors[i]
-        ax.add_patch(Rectangle((x1 - 0.5, y1 - 0.5), x2 - x1, y2 - y1, fill=False,
-                               edgecolor=color, linewidth=linewidth, linestyle=linestyle))
+        ax.add_patch(
+            Rectangle(
+                (x1 - 0.5, y1 - 0.5),
+                x2 - x1,
+                y2 - y1,
+                fill=False,
+                edgecolor=color,
+                linewidth=linewidth,
+                linestyle=linestyle,
+            )
+        )
 
 
 def draw_instances(
@@ -248,7 +259,9 @@ def draw_instances(
     if boxes is not None:
         boxes = _to_numpy(boxes, "boxes").astype(np.float64)
         if boxes.ndim != 2 or boxes.shape[1] != 4:
-            raise ValueError(f"draw_instances: boxes must have shape [N, 4], got {tuple(boxes.shape)}")
+            raise ValueError(
+                f"draw_instances: boxes must have shape [N, 4], got {tuple(boxes.shape)}"
+            )
         n = boxes.shape[0]
     if labels is not None:
         labels = _to_numpy(labels, "labels").astype(np.int64).reshape(-1)
@@ -305,7 +318,7 @@ def draw_instances(
         if masks is not None and masks[i].any():
             ax.contour(masks[i].astype(np.float32), levels=[0.5], colors=[color], linewidths=1.0)
         if boxes is not None:
-            draw_boxes(ax, boxes[i:i + 1], colors=[color])
+            draw_boxes(ax, boxes[i : i + 1], colors=[color])
             caption = []
             if labels is not None:
                 lab = int(labels[i])
@@ -315,9 +328,17 @@ def draw_instances(
                 caption.append(f"{scores[i]:.2f}")
             if caption:
                 x1, y1 = boxes[i, 0], boxes[i, 1]
-                ax.text(x1 - 0.5, y1 - 0.5, " ".join(caption), fontsize=7, color="black",
-                        va="bottom", ha="left", clip_on=True,
-                        bbox={"facecolor": color, "alpha": 0.8, "pad": 1, "edgecolor": "none"})
+                ax.text(
+                    x1 - 0.5,
+                    y1 - 0.5,
+                    " ".join(caption),
+                    fontsize=7,
+                    color="black",
+                    va="bottom",
+                    ha="left",
+                    clip_on=True,
+                    bbox={"facecolor": color, "alpha": 0.8, "pad": 1, "edgecolor": "none"},
+                )
         if keypoints is not None:
             _draw_keypoints(ax, keypoints[i], skeleton, color)
 
@@ -346,8 +367,9 @@ def _draw_keypoints(ax: Axes, kps: np.ndarray, skeleton, color) -> None:
     vis, occ = v >= 2, (v > 0) & (v < 2)
     # filled dots vs larger hollow rings: told apart at a glance even in a grid of small images
     ax.scatter(x[vis], y[vis], s=16, c=[color], edgecolors="black", linewidths=0.6, zorder=3)
-    ax.scatter(x[occ], y[occ], s=30, facecolors="none", edgecolors=[color], linewidths=1.5,
-               zorder=3)
+    ax.scatter(
+        x[occ], y[occ], s=30, facecolors="none", edgecolors=[color], linewidths=1.5, zorder=3
+    )
 
 
 def _target_kwargs(target: dict) -> dict:
@@ -355,7 +377,9 @@ def _target_kwargs(target: dict) -> dict:
     return {k: target[k] for k in keys if k in target}
 
 
-def show_samples(dataset, indices: Sequence[int], ncols: int = 4, size: float = 3.0, **kw) -> Figure:
+def show_samples(
+    dataset, indices: Sequence[int], ncols: int = 4, size: float = 3.0, **kw
+) -> Figure:
     """A grid of ``dataset[i]`` for ``i`` in ``indices``, each drawn with :func:`draw_instances`.
 
     ``dataset[i]`` must return ``(image, target)`` with the target keys of docs/ARCHITECTURE.md.
@@ -378,7 +402,7 @@ def show_samples(dataset, indices: Sequence[int], ncols: int = 4, size: float = 
             raise ValueError(f"show_samples: dataset[{idx}] must be an (image, target) pair")
         image, target = sample
         draw_instances(image, **_target_kwargs(target), ax=ax, title=f"[{idx}]", **kw)
-    for ax in axes.flat[len(indices):]:
+    for ax in axes.flat[len(indices) :]:
         ax.set_axis_off()
     fig.tight_layout()
     return fig
@@ -388,9 +412,16 @@ def show_samples(dataset, indices: Sequence[int], ncols: int = 4, size: float = 
 CROWD_COLOR = (0.6, 0.6, 0.6)
 
 
-def draw_sample(dataset, index: int, *, show_masks: bool = True, show_boxes: bool = True,
-                show_keypoints: bool = True, show_crowd: bool = True,
-                ax: Axes | None = None) -> Axes:
+def draw_sample(
+    dataset,
+    index: int,
+    *,
+    show_masks: bool = True,
+    show_boxes: bool = True,
+    show_keypoints: bool = True,
+    show_crowd: bool = True,
+    ax: Axes | None = None,
+) -> Axes:
     """Draw ``dataset[index]``: masks, boxes with class names, keypoints, crowd boxes (dashed).
 
     ``class_names`` and ``skeleton`` come from the dataset's attributes when it has them.
@@ -417,8 +448,16 @@ def draw_sample(dataset, index: int, *, show_masks: bool = True, show_boxes: boo
     if show_crowd and crowd is not None and len(crowd):
         draw_boxes(ax, crowd, colors=[CROWD_COLOR] * len(crowd), linestyle="--")
         for x1, y1, _, _ in crowd.tolist():
-            ax.text(x1, y1, "crowd", fontsize=7, color="black", va="bottom", clip_on=True,
-                    bbox={"facecolor": CROWD_COLOR, "alpha": 0.8, "pad": 1, "edgecolor": "none"})
+            ax.text(
+                x1,
+                y1,
+                "crowd",
+                fontsize=7,
+                color="black",
+                va="bottom",
+                clip_on=True,
+                bbox={"facecolor": CROWD_COLOR, "alpha": 0.8, "pad": 1, "edgecolor": "none"},
+            )
     return ax
 
 
@@ -458,10 +497,18 @@ def show_batch(
                 )
             pad = (0, images.shape[-1] - w, 0, images.shape[-2] - h)  # (left, right, top, bottom)
             tgt["masks"] = torch.nn.functional.pad(m, pad)
-        draw_instances(images[i], **tgt, ax=ax, title=f"image {i}: {h}x{w} in "
-                       f"{images.shape[-2]}x{images.shape[-1]}", **kw)
-        ax.add_patch(Rectangle((-0.5, -0.5), w, h, fill=False, edgecolor="white",
-                               linestyle="--", linewidth=1.2))
+        draw_instances(
+            images[i],
+            **tgt,
+            ax=ax,
+            title=f"image {i}: {h}x{w} in {images.shape[-2]}x{images.shape[-1]}",
+            **kw,
+        )
+        ax.add_patch(
+            Rectangle(
+                (-0.5, -0.5), w, h, fill=False, edgecolor="white", linestyle="--", linewidth=1.2
+            )
+        )
     fig.tight_layout()
     return fig
 
@@ -493,23 +540,53 @@ def draw_pipeline(ax: Axes | None = None) -> Axes:
     for i, (name, what, nb) in enumerate(PIPELINE_STAGES):
         x = i * (width + gap)
         color = PALETTE[1 + i % (len(PALETTE) - 1)]
-        ax.add_patch(FancyBboxPatch((x, 0.0), width, 1.6, boxstyle="round,pad=0.04",
-                                    facecolor=(*color, 0.35), edgecolor=color, linewidth=1.5))
+        ax.add_patch(
+            FancyBboxPatch(
+                (x, 0.0),
+                width,
+                1.6,
+                boxstyle="round,pad=0.04",
+                facecolor=(*color, 0.35),
+                edgecolor=color,
+                linewidth=1.5,
+            )
+        )
         ax.text(x + width / 2, 1.38, name, ha="center", va="center", fontsize=9.5, weight="bold")
         ax.text(x + width / 2, 0.72, what, ha="center", va="center", fontsize=8)
-        ax.text(x + width / 2, 0.12, f"notebook {nb}", ha="center", va="center", fontsize=7,
-                style="italic")
+        ax.text(
+            x + width / 2,
+            0.12,
+            f"notebook {nb}",
+            ha="center",
+            va="center",
+            fontsize=7,
+            style="italic",
+        )
         if i < n - 1:
-            ax.annotate("", xy=(x + width + gap - 0.04, 0.8), xytext=(x + width + 0.06, 0.8),
-                        arrowprops={"arrowstyle": "->", "linewidth": 1.5})
+            ax.annotate(
+                "",
+                xy=(x + width + gap - 0.04, 0.8),
+                xytext=(x + width + 0.06, 0.8),
+                arrowprops={"arrowstyle": "->", "linewidth": 1.5},
+            )
     total = n * width + (n - 1) * gap
-    ax.text(-0.1, 1.95, "images + targets (boxes, labels, masks, keypoints)", fontsize=9,
-            ha="left")
-    ax.text(total + 0.1, 1.95, "per image: boxes, labels, scores, masks [N,1,H,W], keypoints",
-            fontsize=9, ha="right")
-    ax.text(total / 2, -0.35, "training: the RPN and the heads return losses instead of "
-            "detections (sampled anchors / RoIs against the targets)",
-            fontsize=8, ha="center", color="dimgray")
+    ax.text(-0.1, 1.95, "images + targets (boxes, labels, masks, keypoints)", fontsize=9, ha="left")
+    ax.text(
+        total + 0.1,
+        1.95,
+        "per image: boxes, labels, scores, masks [N,1,H,W], keypoints",
+        fontsize=9,
+        ha="right",
+    )
+    ax.text(
+        total / 2,
+        -0.35,
+        "training: the RPN and the heads return losses instead of "
+        "detections (sampled anchors / RoIs against the targets)",
+        fontsize=8,
+        ha="center",
+        color="dimgray",
+    )
     ax.set_xlim(-0.2, total + 0.2)
     ax.set_ylim(-0.55, 2.2)
     ax.set_axis_off()
@@ -560,8 +637,10 @@ def draw_keypoints_closeup(
     H, W = img.shape[:2]
     kps = _to_numpy(keypoints, "keypoints").astype(np.float64)
     if kps.ndim != 2 or kps.shape[1] != 3:
-        raise ValueError(f"draw_keypoints_closeup: keypoints must be [K, 3] (x, y, v) of one "
-                         f"instance, got {kps.shape}")
+        raise ValueError(
+            f"draw_keypoints_closeup: keypoints must be [K, 3] (x, y, v) of one "
+            f"instance, got {kps.shape}"
+        )
     K = kps.shape[0]
     if names is not None and len(names) != K:
         raise ValueError(f"draw_keypoints_closeup: {len(names)} names for {K} keypoints")
@@ -571,30 +650,52 @@ def draw_keypoints_closeup(
     for a, b in skeleton or ():
         i, j = int(a) - 1, int(b) - 1
         if not (0 <= i < K and 0 <= j < K):
-            raise ValueError(f"draw_keypoints_closeup: skeleton pair ({a}, {b}) is out of range "
-                             f"for {K} keypoints (pairs are 1-based, as in COCO)")
+            raise ValueError(
+                f"draw_keypoints_closeup: skeleton pair ({a}, {b}) is out of range "
+                f"for {K} keypoints (pairs are 1-based, as in COCO)"
+            )
         if v[i] > 0 and v[j] > 0:
             dashed = v[i] < 2 or v[j] < 2
-            ax.plot([x[i], x[j]], [y[i], y[j]], color=color, lw=2.0, ls="--" if dashed else "-",
-                    zorder=2)
+            ax.plot(
+                [x[i], x[j]],
+                [y[i], y[j]],
+                color=color,
+                lw=2.0,
+                ls="--" if dashed else "-",
+                zorder=2,
+            )
     for vis, style in KEYPOINT_STYLES.items():
         sel = v == vis
         n = int(sel.sum())
         face = [color] if style["filled"] else "none"
-        ax.scatter(x[sel], y[sel], s=90, marker=style["marker"], facecolors=face,
-                   edgecolors="black" if style["filled"] else [color],
-                   linewidths=1.0 if style["filled"] else 2.2, zorder=3,
-                   label=f"{style['label']}: {n}", gid=f"keypoints_{'visible' if vis == 2 else 'occluded'}")
+        ax.scatter(
+            x[sel],
+            y[sel],
+            s=90,
+            marker=style["marker"],
+            facecolors=face,
+            edgecolors="black" if style["filled"] else [color],
+            linewidths=1.0 if style["filled"] else 2.2,
+            zorder=3,
+            label=f"{style['label']}: {n}",
+            gid=f"keypoints_{'visible' if vis == 2 else 'occluded'}",
+        )
     n0 = int((v == 0).sum())
     ax.plot([], [], " ", label=f"not labelled (v=0): {n0}, not drawn")
     if names is not None:
         for k in np.flatnonzero(v > 0):
             # "left_*" names to the left of their point, others to the right: pairs stay readable
             left = str(names[k]).startswith("left")
-            ax.annotate(names[k], (x[k], y[k]), textcoords="offset points",
-                        xytext=(-6 if left else 6, 3), ha="right" if left else "left",
-                        fontsize=7, color="black",
-                        bbox={"facecolor": "white", "alpha": 0.7, "pad": 0.5, "edgecolor": "none"})
+            ax.annotate(
+                names[k],
+                (x[k], y[k]),
+                textcoords="offset points",
+                xytext=(-6 if left else 6, 3),
+                ha="right" if left else "left",
+                fontsize=7,
+                color="black",
+                bbox={"facecolor": "white", "alpha": 0.7, "pad": 0.5, "edgecolor": "none"},
+            )
     lab = v > 0
     if lab.any():
         x0, x1 = max(x[lab].min() - margin, 0), min(x[lab].max() + margin, W)
@@ -650,19 +751,39 @@ def draw_rle_runs(ax: Axes, mask, *, title: str | None = None) -> Axes:
     H, W = m.shape
     runs = rle_runs(m)
     for r, (val, start, length) in enumerate(runs):
-        face = PALETTE[1 + (r // 2) % (len(PALETTE) - 1)] if val else ((0.93,) * 3 if r % 4 == 0
-                                                                        else (0.80,) * 3)
+        face = (
+            PALETTE[1 + (r // 2) % (len(PALETTE) - 1)]
+            if val
+            else ((0.93,) * 3 if r % 4 == 0 else (0.80,) * 3)
+        )
         for i in range(start, start + length):
             col, row = divmod(i, H)  # column-major: position i is (row i % H, column i // H)
             ax.add_patch(Rectangle((col, row), 1, 1, facecolor=face, edgecolor="white", lw=1.5))
             ax.text(col + 0.12, row + 0.2, str(i), fontsize=6, color="0.3", va="top")
         if length:
             col, row = divmod(start, H)
-            ax.text(col + 0.5, row + 0.6, str(length), fontsize=12, weight="bold", ha="center",
-                    va="center", gid="rle_run", color="black")
+            ax.text(
+                col + 0.5,
+                row + 0.6,
+                str(length),
+                fontsize=12,
+                weight="bold",
+                ha="center",
+                va="center",
+                gid="rle_run",
+                color="black",
+            )
         else:
-            ax.text(-0.1, -0.15, "0 zeros first", fontsize=7, ha="left", va="bottom",
-                    gid="rle_run_empty", color="0.3")
+            ax.text(
+                -0.1,
+                -0.15,
+                "0 zeros first",
+                fontsize=7,
+                ha="left",
+                va="bottom",
+                gid="rle_run_empty",
+                color="0.3",
+            )
     order = np.arange(H * W)
     ax.plot(order // H + 0.5, order % H + 0.5, color="0.2", lw=0.7, alpha=0.6, zorder=0.5)
     ax.set_xlim(-0.1, W + 0.1)
@@ -692,11 +813,13 @@ def draw_thread_mapping(ax: Axes, shape=(2, 2, 3, 3), threads_per_block: int = 8
     block hatched. Returns ``ax``.
     """
     if len(shape) != 4 or min(int(s) for s in shape) < 1:
-        raise ValueError(f"draw_thread_mapping: shape must be 4 positive ints (K, C, oh, ow), "
-                         f"got {tuple(shape)}")
+        raise ValueError(
+            f"draw_thread_mapping: shape must be 4 positive ints (K, C, oh, ow), got {tuple(shape)}"
+        )
     if threads_per_block < 1:
-        raise ValueError(f"draw_thread_mapping: threads_per_block must be >= 1, got "
-                         f"{threads_per_block}")
+        raise ValueError(
+            f"draw_thread_mapping: threads_per_block must be >= 1, got {threads_per_block}"
+        )
     K, C, oh, ow = (int(s) for s in shape)
     total = K * C * oh * ow
     blocks = -(-total // threads_per_block)  # ceil
@@ -710,25 +833,51 @@ def draw_thread_mapping(ax: Axes, shape=(2, 2, 3, 3), threads_per_block: int = 8
         c, k = (i // (ow * oh)) % C, i // (ow * oh * C)
         x, y = k * (ow + 1) + pw, c * (oh + 1) + ph
         ax.add_patch(Rectangle((x, y), 1, 1, facecolor=block_color(i), edgecolor="white", lw=1))
-        ax.text(x + 0.5, y + 0.5, str(i), ha="center", va="center", fontsize=7,
-                gid="thread_index")
+        ax.text(x + 0.5, y + 0.5, str(i), ha="center", va="center", fontsize=7, gid="thread_index")
     for k in range(K):
         for c in range(C):
-            ax.text(k * (ow + 1) + ow / 2, c * (oh + 1) - 0.15, f"k={k}, c={c}", ha="center",
-                    va="bottom", fontsize=7)
+            ax.text(
+                k * (ow + 1) + ow / 2,
+                c * (oh + 1) - 0.15,
+                f"k={k}, c={c}",
+                ha="center",
+                va="bottom",
+                fontsize=7,
+            )
     # the launch: all threads on one line, block after block, half a cell per thread
     y0 = C * (oh + 1) + 0.8
     cell = 0.5
     width = max(K * (ow + 1) - 1, blocks * threads_per_block * cell)
     for t in range(blocks * threads_per_block):
         idle = t >= total
-        ax.add_patch(Rectangle((t * cell, y0), cell, 0.8, facecolor="white" if idle else
-                               block_color(t), edgecolor="0.5", lw=0.3, hatch="///" if idle else None))
+        ax.add_patch(
+            Rectangle(
+                (t * cell, y0),
+                cell,
+                0.8,
+                facecolor="white" if idle else block_color(t),
+                edgecolor="0.5",
+                lw=0.3,
+                hatch="///" if idle else None,
+            )
+        )
     for b in range(blocks):
-        ax.text((b + 0.5) * threads_per_block * cell, y0 + 1.0, f"block {b}", ha="center",
-                va="top", fontsize=7)
-    ax.text(0, y0 + 1.8, f"{total} outputs, {threads_per_block} threads per block -> {blocks} "
-            f"blocks; hatched: threads with i >= {total} return at once", fontsize=7, va="top")
+        ax.text(
+            (b + 0.5) * threads_per_block * cell,
+            y0 + 1.0,
+            f"block {b}",
+            ha="center",
+            va="top",
+            fontsize=7,
+        )
+    ax.text(
+        0,
+        y0 + 1.8,
+        f"{total} outputs, {threads_per_block} threads per block -> {blocks} "
+        f"blocks; hatched: threads with i >= {total} return at once",
+        fontsize=7,
+        va="top",
+    )
     ax.set_xlim(-0.2, width + 0.2)
     ax.set_ylim(y0 + 2.4, -0.8)
     ax.set_aspect("equal")
@@ -746,8 +895,10 @@ def simulate_increments(schedule: Sequence[int], start: int = 0) -> list[tuple[i
     """
     schedule = [int(t) for t in schedule]
     if sorted(schedule) != [0, 0, 0, 1, 1, 1]:
-        raise ValueError(f"simulate_increments: schedule must name thread 0 and thread 1 three "
-                         f"times each (read, add, write), got {schedule}")
+        raise ValueError(
+            f"simulate_increments: schedule must name thread 0 and thread 1 three "
+            f"times each (read, add, write), got {schedule}"
+        )
     x, reg, step_of = start, [None, None], [0, 0]
     out = []
     for t in schedule:
@@ -778,16 +929,34 @@ def draw_data_race(ax: Axes, schedule: Sequence[int] = (0, 1, 0, 1, 0, 1), start
     for label, xpos in (("thread 0", cols[0]), ("thread 1", cols[1]), ("x in memory", cols["x"])):
         ax.text(xpos + 0.1, -0.7, label, fontsize=9, weight="bold", va="center")
     for r, (t, what, x) in enumerate(steps):
-        ax.add_patch(Rectangle((cols[t], r - 0.4), 4.0, 0.8, facecolor=PALETTE[1 + t * 4],
-                               alpha=0.35, edgecolor="none"))
+        ax.add_patch(
+            Rectangle(
+                (cols[t], r - 0.4),
+                4.0,
+                0.8,
+                facecolor=PALETTE[1 + t * 4],
+                alpha=0.35,
+                edgecolor="none",
+            )
+        )
         ax.text(cols[t] + 0.1, r, what, fontsize=8, va="center", family="monospace")
-        ax.text(cols["x"] + 0.1, r, f"x = {x}", fontsize=8, va="center", family="monospace",
-                gid="memory")
+        ax.text(
+            cols["x"] + 0.1,
+            r,
+            f"x = {x}",
+            fontsize=8,
+            va="center",
+            family="monospace",
+            gid="memory",
+        )
         ax.text(-0.3, r, f"t{r}", fontsize=7, ha="right", va="center", color="0.4")
     final = steps[-1][2]
     lost = start + 2 - final
-    ax.set_title(f"two increments of x = {start}: result {final} "
-                 + (f"({lost} update lost)" if lost else "(both updates kept)"), fontsize=9)
+    ax.set_title(
+        f"two increments of x = {start}: result {final} "
+        + (f"({lost} update lost)" if lost else "(both updates kept)"),
+        fontsize=9,
+    )
     ax.set_xlim(-1.0, 10.5)
     ax.set_ylim(n - 0.4, -1.1)
     ax.set_axis_off()
@@ -832,22 +1001,42 @@ def draw_memory_layout(ax: Axes, shape=(3, 2, 3), pixel=(0, 1)) -> Axes:
             for yy in range(H):
                 for xx in range(W):
                     a = int(off[c, yy, xx])
-                    ax.add_patch(Rectangle((a, y0), 1, 1, facecolor=PALETTE[1 + c % 10],
-                                           edgecolor="white", lw=1))
-                    ax.text(a + 0.5, y0 + 0.5, f"{c},{yy},{xx}", ha="center", va="center",
-                            fontsize=6)
+                    ax.add_patch(
+                        Rectangle(
+                            (a, y0), 1, 1, facecolor=PALETTE[1 + c % 10], edgecolor="white", lw=1
+                        )
+                    )
+                    ax.text(
+                        a + 0.5, y0 + 0.5, f"{c},{yy},{xx}", ha="center", va="center", fontsize=6
+                    )
                     if (yy, xx) == (py, px):
-                        ax.add_patch(Rectangle((a, y0), 1, 1, fill=False, edgecolor="black",
-                                               lw=2.5, gid=f"pixel_{layout}"))
+                        ax.add_patch(
+                            Rectangle(
+                                (a, y0),
+                                1,
+                                1,
+                                fill=False,
+                                edgecolor="black",
+                                lw=2.5,
+                                gid=f"pixel_{layout}",
+                            )
+                        )
         addrs = sorted(int(off[c, py, px]) for c in range(C))
         gap = addrs[1] - addrs[0] if C > 1 else 0
-        what = ("the pixel's channels are contiguous" if gap == 1
-                else f"the pixel's channels are {gap} elements apart")
-        ax.text(-0.2, y0 + 0.5, f"{layout}  ", ha="right", va="center", fontsize=9,
-                weight="bold")
+        what = (
+            "the pixel's channels are contiguous"
+            if gap == 1
+            else f"the pixel's channels are {gap} elements apart"
+        )
+        ax.text(-0.2, y0 + 0.5, f"{layout}  ", ha="right", va="center", fontsize=9, weight="bold")
         ax.text(0, y0 + 1.45, f"{layout}: {what}", fontsize=8, va="center")
-    ax.text(0, -0.5, "address 0 ->  (cells labelled c,y,x; colour = channel; framed: pixel "
-            f"(y={py}, x={px}))", fontsize=8, va="center")
+    ax.text(
+        0,
+        -0.5,
+        f"address 0 ->  (cells labelled c,y,x; colour = channel; framed: pixel (y={py}, x={px}))",
+        fontsize=8,
+        va="center",
+    )
     ax.set_xlim(-2.2, n + 0.2)
     ax.set_ylim(2 * 2.2 - 0.2, -0.9)
     ax.set_aspect("equal")
@@ -873,8 +1062,9 @@ def image_for_display(image, fn: str = "image_for_display") -> np.ndarray:
     if isinstance(image, torch.Tensor):
         arr = image.detach().cpu()
         if arr.dim() != 3 or arr.shape[0] not in (1, 3):
-            raise ValueError(f"{fn}: image tensor must be [3, H, W] or [1, H, W], got "
-                             f"{tuple(arr.shape)}")
+            raise ValueError(
+                f"{fn}: image tensor must be [3, H, W] or [1, H, W], got {tuple(arr.shape)}"
+            )
         arr = arr.permute(1, 2, 0).float().numpy()  # [C, H, W] -> [H, W, C]
     else:
         arr = np.asarray(image, dtype=np.float32)
@@ -889,19 +1079,31 @@ def image_for_display(image, fn: str = "image_for_display") -> np.ndarray:
 
 
 def _as_boxes(boxes, name: str, fn: str = "draw_anchors") -> np.ndarray:
-    arr = boxes.detach().cpu().float().numpy() if isinstance(boxes, torch.Tensor) else np.asarray(
-        boxes, dtype=np.float32)
+    arr = (
+        boxes.detach().cpu().float().numpy()
+        if isinstance(boxes, torch.Tensor)
+        else np.asarray(boxes, dtype=np.float32)
+    )
     arr = arr.reshape(-1, 4) if arr.size == 0 else arr
     if arr.ndim != 2 or arr.shape[1] != 4:
-        raise ValueError(f"{fn}: {name} must have shape [N, 4] (x1, y1, x2, y2), got "
-                         f"{arr.shape}")
+        raise ValueError(f"{fn}: {name} must have shape [N, 4] (x1, y1, x2, y2), got {arr.shape}")
     return arr
 
 
 def _gt_dashed(ax: Axes, gt_boxes, linewidth: float, fn: str) -> None:
     for x1, y1, x2, y2 in _as_boxes(gt_boxes, "gt_boxes", fn):
-        ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor="white",
-                               linewidth=linewidth, linestyle="--", gid="gt_box"))
+        ax.add_patch(
+            Rectangle(
+                (x1, y1),
+                x2 - x1,
+                y2 - y1,
+                fill=False,
+                edgecolor="white",
+                linewidth=linewidth,
+                linestyle="--",
+                gid="gt_box",
+            )
+        )
 
 
 def draw_anchors(
@@ -938,38 +1140,53 @@ def draw_anchors(
     boxes = _as_boxes(anchors, "anchors")
     ax.imshow(img, extent=(0, W, H, 0))
     if labels is not None:
-        lab = labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(
-            labels)
+        lab = (
+            labels.detach().cpu().numpy()
+            if isinstance(labels, torch.Tensor)
+            else np.asarray(labels)
+        )
         lab = lab.reshape(-1).astype(np.int64)
         if lab.shape[0] != boxes.shape[0]:
-            raise ValueError(f"draw_anchors: labels has {lab.shape[0]} entries for "
-                             f"{boxes.shape[0]} anchors")
+            raise ValueError(
+                f"draw_anchors: labels has {lab.shape[0]} entries for {boxes.shape[0]} anchors"
+            )
         groups = [(LABEL_NAMES[v], LABEL_COLORS[v], lab == v) for v in (-1, 0, 1)]  # fg on top
     else:
         ratio = (boxes[:, 3] - boxes[:, 1]) / np.maximum(boxes[:, 2] - boxes[:, 0], 1e-6)
         # anchors are rounded to whole pixels, so snap h / w to the nearest power of sqrt(2)
         ratio = 2.0 ** (np.round(2 * np.log2(np.maximum(ratio, 1e-6))) / 2)
         cmap = plt.get_cmap("tab10")
-        groups = [(f"h/w ~ {r:.2g}", cmap(i % 10), ratio == r)
-                  for i, r in enumerate(np.unique(ratio))]
+        groups = [
+            (f"h/w ~ {r:.2g}", cmap(i % 10), ratio == r) for i, r in enumerate(np.unique(ratio))
+        ]
     for name, color, mask in groups:
         sel = boxes[mask]
         for x1, y1, x2, y2 in sel:
-            ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=color,
-                                   linewidth=linewidth))
+            ax.add_patch(
+                Rectangle(
+                    (x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=color, linewidth=linewidth
+                )
+            )
         if centers and len(sel):
-            ax.plot((sel[:, 0] + sel[:, 2]) / 2, (sel[:, 1] + sel[:, 3]) / 2, ".", color=color,
-                    markersize=3)
+            ax.plot(
+                (sel[:, 0] + sel[:, 2]) / 2,
+                (sel[:, 1] + sel[:, 3]) / 2,
+                ".",
+                color=color,
+                markersize=3,
+            )
         if mask.any():
             ax.plot([], [], "s", color=color, label=f"{name} ({int(mask.sum())})")
     if gt_boxes is not None:
         _gt_dashed(ax, gt_boxes, 2.0 * linewidth, "draw_anchors")
     # show anchors that stick out of the image too, within reason
     if len(boxes):
-        ax.set_xlim(max(min(0.0, boxes[:, 0].min()), -0.5 * W),
-                    min(max(W, boxes[:, 2].max()), 1.5 * W))
-        ax.set_ylim(min(max(H, boxes[:, 3].max()), 1.5 * H),
-                    max(min(0.0, boxes[:, 1].min()), -0.5 * H))
+        ax.set_xlim(
+            max(min(0.0, boxes[:, 0].min()), -0.5 * W), min(max(W, boxes[:, 2].max()), 1.5 * W)
+        )
+        ax.set_ylim(
+            min(max(H, boxes[:, 3].max()), 1.5 * H), max(min(0.0, boxes[:, 1].min()), -0.5 * H)
+        )
     else:
         ax.set_xlim(0, W)
         ax.set_ylim(H, 0)
@@ -980,9 +1197,14 @@ def draw_anchors(
     return ax
 
 
-def anchors_at(image_shape: tuple[int, int], sizes: Sequence[float],
-               aspect_ratios: Sequence[float], stride: int, cell_x: int,
-               cell_y: int) -> torch.Tensor:
+def anchors_at(
+    image_shape: tuple[int, int],
+    sizes: Sequence[float],
+    aspect_ratios: Sequence[float],
+    stride: int,
+    cell_x: int,
+    cell_y: int,
+) -> torch.Tensor:
     """The ``len(sizes) * len(aspect_ratios)`` anchors of feature-map cell ``(cell_y, cell_x)``.
 
     Uses ``AnchorGenerator(sizes=(sizes,), aspect_ratios=(aspect_ratios,)).grid_anchors`` on one
@@ -994,18 +1216,30 @@ def anchors_at(image_shape: tuple[int, int], sizes: Sequence[float],
     H, W = image_shape
     h, w = -(-H // stride), -(-W // stride)  # ceil division: feature map size
     if not (0 <= cell_x < w and 0 <= cell_y < h):
-        raise ValueError(f"anchors_at: cell (x={cell_x}, y={cell_y}) is outside the {h}x{w} "
-                         f"feature map of stride {stride}")
-    gen = AnchorGenerator(sizes=(tuple(float(s) for s in sizes),),
-                          aspect_ratios=(tuple(float(r) for r in aspect_ratios),))
+        raise ValueError(
+            f"anchors_at: cell (x={cell_x}, y={cell_y}) is outside the {h}x{w} "
+            f"feature map of stride {stride}"
+        )
+    gen = AnchorGenerator(
+        sizes=(tuple(float(s) for s in sizes),),
+        aspect_ratios=(tuple(float(r) for r in aspect_ratios),),
+    )
     anchors = gen.grid_anchors([(h, w)], [(stride, stride)])[0]  # [h*w*A, 4]
     A = gen.num_anchors_per_location()[0]
     return anchors.reshape(h, w, A, 4)[cell_y, cell_x]  # [h*w*A, 4] -> [h, w, A, 4] -> [A, 4]
 
 
-def plot_anchors_at(image, sizes: Sequence[float], aspect_ratios: Sequence[float], stride: int,
-                    cell_x: int, cell_y: int, *, show_grid: bool = True,
-                    ax: Axes | None = None) -> Figure:
+def plot_anchors_at(
+    image,
+    sizes: Sequence[float],
+    aspect_ratios: Sequence[float],
+    stride: int,
+    cell_x: int,
+    cell_y: int,
+    *,
+    show_grid: bool = True,
+    ax: Axes | None = None,
+) -> Figure:
     """The anchor explorer's figure: the anchors of one location and the grid of anchor centres.
 
     Returns the ``Figure``.
@@ -1021,8 +1255,12 @@ def plot_anchors_at(image, sizes: Sequence[float], aspect_ratios: Sequence[float
         ax.set_title("pick at least one size and one aspect ratio")
         return fig
     anchors = anchors_at((H, W), sizes, aspect_ratios, stride, cell_x, cell_y)
-    draw_anchors(ax, img, anchors, title=f"stride {stride}, cell (x={cell_x}, y={cell_y}): "
-                                         f"{anchors.shape[0]} anchors")
+    draw_anchors(
+        ax,
+        img,
+        anchors,
+        title=f"stride {stride}, cell (x={cell_x}, y={cell_y}): {anchors.shape[0]} anchors",
+    )
     if show_grid:
         h, w = -(-H // stride), -(-W // stride)
         cx = (anchors[:, 0] + anchors[:, 2]).mean().item() / 2 - cell_x * stride  # centre offset
@@ -1074,22 +1312,53 @@ def draw_box_deltas(
         _gt_dashed(ax, gt_boxes, 2.0, "draw_box_deltas")
     cmap = plt.get_cmap("tab10")
     for i, ((ax1, ay1, ax2, ay2), (bx1, by1, bx2, by2), t) in enumerate(
-            zip(a.tolist(), decoded.tolist(), d.tolist())):
+        zip(a.tolist(), decoded.tolist(), d.tolist())
+    ):
         color = cmap(i % 10)
-        ax.add_patch(Rectangle((ax1, ay1), ax2 - ax1, ay2 - ay1, fill=False, edgecolor=color,
-                               linewidth=1.2, linestyle=(0, (3, 2)), gid="anchor_box"))
-        ax.add_patch(Rectangle((bx1, by1), bx2 - bx1, by2 - by1, fill=False, edgecolor=color,
-                               linewidth=2.0, gid="decoded_box"))
+        ax.add_patch(
+            Rectangle(
+                (ax1, ay1),
+                ax2 - ax1,
+                ay2 - ay1,
+                fill=False,
+                edgecolor=color,
+                linewidth=1.2,
+                linestyle=(0, (3, 2)),
+                gid="anchor_box",
+            )
+        )
+        ax.add_patch(
+            Rectangle(
+                (bx1, by1),
+                bx2 - bx1,
+                by2 - by1,
+                fill=False,
+                edgecolor=color,
+                linewidth=2.0,
+                gid="decoded_box",
+            )
+        )
         start = ((ax1 + ax2) / 2, (ay1 + ay2) / 2)
         end = ((bx1 + bx2) / 2, (by1 + by2) / 2)
-        arrow = ax.annotate("", xy=end, xytext=start,
-                            arrowprops={"arrowstyle": "-|>", "color": color, "lw": 1.8,
-                                        "shrinkA": 0, "shrinkB": 0})
+        arrow = ax.annotate(
+            "",
+            xy=end,
+            xytext=start,
+            arrowprops={"arrowstyle": "-|>", "color": color, "lw": 1.8, "shrinkA": 0, "shrinkB": 0},
+        )
         arrow.set_gid("delta_arrow")
         ax.plot(*start, "o", color=color, markersize=3)
-        ax.text(bx2, by1, f"t=({t[0]:.2f}, {t[1]:.2f}, {t[2]:.2f}, {t[3]:.2f})", fontsize=7,
-                color="black", ha="right", va="bottom", clip_on=True,
-                bbox={"facecolor": color, "alpha": 0.6, "pad": 1, "edgecolor": "none"})
+        ax.text(
+            bx2,
+            by1,
+            f"t=({t[0]:.2f}, {t[1]:.2f}, {t[2]:.2f}, {t[3]:.2f})",
+            fontsize=7,
+            color="black",
+            ha="right",
+            va="bottom",
+            clip_on=True,
+            bbox={"facecolor": color, "alpha": 0.6, "pad": 1, "edgecolor": "none"},
+        )
     ax.plot([], [], ls=(0, (3, 2)), color="0.3", label="anchor (dashed)")
     ax.plot([], [], color="0.3", lw=2, label="anchor + deltas (solid)")
     ax.legend(loc="lower right", fontsize=7, framealpha=0.8)
@@ -1118,8 +1387,9 @@ def best_proposals(proposals, gt_boxes) -> tuple[torch.Tensor, torch.Tensor]:
     return rank, best
 
 
-def draw_best_proposals(ax: Axes, image, proposals, gt_boxes, *, iou_threshold: float = 0.5,
-                        title: str | None = None) -> Axes:
+def draw_best_proposals(
+    ax: Axes, image, proposals, gt_boxes, *, iou_threshold: float = 0.5, title: str | None = None
+) -> Axes:
     """Each gt box (white, dashed) with the proposal that covers it best, labelled by rank and IoU.
 
     This is the picture behind recall (notebook 04, section 7): an object is found when *some*
@@ -1139,9 +1409,18 @@ def draw_best_proposals(ax: Axes, image, proposals, gt_boxes, *, iou_threshold: 
         x1, y1, x2, y2 = (float(v) for v in props[r])
         color = "tab:green" if u >= iou_threshold else "tab:red"
         ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=color, lw=1.8))
-        ax.text(x1, y2, f"#{r} IoU {u:.2f}", fontsize=7, color="black", va="top", ha="left",
-                clip_on=True, gid="best_proposal",
-                bbox={"facecolor": color, "alpha": 0.75, "pad": 1, "edgecolor": "none"})
+        ax.text(
+            x1,
+            y2,
+            f"#{r} IoU {u:.2f}",
+            fontsize=7,
+            color="black",
+            va="top",
+            ha="left",
+            clip_on=True,
+            gid="best_proposal",
+            bbox={"facecolor": color, "alpha": 0.75, "pad": 1, "edgecolor": "none"},
+        )
     ax.plot([], [], color="tab:green", lw=2, label=f"best proposal, IoU >= {iou_threshold}")
     ax.plot([], [], color="tab:red", lw=2, label=f"best proposal, IoU < {iou_threshold}")
     ax.plot([], [], color="white", ls="--", lw=2, label="ground truth")
@@ -1189,8 +1468,9 @@ def _one_roi(box, fn: str, dtype=torch.float64) -> torch.Tensor:
     return torch.tensor([[0.0, *_box4(box, fn)]], dtype=dtype)  # [1, 5]
 
 
-def roi_align_points(box, output_size, sampling_ratio: int = -1, aligned: bool = False,
-                     spatial_scale: float = 1.0) -> tuple[dict, torch.Tensor]:
+def roi_align_points(
+    box, output_size, sampling_ratio: int = -1, aligned: bool = False, spatial_scale: float = 1.0
+) -> tuple[dict, torch.Tensor]:
     """RoIAlign's geometry and sample points for one box, from the reference operator.
 
     Calls ``mrcnn_edu.ops.roi_reference.roi_align_sampling_points`` on the single RoI (in
@@ -1210,15 +1490,22 @@ def roi_align_points(box, output_size, sampling_ratio: int = -1, aligned: bool =
     # broadcast to (oh, ow, gh, gw): x varies with (pw, ix), y with (ph, iy)
     xx = x[None, :, None, :].expand(oh, ow, gh, gw)
     yy = y[:, None, :, None].expand(oh, ow, gh, gw)
-    geometry = {"start_x": float(g["start_w"][0]), "start_y": float(g["start_h"][0]),
-                "roi_w": float(g["roi_w"][0]), "roi_h": float(g["roi_h"][0]),
-                "bin_w": float(g["bin_w"][0]), "bin_h": float(g["bin_h"][0]),
-                "grid_w": gw, "grid_h": gh}
+    geometry = {
+        "start_x": float(g["start_w"][0]),
+        "start_y": float(g["start_h"][0]),
+        "roi_w": float(g["roi_w"][0]),
+        "roi_h": float(g["roi_h"][0]),
+        "bin_w": float(g["bin_w"][0]),
+        "bin_h": float(g["bin_h"][0]),
+        "grid_w": gw,
+        "grid_h": gh,
+    }
     return geometry, torch.stack([xx, yy], dim=-1)  # (oh, ow, gh, gw, 2)
 
 
-def sampling_points(box, output_size, sampling_ratio: int = -1, aligned: bool = False,
-                    spatial_scale: float = 1.0) -> torch.Tensor:
+def sampling_points(
+    box, output_size, sampling_ratio: int = -1, aligned: bool = False, spatial_scale: float = 1.0
+) -> torch.Tensor:
     """RoIAlign's sample points for one box, in the feature map's index frame.
 
     Args:
@@ -1258,15 +1545,22 @@ def bilinear_neighbours(x: float, y: float, feature_hw) -> list[tuple[int, int, 
     if y < -1.0 or y > H or x < -1.0 or x > W:
         return []
     keep = torch.ones((), dtype=torch.bool)
-    y0, y1, hy, ly = (v.item() for v in bilinear_axis(torch.tensor(float(y), dtype=torch.float64),
-                                                      H, keep))
-    x0, x1, hx, lx = (v.item() for v in bilinear_axis(torch.tensor(float(x), dtype=torch.float64),
-                                                      W, keep))
+    y0, y1, hy, ly = (
+        v.item() for v in bilinear_axis(torch.tensor(float(y), dtype=torch.float64), H, keep)
+    )
+    x0, x1, hx, lx = (
+        v.item() for v in bilinear_axis(torch.tensor(float(x), dtype=torch.float64), W, keep)
+    )
     return [(y0, x0, hy * hx), (y0, x1, hy * lx), (y1, x0, ly * hx), (y1, x1, ly * lx)]
 
 
-def pool_bins(box, output_size, spatial_scale: float = 1.0, feature_hw=None,
-              dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def pool_bins(
+    box,
+    output_size,
+    spatial_scale: float = 1.0,
+    feature_hw=None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     """The cells RoIPool takes the maximum over, per bin (``roi_reference.roi_pool_bins``).
 
     Quantization 1: the scaled box is rounded to whole cells (C's ``round``, halves away from
@@ -1289,20 +1583,39 @@ def pool_bins(box, output_size, spatial_scale: float = 1.0, feature_hw=None,
     H, W = (int(v) for v in feature_hw) if feature_hw is not None else (None, None)
     hs, he, ws, we = (t[0] for t in roi_pool_bins(rois, (oh, ow), spatial_scale, H, W))
     # (oh,) and (ow,) edges -> (oh, ow, 4) rows (y0, y1, x0, x1)
-    return torch.stack([hs[:, None].expand(oh, ow), he[:, None].expand(oh, ow),
-                        ws[None, :].expand(oh, ow), we[None, :].expand(oh, ow)], dim=-1)
+    return torch.stack(
+        [
+            hs[:, None].expand(oh, ow),
+            he[:, None].expand(oh, ow),
+            ws[None, :].expand(oh, ow),
+            we[None, :].expand(oh, ow),
+        ],
+        dim=-1,
+    )
 
 
-_BIN_COLOURS = ("tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:pink", "tab:olive",
-                "tab:cyan")
+_BIN_COLOURS = (
+    "tab:orange",
+    "tab:green",
+    "tab:purple",
+    "tab:brown",
+    "tab:pink",
+    "tab:olive",
+    "tab:cyan",
+)
 
 
 def _draw_grid(ax: Axes, H: int, W: int, values=None) -> None:
     """Cells as unit squares centred on the integer points where the feature values live."""
     if values is not None:
         v = values.detach().cpu().float().numpy() if isinstance(values, torch.Tensor) else values
-        ax.imshow(v, cmap="Greys", extent=(-0.5, W - 0.5, H - 0.5, -0.5), alpha=0.5,
-                  interpolation="nearest")
+        ax.imshow(
+            v,
+            cmap="Greys",
+            extent=(-0.5, W - 0.5, H - 0.5, -0.5),
+            alpha=0.5,
+            interpolation="nearest",
+        )
     for i in range(H + 1):
         ax.axhline(i - 0.5, color="0.75", lw=0.8, zorder=1)
     for j in range(W + 1):
@@ -1316,9 +1629,18 @@ def _draw_grid(ax: Axes, H: int, W: int, values=None) -> None:
     ax.set_ylabel("y (feature cells)")
 
 
-def draw_roi_sampling(ax: Axes, feature_hw=(8, 8), box=(1.3, 1.2, 5.7, 6.4), output_size=2,
-                      sampling_ratio: int = 2, aligned: bool = False, method: str = "align",
-                      spatial_scale: float = 1.0, highlight=(0, 0, 0, 0), values=None) -> Axes:
+def draw_roi_sampling(
+    ax: Axes,
+    feature_hw=(8, 8),
+    box=(1.3, 1.2, 5.7, 6.4),
+    output_size=2,
+    sampling_ratio: int = 2,
+    aligned: bool = False,
+    method: str = "align",
+    spatial_scale: float = 1.0,
+    highlight=(0, 0, 0, 0),
+    values=None,
+) -> Axes:
     """Draw where RoIAlign (``method="align"``) or RoIPool (``"pool"``) reads a feature map.
 
     Args:
@@ -1345,8 +1667,17 @@ def draw_roi_sampling(ax: Axes, feature_hw=(8, 8), box=(1.3, 1.2, 5.7, 6.4), out
     x1, y1, x2, y2 = _box4(box, "draw_roi_sampling")
     _draw_grid(ax, H, W, values)
     s = spatial_scale
-    given = Rectangle((x1 * s, y1 * s), (x2 - x1) * s, (y2 - y1) * s, fill=False, lw=1.5,
-                      ls="--", ec="tab:blue", zorder=4, gid="given_box")
+    given = Rectangle(
+        (x1 * s, y1 * s),
+        (x2 - x1) * s,
+        (y2 - y1) * s,
+        fill=False,
+        lw=1.5,
+        ls="--",
+        ec="tab:blue",
+        zorder=4,
+        gid="given_box",
+    )
     if method == "align":
         g, pts = roi_align_points(box, (oh, ow), sampling_ratio, aligned, s)
         xs, ys, rw, rh = g["start_x"], g["start_y"], g["roi_w"], g["roi_h"]
@@ -1355,20 +1686,38 @@ def draw_roi_sampling(ax: Axes, feature_hw=(8, 8), box=(1.3, 1.2, 5.7, 6.4), out
             given.set_edgecolor("0.35")
             ax.add_patch(given)
             # the shift drawn at the bottom-right corner, away from the highlighted point
-            ax.annotate("", xy=(xs + rw, ys + rh), xytext=(x2 * s, y2 * s), zorder=8,
-                        arrowprops={"arrowstyle": "->", "color": "black", "lw": 1.2,
-                                    "shrinkA": 0, "shrinkB": 0})
-            ax.text(x2 * s + 0.1, y2 * s + 0.1, "-0.5, -0.5", fontsize=7, ha="left", va="top",
-                    zorder=8)
-        ax.add_patch(Rectangle((xs, ys), rw, rh, fill=False, lw=2, ec="tab:blue", zorder=4,
-                               gid="roi_box"))
+            ax.annotate(
+                "",
+                xy=(xs + rw, ys + rh),
+                xytext=(x2 * s, y2 * s),
+                zorder=8,
+                arrowprops={
+                    "arrowstyle": "->",
+                    "color": "black",
+                    "lw": 1.2,
+                    "shrinkA": 0,
+                    "shrinkB": 0,
+                },
+            )
+            ax.text(
+                x2 * s + 0.1, y2 * s + 0.1, "-0.5, -0.5", fontsize=7, ha="left", va="top", zorder=8
+            )
+        ax.add_patch(
+            Rectangle((xs, ys), rw, rh, fill=False, lw=2, ec="tab:blue", zorder=4, gid="roi_box")
+        )
         for p in range(1, ow):  # bin edges
             ax.plot([xs + p * bw] * 2, [ys, ys + rh], color="tab:blue", lw=1, ls="--", zorder=4)
         for p in range(1, oh):
             ax.plot([xs, xs + rw], [ys + p * bh] * 2, color="tab:blue", lw=1, ls="--", zorder=4)
         flat = pts.reshape(-1, 2)  # (oh*ow*gh*gw, 2) in (ph, pw, iy, ix) order
-        ax.scatter(flat[:, 0].numpy(), flat[:, 1].numpy(), s=22, color="tab:red", zorder=6,
-                   gid="sampling_points")
+        ax.scatter(
+            flat[:, 0].numpy(),
+            flat[:, 1].numpy(),
+            s=22,
+            color="tab:red",
+            zorder=6,
+            gid="sampling_points",
+        )
         gh, gw = pts.shape[2], pts.shape[3]
         if highlight is not None and gh > 0 and gw > 0:
             ph, pw, iy, ix = highlight
@@ -1377,13 +1726,28 @@ def draw_roi_sampling(ax: Axes, feature_hw=(8, 8), box=(1.3, 1.2, 5.7, 6.4), out
             ax.scatter([x], [y], s=90, facecolor="none", edgecolor="black", lw=1.5, zorder=7)
             for row, col, w in bilinear_neighbours(x, y, (H, W)):
                 ax.plot([x, col], [y, row], color="black", lw=0.8, zorder=5)
-                ax.scatter([col], [row], s=40 + 200 * w, marker="s", color="gold",
-                           edgecolor="black", zorder=5, gid="neighbours")
-                ax.annotate(f"{w:.2f}", (col, row), textcoords="offset points", xytext=(4, 4),
-                            fontsize=7, zorder=8)
+                ax.scatter(
+                    [col],
+                    [row],
+                    s=40 + 200 * w,
+                    marker="s",
+                    color="gold",
+                    edgecolor="black",
+                    zorder=5,
+                    gid="neighbours",
+                )
+                ax.annotate(
+                    f"{w:.2f}",
+                    (col, row),
+                    textcoords="offset points",
+                    xytext=(4, 4),
+                    fontsize=7,
+                    zorder=8,
+                )
         shift = "box read 0.5 cell up-left (half-pixel shift)" if aligned else "box as given"
-        ax.set_title(f"RoIAlign {oh}x{ow}, {gh}x{gw} points/bin\naligned={aligned}: {shift}",
-                     fontsize=10)
+        ax.set_title(
+            f"RoIAlign {oh}x{ow}, {gh}x{gw} points/bin\naligned={aligned}: {shift}", fontsize=10
+        )
     else:
         # the exact box (dashed), then the cells RoIPool really uses (quantized twice)
         ax.add_patch(given)
@@ -1392,16 +1756,32 @@ def draw_roi_sampling(ax: Axes, feature_hw=(8, 8), box=(1.3, 1.2, 5.7, 6.4), out
             for pw in range(ow):
                 a, b, c, d = (int(v) for v in bins[ph, pw])
                 colour = _BIN_COLOURS[(ph * ow + pw) % len(_BIN_COLOURS)]
-                ax.add_patch(Rectangle((c - 0.5, a - 0.5), max(d - c, 0), max(b - a, 0),
-                                       fill=True, alpha=0.3, fc=colour, ec=colour, lw=2,
-                                       zorder=3, gid="pool_bin"))
+                ax.add_patch(
+                    Rectangle(
+                        (c - 0.5, a - 0.5),
+                        max(d - c, 0),
+                        max(b - a, 0),
+                        fill=True,
+                        alpha=0.3,
+                        fc=colour,
+                        ec=colour,
+                        lw=2,
+                        zorder=3,
+                        gid="pool_bin",
+                    )
+                )
         ax.set_title(f"RoIPool {oh}x{ow}\nbox and bins rounded to whole cells", fontsize=10)
     return ax
 
 
-def draw_roi_comparison(feature_hw=(8, 8), box=(1.3, 1.2, 5.7, 6.4), output_size=2,
-                        sampling_ratio: int = 2, aligned: bool = False,
-                        highlight=(0, 0, 0, 0)) -> Figure:
+def draw_roi_comparison(
+    feature_hw=(8, 8),
+    box=(1.3, 1.2, 5.7, 6.4),
+    output_size=2,
+    sampling_ratio: int = 2,
+    aligned: bool = False,
+    highlight=(0, 0, 0, 0),
+) -> Figure:
     """RoIPool (left) and RoIAlign (right) on the same box and feature map (notebook 02's figure).
 
     Both panels draw the box exactly where it is given (dashed blue). RoIPool then snaps it and
@@ -1412,11 +1792,14 @@ def draw_roi_comparison(feature_hw=(8, 8), box=(1.3, 1.2, 5.7, 6.4), output_size
     """
     fig, axes = plt.subplots(1, 2, figsize=(10, 5.4))
     draw_roi_sampling(axes[0], feature_hw, box, output_size, method="pool")
-    draw_roi_sampling(axes[1], feature_hw, box, output_size, sampling_ratio, aligned, "align",
-                      highlight=highlight)
+    draw_roi_sampling(
+        axes[1], feature_hw, box, output_size, sampling_ratio, aligned, "align", highlight=highlight
+    )
     x1, y1, x2, y2 = _box4(box, "draw_roi_comparison")
-    fig.suptitle(f"the same box ({x1:g}, {y1:g}, {x2:g}, {y2:g}) in feature cells, dashed in both "
-                 "panels", fontsize=10)
+    fig.suptitle(
+        f"the same box ({x1:g}, {y1:g}, {x2:g}, {y2:g}) in feature cells, dashed in both panels",
+        fontsize=10,
+    )
     fig.tight_layout()
     return fig
 
@@ -1451,8 +1834,17 @@ def _class_name(label: int, class_names) -> str:
     return f"class {label}"
 
 
-def draw_sampled_rois(ax: Axes, image, rois, labels, *, gt_boxes=None, class_names=None,
-                      max_negatives: int | None = None, title: str | None = None) -> Axes:
+def draw_sampled_rois(
+    ax: Axes,
+    image,
+    rois,
+    labels,
+    *,
+    gt_boxes=None,
+    class_names=None,
+    max_negatives: int | None = None,
+    title: str | None = None,
+) -> Axes:
     """The RoIs the box head trains on for one image (Fast R-CNN sec. 2.3, Mask R-CNN sec. 3.1).
 
     Args:
@@ -1488,38 +1880,90 @@ def draw_sampled_rois(ax: Axes, image, rois, labels, *, gt_boxes=None, class_nam
         shown = neg[pick.astype(np.int64)] if max_negatives > 0 else neg[:0]
     ax.imshow(img, extent=(0, W, H, 0))
     for x1, y1, x2, y2 in boxes[shown]:
-        ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor="tab:red",
-                               linewidth=0.7, alpha=0.6, gid="negative_roi"))
+        ax.add_patch(
+            Rectangle(
+                (x1, y1),
+                x2 - x1,
+                y2 - y1,
+                fill=False,
+                edgecolor="tab:red",
+                linewidth=0.7,
+                alpha=0.6,
+                gid="negative_roi",
+            )
+        )
     pos = np.flatnonzero(lab > 0)
     for i in pos:
         x1, y1, x2, y2 = boxes[i]
         if from_gt[i]:
             continue
-        ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False,
-                               edgecolor=class_color(lab[i]), linewidth=1.3, gid="positive_roi"))
+        ax.add_patch(
+            Rectangle(
+                (x1, y1),
+                x2 - x1,
+                y2 - y1,
+                fill=False,
+                edgecolor=class_color(lab[i]),
+                linewidth=1.3,
+                gid="positive_roi",
+            )
+        )
     for i in np.flatnonzero(from_gt):
         x1, y1, x2, y2 = boxes[i]
-        ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor="white",
-                               linewidth=2.2, linestyle="--", gid="gt_roi"))
+        ax.add_patch(
+            Rectangle(
+                (x1, y1),
+                x2 - x1,
+                y2 - y1,
+                fill=False,
+                edgecolor="white",
+                linewidth=2.2,
+                linestyle="--",
+                gid="gt_roi",
+            )
+        )
     for c in np.unique(lab[pos]):
         n_c = int((lab[pos] == c).sum())
-        ax.plot([], [], color=class_color(c), lw=2,
-                label=f"positive: {_class_name(int(c), class_names)} ({n_c})")
-    ax.plot([], [], color="white", lw=2, ls="--",
-            label=f"gt box appended, sampled ({int(from_gt.sum())})")
+        ax.plot(
+            [],
+            [],
+            color=class_color(c),
+            lw=2,
+            label=f"positive: {_class_name(int(c), class_names)} ({n_c})",
+        )
+    ax.plot(
+        [],
+        [],
+        color="white",
+        lw=2,
+        ls="--",
+        label=f"gt box appended, sampled ({int(from_gt.sum())})",
+    )
     drawn = f", {len(shown)} drawn" if len(shown) < len(neg) else ""
     ax.plot([], [], color="tab:red", lw=1, label=f"negative ({len(neg)}{drawn})")
     leg = ax.legend(loc="lower right", fontsize=7, framealpha=0.85)
     leg.get_frame().set_facecolor("0.85")
     ax.set_xlim(0, W)
     ax.set_ylim(H, 0)
-    ax.set_title(title if title is not None else
-                 f"{len(pos)} positive : {len(neg)} negative RoIs", fontsize=9)
+    ax.set_title(
+        title if title is not None else f"{len(pos)} positive : {len(neg)} negative RoIs",
+        fontsize=9,
+    )
     return ax
 
 
-def draw_nms_result(ax: Axes, image, boxes, scores, labels, keep, *, class_names=None,
-                    title: str | None = None, legend: bool = True) -> Axes:
+def draw_nms_result(
+    ax: Axes,
+    image,
+    boxes,
+    scores,
+    labels,
+    keep,
+    *,
+    class_names=None,
+    title: str | None = None,
+    legend: bool = True,
+) -> Axes:
     """Candidate detections before and after NMS in one picture.
 
     Args:
@@ -1537,8 +1981,11 @@ def draw_nms_result(ax: Axes, image, boxes, scores, labels, keep, *, class_names
     img = image_for_display(image, fn)
     H, W = img.shape[:2]
     b = _as_boxes(boxes, "boxes", fn)
-    s = (scores.detach().cpu().float().numpy() if isinstance(scores, torch.Tensor)
-         else np.asarray(scores, dtype=np.float32)).reshape(-1)
+    s = (
+        scores.detach().cpu().float().numpy()
+        if isinstance(scores, torch.Tensor)
+        else np.asarray(scores, dtype=np.float32)
+    ).reshape(-1)
     if s.shape[0] != len(b):
         raise ValueError(f"{fn}: scores has {s.shape[0]} entries for {len(b)} boxes")
     lab = _as_labels(labels, len(b), "labels", fn)
@@ -1550,22 +1997,53 @@ def draw_nms_result(ax: Axes, image, boxes, scores, labels, keep, *, class_names
     ax.imshow(img, extent=(0, W, H, 0))
     for i in np.flatnonzero(~kept):
         x1, y1, x2, y2 = b[i]
-        ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False,
-                               edgecolor=class_color(lab[i]), linewidth=0.8, linestyle="--",
-                               alpha=0.7, gid="suppressed_box"))
+        ax.add_patch(
+            Rectangle(
+                (x1, y1),
+                x2 - x1,
+                y2 - y1,
+                fill=False,
+                edgecolor=class_color(lab[i]),
+                linewidth=0.8,
+                linestyle="--",
+                alpha=0.7,
+                gid="suppressed_box",
+            )
+        )
     for i in np.flatnonzero(kept):
         x1, y1, x2, y2 = b[i]
         color = class_color(lab[i])
-        ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=color,
-                               linewidth=2.2, gid="kept_box"))
-        ax.text(x1, y1, f"{_class_name(int(lab[i]), class_names)} {s[i]:.2f}", fontsize=6.5,
-                va="bottom", ha="left", clip_on=True,
-                bbox={"facecolor": color, "alpha": 0.8, "pad": 1, "edgecolor": "none"})
+        ax.add_patch(
+            Rectangle(
+                (x1, y1),
+                x2 - x1,
+                y2 - y1,
+                fill=False,
+                edgecolor=color,
+                linewidth=2.2,
+                gid="kept_box",
+            )
+        )
+        ax.text(
+            x1,
+            y1,
+            f"{_class_name(int(lab[i]), class_names)} {s[i]:.2f}",
+            fontsize=6.5,
+            va="bottom",
+            ha="left",
+            clip_on=True,
+            bbox={"facecolor": color, "alpha": 0.8, "pad": 1, "edgecolor": "none"},
+        )
     if legend and len(b):
         for c in np.unique(lab):
-            ax.plot([], [], color=class_color(c), lw=2,
-                    label=f"{_class_name(int(c), class_names)}: {int((lab == c).sum())} -> "
-                          f"{int((kept & (lab == c)).sum())} kept")
+            ax.plot(
+                [],
+                [],
+                color=class_color(c),
+                lw=2,
+                label=f"{_class_name(int(c), class_names)}: {int((lab == c).sum())} -> "
+                f"{int((kept & (lab == c)).sum())} kept",
+            )
         ax.plot([], [], color="0.3", lw=0.8, ls="--", label="suppressed (dashed)")
         leg = ax.legend(loc="lower right", fontsize=7, framealpha=0.85)
         leg.get_frame().set_facecolor("0.85")
@@ -1578,8 +2056,9 @@ def draw_nms_result(ax: Axes, image, boxes, scores, labels, keep, *, class_names
 
 def _one_box(box, fn: str) -> torch.Tensor:
     arr = box.detach().cpu() if isinstance(box, torch.Tensor) else torch.as_tensor(box)
-    b = torch.as_tensor(_as_boxes(arr.reshape(-1, 4) if arr.numel() == 4 else arr, "box", fn),
-                        dtype=torch.float32)
+    b = torch.as_tensor(
+        _as_boxes(arr.reshape(-1, 4) if arr.numel() == 4 else arr, "box", fn), dtype=torch.float32
+    )
     if b.shape[0] != 1:
         raise ValueError(f"{fn}: box must be one (x1, y1, x2, y2), got {b.shape[0]} boxes")
     return b  # [1, 4]
@@ -1593,9 +2072,19 @@ def _zoom(ax: Axes, box, H: int, W: int, margin: float = 0.35) -> None:
     ax.set_ylim(min(y2 + my, H), max(y1 - my, 0.0))
 
 
-def draw_mask_target(image, gt_masks, box, matched_idx: int, *, M: int = 28, gt_boxes=None,
-                     label: int | None = None, class_names=None, fig: Figure | None = None,
-                     title: str | None = None) -> Figure:
+def draw_mask_target(
+    image,
+    gt_masks,
+    box,
+    matched_idx: int,
+    *,
+    M: int = 28,
+    gt_boxes=None,
+    label: int | None = None,
+    class_names=None,
+    fig: Figure | None = None,
+    title: str | None = None,
+) -> Figure:
     """One RoI's mask target beside the image crop it is cut from (Mask R-CNN sec. 3).
 
     The target is ``heads.mask_targets(gt_masks, box, matched_idx, M)``: the matched object's
@@ -1624,8 +2113,9 @@ def draw_mask_target(image, gt_masks, box, matched_idx: int, *, M: int = 28, gt_
     H, W = img.shape[:2]
     masks = torch.as_tensor(gt_masks)
     if masks.dim() != 3 or tuple(masks.shape[1:]) != (H, W):
-        raise ValueError(f"{fn}: gt_masks must be [G, {H}, {W}] (the image's size), got "
-                         f"{tuple(masks.shape)}")
+        raise ValueError(
+            f"{fn}: gt_masks must be [G, {H}, {W}] (the image's size), got {tuple(masks.shape)}"
+        )
     b = _one_box(box, fn)
     G = masks.shape[0]
     g = int(matched_idx)
@@ -1648,12 +2138,20 @@ def draw_mask_target(image, gt_masks, box, matched_idx: int, *, M: int = 28, gt_
     ax0.imshow(shown, extent=(0, W, H, 0))
     for j in range(G):
         if j != g and masks[j].any():
-            ax0.contour(np.arange(W) + 0.5, np.arange(H) + 0.5,
-                        masks[j].cpu().numpy().astype(np.float32), levels=[0.5],
-                        colors=["white"], linewidths=0.8)
+            ax0.contour(
+                np.arange(W) + 0.5,
+                np.arange(H) + 0.5,
+                masks[j].cpu().numpy().astype(np.float32),
+                levels=[0.5],
+                colors=["white"],
+                linewidths=0.8,
+            )
     x1, y1, x2, y2 = b[0].tolist()
-    ax0.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor="yellow",
-                            linewidth=2.0, gid="roi_box"))
+    ax0.add_patch(
+        Rectangle(
+            (x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor="yellow", linewidth=2.0, gid="roi_box"
+        )
+    )
     _zoom(ax0, (x1, y1, x2, y2), H, W, margin=0.6)
     ax0.set_title(f"RoI (yellow) and gt mask {g}", fontsize=9)
 
@@ -1666,12 +2164,19 @@ def draw_mask_target(image, gt_masks, box, matched_idx: int, *, M: int = 28, gt_
     ax1.set_xticks([])
     ax1.set_yticks([])
 
-    im = ax2.imshow(t, cmap="gray", vmin=0.0, vmax=1.0, extent=(0, M, M, 0),
-                    interpolation="nearest")
+    im = ax2.imshow(
+        t, cmap="gray", vmin=0.0, vmax=1.0, extent=(0, M, M, 0), interpolation="nearest"
+    )
     im.set_gid("mask_target")
     if t.max() >= 0.5 and t.min() < 0.5:
-        ax2.contour(np.arange(M) + 0.5, np.arange(M) + 0.5, t, levels=[0.5], colors=["yellow"],
-                    linewidths=1.0)
+        ax2.contour(
+            np.arange(M) + 0.5,
+            np.arange(M) + 0.5,
+            t,
+            levels=[0.5],
+            colors=["yellow"],
+            linewidths=1.0,
+        )
     ax2.set_title(f"{M} x {M} target (yellow: 0.5)", fontsize=9)
     fig.colorbar(im, ax=ax2, shrink=0.8)
     if title is None:
@@ -1681,14 +2186,21 @@ def draw_mask_target(image, gt_masks, box, matched_idx: int, *, M: int = 28, gt_
             gb = torch.as_tensor(_as_boxes(gt_boxes, "gt_boxes", fn), dtype=torch.float32)
             if gb.shape[0] != G:
                 raise ValueError(f"{fn}: gt_boxes has {gb.shape[0]} boxes for {G} masks")
-            title += f" (IoU {float(box_iou(b, gb[g:g + 1])[0, 0]):.2f})"
+            title += f" (IoU {float(box_iou(b, gb[g : g + 1])[0, 0]):.2f})"
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return fig
 
 
-def draw_mask_probs(probs, targets=None, *, row_names=None, col_names=None,
-                    threshold: float = 0.5, fig: Figure | None = None) -> Figure:
+def draw_mask_probs(
+    probs,
+    targets=None,
+    *,
+    row_names=None,
+    col_names=None,
+    threshold: float = 0.5,
+    fig: Figure | None = None,
+) -> Figure:
     """A grid of ``M x M`` mask probabilities: one row per setting, one column per RoI.
 
     Args:
@@ -1712,8 +2224,9 @@ def draw_mask_probs(probs, targets=None, *, row_names=None, col_names=None,
     if targets is not None:
         t = torch.as_tensor(targets).detach().cpu().float()
         if tuple(t.shape) != (P, M, M):
-            raise ValueError(f"{fn}: targets must be [P, M, M] = [{P}, {M}, {M}], got "
-                             f"{tuple(t.shape)}")
+            raise ValueError(
+                f"{fn}: targets must be [P, M, M] = [{P}, {M}, {M}], got {tuple(t.shape)}"
+            )
     for name, names, n in (("row_names", row_names, R), ("col_names", col_names, P)):
         if names is not None and len(names) != n:
             raise ValueError(f"{fn}: {name} has {len(names)} entries for {n}")
@@ -1727,18 +2240,25 @@ def draw_mask_probs(probs, targets=None, *, row_names=None, col_names=None,
         for c in range(P):
             ax = axes[r, c]
             pr = p[r, c].numpy()
-            im = ax.imshow(pr, cmap="viridis", vmin=0.0, vmax=1.0, extent=(0, M, M, 0),
-                           interpolation="nearest")
+            im = ax.imshow(
+                pr, cmap="viridis", vmin=0.0, vmax=1.0, extent=(0, M, M, 0), interpolation="nearest"
+            )
             im.set_gid("mask_prob")
             if pr.max() >= threshold > pr.min():
-                ax.contour(centres, centres, pr, levels=[threshold], colors=["red"],
-                           linewidths=1.2)
+                ax.contour(centres, centres, pr, levels=[threshold], colors=["red"], linewidths=1.2)
             text = f"max p {pr.max():.2f}"
             if t is not None:
                 tc = t[c].numpy()
                 if tc.max() >= 0.5 > tc.min():
-                    ax.contour(centres, centres, tc, levels=[0.5], colors=["white"],
-                               linewidths=1.0, linestyles="--")
+                    ax.contour(
+                        centres,
+                        centres,
+                        tc,
+                        levels=[0.5],
+                        colors=["white"],
+                        linewidths=1.0,
+                        linestyles="--",
+                    )
                 fg, gt = pr >= threshold, tc >= 0.5
                 iou = (fg & gt).sum() / max((fg | gt).sum(), 1)
                 text = f"IoU {iou:.2f}, " + text
@@ -1753,8 +2273,16 @@ def draw_mask_probs(probs, targets=None, *, row_names=None, col_names=None,
     return fig
 
 
-def draw_paste_steps(mask, box, image_size, *, gt_mask=None, padding: int = 1,
-                     threshold: float = 0.5, fig: Figure | None = None) -> Figure:
+def draw_paste_steps(
+    mask,
+    box,
+    image_size,
+    *,
+    gt_mask=None,
+    padding: int = 1,
+    threshold: float = 0.5,
+    fig: Figure | None = None,
+) -> Figure:
     """How an ``M x M`` mask goes back into the image (``heads.paste_masks_in_image``).
 
     Four panels: (1) the mask padded with ``padding`` zero pixels (``heads.expand_masks``);
@@ -1798,41 +2326,91 @@ def draw_paste_steps(mask, box, image_size, *, gt_mask=None, padding: int = 1,
     fig.clear()
     axes = fig.subplots(1, 4)
     Mp = padded.shape[-1]
-    axes[0].imshow(padded[0, 0].numpy(), cmap="viridis", vmin=0, vmax=1, extent=(0, Mp, Mp, 0),
-                   interpolation="nearest")
-    axes[0].add_patch(Rectangle((padding, padding), M, M, fill=False, edgecolor="white",
-                                linewidth=1.0, linestyle="--"))
+    axes[0].imshow(
+        padded[0, 0].numpy(),
+        cmap="viridis",
+        vmin=0,
+        vmax=1,
+        extent=(0, Mp, Mp, 0),
+        interpolation="nearest",
+    )
+    axes[0].add_patch(
+        Rectangle(
+            (padding, padding), M, M, fill=False, edgecolor="white", linewidth=1.0, linestyle="--"
+        )
+    )
     axes[0].set_title(f"1. {M}x{M} mask padded to {Mp}x{Mp}", fontsize=9)
 
     x1, y1, x2, y2 = b[0].tolist()
     gx1, gy1, gx2, gy2 = grown[0].tolist()
     axes[1].imshow(np.zeros((h, w)), cmap="Greys", vmin=0, vmax=1, extent=(0, w, h, 0))
     # the integer box covers pixels ib[0] .. ib[2] and ib[1] .. ib[3] inclusive
-    axes[1].add_patch(Rectangle((ib[0], ib[1]), ib[2] - ib[0] + 1, ib[3] - ib[1] + 1,
-                                facecolor="tab:orange", alpha=0.35, edgecolor="tab:orange",
-                                gid="paste_pixels"))
-    axes[1].add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor="tab:blue",
-                                linewidth=1.5, linestyle="--", gid="box"))
-    axes[1].add_patch(Rectangle((gx1, gy1), gx2 - gx1, gy2 - gy1, fill=False,
-                                edgecolor="tab:red", linewidth=1.2, gid="grown_box"))
+    axes[1].add_patch(
+        Rectangle(
+            (ib[0], ib[1]),
+            ib[2] - ib[0] + 1,
+            ib[3] - ib[1] + 1,
+            facecolor="tab:orange",
+            alpha=0.35,
+            edgecolor="tab:orange",
+            gid="paste_pixels",
+        )
+    )
+    axes[1].add_patch(
+        Rectangle(
+            (x1, y1),
+            x2 - x1,
+            y2 - y1,
+            fill=False,
+            edgecolor="tab:blue",
+            linewidth=1.5,
+            linestyle="--",
+            gid="box",
+        )
+    )
+    axes[1].add_patch(
+        Rectangle(
+            (gx1, gy1),
+            gx2 - gx1,
+            gy2 - gy1,
+            fill=False,
+            edgecolor="tab:red",
+            linewidth=1.2,
+            gid="grown_box",
+        )
+    )
     axes[1].plot([], [], color="tab:blue", ls="--", label="detection box")
     axes[1].plot([], [], color="tab:red", label=f"grown x {scale:.3f}")
     axes[1].plot([], [], color="tab:orange", lw=6, alpha=0.5, label="whole pixels pasted")
     axes[1].legend(loc="lower right", fontsize=7)
     axes[1].set_title("2. box grown, cut to whole pixels", fontsize=9)
 
-    im = axes[2].imshow(pasted.numpy(), cmap="viridis", vmin=0, vmax=1, extent=(0, w, h, 0),
-                        interpolation="nearest")
+    im = axes[2].imshow(
+        pasted.numpy(), cmap="viridis", vmin=0, vmax=1, extent=(0, w, h, 0), interpolation="nearest"
+    )
     im.set_gid("pasted")
     axes[2].set_title("3. resized (bilinear) and pasted", fontsize=9)
-    bi = axes[3].imshow(binary.numpy().astype(np.float32), cmap="gray", vmin=0, vmax=1,
-                        extent=(0, w, h, 0), interpolation="nearest")
+    bi = axes[3].imshow(
+        binary.numpy().astype(np.float32),
+        cmap="gray",
+        vmin=0,
+        vmax=1,
+        extent=(0, w, h, 0),
+        interpolation="nearest",
+    )
     bi.set_gid("binary")
     title = f"4. probability >= {threshold}"
     if gt is not None:
         if gt.any():
-            axes[3].contour(np.arange(w) + 0.5, np.arange(h) + 0.5, gt.numpy().astype(np.float32),
-                            levels=[0.5], colors=["tab:red"], linewidths=1.0, linestyles="--")
+            axes[3].contour(
+                np.arange(w) + 0.5,
+                np.arange(h) + 0.5,
+                gt.numpy().astype(np.float32),
+                levels=[0.5],
+                colors=["tab:red"],
+                linewidths=1.0,
+                linestyles="--",
+            )
         iou = float((binary & gt).sum()) / max(float((binary | gt).sum()), 1.0)
         title += f": IoU {iou:.3f} with gt (red)"
     axes[3].set_title(title, fontsize=9)
@@ -1848,8 +2426,13 @@ def draw_paste_steps(mask, box, image_size, *, gt_mask=None, padding: int = 1,
 # --------------------------------------------------------------------------------------------
 
 #: Colour of each pyramid level P2..P6 in every drawing of notebook 07.
-LEVEL_COLORS: dict[int, str] = {2: "tab:blue", 3: "tab:green", 4: "tab:orange", 5: "tab:red",
-                                6: "tab:purple"}
+LEVEL_COLORS: dict[int, str] = {
+    2: "tab:blue",
+    3: "tab:green",
+    4: "tab:orange",
+    5: "tab:red",
+    6: "tab:purple",
+}
 
 
 def _level_color(k: int) -> str:
@@ -1874,14 +2457,21 @@ def box_wh(size: float, aspect: float) -> tuple[float, float]:
     ``w = size / sqrt(aspect)``, ``h = size * sqrt(aspect)``)."""
     size, aspect = float(size), float(aspect)
     if not (size > 0 and aspect > 0 and math.isfinite(size) and math.isfinite(aspect)):
-        raise ValueError(f"box_wh: size and aspect must be positive and finite, got {size}, "
-                         f"{aspect}")
+        raise ValueError(
+            f"box_wh: size and aspect must be positive and finite, got {size}, {aspect}"
+        )
     return size / math.sqrt(aspect), size * math.sqrt(aspect)
 
 
-def draw_level_rule(ax: Axes, boxes=None, *, k_min: int = 2, k_max: int = 5,
-                    size_range: tuple[float, float] = (8.0, 2048.0),
-                    title: str | None = None) -> Axes:
+def draw_level_rule(
+    ax: Axes,
+    boxes=None,
+    *,
+    k_min: int = 2,
+    k_max: int = 5,
+    size_range: tuple[float, float] = (8.0, 2048.0),
+    title: str | None = None,
+) -> Axes:
     """FPN's level rule as a staircase: level ``k`` against the RoI size ``sqrt(w h)``.
 
     The solid staircase is :func:`mrcnn_edu.poolers.assign_levels` evaluated on square boxes of
@@ -1899,16 +2489,35 @@ def draw_level_rule(ax: Axes, boxes=None, *, k_min: int = 2, k_max: int = 5,
     s = np.geomspace(lo, hi, 1200)
     squares = np.stack([np.zeros_like(s), np.zeros_like(s), s, s], axis=1)
     k = box_levels(squares, k_min, k_max)
-    ax.plot(s, k, color="0.15", lw=2, drawstyle="steps-post", gid="rule",
-            label="assign_levels (floor, clamped)")
-    ax.plot(s, CANONICAL_LEVEL + np.log2(s / CANONICAL_SCALE), ":", color="0.45",
-            label=f"{CANONICAL_LEVEL} + log2(sqrt(wh) / {CANONICAL_SCALE})")
+    ax.plot(
+        s,
+        k,
+        color="0.15",
+        lw=2,
+        drawstyle="steps-post",
+        gid="rule",
+        label="assign_levels (floor, clamped)",
+    )
+    ax.plot(
+        s,
+        CANONICAL_LEVEL + np.log2(s / CANONICAL_SCALE),
+        ":",
+        color="0.45",
+        label=f"{CANONICAL_LEVEL} + log2(sqrt(wh) / {CANONICAL_SCALE})",
+    )
     for j in range(k_min + 1, k_max + 1):
         edge = CANONICAL_SCALE * 2.0 ** (j - CANONICAL_LEVEL)
         if lo < edge < hi:
             ax.axvline(edge, color=_level_color(j), ls="--", lw=1)
-            ax.text(edge, k_min - 0.35, f"{edge:g}", color=_level_color(j), ha="center",
-                    va="top", fontsize=8)
+            ax.text(
+                edge,
+                k_min - 0.35,
+                f"{edge:g}",
+                color=_level_color(j),
+                ha="center",
+                va="top",
+                fontsize=8,
+            )
     if boxes is not None:
         b = _as_boxes(boxes, "boxes", "draw_level_rule")
         levels = box_levels(b, k_min, k_max)
@@ -1918,8 +2527,16 @@ def draw_level_rule(ax: Axes, boxes=None, *, k_min: int = 2, k_max: int = 5,
         for lev in range(k_min, k_max + 1):
             m = levels == lev
             if m.any():
-                ax.scatter(size[m], lev + spread[m], s=10, color=_level_color(lev), alpha=0.7,
-                           gid=f"roi_P{lev}", label=f"P{lev}: {int(m.sum())} RoIs", zorder=3)
+                ax.scatter(
+                    size[m],
+                    lev + spread[m],
+                    s=10,
+                    color=_level_color(lev),
+                    alpha=0.7,
+                    gid=f"roi_P{lev}",
+                    label=f"P{lev}: {int(m.sum())} RoIs",
+                    zorder=3,
+                )
     ax.set_xscale("log")
     ax.set_xlim(lo, hi)
     ax.set_ylim(k_min - 0.8, k_max + 0.6)
@@ -1927,15 +2544,25 @@ def draw_level_rule(ax: Axes, boxes=None, *, k_min: int = 2, k_max: int = 5,
     ax.set_xlabel("RoI size sqrt(w h) [input pixels]")
     ax.set_ylabel("pyramid level k")
     ax.legend(loc="upper left", fontsize=7)
-    ax.set_title(title if title is not None else
-                 "k = floor(4 + log2(sqrt(wh) / 224)), clamped to "
-                 f"{k_min}..{k_max}", fontsize=9)
+    ax.set_title(
+        title
+        if title is not None
+        else f"k = floor(4 + log2(sqrt(wh) / 224)), clamped to {k_min}..{k_max}",
+        fontsize=9,
+    )
     return ax
 
 
-def draw_fpn_levels(box_size: tuple[float, float], *, image_size: tuple[int, int] = (800, 800),
-                    k_min: int = 2, k_max: int = 5, rpn_levels: int = 1, output_size: int = 7,
-                    fig: Figure | None = None) -> Figure:
+def draw_fpn_levels(
+    box_size: tuple[float, float],
+    *,
+    image_size: tuple[int, int] = (800, 800),
+    k_min: int = 2,
+    k_max: int = 5,
+    rpn_levels: int = 1,
+    output_size: int = 7,
+    fig: Figure | None = None,
+) -> Figure:
     """Which pyramid level pools an RoI of ``box_size = (w, h)`` pixels, drawn on the pyramid.
 
     Left: the pyramid ``P2 .. P5`` of an ``image_size`` input (and ``rpn_levels`` extra levels
@@ -1983,7 +2610,7 @@ def draw_fpn_levels(box_size: tuple[float, float], *, image_size: tuple[int, int
     y = 0.0
     fw, fh = min(w / W, 1.0), min(h / H, 1.0)
     for j in all_levels:
-        s = 2 ** j
+        s = 2**j
         cells_w, cells_h = math.ceil(W / s), math.ceil(H / s)  # map size (rounded up)
         rw = 0.8 ** (j - k_min)
         depth, x0 = 0.32 * rw, -rw / 2
@@ -1993,21 +2620,39 @@ def draw_fpn_levels(box_size: tuple[float, float], *, image_size: tuple[int, int
             return (x0 + u * rw + v * skew, y + v * depth)  # (u, v) in 0..1 on the plane
 
         chosen = j == k
-        plane = Polygon([at(0, 0), at(1, 0), at(1, 1), at(0, 1)], closed=True,
-                        facecolor=_level_color(j) if chosen else "0.93",
-                        alpha=0.9 if chosen else 1.0, edgecolor=_level_color(j),
-                        lw=2.5 if chosen else 1.0, hatch="//" if j > k_max else None,
-                        gid="assigned_level" if chosen else f"level_P{j}")
+        plane = Polygon(
+            [at(0, 0), at(1, 0), at(1, 1), at(0, 1)],
+            closed=True,
+            facecolor=_level_color(j) if chosen else "0.93",
+            alpha=0.9 if chosen else 1.0,
+            edgecolor=_level_color(j),
+            lw=2.5 if chosen else 1.0,
+            hatch="//" if j > k_max else None,
+            gid="assigned_level" if chosen else f"level_P{j}",
+        )
         ax.add_patch(plane)
         u0, u1, v0, v1 = 0.5 - fw / 2, 0.5 + fw / 2, 0.5 - fh / 2, 0.5 + fh / 2
-        ax.add_patch(Polygon([at(u0, v0), at(u1, v0), at(u1, v1), at(u0, v1)], closed=True,
-                             fill=False, edgecolor="black" if chosen else "0.35", lw=1.2,
-                             gid=f"pyramid_box_P{j}"))
+        ax.add_patch(
+            Polygon(
+                [at(u0, v0), at(u1, v0), at(u1, v1), at(u0, v1)],
+                closed=True,
+                fill=False,
+                edgecolor="black" if chosen else "0.35",
+                lw=1.2,
+                gid=f"pyramid_box_P{j}",
+            )
+        )
         note = " (RPN only)" if j > k_max else ("  <- pooled" if chosen else "")
-        ax.text(at(1, 0.5)[0] + 0.06, y + depth / 2,
-                f"P{j}, stride {s}: {cells_h}x{cells_w}\nbox {w / s:.1f}x{h / s:.1f} cells{note}",
-                va="center", ha="left", fontsize=7, color="black" if chosen else "0.35",
-                fontweight="bold" if chosen else "normal")
+        ax.text(
+            at(1, 0.5)[0] + 0.06,
+            y + depth / 2,
+            f"P{j}, stride {s}: {cells_h}x{cells_w}\nbox {w / s:.1f}x{h / s:.1f} cells{note}",
+            va="center",
+            ha="left",
+            fontsize=7,
+            color="black" if chosen else "0.35",
+            fontweight="bold" if chosen else "normal",
+        )
         y += depth + 0.1
     ax.set_xlim(-0.55, 1.45)
     ax.set_ylim(-0.05, y)
@@ -2024,13 +2669,19 @@ def draw_fpn_levels(box_size: tuple[float, float], *, image_size: tuple[int, int
     wy1, wy2 = cy - side / 2, cy + side / 2
     for col, j in enumerate(levels, start=1):
         a = fig.add_subplot(gs[0, col])
-        s = 2 ** j
+        s = 2**j
         j0, j1 = math.floor(wx1 / s), math.ceil(wx2 / s)  # cell columns in the window
         i0, i1 = math.floor(wy1 / s), math.ceil(wy2 / s)
         jj, ii = np.meshgrid(np.arange(j0, j1), np.arange(i0, i1))
         board = ((ii + jj) % 2).astype(np.float32)  # [rows, cols] checkerboard of the cells
-        im = a.imshow(board, cmap="Greys", vmin=-1.5, vmax=4.0, interpolation="nearest",
-                      extent=(j0 * s, j1 * s, i1 * s, i0 * s))
+        im = a.imshow(
+            board,
+            cmap="Greys",
+            vmin=-1.5,
+            vmax=4.0,
+            interpolation="nearest",
+            extent=(j0 * s, j1 * s, i1 * s, i0 * s),
+        )
         im.set_gid(f"cells_P{j}")
         color = _level_color(j)
         a.add_patch(Rectangle((x1, y1), w, h, fill=False, edgecolor=color, lw=2, gid="box"))
@@ -2046,13 +2697,19 @@ def draw_fpn_levels(box_size: tuple[float, float], *, image_size: tuple[int, int
             spine.set_edgecolor(color if chosen else "0.7")
             spine.set_linewidth(3.5 if chosen else 0.8)
         bin_w, bin_h = w / s / n_bins, h / s / n_bins
-        a.set_title(f"P{j}, stride {s}: box {w / s:.1f}x{h / s:.1f} cells\n"
-                    f"bin {bin_w:.2f}x{bin_h:.2f} cells" + ("  [pooled]" if chosen else ""),
-                    fontsize=8, fontweight="bold" if chosen else "normal",
-                    color=color if chosen else "black")
+        a.set_title(
+            f"P{j}, stride {s}: box {w / s:.1f}x{h / s:.1f} cells\n"
+            f"bin {bin_w:.2f}x{bin_h:.2f} cells" + ("  [pooled]" if chosen else ""),
+            fontsize=8,
+            fontweight="bold" if chosen else "normal",
+            color=color if chosen else "black",
+        )
     clamp = "" if k_min <= math.floor(raw + 1e-6) <= k_max else f", clamped to {k}"
-    fig.suptitle(f"box {w:.0f}x{h:.0f} px, sqrt(wh) = {size:.1f}:  k = floor(4 + log2({size:.1f}"
-                 f" / 224)) = floor({raw:.2f}) = {math.floor(raw + 1e-6)}{clamp}", fontsize=10)
+    fig.suptitle(
+        f"box {w:.0f}x{h:.0f} px, sqrt(wh) = {size:.1f}:  k = floor(4 + log2({size:.1f}"
+        f" / 224)) = floor({raw:.2f}) = {math.floor(raw + 1e-6)}{clamp}",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.fpn_level = k
     return fig
@@ -2062,9 +2719,14 @@ def _level_label(name: str, index: int, names: Sequence[str]) -> str:
     return str(names[index]) if index < len(names) else str(name)
 
 
-def draw_feature_pyramid(features, *, index: int = 0, labels: Sequence[str] | None = None,
-                         image_size: tuple[int, int] | None = None,
-                         fig: Figure | None = None) -> Figure:
+def draw_feature_pyramid(
+    features,
+    *,
+    index: int = 0,
+    labels: Sequence[str] | None = None,
+    image_size: tuple[int, int] | None = None,
+    fig: Figure | None = None,
+) -> Figure:
     """One panel per feature map: the mean absolute activation over channels of image ``index``.
 
     Args:
@@ -2078,8 +2740,11 @@ def draw_feature_pyramid(features, *, index: int = 0, labels: Sequence[str] | No
     gives the tensor's shape. Returns the ``Figure``.
     """
     fn = "draw_feature_pyramid"
-    items = list(features.items()) if hasattr(features, "items") else [
-        (f"P{2 + i}", f) for i, f in enumerate(features)]
+    items = (
+        list(features.items())
+        if hasattr(features, "items")
+        else [(f"P{2 + i}", f) for i, f in enumerate(features)]
+    )
     if not items:
         raise ValueError(f"{fn}: features is empty")
     for name, x in items:
@@ -2087,8 +2752,10 @@ def draw_feature_pyramid(features, *, index: int = 0, labels: Sequence[str] | No
             got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"{fn}: feature {name!r} must be [B, C, h, w], got {got}")
         if not 0 <= index < x.shape[0]:
-            raise ValueError(f"{fn}: index {index} out of range for feature {name!r} with "
-                             f"batch size {x.shape[0]}")
+            raise ValueError(
+                f"{fn}: index {index} out of range for feature {name!r} with "
+                f"batch size {x.shape[0]}"
+            )
     names = list(labels) if labels is not None else [str(n) for n, _ in items]
     if fig is None:
         fig = Figure(figsize=(2.6 * len(items), 3.0))
@@ -2114,9 +2781,13 @@ def draw_feature_pyramid(features, *, index: int = 0, labels: Sequence[str] | No
 
 
 #: Fixed colours of the model's parts in :func:`draw_parameter_counts`.
-PART_COLORS: dict[str, str] = {"backbone body": "tab:blue", "FPN": "tab:cyan",
-                               "RPN": "tab:green", "box head": "tab:orange",
-                               "mask head": "tab:red"}
+PART_COLORS: dict[str, str] = {
+    "backbone body": "tab:blue",
+    "FPN": "tab:cyan",
+    "RPN": "tab:green",
+    "box head": "tab:orange",
+    "mask head": "tab:red",
+}
 
 
 def draw_parameter_counts(ax: Axes, counts, *, title: str | None = None) -> Axes:
@@ -2138,8 +2809,9 @@ def draw_parameter_counts(ax: Axes, counts, *, title: str | None = None) -> Axes
     for m in models:
         parts = counts[m]
         if not hasattr(parts, "items"):
-            raise TypeError(f"{fn}: counts[{m!r}] must be a mapping {{part: n}}, got "
-                            f"{type(parts).__name__}")
+            raise TypeError(
+                f"{fn}: counts[{m!r}] must be a mapping {{part: n}}, got {type(parts).__name__}"
+            )
         for p, n in parts.items():
             if int(n) != n or n < 0:
                 raise ValueError(f"{fn}: counts[{m!r}][{p!r}] must be a count >= 0, got {n!r}")
@@ -2151,12 +2823,25 @@ def draw_parameter_counts(ax: Axes, counts, *, title: str | None = None) -> Axes
             n = int(counts[m].get(p, 0))
             if n == 0:
                 continue
-            bars = ax.barh(row, n / 1e6, left=left, color=PART_COLORS.get(p, "0.6"),
-                           edgecolor="white", height=0.6)
+            bars = ax.barh(
+                row,
+                n / 1e6,
+                left=left,
+                color=PART_COLORS.get(p, "0.6"),
+                edgecolor="white",
+                height=0.6,
+            )
             bars.patches[0].set_gid(f"{m}:{p}")
             if n / 1e6 > 0.06 * max(sum(c.values()) for c in counts.values()) / 1e6:
-                ax.text(left + n / 2e6, row, f"{n / 1e6:.1f}", ha="center", va="center",
-                        fontsize=7, color="white")
+                ax.text(
+                    left + n / 2e6,
+                    row,
+                    f"{n / 1e6:.1f}",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white",
+                )
             left += n / 1e6
         ax.text(left, row, f"  {left:.2f} M", va="center", fontsize=8)
     handles = [Rectangle((0, 0), 1, 1, color=PART_COLORS.get(p, "0.6"), label=p) for p in seen]
@@ -2169,9 +2854,17 @@ def draw_parameter_counts(ax: Axes, counts, *, title: str | None = None) -> Axes
     return ax
 
 
-def draw_rois_by_level(ax: Axes, image, boxes, *, k_min: int = 2, k_max: int = 5,
-                       max_boxes: int | None = None, title: str | None = None,
-                       legend: bool = True) -> Axes:
+def draw_rois_by_level(
+    ax: Axes,
+    image,
+    boxes,
+    *,
+    k_min: int = 2,
+    k_max: int = 5,
+    max_boxes: int | None = None,
+    title: str | None = None,
+    legend: bool = True,
+) -> Axes:
     """RoIs over ``image``, each in the colour of the pyramid level it is pooled from.
 
     ``boxes [K, 4]`` (x1, y1, x2, y2) pixels of ``image``; levels by
@@ -2188,20 +2881,37 @@ def draw_rois_by_level(ax: Axes, image, boxes, *, k_min: int = 2, k_max: int = 5
     ax.imshow(img, extent=(0, W, H, 0))
     for i in range(n - 1, -1, -1):  # best last, so it is drawn on top
         x1, y1, x2, y2 = b[i]
-        ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False,
-                               edgecolor=_level_color(levels[i]), lw=1.0, alpha=0.85,
-                               gid=f"roi_P{levels[i]}"))
+        ax.add_patch(
+            Rectangle(
+                (x1, y1),
+                x2 - x1,
+                y2 - y1,
+                fill=False,
+                edgecolor=_level_color(levels[i]),
+                lw=1.0,
+                alpha=0.85,
+                gid=f"roi_P{levels[i]}",
+            )
+        )
     if legend:
         for lev in range(k_min, k_max + 1):
-            ax.plot([], [], color=_level_color(lev), lw=2,
-                    label=f"P{lev}: {int((levels == lev).sum())}")
-        leg = ax.legend(loc="lower right", fontsize=7, framealpha=0.85,
-                        title=f"all {len(b)} by level", title_fontsize=7)
+            ax.plot(
+                [], [], color=_level_color(lev), lw=2, label=f"P{lev}: {int((levels == lev).sum())}"
+            )
+        leg = ax.legend(
+            loc="lower right",
+            fontsize=7,
+            framealpha=0.85,
+            title=f"all {len(b)} by level",
+            title_fontsize=7,
+        )
         leg.get_frame().set_facecolor("0.9")
     ax.set_xlim(0, W)
     ax.set_ylim(H, 0)
-    ax.set_title(title if title is not None else
-                 f"{n} of {len(b)} RoIs, coloured by pyramid level", fontsize=9)
+    ax.set_title(
+        title if title is not None else f"{n} of {len(b)} RoIs, coloured by pyramid level",
+        fontsize=9,
+    )
     return ax
 
 
@@ -2219,19 +2929,29 @@ def centre_anchors(anchor_generator, image_shape, feature_shapes) -> list[torch.
     out, start = [], 0
     for (h, w), A in zip(shapes, counts):
         cell = (h // 2) * w + (w // 2)  # location-major: cell (i, j) -> i * w + j
-        out.append(anchors[start + cell * A: start + (cell + 1) * A])
+        out.append(anchors[start + cell * A : start + (cell + 1) * A])
         start += h * w * A
     if start != anchors.shape[0]:
-        raise ValueError(f"centre_anchors: the generator returned {anchors.shape[0]} anchors, "
-                         f"the feature shapes account for {start}")
+        raise ValueError(
+            f"centre_anchors: the generator returned {anchors.shape[0]} anchors, "
+            f"the feature shapes account for {start}"
+        )
     return out
 
 
-def draw_forward_stages(image, stages, *, anchor_generator=None, index: int = 0,
-                        num_proposals: int = 40, num_detections: int = 8, class_names=None,
-                        image_mean: Sequence[float] = (0.485, 0.456, 0.406),
-                        image_std: Sequence[float] = (0.229, 0.224, 0.225),
-                        fig: Figure | None = None) -> Figure:
+def draw_forward_stages(
+    image,
+    stages,
+    *,
+    anchor_generator=None,
+    index: int = 0,
+    num_proposals: int = 40,
+    num_detections: int = 8,
+    class_names=None,
+    image_mean: Sequence[float] = (0.485, 0.456, 0.406),
+    image_std: Sequence[float] = (0.229, 0.224, 0.225),
+    fig: Figure | None = None,
+) -> Figure:
     """One Mask R-CNN forward pass, stage by stage, from :meth:`mrcnn_edu.model.MaskRCNN.
     run_stages` (eval mode, or train mode with ``return_detections=True``).
 
@@ -2263,13 +2983,17 @@ def draw_forward_stages(image, stages, *, anchor_generator=None, index: int = 0,
     if not 0 <= index < len(stages["proposals"]):
         raise ValueError(f"{fn}: index {index} out of range for {len(stages['proposals'])} images")
     if not stages["detections"]:
-        raise ValueError(f"{fn}: stages has no detections; run the model in eval mode or with "
-                         "return_detections=True")
+        raise ValueError(
+            f"{fn}: stages has no detections; run the model in eval mode or with "
+            "return_detections=True"
+        )
     h, w = stages["image_sizes"][index]
     batch = stages["images"][index].detach().cpu().float()  # [3, Hp, Wp] normalized, padded
     if len(image_mean) != batch.shape[0] or len(image_std) != batch.shape[0]:
-        raise ValueError(f"{fn}: image_mean and image_std need {batch.shape[0]} values, got "
-                         f"{len(image_mean)} and {len(image_std)}")
+        raise ValueError(
+            f"{fn}: image_mean and image_std need {batch.shape[0]} values, got "
+            f"{len(image_mean)} and {len(image_std)}"
+        )
     mean = torch.tensor([float(m) for m in image_mean])[:, None, None]  # [3, 1, 1]
     std = torch.tensor([float(s) for s in image_std])[:, None, None]
     batch = (batch * std + mean).clamp(0.0, 1.0)  # undo (x - mean) / std
@@ -2282,8 +3006,9 @@ def draw_forward_stages(image, stages, *, anchor_generator=None, index: int = 0,
     # 1. the input as the network sees it
     ax = axes[0]
     ax.imshow(image_for_display(batch, fn), extent=(0, Wp, Hp, 0))
-    ax.add_patch(Rectangle((0, 0), w, h, fill=False, edgecolor="white", lw=1.5, ls="--",
-                           gid="image_size"))
+    ax.add_patch(
+        Rectangle((0, 0), w, h, fill=False, edgecolor="white", lw=1.5, ls="--", gid="image_size")
+    )
     ax.set_title(f"1. input: resized to {h}x{w}, padded to {Hp}x{Wp}", fontsize=9)
 
     # 2. anchors of the centre cell, every level
@@ -2292,15 +3017,31 @@ def draw_forward_stages(image, stages, *, anchor_generator=None, index: int = 0,
     feats = list(stages["features"].values())
     if anchor_generator is not None:
         per_level = centre_anchors(anchor_generator, (Hp, Wp), [f.shape for f in feats])
-        total = sum(f.shape[-2] * f.shape[-1] * a for f, a in
-                    zip(feats, anchor_generator.num_anchors_per_location()))
+        total = sum(
+            f.shape[-2] * f.shape[-1] * a
+            for f, a in zip(feats, anchor_generator.num_anchors_per_location())
+        )
         for lev, a in enumerate(per_level):
             k = 2 + lev
             for x1, y1, x2, y2 in a.tolist():
-                ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False,
-                                       edgecolor=_level_color(k), lw=1.2, gid=f"anchor_P{k}"))
-            ax.plot([], [], color=_level_color(k), lw=2,
-                    label=f"P{k}: {feats[lev].shape[-2]}x{feats[lev].shape[-1]} cells")
+                ax.add_patch(
+                    Rectangle(
+                        (x1, y1),
+                        x2 - x1,
+                        y2 - y1,
+                        fill=False,
+                        edgecolor=_level_color(k),
+                        lw=1.2,
+                        gid=f"anchor_P{k}",
+                    )
+                )
+            ax.plot(
+                [],
+                [],
+                color=_level_color(k),
+                lw=2,
+                label=f"P{k}: {feats[lev].shape[-2]}x{feats[lev].shape[-1]} cells",
+            )
         ax.legend(loc="lower right", fontsize=6.5, framealpha=0.85)
         ax.set_title(f"2. anchors of the centre cell per level ({total} in all)", fontsize=9)
     else:
@@ -2310,9 +3051,14 @@ def draw_forward_stages(image, stages, *, anchor_generator=None, index: int = 0,
 
     # 3. proposals by level
     proposals = stages["proposals"][index]
-    draw_rois_by_level(axes[2], batch, proposals, max_boxes=num_proposals,
-                       title=f"3. best {min(num_proposals, len(proposals))} of {len(proposals)} "
-                             "proposals, by pooling level")
+    draw_rois_by_level(
+        axes[2],
+        batch,
+        proposals,
+        max_boxes=num_proposals,
+        title=f"3. best {min(num_proposals, len(proposals))} of {len(proposals)} "
+        "proposals, by pooling level",
+    )
     axes[2].set_xlim(0, Wp)
     axes[2].set_ylim(Hp, 0)
 
@@ -2336,12 +3082,23 @@ def draw_forward_stages(image, stages, *, anchor_generator=None, index: int = 0,
     det = stages["detections"][index]
     n = min(int(num_detections), len(det["boxes"]))
     top = {key: v[:n] for key, v in det.items()}
-    draw_instances(image, boxes=top["boxes"], labels=top["labels"], scores=top["scores"],
-                   class_names=class_names, ax=axes[4],
-                   title=f"5. best {n} of {len(det['boxes'])} detections")
+    draw_instances(
+        image,
+        boxes=top["boxes"],
+        labels=top["labels"],
+        scores=top["scores"],
+        class_names=class_names,
+        ax=axes[4],
+        title=f"5. best {n} of {len(det['boxes'])} detections",
+    )
     if "masks" in top:
-        draw_instances(image, masks=top["masks"], labels=top["labels"], ax=axes[5],
-                       title="6. their masks, pasted into the image (p >= 0.5)")
+        draw_instances(
+            image,
+            masks=top["masks"],
+            labels=top["labels"],
+            ax=axes[5],
+            title="6. their masks, pasted into the image (p >= 0.5)",
+        )
     else:
         axes[5].set_title("6. no mask branch", fontsize=9)
         axes[5].axis("off")
@@ -2349,16 +3106,27 @@ def draw_forward_stages(image, stages, *, anchor_generator=None, index: int = 0,
     return fig
 
 
-__all__ += ["LEVEL_COLORS", "PART_COLORS", "box_levels", "box_wh", "centre_anchors",
-            "draw_feature_pyramid", "draw_forward_stages", "draw_fpn_levels",
-            "draw_level_rule", "draw_parameter_counts", "draw_rois_by_level"]
+__all__ += [
+    "LEVEL_COLORS",
+    "PART_COLORS",
+    "box_levels",
+    "box_wh",
+    "centre_anchors",
+    "draw_feature_pyramid",
+    "draw_forward_stages",
+    "draw_fpn_levels",
+    "draw_level_rule",
+    "draw_parameter_counts",
+    "draw_rois_by_level",
+]
 
 
 # --------------------------------------------------------------------------------------------
 # training and evaluation (notebook 08, make demo)
 # --------------------------------------------------------------------------------------------
-def plot_loss_curves(rows: Sequence[dict], ax: Axes | None = None, title: str | None = None,
-                     log_y: bool = True) -> Axes:
+def plot_loss_curves(
+    rows: Sequence[dict], ax: Axes | None = None, title: str | None = None, log_y: bool = True
+) -> Axes:
     """Plot the losses logged by ``mrcnn_edu.engine.train`` against the step.
 
     Args:
@@ -2372,14 +3140,14 @@ def plot_loss_curves(rows: Sequence[dict], ax: Axes | None = None, title: str | 
     if ax is None:
         _, ax = plt.subplots(figsize=(7, 4))
     if not rows:
-        ax.text(0.5, 0.5, "no metrics logged yet", ha="center", va="center",
-                transform=ax.transAxes)
+        ax.text(0.5, 0.5, "no metrics logged yet", ha="center", va="center", transform=ax.transAxes)
         return ax
     steps = [float(r["step"]) for r in rows]
     names = [k for k in rows[0] if k.startswith("loss_")]
     for i, name in enumerate(names):
-        ax.plot(steps, [float(r[name]) for r in rows], lw=1.2, label=name,
-                color=plt.cm.tab10(i % 10))
+        ax.plot(
+            steps, [float(r[name]) for r in rows], lw=1.2, label=name, color=plt.cm.tab10(i % 10)
+        )
     if "loss" in rows[0]:
         ax.plot(steps, [float(r["loss"]) for r in rows], lw=2.4, color="black", label="total")
     if log_y:
@@ -2393,10 +3161,14 @@ def plot_loss_curves(rows: Sequence[dict], ax: Axes | None = None, title: str | 
     return ax
 
 
-def draw_predictions_vs_truth(images: Sequence, detections: Sequence[dict],
-                              targets: Sequence[dict], class_names: Sequence[str] | None = None,
-                              score_threshold: float = 0.5, titles: Sequence[str] | None = None,
-                              ) -> Figure:
+def draw_predictions_vs_truth(
+    images: Sequence,
+    detections: Sequence[dict],
+    targets: Sequence[dict],
+    class_names: Sequence[str] | None = None,
+    score_threshold: float = 0.5,
+    titles: Sequence[str] | None = None,
+) -> Figure:
     """One row per image: the ground truth on the left, the model's detections on the right.
 
     Args:
@@ -2411,28 +3183,51 @@ def draw_predictions_vs_truth(images: Sequence, detections: Sequence[dict],
     fig, axes = plt.subplots(n, 2, figsize=(7, 3.4 * n), squeeze=False)
     for i, (img, det, tgt) in enumerate(zip(images, detections, targets)):
         extra = f" ({titles[i]})" if titles else ""
-        draw_instances(img, tgt.get("boxes"), tgt.get("labels"), masks=tgt.get("masks"),
-                       class_names=class_names, ax=axes[i, 0], title=f"ground truth{extra}")
+        draw_instances(
+            img,
+            tgt.get("boxes"),
+            tgt.get("labels"),
+            masks=tgt.get("masks"),
+            class_names=class_names,
+            ax=axes[i, 0],
+            title=f"ground truth{extra}",
+        )
         keep = det["scores"] >= score_threshold
-        draw_instances(img, det["boxes"][keep], det["labels"][keep], det["scores"][keep],
-                       masks=det["masks"][keep] if "masks" in det else None,
-                       class_names=class_names, ax=axes[i, 1],
-                       title=f"prediction (score >= {score_threshold}){extra}")
+        draw_instances(
+            img,
+            det["boxes"][keep],
+            det["labels"][keep],
+            det["scores"][keep],
+            masks=det["masks"][keep] if "masks" in det else None,
+            class_names=class_names,
+            ax=axes[i, 1],
+            title=f"prediction (score >= {score_threshold}){extra}",
+        )
     fig.tight_layout()
     return fig
 
 
-def save_prediction_figure(image, detection: dict, path, class_names: Sequence[str] | None = None,
-                           score_thresh: float = 0.5) -> None:
+def save_prediction_figure(
+    image,
+    detection: dict,
+    path,
+    class_names: Sequence[str] | None = None,
+    score_thresh: float = 0.5,
+) -> None:
     """Draw one image's detections and write the picture to ``path`` (PNG, written
     atomically)."""
     fig, ax = plt.subplots(figsize=(6, 6 * image.shape[-2] / max(1, image.shape[-1])))
     keep = detection["scores"] >= score_thresh
-    draw_instances(image, detection["boxes"][keep], detection["labels"][keep],
-                   detection["scores"][keep],
-                   masks=detection["masks"][keep] if "masks" in detection else None,
-                   keypoints=detection["keypoints"][keep] if "keypoints" in detection else None,
-                   class_names=class_names, ax=ax)
+    draw_instances(
+        image,
+        detection["boxes"][keep],
+        detection["labels"][keep],
+        detection["scores"][keep],
+        masks=detection["masks"][keep] if "masks" in detection else None,
+        keypoints=detection["keypoints"][keep] if "keypoints" in detection else None,
+        class_names=class_names,
+        ax=ax,
+    )
     save_figure(fig, path)
 
 
@@ -2444,15 +3239,18 @@ def save_figure(fig: Figure, path, dpi: int = 100) -> None:
     from mrcnn_edu.utils import atomic_write
 
     buf = io.BytesIO()
-    fig.savefig(buf, format=Path(path).suffix.lstrip(".") or "png", dpi=dpi,
-                bbox_inches="tight")
+    fig.savefig(buf, format=Path(path).suffix.lstrip(".") or "png", dpi=dpi, bbox_inches="tight")
     plt.close(fig)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda f: f.write(buf.getvalue()))
 
 
-__all__ += ["draw_predictions_vs_truth", "plot_loss_curves", "save_figure",
-            "save_prediction_figure"]
+__all__ += [
+    "draw_predictions_vs_truth",
+    "plot_loss_curves",
+    "save_figure",
+    "save_prediction_figure",
+]
 
 
 # --------------------------------------------------------------------------------------------
@@ -2462,8 +3260,15 @@ __all__ += ["draw_predictions_vs_truth", "plot_loss_curves", "save_figure",
 
 from dataclasses import dataclass  # this section's own import (viz.py grows by appending)
 
-__all__ += ["GalleryEntry", "box_pair_iou", "collect_gallery", "draw_ap_thresholds",
-            "draw_gallery", "draw_iou_match", "mask_pair_iou"]
+__all__ += [
+    "GalleryEntry",
+    "box_pair_iou",
+    "collect_gallery",
+    "draw_ap_thresholds",
+    "draw_gallery",
+    "draw_iou_match",
+    "mask_pair_iou",
+]
 
 #: colours of a verdict: passes the threshold / fails it
 _PASS, _FAIL = (0.0, 0.62, 0.45), (0.84, 0.15, 0.10)
@@ -2527,13 +3332,24 @@ def _contour(ax: Axes, mask: np.ndarray, **kw) -> None:
     if mask.any() and not mask.all():
         H, W = mask.shape
         # pixel (i, j) spans [j, j+1) x [i, i+1): its centre is at (j + 0.5, i + 0.5)
-        ax.contour(np.arange(W) + 0.5, np.arange(H) + 0.5, mask.astype(np.float32),
-                   levels=[0.5], **kw)
+        ax.contour(
+            np.arange(W) + 0.5, np.arange(H) + 0.5, mask.astype(np.float32), levels=[0.5], **kw
+        )
 
 
-def draw_iou_match(ax: Axes, image, pred_box, gt_box, *, threshold: float = 0.5,
-                   kind: str = "bbox", pred_mask=None, gt_mask=None, zoom: float | None = 0.6,
-                   title: str | None = None) -> Axes:
+def draw_iou_match(
+    ax: Axes,
+    image,
+    pred_box,
+    gt_box,
+    *,
+    threshold: float = 0.5,
+    kind: str = "bbox",
+    pred_mask=None,
+    gt_mask=None,
+    zoom: float | None = 0.6,
+    title: str | None = None,
+) -> Axes:
     """One prediction against its ground truth at one IoU threshold, as ``COCOeval`` judges it.
 
     ``kind="bbox"``: the gt box (white, dashed, ``gid="gt_box"``), the predicted box
@@ -2569,50 +3385,111 @@ def draw_iou_match(ax: Axes, image, pred_box, gt_box, *, threshold: float = 0.5,
         x1, y1 = max(pb[0, 0], gb[0, 0]), max(pb[0, 1], gb[0, 1])
         x2, y2 = min(pb[0, 2], gb[0, 2]), min(pb[0, 3], gb[0, 3])
         if x2 > x1 and y2 > y1:
-            ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, hatch="///",
-                                   ec=(0.95, 0.85, 0.1), lw=0.0, zorder=2, gid="intersection"))
+            ax.add_patch(
+                Rectangle(
+                    (x1, y1),
+                    x2 - x1,
+                    y2 - y1,
+                    fill=False,
+                    hatch="///",
+                    ec=(0.95, 0.85, 0.1),
+                    lw=0.0,
+                    zorder=2,
+                    gid="intersection",
+                )
+            )
         gx1, gy1, gx2, gy2 = gb[0]
-        ax.add_patch(Rectangle((gx1, gy1), gx2 - gx1, gy2 - gy1, fill=False, ec="white", lw=2.2,
-                               ls="--", zorder=3, gid="gt_box"))
+        ax.add_patch(
+            Rectangle(
+                (gx1, gy1),
+                gx2 - gx1,
+                gy2 - gy1,
+                fill=False,
+                ec="white",
+                lw=2.2,
+                ls="--",
+                zorder=3,
+                gid="gt_box",
+            )
+        )
         px1, py1, px2, py2 = pb[0]
-        ax.add_patch(Rectangle((px1, py1), px2 - px1, py2 - py1, fill=False, ec=color, lw=2.2,
-                               zorder=4, gid="pred_box"))
+        ax.add_patch(
+            Rectangle(
+                (px1, py1),
+                px2 - px1,
+                py2 - py1,
+                fill=False,
+                ec=color,
+                lw=2.2,
+                zorder=4,
+                gid="pred_box",
+            )
+        )
     else:
         if pred_mask is None or gt_mask is None:
             raise ValueError(f"{fn}: kind='segm' needs pred_mask and gt_mask")
         pm, gm = _binary(pred_mask, "pred_mask", fn), _binary(gt_mask, "gt_mask", fn)
         if pm.shape != (H, W) or gm.shape != (H, W):
-            raise ValueError(f"{fn}: masks must be {H}x{W} like the image, got {pm.shape} and "
-                             f"{gm.shape}")
+            raise ValueError(
+                f"{fn}: masks must be {H}x{W} like the image, got {pm.shape} and {gm.shape}"
+            )
         iou = mask_pair_iou(pm, gm)
         color = _PASS if iou >= threshold else _FAIL
         _mask_overlay(ax, pm, gm, color, W, H)
         _contour(ax, gm, colors=["white"], linewidths=1.5, linestyles="--", zorder=3)
         _contour(ax, pm, colors=[color], linewidths=1.8, zorder=4)
     passed = iou >= threshold
-    ax.text(0.02, 0.98, f"IoU {iou:.3f}", transform=ax.transAxes, ha="left", va="top",
-            fontsize=10, color="black", gid="iou_text", zorder=6,
-            bbox={"facecolor": "white", "alpha": 0.85, "pad": 2, "edgecolor": color})
+    ax.text(
+        0.02,
+        0.98,
+        f"IoU {iou:.3f}",
+        transform=ax.transAxes,
+        ha="left",
+        va="top",
+        fontsize=10,
+        color="black",
+        gid="iou_text",
+        zorder=6,
+        bbox={"facecolor": "white", "alpha": 0.85, "pad": 2, "edgecolor": color},
+    )
     if zoom is not None:
-        union = np.array([min(pb[0, 0], gb[0, 0]), min(pb[0, 1], gb[0, 1]),
-                          max(pb[0, 2], gb[0, 2]), max(pb[0, 3], gb[0, 3])])
+        union = np.array(
+            [
+                min(pb[0, 0], gb[0, 0]),
+                min(pb[0, 1], gb[0, 1]),
+                max(pb[0, 2], gb[0, 2]),
+                max(pb[0, 3], gb[0, 3]),
+            ]
+        )
         _zoom(ax, union, H, W, margin=zoom)
     else:
         ax.set_xlim(0, W)
         ax.set_ylim(H, 0)
     ax.set_xticks([])
     ax.set_yticks([])
-    verdict = ("true positive" if passed else "false positive + missed gt")
+    verdict = "true positive" if passed else "false positive + missed gt"
     sign = ">=" if passed else "<"
-    ax.set_title(title if title is not None else
-                 f"{'box' if kind == 'bbox' else 'mask'} IoU {iou:.3f} {sign} {threshold:g}: "
-                 f"{verdict}", fontsize=9, color=color)
+    ax.set_title(
+        title
+        if title is not None
+        else f"{'box' if kind == 'bbox' else 'mask'} IoU {iou:.3f} {sign} {threshold:g}: {verdict}",
+        fontsize=9,
+        color=color,
+    )
     return ax
 
 
-def draw_ap_thresholds(image, pred_box, gt_box, *, pred_mask=None, gt_mask=None,
-                       thresholds: Sequence[float] = (0.5, 0.75), zoom: float | None = 0.6,
-                       fig: Figure | None = None) -> Figure:
+def draw_ap_thresholds(
+    image,
+    pred_box,
+    gt_box,
+    *,
+    pred_mask=None,
+    gt_mask=None,
+    thresholds: Sequence[float] = (0.5, 0.75),
+    zoom: float | None = 0.6,
+    fig: Figure | None = None,
+) -> Figure:
     """The same prediction judged at each IoU threshold (columns), by its box (first row) and,
     when both masks are given, by its mask (second row): the picture behind AP50 and AP75.
     Every panel is :func:`draw_iou_match`. Returns the ``Figure``."""
@@ -2625,8 +3502,17 @@ def draw_ap_thresholds(image, pred_box, gt_box, *, pred_mask=None, gt_mask=None,
     axes = np.asarray(fig.subplots(len(kinds), len(thresholds), squeeze=False))
     for r, kind in enumerate(kinds):
         for c, t in enumerate(thresholds):
-            draw_iou_match(axes[r, c], image, pred_box, gt_box, threshold=t, kind=kind,
-                           pred_mask=pred_mask, gt_mask=gt_mask, zoom=zoom)
+            draw_iou_match(
+                axes[r, c],
+                image,
+                pred_box,
+                gt_box,
+                threshold=t,
+                kind=kind,
+                pred_mask=pred_mask,
+                gt_mask=gt_mask,
+                zoom=zoom,
+            )
     fig.tight_layout()
     return fig
 
@@ -2676,9 +3562,14 @@ class GalleryEntry:
 _KIND_ORDER = {"false positive": 0, "missed": 1, "match": 2}
 
 
-def collect_gallery(detections: Sequence[dict], targets: Sequence[dict], *,
-                    score_threshold: float = 0.5, iou_threshold: float = 0.5,
-                    mask_threshold: float = 0.5) -> list[GalleryEntry]:
+def collect_gallery(
+    detections: Sequence[dict],
+    targets: Sequence[dict],
+    *,
+    score_threshold: float = 0.5,
+    iou_threshold: float = 0.5,
+    mask_threshold: float = 0.5,
+) -> list[GalleryEntry]:
     """Match detections to ground truth as ``COCOeval`` does, and list every outcome, sorted by
     mask IoU (worst first).
 
@@ -2706,8 +3597,10 @@ def collect_gallery(detections: Sequence[dict], targets: Sequence[dict], *,
     from mrcnn_edu.ops import box_iou
 
     if len(detections) != len(targets):
-        raise ValueError(f"{fn}: got {len(detections)} detection dicts and {len(targets)} "
-                         "targets; need one of each per image")
+        raise ValueError(
+            f"{fn}: got {len(detections)} detection dicts and {len(targets)} "
+            "targets; need one of each per image"
+        )
     entries: list[GalleryEntry] = []
     for i, (det, tgt) in enumerate(zip(detections, targets)):
         for key, d in (("detections", det), ("targets", tgt)):
@@ -2716,8 +3609,12 @@ def collect_gallery(detections: Sequence[dict], targets: Sequence[dict], *,
                 raise ValueError(f"{fn}: {key}[{i}] lacks {missing}; has {sorted(d)}")
         keep = torch.as_tensor(det["scores"]).detach().cpu() >= score_threshold  # [N]
         d_idx = torch.nonzero(keep).flatten()
-        d_idx = d_idx[torch.as_tensor(det["scores"]).detach().cpu()[d_idx]
-                      .argsort(descending=True, stable=True)]  # by decreasing score
+        d_idx = d_idx[
+            torch.as_tensor(det["scores"])
+            .detach()
+            .cpu()[d_idx]
+            .argsort(descending=True, stable=True)
+        ]  # by decreasing score
         d_boxes = det["boxes"].detach().cpu().float()[d_idx]  # [D, 4]
         d_labels = det["labels"].detach().cpu()[d_idx]  # [D]
         d_masks = det["masks"].detach().cpu()
@@ -2728,10 +3625,12 @@ def collect_gallery(detections: Sequence[dict], targets: Sequence[dict], *,
         g_labels = tgt["labels"].detach().cpu()
         g_masks = tgt["masks"].detach().cpu() >= 0.5  # [G, H, W]
         if d_masks.shape[1:] != g_masks.shape[1:] and len(d_masks) and len(g_masks):
-            raise ValueError(f"{fn}: image {i}: detection masks are {tuple(d_masks.shape[1:])} "
-                             f"but gt masks {tuple(g_masks.shape[1:])}")
+            raise ValueError(
+                f"{fn}: image {i}: detection masks are {tuple(d_masks.shape[1:])} "
+                f"but gt masks {tuple(g_masks.shape[1:])}"
+            )
         G, D = len(g_boxes), len(d_boxes)
-        iou = (box_iou(d_boxes, g_boxes) if D and G else torch.zeros(D, G))  # [D, G]
+        iou = box_iou(d_boxes, g_boxes) if D and G else torch.zeros(D, G)  # [D, G]
         same = d_labels[:, None] == g_labels[None, :]  # [D, G]
         iou = torch.where(same, iou, torch.zeros(()))
         gt_taken = [False] * G
@@ -2748,26 +3647,64 @@ def collect_gallery(detections: Sequence[dict], targets: Sequence[dict], *,
             score = float(det["scores"][d_idx[d]])
             if g is None:
                 best = float(iou[d].max()) if G else 0.0
-                entries.append(GalleryEntry(i, "false positive", int(d_labels[d]),
-                                            int(d_idx[d]), None, score, 0.0, 0.0, best))
+                entries.append(
+                    GalleryEntry(
+                        i,
+                        "false positive",
+                        int(d_labels[d]),
+                        int(d_idx[d]),
+                        None,
+                        score,
+                        0.0,
+                        0.0,
+                        best,
+                    )
+                )
             else:
                 m = mask_pair_iou(d_masks[d], g_masks[g])
-                entries.append(GalleryEntry(i, "match", int(d_labels[d]), int(d_idx[d]), g,
-                                            score, float(iou[d, g]), m, float(iou[d, g])))
+                entries.append(
+                    GalleryEntry(
+                        i,
+                        "match",
+                        int(d_labels[d]),
+                        int(d_idx[d]),
+                        g,
+                        score,
+                        float(iou[d, g]),
+                        m,
+                        float(iou[d, g]),
+                    )
+                )
         for g in range(G):
             if not gt_taken[g]:
                 best = float(iou[:, g].max()) if D else 0.0
-                entries.append(GalleryEntry(i, "missed", int(g_labels[g]), None, g, None, 0.0,
-                                            0.0, best))
-    entries.sort(key=lambda e: (e.mask_iou, _KIND_ORDER[e.kind], e.image_index,
-                                e.det_index if e.det_index is not None else e.gt_index))
+                entries.append(
+                    GalleryEntry(i, "missed", int(g_labels[g]), None, g, None, 0.0, 0.0, best)
+                )
+    entries.sort(
+        key=lambda e: (
+            e.mask_iou,
+            _KIND_ORDER[e.kind],
+            e.image_index,
+            e.det_index if e.det_index is not None else e.gt_index,
+        )
+    )
     return entries
 
 
-def draw_gallery(images: Sequence, entries: Sequence[GalleryEntry], detections: Sequence[dict],
-                 targets: Sequence[dict], *, class_names: Sequence[str] | None = None,
-                 ncols: int = 4, size: float = 2.6, margin: float = 0.5,
-                 fig: Figure | None = None, title: str | None = None) -> Figure:
+def draw_gallery(
+    images: Sequence,
+    entries: Sequence[GalleryEntry],
+    detections: Sequence[dict],
+    targets: Sequence[dict],
+    *,
+    class_names: Sequence[str] | None = None,
+    ncols: int = 4,
+    size: float = 2.6,
+    margin: float = 0.5,
+    fig: Figure | None = None,
+    title: str | None = None,
+) -> Figure:
     """One panel per :class:`GalleryEntry` (in the order given), zoomed on the object: the gt
     mask's outline white and dashed, the predicted mask filled (yellow where it agrees with the
     gt, as in :func:`draw_iou_match`), the predicted box thin. The panel title names the
@@ -2795,12 +3732,12 @@ def draw_gallery(images: Sequence, entries: Sequence[GalleryEntry], detections: 
         H, W = img.shape[:2]
         det, tgt = detections[e.image_index], targets[e.image_index]
         empty = np.zeros((H, W), bool)
-        pm = (_binary(det["masks"][e.det_index], "mask", fn) if e.det_index is not None
-              else empty)
+        pm = _binary(det["masks"][e.det_index], "mask", fn) if e.det_index is not None else empty
         gm = _binary(tgt["masks"][e.gt_index], "mask", fn) if e.gt_index is not None else empty
         if e.kind == "match":
-            color = (_PASS if e.mask_iou >= 0.75 else (0.9, 0.55, 0.0) if e.mask_iou >= 0.5
-                     else _FAIL)
+            color = (
+                _PASS if e.mask_iou >= 0.75 else (0.9, 0.55, 0.0) if e.mask_iou >= 0.5 else _FAIL
+            )
         else:
             color = _FAIL
         ax.imshow(img, extent=(0, W, H, 0))
@@ -2812,23 +3749,39 @@ def draw_gallery(images: Sequence, entries: Sequence[GalleryEntry], detections: 
         if e.det_index is not None:
             b = _as_boxes(det["boxes"][e.det_index].reshape(1, 4), "box", fn)[0]
             boxes.append(b)
-            ax.add_patch(Rectangle((b[0], b[1]), b[2] - b[0], b[3] - b[1], fill=False,
-                                   ec=class_color(e.label), lw=1.0, zorder=4, gid="pred_box"))
+            ax.add_patch(
+                Rectangle(
+                    (b[0], b[1]),
+                    b[2] - b[0],
+                    b[3] - b[1],
+                    fill=False,
+                    ec=class_color(e.label),
+                    lw=1.0,
+                    zorder=4,
+                    gid="pred_box",
+                )
+            )
         bb = np.stack(boxes)
-        _zoom(ax, (bb[:, 0].min(), bb[:, 1].min(), bb[:, 2].max(), bb[:, 3].max()), H, W,
-              margin=margin)
+        _zoom(
+            ax,
+            (bb[:, 0].min(), bb[:, 1].min(), bb[:, 2].max(), bb[:, 3].max()),
+            H,
+            W,
+            margin=margin,
+        )
         name = _class_name(e.label, class_names)
         score = f" {e.score:.2f}" if e.score is not None else ""
         what = e.verdict if e.kind == "match" else e.kind
-        ax.set_title(f"{k + 1}. {what}: {name}{score}\nmask IoU {e.mask_iou:.3f}", fontsize=8,
-                     color=color)
+        ax.set_title(
+            f"{k + 1}. {what}: {name}{score}\nmask IoU {e.mask_iou:.3f}", fontsize=8, color=color
+        )
         ax.set_xticks([])
         ax.set_yticks([])
         ax.set_gid(f"gallery_{k}")
         for side in ax.spines.values():
             side.set_edgecolor(color)
             side.set_linewidth(2.0)
-    for ax in axes[len(entries):]:
+    for ax in axes[len(entries) :]:
         ax.set_axis_off()
     if title is not None:
         fig.suptitle(title, fontsize=10)
@@ -2845,9 +3798,17 @@ def draw_gallery(images: Sequence, entries: Sequence[GalleryEntry], detections: 
 from matplotlib.colors import LogNorm  # this section's own imports (viz.py grows by appending)
 from matplotlib.patches import Circle
 
-__all__ += ["draw_keypoint_heatmap", "draw_keypoint_heatmaps",
-            "draw_keypoint_predictions_vs_truth", "draw_keypoint_targets", "draw_oks_circles",
-            "draw_softmax_vs_sigmoid", "keypoint_color", "keypoint_oks", "oks_radius"]
+__all__ += [
+    "draw_keypoint_heatmap",
+    "draw_keypoint_heatmaps",
+    "draw_keypoint_predictions_vs_truth",
+    "draw_keypoint_targets",
+    "draw_oks_circles",
+    "draw_softmax_vs_sigmoid",
+    "keypoint_color",
+    "keypoint_oks",
+    "oks_radius",
+]
 
 
 def keypoint_color(k: int) -> tuple[float, float, float]:
@@ -2861,12 +3822,17 @@ def keypoint_color(k: int) -> tuple[float, float, float]:
 
 def _kp_array(kps, fn: str, name: str, K: int | None = None, cols=(3,)) -> np.ndarray:
     """``kps`` as float64 ``[K, c]`` with ``c`` in ``cols``; ``K`` checked when given."""
-    arr = (kps.detach().cpu().double().numpy() if isinstance(kps, torch.Tensor)
-           else np.asarray(kps, dtype=np.float64))
+    arr = (
+        kps.detach().cpu().double().numpy()
+        if isinstance(kps, torch.Tensor)
+        else np.asarray(kps, dtype=np.float64)
+    )
     if arr.ndim != 2 or arr.shape[1] not in cols or (K is not None and arr.shape[0] != K):
         want = " or ".join(f"[{'K' if K is None else K}, {c}]" for c in cols)
-        raise ValueError(f"{fn}: {name} must be {want} (x, y{', v' if 3 in cols else ''} per "
-                         f"keypoint), got {arr.shape}")
+        raise ValueError(
+            f"{fn}: {name} must be {want} (x, y{', v' if 3 in cols else ''} per "
+            f"keypoint), got {arr.shape}"
+        )
     return arr
 
 
@@ -2886,15 +3852,25 @@ def _kp_skeleton(ax: Axes, kps: np.ndarray, skeleton, color, fn: str, **kw) -> N
     for a, b in skeleton or ():
         i, j = int(a) - 1, int(b) - 1
         if not (0 <= i < K and 0 <= j < K):
-            raise ValueError(f"{fn}: skeleton pair ({a}, {b}) is out of range for {K} keypoints "
-                             "(pairs are 1-based, as in COCO)")
+            raise ValueError(
+                f"{fn}: skeleton pair ({a}, {b}) is out of range for {K} keypoints "
+                "(pairs are 1-based, as in COCO)"
+            )
         if kps[i, 2] > 0 and kps[j, 2] > 0:
             ax.plot([kps[i, 0], kps[j, 0]], [kps[i, 1], kps[j, 1]], color=color, **kw)
 
 
-def draw_keypoint_targets(image, roi, keypoints, *, m: int = 56, keypoint_names=None,
-                          skeleton=None, fig: Figure | None = None,
-                          title: str | None = None) -> Figure:
+def draw_keypoint_targets(
+    image,
+    roi,
+    keypoints,
+    *,
+    m: int = 56,
+    keypoint_names=None,
+    skeleton=None,
+    fig: Figure | None = None,
+    title: str | None = None,
+) -> Figure:
     """One RoI's keypoint targets (Mask R-CNN sec. 5): each visible keypoint is a one-hot
     ``m x m`` mask, "where only a single pixel is labeled as foreground".
 
@@ -2942,22 +3918,43 @@ def draw_keypoint_targets(image, roi, keypoints, *, m: int = 56, keypoint_names=
     ax0, ax1 = fig.subplots(1, 2)
     ax0.imshow(img, extent=(0, W, H, 0))
     _kp_skeleton(ax0, kps, skeleton, "white", fn, linewidth=1.0, alpha=0.8)
-    ax0.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor="yellow",
-                            linewidth=1.5, gid="roi_box"))
+    ax0.add_patch(
+        Rectangle(
+            (x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor="yellow", linewidth=1.5, gid="roi_box"
+        )
+    )
     picture = np.zeros((m, m, 3), dtype=np.float32)
     for k in range(K):
         color = keypoint_color(k)
         if kps[k, 2] > 0:
-            ax0.scatter([kps[k, 0]], [kps[k, 1]], s=14, c=[color], edgecolors="black",
-                        linewidths=0.5, zorder=4)
+            ax0.scatter(
+                [kps[k, 0]],
+                [kps[k, 1]],
+                s=14,
+                c=[color],
+                edgecolors="black",
+                linewidths=0.5,
+                zorder=4,
+            )
         if not valid[k]:
             continue
         row, col = divmod(index[k], m)
         picture[row, col] = color
-        ax0.add_patch(Rectangle((x1 + col * cw, y1 + row * ch), cw, ch, fill=False,
-                                edgecolor=color, linewidth=1.2, zorder=5, gid="target_cell"))
-        ax1.add_patch(Circle((col + 0.5, row + 0.5), 1.6, fill=False, edgecolor=color,
-                             linewidth=1.0))
+        ax0.add_patch(
+            Rectangle(
+                (x1 + col * cw, y1 + row * ch),
+                cw,
+                ch,
+                fill=False,
+                edgecolor=color,
+                linewidth=1.2,
+                zorder=5,
+                gid="target_cell",
+            )
+        )
+        ax1.add_patch(
+            Circle((col + 0.5, row + 0.5), 1.6, fill=False, edgecolor=color, linewidth=1.0)
+        )
         ax1.text(col + 2.3, row + 0.5, names[k], color=color, fontsize=7, va="center")
     _zoom(ax0, (x1, y1, x2, y2), H, W, margin=0.25)
     ax0.set_title(f"RoI (yellow), the {m} x {m} grid cell of each keypoint", fontsize=9)
@@ -2965,12 +3962,14 @@ def draw_keypoint_targets(image, roi, keypoints, *, m: int = 56, keypoint_names=
     im.set_gid("keypoint_targets")
     ax1.set_xlim(0, m)
     ax1.set_ylim(m, 0)
-    ax1.set_title(f"{sum(valid)} one-hot {m} x {m} targets (one pixel each), drawn together",
-                  fontsize=9)
+    ax1.set_title(
+        f"{sum(valid)} one-hot {m} x {m} targets (one pixel each), drawn together", fontsize=9
+    )
     missing = [names[k] for k in range(K) if not valid[k]]
     if title is None:
-        title = (f"keypoint targets of RoI ({x1:.0f}, {y1:.0f}, {x2:.0f}, {y2:.0f})"
-                 + (f"; no target: {', '.join(missing)}" if missing else ""))
+        title = f"keypoint targets of RoI ({x1:.0f}, {y1:.0f}, {x2:.0f}, {y2:.0f})" + (
+            f"; no target: {', '.join(missing)}" if missing else ""
+        )
     fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 0.94))  # room for the title
     return fig
@@ -2992,8 +3991,9 @@ def _flat_target(target, m: int, fn: str) -> tuple[int, int] | None:
     return row, col
 
 
-def draw_softmax_vs_sigmoid(logits, target=None, *, fig: Figure | None = None,
-                            title: str | None = None) -> Figure:
+def draw_softmax_vs_sigmoid(
+    logits, target=None, *, fig: Figure | None = None, title: str | None = None
+) -> Figure:
     """One ``m x m`` heatmap of logits read two ways: the paper's ``m^2``-way softmax and a
     per-pixel sigmoid (the mask head's loss).
 
@@ -3007,8 +4007,11 @@ def draw_softmax_vs_sigmoid(logits, target=None, *, fig: Figure | None = None,
     shows beside the peak).
     """
     fn = "draw_softmax_vs_sigmoid"
-    z = logits.detach().cpu().double() if isinstance(logits, torch.Tensor) else torch.as_tensor(
-        np.asarray(logits, dtype=np.float64))
+    z = (
+        logits.detach().cpu().double()
+        if isinstance(logits, torch.Tensor)
+        else torch.as_tensor(np.asarray(logits, dtype=np.float64))
+    )
     if z.dim() != 2 or z.shape[0] != z.shape[1] or z.numel() == 0:
         raise ValueError(f"{fn}: logits must be one square [m, m] heatmap, got {tuple(z.shape)}")
     m = z.shape[0]
@@ -3021,16 +4024,26 @@ def draw_softmax_vs_sigmoid(logits, target=None, *, fig: Figure | None = None,
     axes = fig.subplots(1, 2)
     # one log colour scale for both maps: the background's share is visible beside the peak
     norm = LogNorm(vmin=max(float(min(soft.min(), sig.min())), 1e-12), vmax=1.0)
-    for ax, p, gid, what in ((axes[0], soft, "softmax_map", f"softmax over the {m * m} positions"),
-                             (axes[1], sig, "sigmoid_map", "per-pixel sigmoid")):
+    for ax, p, gid, what in (
+        (axes[0], soft, "softmax_map", f"softmax over the {m * m} positions"),
+        (axes[1], sig, "sigmoid_map", "per-pixel sigmoid"),
+    ):
         im = ax.imshow(p, extent=(0, m, m, 0), cmap="viridis", norm=norm, interpolation="nearest")
         im.set_gid(gid)
         fig.colorbar(im, ax=ax, shrink=0.8)
         text = f"{what}\nsum {p.sum():.3g}, max {p.max():.3g}"
         if rc is not None:
             row, col = rc
-            ax.add_patch(Circle((col + 0.5, row + 0.5), max(1.0, m / 28), fill=False,
-                                edgecolor="red", linewidth=1.5, gid="target_pixel"))
+            ax.add_patch(
+                Circle(
+                    (col + 0.5, row + 0.5),
+                    max(1.0, m / 28),
+                    fill=False,
+                    edgecolor="red",
+                    linewidth=1.5,
+                    gid="target_pixel",
+                )
+            )
             text += f", at the target {p[row, col]:.3g}"
         ax.set_title(text, fontsize=9)
         ax.set_xticks([])
@@ -3041,9 +4054,16 @@ def draw_softmax_vs_sigmoid(logits, target=None, *, fig: Figure | None = None,
     return fig
 
 
-def draw_keypoint_heatmaps(heatmaps, *, keypoint_names=None, targets=None, ncols: int = 6,
-                           size: float = 1.9, fig: Figure | None = None,
-                           title: str | None = None) -> Figure:
+def draw_keypoint_heatmaps(
+    heatmaps,
+    *,
+    keypoint_names=None,
+    targets=None,
+    ncols: int = 6,
+    size: float = 1.9,
+    fig: Figure | None = None,
+    title: str | None = None,
+) -> Figure:
     """All ``K`` heatmaps of one RoI as pictures: panel ``k`` (``gid="heatmap_<k>"``, its array
     the ``m^2``-way softmax of heatmap ``k``) with its maximum marked ``+``, and the one-hot
     target ringed in red when ``targets`` (``[K]`` flat indices, -1 for none) are given.
@@ -3052,15 +4072,22 @@ def draw_keypoint_heatmaps(heatmaps, *, keypoint_names=None, targets=None, ncols
         heatmaps: ``[K, m, m]`` logits (one RoI's keypoint head output).
     """
     fn = "draw_keypoint_heatmaps"
-    maps = heatmaps.detach().cpu().double() if isinstance(heatmaps, torch.Tensor) else \
-        torch.as_tensor(np.asarray(heatmaps, dtype=np.float64))
+    maps = (
+        heatmaps.detach().cpu().double()
+        if isinstance(heatmaps, torch.Tensor)
+        else torch.as_tensor(np.asarray(heatmaps, dtype=np.float64))
+    )
     if maps.dim() != 3 or maps.shape[1] != maps.shape[2] or maps.shape[0] == 0:
         raise ValueError(f"{fn}: heatmaps must be [K, m, m] with K >= 1, got {tuple(maps.shape)}")
     K, m = maps.shape[0], maps.shape[1]
     names = _kp_names(keypoint_names, K, fn)
     if targets is not None:
-        targets = [int(t) for t in np.asarray(
-            targets.cpu() if isinstance(targets, torch.Tensor) else targets).reshape(-1)]
+        targets = [
+            int(t)
+            for t in np.asarray(
+                targets.cpu() if isinstance(targets, torch.Tensor) else targets
+            ).reshape(-1)
+        ]
         if len(targets) != K:
             raise ValueError(f"{fn}: targets has {len(targets)} entries for {K} heatmaps")
     if ncols < 1:
@@ -3080,10 +4107,16 @@ def draw_keypoint_heatmaps(heatmaps, *, keypoint_names=None, targets=None, ncols
         ax.plot([col + 0.5], [row + 0.5], "+", color="cyan", markersize=8, mew=1.5)
         if targets is not None and targets[k] >= 0:
             t_row, t_col = divmod(targets[k], m)
-            ax.add_patch(Circle((t_col + 0.5, t_row + 0.5), max(1.0, m / 20), fill=False,
-                                edgecolor="red", linewidth=1.2))
-        ax.set_title(f"{names[k]}\nmax p {probs[k].max():.2f}", fontsize=7,
-                     color=keypoint_color(k))
+            ax.add_patch(
+                Circle(
+                    (t_col + 0.5, t_row + 0.5),
+                    max(1.0, m / 20),
+                    fill=False,
+                    edgecolor="red",
+                    linewidth=1.2,
+                )
+            )
+        ax.set_title(f"{names[k]}\nmax p {probs[k].max():.2f}", fontsize=7, color=keypoint_color(k))
         ax.set_xticks([])
         ax.set_yticks([])
     for ax in axes[K:]:
@@ -3094,9 +4127,18 @@ def draw_keypoint_heatmaps(heatmaps, *, keypoint_names=None, targets=None, ncols
     return fig
 
 
-def draw_keypoint_heatmap(image, box, heatmaps, k: int, *, keypoint_names=None,
-                          gt_keypoint=None, skeleton=None, fig: Figure | None = None,
-                          title: str | None = None) -> Figure:
+def draw_keypoint_heatmap(
+    image,
+    box,
+    heatmaps,
+    k: int,
+    *,
+    keypoint_names=None,
+    gt_keypoint=None,
+    skeleton=None,
+    fig: Figure | None = None,
+    title: str | None = None,
+) -> Figure:
     """One detection's heatmap of keypoint ``k``, laid over the image inside its box.
 
     The keypoints are ``heads.heatmaps_to_keypoints(heatmaps[None], box[None])``, the model's
@@ -3122,8 +4164,11 @@ def draw_keypoint_heatmap(image, box, heatmaps, k: int, *, keypoint_names=None,
     fn = "draw_keypoint_heatmap"
     img = image_for_display(image, fn)
     H, W = img.shape[:2]
-    maps = heatmaps.detach().cpu().float() if isinstance(heatmaps, torch.Tensor) else \
-        torch.as_tensor(np.asarray(heatmaps, dtype=np.float32))
+    maps = (
+        heatmaps.detach().cpu().float()
+        if isinstance(heatmaps, torch.Tensor)
+        else torch.as_tensor(np.asarray(heatmaps, dtype=np.float32))
+    )
     if maps.dim() != 3 or maps.shape[1] != maps.shape[2] or maps.shape[0] == 0:
         raise ValueError(f"{fn}: heatmaps must be [K, m, m] with K >= 1, got {tuple(maps.shape)}")
     K, m = maps.shape[0], maps.shape[1]
@@ -3138,8 +4183,10 @@ def draw_keypoint_heatmap(image, box, heatmaps, k: int, *, keypoint_names=None,
     probs = torch.softmax(maps[k].reshape(-1).double(), dim=0).reshape(m, m).numpy()
     gt = None
     if gt_keypoint is not None:
-        gt = np.asarray(gt_keypoint.cpu() if isinstance(gt_keypoint, torch.Tensor)
-                        else gt_keypoint, dtype=np.float64).reshape(-1)
+        gt = np.asarray(
+            gt_keypoint.cpu() if isinstance(gt_keypoint, torch.Tensor) else gt_keypoint,
+            dtype=np.float64,
+        ).reshape(-1)
         if gt.size != 3:
             raise ValueError(f"{fn}: gt_keypoint must be (x, y, v), got {gt.tolist()}")
 
@@ -3148,11 +4195,21 @@ def draw_keypoint_heatmap(image, box, heatmaps, k: int, *, keypoint_names=None,
     fig.clear()
     ax0, ax1, ax2 = fig.subplots(1, 3)
     ax0.imshow(img, extent=(0, W, H, 0))
-    ax0.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor="yellow",
-                            linewidth=1.5, gid="roi_box"))
+    ax0.add_patch(
+        Rectangle(
+            (x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor="yellow", linewidth=1.5, gid="roi_box"
+        )
+    )
     _kp_skeleton(ax0, kps, skeleton, "white", fn, linewidth=1.2)
-    ax0.scatter(kps[:, 0], kps[:, 1], s=14, c=[keypoint_color(j) for j in range(K)],
-                edgecolors="black", linewidths=0.5, zorder=4)
+    ax0.scatter(
+        kps[:, 0],
+        kps[:, 1],
+        s=14,
+        c=[keypoint_color(j) for j in range(K)],
+        edgecolors="black",
+        linewidths=0.5,
+        zorder=4,
+    )
     _zoom(ax0, (x1, y1, x2, y2), H, W, margin=0.5)
     ax0.set_title("the detection and its predicted keypoints", fontsize=9)
 
@@ -3163,11 +4220,28 @@ def draw_keypoint_heatmap(image, box, heatmaps, k: int, *, keypoint_names=None,
     rgba[..., 3] = 0.25 + 0.65 * rel
     over = ax1.imshow(rgba, extent=(x1, x2, y2, y1), interpolation="nearest")
     over.set_gid("heatmap_overlay")
-    ax1.plot([kps[k, 0]], [kps[k, 1]], "+", color="cyan", markersize=9, mew=1.0,
-             gid="pred_keypoint", label="predicted")
+    ax1.plot(
+        [kps[k, 0]],
+        [kps[k, 1]],
+        "+",
+        color="cyan",
+        markersize=9,
+        mew=1.0,
+        gid="pred_keypoint",
+        label="predicted",
+    )
     if gt is not None and gt[2] > 0:
-        ax1.plot([gt[0]], [gt[1]], "o", mfc="none", mec="lime", markersize=10, mew=1.5,
-                 gid="gt_keypoint", label="ground truth")
+        ax1.plot(
+            [gt[0]],
+            [gt[1]],
+            "o",
+            mfc="none",
+            mec="lime",
+            markersize=10,
+            mew=1.5,
+            gid="gt_keypoint",
+            label="ground truth",
+        )
     ax1.legend(fontsize=7, loc="lower right")
     _zoom(ax1, (x1, y1, x2, y2), H, W, margin=0.05)
     ax1.set_title(f"{names[k]}: softmax over {m}x{m},\nmax p {probs.max():.2f}", fontsize=9)
@@ -3180,18 +4254,25 @@ def draw_keypoint_heatmap(image, box, heatmaps, k: int, *, keypoint_names=None,
     fig.colorbar(im, ax=ax2, shrink=0.8)
     ax2.set_title(f"logits ({m}x{m});\nscore {scores[k]:.2f} (the resized map's max)", fontsize=9)
     if title is None:
-        title = (f"{names[k]} of the detection at ({x1:.0f}, {y1:.0f}, {x2:.0f}, {y2:.0f}): "
-                 f"({kps[k, 0]:.1f}, {kps[k, 1]:.1f})")
+        title = (
+            f"{names[k]} of the detection at ({x1:.0f}, {y1:.0f}, {x2:.0f}, {y2:.0f}): "
+            f"({kps[k, 0]:.1f}, {kps[k, 1]:.1f})"
+        )
     fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 0.94))  # room for the title
     return fig
 
 
-def draw_keypoint_predictions_vs_truth(images: Sequence, detections: Sequence[dict],
-                                       targets: Sequence[dict], *, skeleton=None,
-                                       class_names: Sequence[str] | None = None,
-                                       score_threshold: float = 0.5,
-                                       titles: Sequence[str] | None = None) -> Figure:
+def draw_keypoint_predictions_vs_truth(
+    images: Sequence,
+    detections: Sequence[dict],
+    targets: Sequence[dict],
+    *,
+    skeleton=None,
+    class_names: Sequence[str] | None = None,
+    score_threshold: float = 0.5,
+    titles: Sequence[str] | None = None,
+) -> Figure:
     """:func:`draw_predictions_vs_truth` with keypoints: one row per image, the ground truth
     (boxes, keypoints, skeleton) on the left and the detections with ``score >=
     score_threshold`` and their predicted keypoints on the right (all drawn as found: the
@@ -3204,23 +4285,41 @@ def draw_keypoint_predictions_vs_truth(images: Sequence, detections: Sequence[di
     """
     fn = "draw_keypoint_predictions_vs_truth"
     if not (len(images) == len(detections) == len(targets)) or not images:
-        raise ValueError(f"{fn}: need as many detections and targets as images (>= 1), got "
-                         f"{len(images)}, {len(detections)}, {len(targets)}")
+        raise ValueError(
+            f"{fn}: need as many detections and targets as images (>= 1), got "
+            f"{len(images)}, {len(detections)}, {len(targets)}"
+        )
     n = len(images)
     fig, axes = plt.subplots(n, 2, figsize=(7, 3.4 * n), squeeze=False)
     for i, (img, det, tgt) in enumerate(zip(images, detections, targets)):
         if "keypoints" not in det:
-            raise ValueError(f"{fn}: detections[{i}] has no 'keypoints' (a keypoint model's "
-                             f"output); keys {sorted(det)}")
+            raise ValueError(
+                f"{fn}: detections[{i}] has no 'keypoints' (a keypoint model's "
+                f"output); keys {sorted(det)}"
+            )
         extra = f" ({titles[i]})" if titles else ""
-        draw_instances(img, tgt.get("boxes"), tgt.get("labels"), keypoints=tgt.get("keypoints"),
-                       class_names=class_names, skeleton=skeleton, ax=axes[i, 0],
-                       title=f"ground truth{extra}")
+        draw_instances(
+            img,
+            tgt.get("boxes"),
+            tgt.get("labels"),
+            keypoints=tgt.get("keypoints"),
+            class_names=class_names,
+            skeleton=skeleton,
+            ax=axes[i, 0],
+            title=f"ground truth{extra}",
+        )
         keep = det["scores"] >= score_threshold
-        draw_instances(img, det["boxes"][keep], det["labels"][keep], det["scores"][keep],
-                       keypoints=det["keypoints"][keep][..., :2], class_names=class_names,
-                       skeleton=skeleton, ax=axes[i, 1],
-                       title=f"prediction (score >= {score_threshold}){extra}")
+        draw_instances(
+            img,
+            det["boxes"][keep],
+            det["labels"][keep],
+            det["scores"][keep],
+            keypoints=det["keypoints"][keep][..., :2],
+            class_names=class_names,
+            skeleton=skeleton,
+            ax=axes[i, 1],
+            title=f"prediction (score >= {score_threshold}){extra}",
+        )
     fig.tight_layout()
     return fig
 
@@ -3257,8 +4356,10 @@ def keypoint_oks(pred, gt, area: float, sigmas) -> tuple[float, np.ndarray]:
         raise ValueError(f"{fn}: area must be > 0, got {area}")
     labelled = g[:, 2] > 0
     if not labelled.any():
-        raise ValueError(f"{fn}: the gt has no labelled keypoint (all v = 0): OKS is undefined "
-                         "(COCOeval then measures the distance to the box instead)")
+        raise ValueError(
+            f"{fn}: the gt has no labelled keypoint (all v = 0): OKS is undefined "
+            "(COCOeval then measures the distance to the box instead)"
+        )
     variances = (2 * s) ** 2  # kappa^2
     d2 = (p[:, 0] - g[:, 0]) ** 2 + (p[:, 1] - g[:, 1]) ** 2
     e = d2 / variances / (float(area) + np.spacing(1)) / 2
@@ -3280,10 +4381,20 @@ def oks_radius(sigma: float, area: float, threshold: float) -> float:
 _OKS_STYLES = ("-", "--", ":", "-.")
 
 
-def draw_oks_circles(ax: Axes, image, gt_keypoints, area: float, sigmas, *,
-                     pred_keypoints=None, thresholds: Sequence[float] = (0.5, 0.75, 0.95),
-                     keypoint_names=None, skeleton=None, box=None,
-                     title: str | None = None) -> Axes:
+def draw_oks_circles(
+    ax: Axes,
+    image,
+    gt_keypoints,
+    area: float,
+    sigmas,
+    *,
+    pred_keypoints=None,
+    thresholds: Sequence[float] = (0.5, 0.75, 0.95),
+    keypoint_names=None,
+    skeleton=None,
+    box=None,
+    title: str | None = None,
+) -> Axes:
     """COCO's keypoint tolerance drawn on a gt pose: around each labelled keypoint ``k`` one
     circle per threshold ``t``, of radius :func:`oks_radius` ``(sigma_k, area, t)``: a
     prediction inside the circle has similarity ``>= t`` for that keypoint. The circles grow
@@ -3314,19 +4425,34 @@ def draw_oks_circles(ax: Axes, image, gt_keypoints, area: float, sigmas, *,
     for k in np.flatnonzero(labelled):
         color = keypoint_color(k)
         for t, style in zip(ts, _OKS_STYLES):
-            ax.add_patch(Circle((g[k, 0], g[k, 1]), oks_radius(s[k], area, t), fill=False,
-                                edgecolor=color, linestyle=style, linewidth=1.2,
-                                gid=f"oks_{t:.2f}_{k}"))
+            ax.add_patch(
+                Circle(
+                    (g[k, 0], g[k, 1]),
+                    oks_radius(s[k], area, t),
+                    fill=False,
+                    edgecolor=color,
+                    linestyle=style,
+                    linewidth=1.2,
+                    gid=f"oks_{t:.2f}_{k}",
+                )
+            )
         ax.plot([g[k, 0]], [g[k, 1]], "o", color=color, markersize=3)
     text = f"OKS tolerance circles: similarity {' / '.join(f'{t:g}' for t in ts)}"
     if pred_keypoints is not None:
         p = _kp_array(pred_keypoints, fn, "pred_keypoints", K, cols=(2, 3))
         oks, sim = keypoint_oks(p, g, area, s)
         for k in np.flatnonzero(labelled):
-            ax.plot([g[k, 0], p[k, 0]], [g[k, 1], p[k, 1]], color=keypoint_color(k),
-                    linewidth=0.8)
-        ax.plot(p[labelled, 0], p[labelled, 1], "x", color="red", markersize=6, mew=1.5,
-                linestyle="none", gid="pred_keypoint")
+            ax.plot([g[k, 0], p[k, 0]], [g[k, 1], p[k, 1]], color=keypoint_color(k), linewidth=0.8)
+        ax.plot(
+            p[labelled, 0],
+            p[labelled, 1],
+            "x",
+            color="red",
+            markersize=6,
+            mew=1.5,
+            linestyle="none",
+            gid="pred_keypoint",
+        )
         worst = int(np.nanargmin(sim))
         text += f"\nOKS {oks:.3f} (worst: {names[worst]}, {sim[worst]:.2f})"
     for t, style in zip(ts, _OKS_STYLES):  # legend entries for the line styles
@@ -3346,8 +4472,9 @@ def draw_oks_circles(ax: Axes, image, gt_keypoints, area: float, sigmas, *,
 # =============================================================================================
 # 08b: the paper's ablations (Table 2) rerun with seeds (engine.ablate)
 # =============================================================================================
-def draw_ablation_bars(ax: Axes, values, *, paper=None, ylabel: str = "mask AP",
-                       title: str | None = None) -> Axes:
+def draw_ablation_bars(
+    ax: Axes, values, *, paper=None, ylabel: str = "mask AP", title: str | None = None
+) -> Axes:
     """One bar per variant at the mean over seeds, a +-1 sample-std error bar, every seed a dot.
 
     Args:
@@ -3367,23 +4494,31 @@ def draw_ablation_bars(ax: Axes, values, *, paper=None, ylabel: str = "mask AP",
     for i, label in enumerate(labels):
         v = np.asarray(values[label], dtype=float).reshape(-1)
         if v.size == 0 or not np.isfinite(v).all():
-            raise ValueError(f"{fn}: values[{label!r}] must be finite numbers, one per seed, "
-                             f"got {values[label]!r}")
+            raise ValueError(
+                f"{fn}: values[{label!r}] must be finite numbers, one per seed, "
+                f"got {values[label]!r}"
+            )
         color = PALETTE[i % len(PALETTE)]
         mean = float(v.mean())
         bar = ax.bar(i, mean, width=0.6, color=color, alpha=0.55, edgecolor="black")
         bar.patches[0].set_gid(f"bar:{label}")
         if v.size > 1:
-            ax.errorbar(i, mean, yerr=float(v.std(ddof=1)), color="black", capsize=4,
-                        linewidth=1)
+            ax.errorbar(i, mean, yerr=float(v.std(ddof=1)), color="black", capsize=4, linewidth=1)
         offsets = np.linspace(-0.15, 0.15, v.size) if v.size > 1 else np.zeros(1)
         dots = ax.scatter(i + offsets, v, s=18, color="black", zorder=3)
         dots.set_gid(f"seeds:{label}")
         top = max(top, float(v.max()))
         if paper and label in paper:
-            ax.annotate(f"paper {paper[label]:.1f}", (i, 0), xytext=(0, 3),
-                        textcoords="offset points", ha="center", va="bottom", fontsize=7,
-                        color="0.25")
+            ax.annotate(
+                f"paper {paper[label]:.1f}",
+                (i, 0),
+                xytext=(0, 3),
+                textcoords="offset points",
+                ha="center",
+                va="bottom",
+                fontsize=7,
+                color="0.25",
+            )
     wrapped = [lb.replace(" (", "\n(").replace(", ", ",\n") for lb in labels]  # 2 lines
     ax.set_xticks(range(len(labels)), wrapped, fontsize=8)
     ax.set_ylabel(ylabel)
@@ -3403,17 +4538,24 @@ def plot_ablation_study(panels, *, paper=None, title: str | None = None) -> Figu
         paper: the paper's values in the same layout (``{row: {metric: {label: value}}}``).
     """
     if not hasattr(panels, "items") or not panels:
-        raise ValueError("plot_ablation_study: panels must be a non-empty mapping "
-                         "{row: {metric: {label: [values]}}}")
+        raise ValueError(
+            "plot_ablation_study: panels must be a non-empty mapping "
+            "{row: {metric: {label: [values]}}}"
+        )
     rows = list(panels)
     ncols = max(len(panels[r]) for r in rows)
-    fig, axes = plt.subplots(len(rows), ncols, figsize=(3.6 * ncols, 3.0 * len(rows)),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        len(rows), ncols, figsize=(3.6 * ncols, 3.0 * len(rows)), squeeze=False
+    )
     for i, row in enumerate(rows):
         for j, metric in enumerate(panels[row]):
-            draw_ablation_bars(axes[i][j], panels[row][metric], ylabel=metric,
-                               paper=((paper or {}).get(row) or {}).get(metric),
-                               title=row)
+            draw_ablation_bars(
+                axes[i][j],
+                panels[row][metric],
+                ylabel=metric,
+                paper=((paper or {}).get(row) or {}).get(metric),
+                title=row,
+            )
         for j in range(len(panels[row]), ncols):
             axes[i][j].set_axis_off()
     if title is not None:

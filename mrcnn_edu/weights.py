@@ -51,7 +51,10 @@ ARCHS: dict[str, str] = {
 # keep a bare Conv2d. v2 FPN convs have a BatchNorm: both sides are (conv, norm) sequences.
 KEY_TABLE: list[tuple[str, str]] = [
     (r"^backbone\.body\.", "backbone.body."),  # ResNet: torchvision's resnet names
-    (r"^backbone\.fpn\.inner_blocks\.(\d+)\.0\.(weight|bias)$", r"backbone.fpn.lateral_convs.\1.\2"),
+    (
+        r"^backbone\.fpn\.inner_blocks\.(\d+)\.0\.(weight|bias)$",
+        r"backbone.fpn.lateral_convs.\1.\2",
+    ),
     (r"^backbone\.fpn\.inner_blocks\.(\d+)\.", r"backbone.fpn.lateral_convs.\1."),
     (r"^backbone\.fpn\.layer_blocks\.(\d+)\.0\.(weight|bias)$", r"backbone.fpn.output_convs.\1.\2"),
     (r"^backbone\.fpn\.layer_blocks\.(\d+)\.", r"backbone.fpn.output_convs.\1."),
@@ -95,8 +98,10 @@ def map_torchvision_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, Te
         except KeyError:
             unmapped.append(key)
     if unmapped:
-        raise KeyError(f"{len(unmapped)} torchvision keys match no rule of KEY_TABLE: "
-                       f"{unmapped[:10]}{' ...' if len(unmapped) > 10 else ''}")
+        raise KeyError(
+            f"{len(unmapped)} torchvision keys match no rule of KEY_TABLE: "
+            f"{unmapped[:10]}{' ...' if len(unmapped) > 10 else ''}"
+        )
     return out
 
 
@@ -107,19 +112,24 @@ def to_torchvision_state_dict(model: nn.Module) -> dict[str, Tensor]:
     inverse = {}
     for key in ours:
         tv = key
-        tv = re.sub(r"^backbone\.fpn\.lateral_convs\.(\d+)\.",
-                    r"backbone.fpn.inner_blocks.\1." if fpn_norm else
-                    r"backbone.fpn.inner_blocks.\1.0.", tv)
-        tv = re.sub(r"^backbone\.fpn\.output_convs\.(\d+)\.",
-                    r"backbone.fpn.layer_blocks.\1." if fpn_norm else
-                    r"backbone.fpn.layer_blocks.\1.0.", tv)
+        tv = re.sub(
+            r"^backbone\.fpn\.lateral_convs\.(\d+)\.",
+            r"backbone.fpn.inner_blocks.\1." if fpn_norm else r"backbone.fpn.inner_blocks.\1.0.",
+            tv,
+        )
+        tv = re.sub(
+            r"^backbone\.fpn\.output_convs\.(\d+)\.",
+            r"backbone.fpn.layer_blocks.\1." if fpn_norm else r"backbone.fpn.layer_blocks.\1.0.",
+            tv,
+        )
         assert map_torchvision_key(tv, fpn_norm) == key, (key, tv)
         inverse[tv] = ours[key]
     return inverse
 
 
-def _describe_mismatch(missing: list[str], unexpected: list[str], shapes: list[str],
-                       what: str) -> str:
+def _describe_mismatch(
+    missing: list[str], unexpected: list[str], shapes: list[str], what: str
+) -> str:
     def head(keys):
         return ", ".join(keys[:8]) + (f" ... ({len(keys)} in all)" if len(keys) > 8 else "")
 
@@ -133,8 +143,9 @@ def _describe_mismatch(missing: list[str], unexpected: list[str], shapes: list[s
     return "; ".join(parts)
 
 
-def load_torchvision_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor], *,
-                                what: str = "the checkpoint") -> None:
+def load_torchvision_state_dict(
+    model: nn.Module, state_dict: Mapping[str, Tensor], *, what: str = "the checkpoint"
+) -> None:
     """Load a torchvision-named state dict into ``model`` (strict).
 
     BatchNorm's ``num_batches_tracked`` counters are dropped where our model has frozen
@@ -143,12 +154,16 @@ def load_torchvision_state_dict(model: nn.Module, state_dict: Mapping[str, Tenso
     """
     mapped = map_torchvision_state_dict(state_dict)
     own = model.state_dict()
-    mapped = {k: v for k, v in mapped.items()
-              if not (k.endswith("num_batches_tracked") and k not in own)}
+    mapped = {
+        k: v for k, v in mapped.items() if not (k.endswith("num_batches_tracked") and k not in own)
+    }
     missing = [k for k in own if k not in mapped and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in mapped if k not in own]
-    shapes = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-              for k, v in mapped.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    shapes = [
+        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        for k, v in mapped.items()
+        if k in own and tuple(v.shape) != tuple(own[k].shape)
+    ]
     if missing or unexpected or shapes:
         raise ValueError(_describe_mismatch(missing, unexpected, shapes, what))
     for k in own:  # counters the checkpoint lacks keep their value
@@ -161,8 +176,11 @@ def _state_dict_from(source: Any) -> tuple[dict[str, Tensor], str]:
     if isinstance(source, nn.Module):
         return source.state_dict(), f"the {type(source).__name__} model"
     if isinstance(source, Mapping):
-        sd = source.get("model", source) if "model" in source and isinstance(
-            source.get("model"), Mapping) else source
+        sd = (
+            source.get("model", source)
+            if "model" in source and isinstance(source.get("model"), Mapping)
+            else source
+        )
         return dict(sd), "the state dict"
     if isinstance(source, (str, Path)):
         path = Path(source)
@@ -170,12 +188,15 @@ def _state_dict_from(source: Any) -> tuple[dict[str, Tensor], str]:
         return sd, str(path)
     if hasattr(source, "get_state_dict"):  # a torchvision WeightsEnum member
         return source.get_state_dict(progress=True), f"torchvision weights {source}"
-    raise TypeError(f"from_torchvision: source must be a path, a state dict, a torchvision "
-                    f"model or weights enum, got {type(source).__name__}")
+    raise TypeError(
+        f"from_torchvision: source must be a path, a state dict, a torchvision "
+        f"model or weights enum, got {type(source).__name__}"
+    )
 
 
-def from_torchvision(source: Any, arch: str = "maskrcnn_resnet50_fpn", *,
-                     config: ModelConfig | None = None) -> MaskRCNN:
+def from_torchvision(
+    source: Any, arch: str = "maskrcnn_resnet50_fpn", *, config: ModelConfig | None = None
+) -> MaskRCNN:
     """The ``mrcnn_edu`` model for torchvision builder ``arch`` with ``source``'s weights, in
     eval mode.
 
@@ -191,15 +212,18 @@ def from_torchvision(source: Any, arch: str = "maskrcnn_resnet50_fpn", *,
     eval mode BatchNorm and frozen BatchNorm compute the same).
     """
     if arch not in ARCHS:
-        raise ValueError(f"from_torchvision: unknown arch {arch!r}; choose one of "
-                         f"{', '.join(ARCHS)}")
+        raise ValueError(
+            f"from_torchvision: unknown arch {arch!r}; choose one of {', '.join(ARCHS)}"
+        )
     state_dict, what = _state_dict_from(source)
     cfg = config if config is not None else get_preset(ARCHS[arch])
     cfg.backbone.norm = "frozen_bn"
     key = "roi_heads.box_predictor.cls_score.weight"
     if key not in state_dict:
-        raise ValueError(f"from_torchvision: {what} is not a {arch} checkpoint (no {key!r}; "
-                         f"first keys: {list(state_dict)[:5]})")
+        raise ValueError(
+            f"from_torchvision: {what} is not a {arch} checkpoint (no {key!r}; "
+            f"first keys: {list(state_dict)[:5]})"
+        )
     cfg.num_classes = int(state_dict[key].shape[0])
     kp_key = "roi_heads.keypoint_predictor.kps_score_lowres.weight"
     if kp_key in state_dict:  # ConvTranspose2d weight [in, K, 4, 4]

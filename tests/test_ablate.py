@@ -46,21 +46,31 @@ pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:Depreca
 
 # every variant alike: 64 px images, narrow heads, few RoIs (the studies' switches untouched)
 TINY = {
-    "model.transform.min_size": "(64,)", "model.transform.max_size": "64",
-    "model.backbone.fpn_channels": "32", "model.roi_heads.representation_size": "64",
-    "model.roi_heads.mask_layers": "(16, 16)", "model.roi_heads.mask_dim_reduced": "16",
-    "model.roi_heads.batch_size_per_image": "32", "model.rpn.pre_nms_top_n_train": "100",
-    "model.rpn.post_nms_top_n_train": "50", "model.rpn.pre_nms_top_n_test": "50",
-    "model.rpn.post_nms_top_n_test": "20", "model.roi_heads.detections_per_img": "10",
-    "train.batch_size": "1", "train.num_workers": "0", "train.log_every": "1",
+    "model.transform.min_size": "(64,)",
+    "model.transform.max_size": "64",
+    "model.backbone.fpn_channels": "32",
+    "model.roi_heads.representation_size": "64",
+    "model.roi_heads.mask_layers": "(16, 16)",
+    "model.roi_heads.mask_dim_reduced": "16",
+    "model.roi_heads.batch_size_per_image": "32",
+    "model.rpn.pre_nms_top_n_train": "100",
+    "model.rpn.post_nms_top_n_train": "50",
+    "model.rpn.pre_nms_top_n_test": "50",
+    "model.rpn.post_nms_top_n_test": "20",
+    "model.roi_heads.detections_per_img": "10",
+    "train.batch_size": "1",
+    "train.num_workers": "0",
+    "train.log_every": "1",
 }
 
 
 def _tiny_study(name: str, variants: tuple[str, ...]) -> ablate.Study:
     study = get_study(name)
     return dataclasses.replace(
-        study, data=dataclasses.replace(study.data, train=4, val=2, size=64),
-        variants=tuple(v for v in study.variants if v.name in variants))
+        study,
+        data=dataclasses.replace(study.data, train=4, val=2, size=64),
+        variants=tuple(v for v in study.variants if v.name in variants),
+    )
 
 
 # ------------------------------------------------------------------------------ definitions
@@ -68,27 +78,45 @@ def test_studies_and_recipes_are_registered():
     assert list_studies() == ["roi-pool", "mask-loss"]
     assert {"shapes-c4", "shapes-c5"} <= set(list_experiments())
     roi = get_study("roi-pool")
-    assert [v.name for v in roi.variants] == ["c4-pool", "c4-align", "c4-aligned",
-                                              "c5-pool", "c5-align", "c5-aligned"]
+    assert [v.name for v in roi.variants] == [
+        "c4-pool",
+        "c4-align",
+        "c4-aligned",
+        "c5-pool",
+        "c5-align",
+        "c5-aligned",
+    ]
     assert roi.data.small and not roi.data.overlap and roi.data.name == "shapes_small"
     loss = get_study("mask-loss")
     assert loss.data.overlap and loss.data.name == "shapes_overlap"
     # the paper's numbers (He et al. 2017, Table 2b/2c/2d and sec. 4.2)
     assert roi.variant("c4-pool").paper["segm AP"] == 26.9
     assert roi.variant("c4-align").paper["segm AP"] == 30.3
-    assert roi.variant("c5-pool").paper == {"segm AP": 23.6, "segm AP50": 46.5,
-                                            "segm AP75": 21.6, "bbox AP": 28.2}
-    assert roi.variant("c5-align").paper == {"segm AP": 30.9, "segm AP50": 51.8,
-                                             "segm AP75": 32.1, "bbox AP": 34.0}
+    assert roi.variant("c5-pool").paper == {
+        "segm AP": 23.6,
+        "segm AP50": 46.5,
+        "segm AP75": 21.6,
+        "bbox AP": 28.2,
+    }
+    assert roi.variant("c5-align").paper == {
+        "segm AP": 30.9,
+        "segm AP50": 51.8,
+        "segm AP75": 32.1,
+        "bbox AP": 34.0,
+    }
     assert not roi.variant("c4-aligned").paper
-    assert [loss.variant(m).paper["segm AP"] for m in ("sigmoid", "softmax", "agnostic")] == \
-        [30.3, 24.8, 29.7]
+    assert [loss.variant(m).paper["segm AP"] for m in ("sigmoid", "softmax", "agnostic")] == [
+        30.3,
+        24.8,
+        29.7,
+    ]
     with pytest.raises(KeyError, match="studies: roi-pool, mask-loss"):
         get_study("roi-align")
 
 
-def _pool_reference(op: str, aligned: bool, feats: torch.Tensor, boxes: torch.Tensor,
-                    scale: float, size: int) -> torch.Tensor:
+def _pool_reference(
+    op: str, aligned: bool, feats: torch.Tensor, boxes: torch.Tensor, scale: float, size: int
+) -> torch.Tensor:
     rois = torch.cat([torch.zeros(len(boxes), 1), boxes], 1)  # [K, 5] (batch index first)
     if op == "pool":
         return torchvision.ops.roi_pool(feats, rois, size, scale)
@@ -154,9 +182,11 @@ def test_shapes_options_overlap_and_small():
                 for b in range(a + 1, len(inst)):
                     xa, ya, wa, ha = boxes[a]
                     xb, yb, wb, hb = boxes[b]
-                    if inst[a]["category_id"] != inst[b]["category_id"] and \
-                            min(xa + wa, xb + wb) > max(xa, xb) and \
-                            min(ya + ha, yb + hb) > max(ya, yb):
+                    if (
+                        inst[a]["category_id"] != inst[b]["category_id"]
+                        and min(xa + wa, xb + wb) > max(xa, xb)
+                        and min(ya + ha, yb + hb) > max(ya, yb)
+                    ):
                         crossed += 1
         counts[tuple(opts)] = (n / 30, crossed / 30, large, max(sides))
     default, overlap, small = counts[()], counts[("overlap",)], counts[("small",)]
@@ -174,7 +204,8 @@ def test_option_sets_record_their_options_and_ensure_checks_them(tmp_path):
     with pytest.raises(ValueError, match="options none, but this study needs {'small': True}"):
         ShapesData("shapes_small", small=True).ensure(tmp_path)
     root = ShapesData("shapes_overlap", train=2, val=1, size=48, overlap=True).ensure(
-        tmp_path, progress=False)
+        tmp_path, progress=False
+    )
     manifest = json.loads((root / MANIFEST_NAME).read_text())
     info = json.loads((root / "annotations" / "instances_val.json").read_text())["info"]
     assert manifest["options"] == info["mrcnn_edu"]["options"] == {"overlap": True}
@@ -183,8 +214,23 @@ def test_option_sets_record_their_options_and_ensure_checks_them(tmp_path):
 
 def test_cli_make_shapes_options(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    assert main(["make-shapes", "--overlap", "--small", "--train", "2", "--val", "1",
-                 "--size", "48", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "make-shapes",
+                "--overlap",
+                "--small",
+                "--train",
+                "2",
+                "--val",
+                "1",
+                "--size",
+                "48",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     manifest = json.loads((tmp_path / "data/shapes_overlap_small" / MANIFEST_NAME).read_text())
     assert manifest["options"] == {"overlap": True, "small": True}
 
@@ -196,9 +242,11 @@ def test_plan_steps_from_the_slowest_variant(monkeypatch):
     timed = []
 
     def fake_time(exp, data_dir, device="cpu"):
-        name = {("pool", False): "c4-pool", ("align", False): "c4-align",
-                ("align", True): "c4-aligned"}[(exp.model.roi_heads.pooler_op,
-                                                exp.model.roi_heads.aligned)]
+        name = {
+            ("pool", False): "c4-pool",
+            ("align", False): "c4-align",
+            ("align", True): "c4-aligned",
+        }[(exp.model.roi_heads.pooler_op, exp.model.roi_heads.aligned)]
         timed.append(name)
         return secs[name]
 
@@ -211,8 +259,11 @@ def test_plan_steps_from_the_slowest_variant(monkeypatch):
     timed.clear()
     assert plan_steps(study, "c4", None, minutes=1.0, steps=None, plan=plan) is plan
     assert not timed  # a resumed study reuses its plan
-    with pytest.raises(ValueError, match=r"planned with --minutes 1.0 \(25 steps\), not "
-                                         r"--minutes 2.0"):
+    with pytest.raises(
+        ValueError,
+        match=r"planned with --minutes 1.0 \(25 steps\), not "
+        r"--minutes 2.0",
+    ):
         plan_steps(study, "c4", None, minutes=2.0, steps=None, plan=plan)
     with pytest.raises(ValueError, match="not --steps 7"):
         plan_steps(study, "c4", None, minutes=1.0, steps=7, plan=plan)
@@ -222,16 +273,28 @@ def test_fit_schedule_keeps_every_run_to_the_same_steps():
     exp = get_experiment("shapes")
     ablate.fit_schedule(exp, 40)
     t = exp.train
-    assert (t.steps, t.warmup_steps, t.max_minutes, t.checkpoint_every, t.keep_last) == \
-        (40, 4, None, 10, 1)
+    assert (t.steps, t.warmup_steps, t.max_minutes, t.checkpoint_every, t.keep_last) == (
+        40,
+        4,
+        None,
+        10,
+        1,
+    )
 
 
 # ------------------------------------------------------------------------- end to end
 def test_two_step_study_end_to_end_and_resume(tmp_path, monkeypatch):
     study = _tiny_study("roi-pool", ("c5-pool", "c5-align"))
-    kw = {"seeds": 1, "minutes": None, "data_root": tmp_path / "data",
-          "out_dir": tmp_path / "out", "progress": False, "steps": 2, "overrides": TINY,
-          "work_dir": tmp_path / "work"}
+    kw = {
+        "seeds": 1,
+        "minutes": None,
+        "data_root": tmp_path / "data",
+        "out_dir": tmp_path / "out",
+        "progress": False,
+        "steps": 2,
+        "overrides": TINY,
+        "work_dir": tmp_path / "work",
+    }
     calls = []
     real = ablate.run_training
 
@@ -247,8 +310,10 @@ def test_two_step_study_end_to_end_and_resume(tmp_path, monkeypatch):
     assert manifest["options"] == {"small": True} and manifest["size"] == 64  # written
     for v in study.variants:
         rec = json.loads((out / f"roi-pool_{v.name}_seed0.json").read_text())
-        assert rec["config"]["model"]["roi_heads"]["pooler_op"] == \
-            v.overrides["model.roi_heads.pooler_op"]
+        assert (
+            rec["config"]["model"]["roi_heads"]["pooler_op"]
+            == v.overrides["model.roi_heads.pooler_op"]
+        )
         assert rec["config"]["model"]["backbone"]["kind"] == "resnet_c5"
         assert rec["config"]["train"]["seed"] == 0 and rec["seed"] == 0
         assert rec["steps"] == rec["steps_planned"] == 2 and rec["minutes"] >= 0
@@ -292,21 +357,36 @@ class _StubRuns:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "last.pt").write_bytes(b"")
         exp = variant.experiment(seed, overrides)
-        return {**_fake(study.name, variant.name, seed, {"AP": 0.1, "AP50": 0.2, "AP75": 0.05}),
-                "steps": steps, "config": dataclasses.asdict(exp)}
+        return {
+            **_fake(study.name, variant.name, seed, {"AP": 0.1, "AP50": 0.2, "AP75": 0.05}),
+            "steps": steps,
+            "config": dataclasses.asdict(exp),
+        }
 
 
 # ------------------------------------------------------------------ statistics and verdicts
 def _fake(study: str, variant: str, seed: int, segm: dict, bbox_ap: float = 0.5) -> dict:
     v = get_study(study).variant(variant)
-    return {"study": study, "variant": variant, "label": v.label, "group": v.group,
-            "seed": seed, "steps": 100, "minutes": 1.5,
-            "metrics": {"segm": segm, "bbox": {"AP": bbox_ap}},
-            "data": {"root": "data/shapes_overlap", "train_images": 1000,
-                     "evaluated_images": 200, "size": 256, "options": {"overlap": True}},
-            "git": {"commit": "a" * 40, "dirty": False},
-            "machine": {"platform": "Linux", "cpu_count": 2, "torch": "2.x", "device": "cpu"},
-            "command": "mrcnn-edu ablate --study mask-loss --seeds 3 --minutes 2"}
+    return {
+        "study": study,
+        "variant": variant,
+        "label": v.label,
+        "group": v.group,
+        "seed": seed,
+        "steps": 100,
+        "minutes": 1.5,
+        "metrics": {"segm": segm, "bbox": {"AP": bbox_ap}},
+        "data": {
+            "root": "data/shapes_overlap",
+            "train_images": 1000,
+            "evaluated_images": 200,
+            "size": 256,
+            "options": {"overlap": True},
+        },
+        "git": {"commit": "a" * 40, "dirty": False},
+        "machine": {"platform": "Linux", "cpu_count": 2, "torch": "2.x", "device": "cpu"},
+        "command": "mrcnn-edu ablate --study mask-loss --seeds 3 --minutes 2",
+    }
 
 
 def test_mean_std_by_hand():
@@ -321,12 +401,14 @@ def test_mean_std_by_hand():
 
 def test_table_and_verdicts_from_fake_runs(tmp_path):
     records = []
-    for seed, (sig, soft, agn) in enumerate([(0.30, 0.20, 0.33), (0.32, 0.21, 0.30),
-                                             (0.34, 0.22, 0.32)]):
-        records += [_fake("mask-loss", "sigmoid", seed, {"AP": sig, "AP50": 0.5, "AP75": sig}),
-                    _fake("mask-loss", "softmax", seed, {"AP": soft, "AP50": 0.4, "AP75": soft}),
-                    _fake("mask-loss", "agnostic", seed, {"AP": agn, "AP50": 0.5,
-                                                          "AP75": agn})]
+    for seed, (sig, soft, agn) in enumerate(
+        [(0.30, 0.20, 0.33), (0.32, 0.21, 0.30), (0.34, 0.22, 0.32)]
+    ):
+        records += [
+            _fake("mask-loss", "sigmoid", seed, {"AP": sig, "AP50": 0.5, "AP75": sig}),
+            _fake("mask-loss", "softmax", seed, {"AP": soft, "AP50": 0.4, "AP75": soft}),
+            _fake("mask-loss", "agnostic", seed, {"AP": agn, "AP50": 0.5, "AP75": agn}),
+        ]
     for r in records:
         (tmp_path / f"mask-loss_{r['variant']}_seed{r['seed']}.json").write_text(json.dumps(r))
     summaries = {s.variant: s for s in summarize(ablate.load_runs(tmp_path))}
@@ -341,17 +423,23 @@ def test_table_and_verdicts_from_fake_runs(tmp_path):
     assert sig.seeds == [0, 1, 2] and sig.values["bbox AP"] == [50.0, 50.0, 50.0]
 
     text = format_results(ablate.load_runs(tmp_path))
-    assert "| sigmoid (decoupled) | 3 | 100 | 32.0 ± 2.0 | 50.0 ± 0.0 | 32.0 ± 2.0 | " \
-           "50.0 ± 0.0 | 30.3 | 51.2 | 31.5 | — |" in text
+    assert (
+        "| sigmoid (decoupled) | 3 | 100 | 32.0 ± 2.0 | 50.0 ± 0.0 | 32.0 ± 2.0 | "
+        "50.0 ± 0.0 | 30.3 | 51.2 | 31.5 | — |" in text
+    )
     assert "| softmax (coupled) | 3 | 100 | 21.0 ± 1.0 |" in text
     assert "| class-agnostic | 3 | 100 | 31.7 ± 1.5 |" in text and "| 29.7 | — | — | — |" in text
     assert "mrcnn-edu ablate --study mask-loss --seeds 3 --minutes 2" in text
     # sigmoid vs softmax: +11.0 > spread 2.0; sigmoid vs agnostic: +0.33 < spread 2.0
-    assert ("mask AP: sigmoid (decoupled) 32.0 ± 2.0 vs softmax (coupled) 21.0 ± 1.0, a "
-            "difference of +11.0 points, larger than the spread over seeds (2.0): sigmoid "
-            "(decoupled) is better here, as the paper found.") in text
-    assert ("mask AP: sigmoid (decoupled) 32.0 ± 2.0 vs class-agnostic 31.7 ± 1.5, a "
-            "difference of +0.3 points, within the noise (the spread over seeds is 2.0)") in text
+    assert (
+        "mask AP: sigmoid (decoupled) 32.0 ± 2.0 vs softmax (coupled) 21.0 ± 1.0, a "
+        "difference of +11.0 points, larger than the spread over seeds (2.0): sigmoid "
+        "(decoupled) is better here, as the paper found."
+    ) in text
+    assert (
+        "mask AP: sigmoid (decoupled) 32.0 ± 2.0 vs class-agnostic 31.7 ± 1.5, a "
+        "difference of +0.3 points, within the noise (the spread over seeds is 2.0)"
+    ) in text
     # compare(a, b) reads "the paper found a better": the other way round, outside the noise
     assert "sigmoid (decoupled) is better here, unlike the paper" in compare(soft, sig)
     # a difference exactly as large as the spread is not "within"; one seed has no spread
@@ -375,8 +463,9 @@ def test_charts_bars_are_means_and_dots_are_seeds():
     with pytest.raises(ValueError, match="values\\['x'\\] must be finite"):
         draw_ablation_bars(ax, {"x": [float("nan")]})
     plt.close(fig)
-    fig = plot_ablation_study({"C4": {"mask AP": values}, "C5": {"mask AP": values,
-                                                                 "box AP": values}})
+    fig = plot_ablation_study(
+        {"C4": {"mask AP": values}, "C5": {"mask AP": values, "box AP": values}}
+    )
     assert len(fig.axes) == 4 and not fig.axes[1].axison  # the empty cell is switched off
     plt.close(fig)
 
@@ -384,28 +473,46 @@ def test_charts_bars_are_means_and_dots_are_seeds():
 def test_cli_ablate(tmp_path, capsys, monkeypatch):
     """The command's plumbing (training itself is the end-to-end test's): the study's set,
     --set for every variant, --keep, the JSONs, results.md and the chart."""
-    write_shapes_dataset(tmp_path / "data" / "shapes_overlap", train=4, val=2, size=64,
-                         overlap=True, progress=False)
+    write_shapes_dataset(
+        tmp_path / "data" / "shapes_overlap", train=4, val=2, size=64, overlap=True, progress=False
+    )
     stub = _StubRuns()
     monkeypatch.setattr(ablate, "_train_and_evaluate", stub)
-    args = ["ablate", "--study", "mask-loss", "--seeds", "2", "--steps", "3", "--out",
-            str(tmp_path / "out"), "--data", str(tmp_path / "data"), "--work",
-            str(tmp_path / "work"), "--no-progress", "--set", "train.lr=0.001"]
+    args = [
+        "ablate",
+        "--study",
+        "mask-loss",
+        "--seeds",
+        "2",
+        "--steps",
+        "3",
+        "--out",
+        str(tmp_path / "out"),
+        "--data",
+        str(tmp_path / "data"),
+        "--work",
+        str(tmp_path / "work"),
+        "--no-progress",
+        "--set",
+        "train.lr=0.001",
+    ]
     assert main(args) == 0
     assert stub.calls == [(v, s, 3) for v in ("sigmoid", "softmax", "agnostic") for s in (0, 1)]
     out = capsys.readouterr().out
     assert "mask-loss softmax seed 1: mask AP 10.0 (3 steps" in out
     assert "## Decoupled vs coupled masks (Table 2b)" in out
     names = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert names == ["mask-loss.png"] + [f"mask-loss_{v}_seed{s}.json"
-                                         for v in ("agnostic", "sigmoid", "softmax")
-                                         for s in (0, 1)] + ["plan.json", "results.md"]
+    assert names == ["mask-loss.png"] + [
+        f"mask-loss_{v}_seed{s}.json" for v in ("agnostic", "sigmoid", "softmax") for s in (0, 1)
+    ] + ["plan.json", "results.md"]
     work = tmp_path / "work" / "mask-loss" / "softmax"
     assert (work / "seed0").is_dir() and not (work / "seed1").exists()  # --keep first-seed
     rec = json.loads((tmp_path / "out" / "mask-loss_softmax_seed1.json").read_text())
-    assert rec["command"] == ("mrcnn-edu ablate --study mask-loss --seeds 2 --steps 3 --out "
-                              f"{tmp_path / 'out'} --data {tmp_path / 'data'} --set "
-                              "train.lr=0.001")
+    assert rec["command"] == (
+        "mrcnn-edu ablate --study mask-loss --seeds 2 --steps 3 --out "
+        f"{tmp_path / 'out'} --data {tmp_path / 'data'} --set "
+        "train.lr=0.001"
+    )
     assert rec["config"]["model"]["roi_heads"]["mask_loss"] == "softmax"
     assert rec["config"]["train"]["lr"] == 0.001 and rec["config"]["train"]["seed"] == 1
     assert main([*args, "--set", "model.roi_heads.mask_loss=softmax"]) == 2

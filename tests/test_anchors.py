@@ -84,8 +84,11 @@ def test_bad_input_errors():
     with pytest.raises(ValueError, match="positive"):
         generate_cell_anchors((0,), (1.0,))
     # a feature map larger than the image: stride 0 would put every anchor at the origin
-    with pytest.raises(ValueError, match=r"feature map 1 is \(40, 40\).*larger than the image "
-                                         r"\(32, 32\).*stride would be \(0, 0\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"feature map 1 is \(40, 40\).*larger than the image "
+        r"\(32, 32\).*stride would be \(0, 0\)",
+    ):
         gen((32, 32), [(4, 4), (40, 40)])
     with pytest.raises(ValueError, match="larger than the image"):
         gen((32, 32), [(4, 4), (8, 33)])

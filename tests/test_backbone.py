@@ -143,7 +143,8 @@ def test_resnet50_fpn_equals_torchvision(r50_pair):
     load_from_torchvision(ours, tv)
     # parameter names under body are exactly torchvision's resnet names
     assert {k for k in ours.state_dict() if k.startswith("body.")} == {
-        k for k in tv.state_dict() if k.startswith("body.")}
+        k for k in tv.state_dict() if k.startswith("body.")
+    }
     assert "body.layer1.0.conv1.weight" in ours.state_dict()
     assert ours.out_channels == 256 and ours.strides == (4, 8, 16, 32, 64)
     tv.eval(), ours.eval()
@@ -164,7 +165,8 @@ def test_resnet18_fpn_equals_torchvision_extractor(returned_layers):
     load_from_torchvision(ours, tv)
     assert ours.body.out_channels_list == tuple(64 * 2 ** (k - 1) for k in returned_layers)
     assert ours.strides == tuple(2 ** (k + 1) for k in returned_layers) + (
-        2 ** (returned_layers[-1] + 2),)
+        2 ** (returned_layers[-1] + 2),
+    )
     with torch.no_grad():
         for i, size in enumerate(IMAGE_SIZES):
             assert_same_features(ours(images(size, seed=i)), tv(images(size, seed=i)))
@@ -185,8 +187,9 @@ def test_channels_last_input_gives_same_features():
 def test_trainable_parameters_equal_torchvision(trainable_layers, norm):
     norm_layer = TVFrozenBatchNorm2d if norm == "frozen_bn" else nn.BatchNorm2d
     depth, name = (50, "resnet50") if norm == "frozen_bn" else (18, "resnet18")
-    tv = tv_resnet_fpn(backbone_name=name, weights=None, norm_layer=norm_layer,
-                       trainable_layers=trainable_layers)
+    tv = tv_resnet_fpn(
+        backbone_name=name, weights=None, norm_layer=norm_layer, trainable_layers=trainable_layers
+    )
     ours = resnet_fpn_backbone(depth=depth, norm=norm, trainable_layers=trainable_layers)
     assert trainable(ours) == {torchvision_fpn_key(k) for k in trainable(tv)}
     frozen = {n for n, _ in ours.named_parameters()} - trainable(ours)
@@ -233,8 +236,10 @@ FPN_SIZES = [(25, 33), (13, 17), (7, 9), (4, 5)]  # a ResNet's ceil sizes of a 9
 
 def fpn_inputs(seed=0):
     g = torch.Generator().manual_seed(seed)
-    return OrderedDict((str(i), torch.randn(2, c, h, w, generator=g))
-                       for i, (c, (h, w)) in enumerate(zip(FPN_IN, FPN_SIZES)))
+    return OrderedDict(
+        (str(i), torch.randn(2, c, h, w, generator=g))
+        for i, (c, (h, w)) in enumerate(zip(FPN_IN, FPN_SIZES))
+    )
 
 
 @pytest.mark.parametrize("norm", [None, "bn", "gn"])
@@ -252,15 +257,17 @@ def test_fpn_equals_torchvision(norm):
     assert all(isinstance(m, expected_lateral) for m in [*ours.lateral_convs, *ours.output_convs])
 
     randomise_(tv, 6)
-    ours.load_state_dict({torchvision_fpn_key("fpn." + k, norm)[4:]: v
-                          for k, v in tv.state_dict().items()})
+    ours.load_state_dict(
+        {torchvision_fpn_key("fpn." + k, norm)[4:]: v for k, v in tv.state_dict().items()}
+    )
     x = fpn_inputs()
     for mode in ("train", "eval"):  # BatchNorm: batch statistics, then running statistics
         tv.train(mode == "train"), ours.train(mode == "train")
         assert_same_features(ours(x), tv(x))
         if norm == "bn" and mode == "train":  # the running statistics were updated identically
-            torch.testing.assert_close(ours.output_convs[0][1].running_mean,
-                                       tv.layer_blocks[0][1].running_mean)
+            torch.testing.assert_close(
+                ours.output_convs[0][1].running_mean, tv.layer_blocks[0][1].running_mean
+            )
     out = ours(list(x.values()))  # a plain list of maps works too
     assert list(out) == ["0", "1", "2", "3", "pool"]
     assert out["pool"].shape[-2:] == (2, 3)
@@ -306,11 +313,12 @@ def test_c4_body_and_res5_head_equal_torchvision_resnet50():
     tv.eval()
     tv_sd = tv.state_dict()
     backbone = ResNetC4Backbone(50)
-    backbone.load_state_dict({"body." + k: v for k, v in tv_sd.items()
-                              if not k.startswith(("layer4.", "fc."))}, strict=True)
+    backbone.load_state_dict(
+        {"body." + k: v for k, v in tv_sd.items() if not k.startswith(("layer4.", "fc."))},
+        strict=True,
+    )
     head = Res5Head(50)
-    head.load_state_dict({k: v for k, v in tv_sd.items() if k.startswith("layer4.")},
-                         strict=True)
+    head.load_state_dict({k: v for k, v in tv_sd.items() if k.startswith("layer4.")}, strict=True)
     x = images((96, 128))
     with torch.no_grad():
         ref = tv.layer3(tv.layer2(tv.layer1(tv.maxpool(tv.relu(tv.bn1(tv.conv1(x)))))))
@@ -355,7 +363,8 @@ def test_clear_errors():
 
 
 def test_tiny_backbone_unchanged():
-    tiny = TinyBackbone(out_channels=8, strides=(8, 16), width=4,
-                        generator=torch.Generator().manual_seed(0))
+    tiny = TinyBackbone(
+        out_channels=8, strides=(8, 16), width=4, generator=torch.Generator().manual_seed(0)
+    )
     out = tiny(torch.zeros(1, 3, 64, 64))
     assert list(out) == ["0", "1"] and out["1"].shape == (1, 8, 4, 4)

@@ -49,9 +49,11 @@ def test_two_mlp_head_equals_torchvision():
     torch.manual_seed(0)
     tv = tv_frcnn.TwoMLPHead(8 * 7 * 7, 32)
     ours = TwoMLPHead(8 * 7 * 7, 32)
-    assert list(ours.state_dict()) == list(tv.state_dict()) == [
-        "fc6.weight", "fc6.bias", "fc7.weight", "fc7.bias"
-    ]
+    assert (
+        list(ours.state_dict())
+        == list(tv.state_dict())
+        == ["fc6.weight", "fc6.bias", "fc7.weight", "fc7.bias"]
+    )
     ours.load_state_dict(tv.state_dict())
     x = torch.randn(5, 8, 7, 7)
     out = ours(x)
@@ -106,9 +108,11 @@ def test_predictor_equals_torchvision():
     torch.manual_seed(2)
     tv = tv_frcnn.FastRCNNPredictor(16, 4)
     ours = FastRCNNPredictor(16, 4)
-    assert list(ours.state_dict()) == list(tv.state_dict()) == [
-        "cls_score.weight", "cls_score.bias", "bbox_pred.weight", "bbox_pred.bias"
-    ]
+    assert (
+        list(ours.state_dict())
+        == list(tv.state_dict())
+        == ["cls_score.weight", "cls_score.bias", "bbox_pred.weight", "bbox_pred.bias"]
+    )
     ours.load_state_dict(tv.state_dict())
     x = torch.randn(6, 16)
     (s, d), (rs, rd) = ours(x), tv(x)
@@ -149,7 +153,11 @@ def test_sample_proposals_equals_torchvision(seed):
 
     torch.manual_seed(seed)
     ours = sample_proposals(
-        proposals, gt_boxes, gt_labels, Matcher(0.5, 0.5), BalancedSampler(512, 0.25),
+        proposals,
+        gt_boxes,
+        gt_labels,
+        Matcher(0.5, 0.5),
+        BalancedSampler(512, 0.25),
         BoxCoder((10.0, 10.0, 5.0, 5.0)),
     )
     torch.manual_seed(seed)
@@ -283,8 +291,9 @@ def test_box_loss_empty_cases_and_errors():
     cls, reg = box_loss(logits, deltas, torch.zeros(4, dtype=torch.int64), torch.zeros(4, 4))
     assert reg.item() == 0.0 and cls.item() > 0  # no positives: only classification
     reg.backward(retain_graph=True)
-    cls, reg = box_loss(logits[:0], deltas[:0], [torch.zeros(0, dtype=torch.int64)],
-                        [torch.zeros(0, 4)])
+    cls, reg = box_loss(
+        logits[:0], deltas[:0], [torch.zeros(0, dtype=torch.int64)], [torch.zeros(0, 4)]
+    )
     assert cls.item() == 0.0 and reg.item() == 0.0
     (cls + reg).backward()
     assert logits.grad is not None
@@ -336,16 +345,20 @@ def test_postprocess_equals_torchvision(score_thresh, counts):
 
 def test_postprocess_hand_example():
     # 3 RoIs, classes {0 background, 1, 2}; zero deltas decode to the RoI itself
-    proposals = [torch.tensor([[10.0, 10.0, 50.0, 50.0], [12.0, 10.0, 52.0, 50.0],
-                               [0.0, 0.0, 0.2, 30.0]])]
-    logits = torch.tensor([
-        [0.0, 5.0, 4.9],  # class 1: 0.523, class 2 close: 0.473
-        [0.0, 0.0, -9.0],  # class 1: 0.5 < 0.523, overlaps RoI 0 (IoU 0.905): suppressed
-        [0.0, 5.0, -9.0],  # 0.2 px wide: survives the 1e-2 size limit
-    ])
+    proposals = [
+        torch.tensor([[10.0, 10.0, 50.0, 50.0], [12.0, 10.0, 52.0, 50.0], [0.0, 0.0, 0.2, 30.0]])
+    ]
+    logits = torch.tensor(
+        [
+            [0.0, 5.0, 4.9],  # class 1: 0.523, class 2 close: 0.473
+            [0.0, 0.0, -9.0],  # class 1: 0.5 < 0.523, overlaps RoI 0 (IoU 0.905): suppressed
+            [0.0, 5.0, -9.0],  # 0.2 px wide: survives the 1e-2 size limit
+        ]
+    )
     deltas = torch.zeros(3, 12)
-    boxes, scores, labels = postprocess_detections(logits, deltas, proposals, [(100, 100)],
-                                                   score_thresh=0.05)
+    boxes, scores, labels = postprocess_detections(
+        logits, deltas, proposals, [(100, 100)], score_thresh=0.05
+    )
     p = F.softmax(logits, dim=1)
     # kept: RoI 2 class 1, RoI 0 class 1, RoI 0 class 2 (another class: never suppressed by
     # class 1); RoI 1 class 1 is suppressed by RoI 0 class 1; class-2 scores of RoIs 1, 2 < 0.05

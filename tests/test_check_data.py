@@ -69,8 +69,9 @@ def test_clean_set_is_ok(shapes_root: Path) -> None:
     assert report.ok, str(report)
     assert report.num_images == 6
     assert report.num_annotations == len(ds.coco.dataset["annotations"])
-    assert str(report).endswith("6 images, "
-                                f"{report.num_annotations} annotations: no problems found")
+    assert str(report).endswith(
+        f"6 images, {report.num_annotations} annotations: no problems found"
+    )
     report.raise_if_bad()  # nothing to raise
 
 
@@ -82,12 +83,14 @@ def _zero_rle(size) -> dict:
 def _set(key, value):
     def edit(data, ann, image_dir):
         ann[key] = value
+
     return edit
 
 
 def _set_box(index, value):
     def edit(data, ann, image_dir):
         ann["bbox"][index] = value
+
     return edit
 
 
@@ -113,13 +116,18 @@ CASES = {
     "zero-height box (the loader drops it)": (_set_box(3, 0), "bbox", "height 0"),
     "box outside the image": (_set_box(0, SIZE - 3), "bbox", "reaches outside the 64x64"),
     "non-finite box": (_set_box(1, float("nan")), "bbox", "not finite"),
-    "empty mask": (_set("segmentation", _zero_rle((SIZE, SIZE))), "segmentation",
-                   "empty mask"),
+    "empty mask": (_set("segmentation", _zero_rle((SIZE, SIZE))), "segmentation", "empty mask"),
     "mask and box disagree": (_box_away_from_mask, "segmentation", "mask and box disagree"),
-    "mask size differs": (_set("segmentation", _zero_rle((32, 32))), "segmentation",
-                          "mask size [32, 32]"),
-    "malformed RLE": (_set("segmentation", {"size": [SIZE, SIZE], "counts": [10, 5]}),
-                      "segmentation", "add up to 15 pixels"),
+    "mask size differs": (
+        _set("segmentation", _zero_rle((32, 32))),
+        "segmentation",
+        "mask size [32, 32]",
+    ),
+    "malformed RLE": (
+        _set("segmentation", {"size": [SIZE, SIZE], "counts": [10, 5]}),
+        "segmentation",
+        "add up to 15 pixels",
+    ),
     "no segmentation": (_drop_segmentation, "segmentation", "missing"),
 }
 
@@ -175,8 +183,9 @@ def test_subsets_and_box_only_sets(shapes_root: Path, tmp_path: Path) -> None:
     assert check_data(torch.utils.data.Subset(ds, others), progress=False).ok
     inner = torch.utils.data.Subset(ds, [index] + others)
     report = check_data(torch.utils.data.Subset(inner, [0]), progress=False)
-    assert report.num_images == 1 and _found(report) == [(ann["image_id"], ann["id"],
-                                                          "segmentation")]
+    assert report.num_images == 1 and _found(report) == [
+        (ann["image_id"], ann["id"], "segmentation")
+    ]
     # a box-only data set does not need masks: they are not checked
     boxes_only = CocoDetection(ds.image_dir, ds.ann_file, load_masks=False)
     assert check_data(boxes_only, progress=False).ok
@@ -198,7 +207,7 @@ def test_rle_counts_match_pycocotools() -> None:
     rng = np.random.default_rng(0)
     for h, w, p in ((5, 7, 0.5), (40, 33, 0.05), (64, 64, 0.97), (3, 3, 0.0), (300, 200, 0.3)):
         mask = (rng.random((h, w)) < p).astype(np.uint8)
-        mask[h // 3: 2 * h // 3, w // 4: w // 2] = 1  # long runs too (multi-group counts)
+        mask[h // 3 : 2 * h // 3, w // 4 : w // 2] = 1  # long runs too (multi-group counts)
         compressed = mask_utils.encode(np.asfortranarray(mask))["counts"].decode("ascii")
         # independent: numpy run lengths over the column-major pixel order (shapes.mask_to_rle)
         assert rle_counts(compressed) == mask_to_rle(mask, compressed=False)["counts"]

@@ -62,8 +62,12 @@ def trained_objects():
 
 
 def draws(gen):
-    return (torch.rand(3).tolist(), np.random.rand(3).tolist(), [random.random() for _ in range(3)],
-            torch.rand(3, generator=gen).tolist())
+    return (
+        torch.rand(3).tolist(),
+        np.random.rand(3).tolist(),
+        [random.random() for _ in range(3)],
+        torch.rand(3, generator=gen).tolist(),
+    )
 
 
 def test_round_trip_restores_everything(tmp_path):
@@ -71,9 +75,17 @@ def test_round_trip_restores_everything(tmp_path):
     gen = torch.Generator().manual_seed(7)
     torch.rand(2, generator=gen)
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
-    path = save_checkpoint(tmp_path / "a.pt", model=model, optimizer=opt, scheduler=sched,
-                           scaler=scaler, step=2, config=TinyConfig(), extra={"best": 0.5},
-                           generators={"flip": gen})
+    path = save_checkpoint(
+        tmp_path / "a.pt",
+        model=model,
+        optimizer=opt,
+        scheduler=sched,
+        scaler=scaler,
+        step=2,
+        config=TinyConfig(),
+        extra={"best": 0.5},
+        generators={"flip": gen},
+    )
     expected = draws(gen)  # what comes after the saved random states
 
     model2 = make_model()
@@ -84,8 +96,15 @@ def test_round_trip_restores_everything(tmp_path):
     sched2 = build_scheduler(opt2, total_steps=10, warmup_steps=3, milestones=(5,))
     scaler2 = torch.amp.GradScaler("cpu")
     gen2 = torch.Generator().manual_seed(99)
-    ck = load_checkpoint(path, model=model2, optimizer=opt2, scheduler=sched2, scaler=scaler2,
-                         generators={"flip": gen2}, config=TinyConfig())
+    ck = load_checkpoint(
+        path,
+        model=model2,
+        optimizer=opt2,
+        scheduler=sched2,
+        scaler=scaler2,
+        generators={"flip": gen2},
+        config=TinyConfig(),
+    )
     assert draws(gen2) == expected
     for (k, a), b in zip(model.state_dict().items(), model2.state_dict().values()):
         assert torch.equal(a, b), k
@@ -116,12 +135,16 @@ def test_restore_rng_false_leaves_random_states(tmp_path):
 def test_folder_keeps_last_k_and_last_pt(tmp_path):
     model, opt, sched = trained_objects()
     for step in range(1, 6):
-        out = save_checkpoint(tmp_path, model=model, optimizer=opt, scheduler=sched, step=step,
-                              keep_last=2)
+        out = save_checkpoint(
+            tmp_path, model=model, optimizer=opt, scheduler=sched, step=step, keep_last=2
+        )
         assert out == tmp_path / f"step_{step:07d}.pt"
     assert [s for s, _ in checkpoint_files(tmp_path)] == [4, 5]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "step_0000004.pt",
-                                                          "step_0000005.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "last.pt",
+        "step_0000004.pt",
+        "step_0000005.pt",
+    ]
     last = tmp_path / "last.pt"
     assert not last.is_symlink()
     assert last.read_bytes() == (tmp_path / "step_0000005.pt").read_bytes()
@@ -152,8 +175,9 @@ def test_interrupted_write_leaves_previous_last_pt(tmp_path, monkeypatch):
 
 def test_state_dict_mismatch_names_keys_and_shapes(tmp_path):
     model, opt, _sched = trained_objects()
-    path = save_checkpoint(tmp_path / "a.pt", model=model, optimizer=opt, step=1,
-                           config={"width": 4})
+    path = save_checkpoint(
+        tmp_path / "a.pt", model=model, optimizer=opt, step=1, config={"width": 4}
+    )
     with pytest.raises(CheckpointError) as info:
         load_checkpoint(path, model=make_model(width=6), config={"width": 6})
     msg = str(info.value)
@@ -189,17 +213,22 @@ def test_not_a_checkpoint(tmp_path):
         load_checkpoint(junk)
     plain = tmp_path / "weights.pt"
     torch.save(make_model().state_dict(), plain)
-    with pytest.raises(CheckpointError, match=r"weights.pt is not a mrcnn_edu checkpoint .*0\.weight"):
+    with pytest.raises(
+        CheckpointError, match=r"weights.pt is not a mrcnn_edu checkpoint .*0\.weight"
+    ):
         load_checkpoint(plain)
 
 
 def test_config_class_and_arch_mismatch(tmp_path):
     model, opt, _sched = trained_objects()
-    path = save_checkpoint(tmp_path / "a.pt", model=model, optimizer=opt, step=1,
-                           config=TinyConfig())
+    path = save_checkpoint(
+        tmp_path / "a.pt", model=model, optimizer=opt, step=1, config=TinyConfig()
+    )
     with pytest.raises(CheckpointError, match="config class .*TinyConfig.*OtherConfig"):
         load_checkpoint(path, model=model, config=OtherConfig())
-    with pytest.raises(CheckpointError, match="(?s)another architecture.*width: checkpoint 4, now 8"):
+    with pytest.raises(
+        CheckpointError, match="(?s)another architecture.*width: checkpoint 4, now 8"
+    ):
         load_checkpoint(path, config=TinyConfig(width=8))
     # a non-architecture value may change (e.g. a new lr for the rest of the run)
     load_checkpoint(path, model=model, config=TinyConfig(lr=0.5), restore_rng=False)
@@ -208,8 +237,7 @@ def test_config_class_and_arch_mismatch(tmp_path):
 def test_config_must_be_plain(tmp_path):
     model, opt, _sched = trained_objects()
     with pytest.raises(TypeError, match="config field 'config.fn'"):
-        save_checkpoint(tmp_path / "a.pt", model=model, optimizer=opt, step=1,
-                        config={"fn": print})
+        save_checkpoint(tmp_path / "a.pt", model=model, optimizer=opt, step=1, config={"fn": print})
 
 
 def test_generator_missing_from_checkpoint(tmp_path):

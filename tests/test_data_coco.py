@@ -52,22 +52,66 @@ def _coco_dict() -> dict:
             {"id": 3, "file_name": "c.png", "width": W, "height": H},  # only a crowd
         ],
         "annotations": [
-            {"id": 10, "image_id": 1, "category_id": 7, "iscrowd": 0, "area": 6.0,
-             "bbox": [1, 1, 3, 2], "segmentation": [[1, 1, 4, 1, 4, 3, 1, 3]]},
-            {"id": 11, "image_id": 1, "category_id": 2, "iscrowd": 0, "area": 3.0,
-             "bbox": [1, 2, 1, 3], "segmentation": {"size": [H, W], "counts": [7, 3, 20]}},
-            {"id": 12, "image_id": 1, "category_id": 7, "iscrowd": 0, "area": 5.0,
-             "bbox": [4, 0, 2, 4], "segmentation": _crle(CRLE_MASK)},
-            {"id": 13, "image_id": 1, "category_id": 2, "iscrowd": 1, "area": 2.0,
-             "bbox": [0, 3, 1, 2], "segmentation": {"size": [H, W], "counts": [3, 2, 25]}},
-            {"id": 14, "image_id": 1, "category_id": 2, "iscrowd": 0, "area": 0.0,
-             "bbox": [2, 2, 0, 3], "segmentation": [[2, 2, 2, 2, 2, 5]]},  # zero-width box
-            {"id": 15, "image_id": 3, "category_id": 2, "iscrowd": 1, "area": 2.0,
-             "bbox": [0, 3, 1, 2], "segmentation": {"size": [H, W], "counts": [3, 2, 25]}},
+            {
+                "id": 10,
+                "image_id": 1,
+                "category_id": 7,
+                "iscrowd": 0,
+                "area": 6.0,
+                "bbox": [1, 1, 3, 2],
+                "segmentation": [[1, 1, 4, 1, 4, 3, 1, 3]],
+            },
+            {
+                "id": 11,
+                "image_id": 1,
+                "category_id": 2,
+                "iscrowd": 0,
+                "area": 3.0,
+                "bbox": [1, 2, 1, 3],
+                "segmentation": {"size": [H, W], "counts": [7, 3, 20]},
+            },
+            {
+                "id": 12,
+                "image_id": 1,
+                "category_id": 7,
+                "iscrowd": 0,
+                "area": 5.0,
+                "bbox": [4, 0, 2, 4],
+                "segmentation": _crle(CRLE_MASK),
+            },
+            {
+                "id": 13,
+                "image_id": 1,
+                "category_id": 2,
+                "iscrowd": 1,
+                "area": 2.0,
+                "bbox": [0, 3, 1, 2],
+                "segmentation": {"size": [H, W], "counts": [3, 2, 25]},
+            },
+            {
+                "id": 14,
+                "image_id": 1,
+                "category_id": 2,
+                "iscrowd": 0,
+                "area": 0.0,
+                "bbox": [2, 2, 0, 3],
+                "segmentation": [[2, 2, 2, 2, 2, 5]],
+            },  # zero-width box
+            {
+                "id": 15,
+                "image_id": 3,
+                "category_id": 2,
+                "iscrowd": 1,
+                "area": 2.0,
+                "bbox": [0, 3, 1, 2],
+                "segmentation": {"size": [H, W], "counts": [3, 2, 25]},
+            },
         ],
         # ids deliberately non-contiguous and out of order: labels must follow sorted ids
-        "categories": [{"id": 7, "name": "kite", "supercategory": "thing"},
-                       {"id": 2, "name": "ball", "supercategory": "thing"}],
+        "categories": [
+            {"id": 7, "name": "kite", "supercategory": "thing"},
+            {"id": 2, "name": "ball", "supercategory": "thing"},
+        ],
     }
 
 
@@ -132,8 +176,9 @@ def test_skip_empty_load_masks_and_transforms(coco_dir: Path) -> None:
     assert ds.ids == [1]  # image 2 has nothing, image 3 only a crowd
     image, t = ds[0]
     assert calls == [1]
-    np.testing.assert_allclose(image.permute(1, 2, 0).numpy(), _image(0)[:, ::-1] / 255.0,
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        image.permute(1, 2, 0).numpy(), _image(0)[:, ::-1] / 255.0, atol=1e-6
+    )
     assert "masks" not in t and "crowd_masks" not in t
     assert t["boxes"].shape == (3, 4)
 
@@ -142,12 +187,28 @@ def test_keypoints_are_returned(tmp_path: Path) -> None:
     Image.fromarray(_image(0)).save(tmp_path / "a.png")
     data = {
         "images": [{"id": 5, "file_name": "a.png", "width": W, "height": H}],
-        "annotations": [{"id": 1, "image_id": 5, "category_id": 1, "iscrowd": 0, "area": 6.0,
-                         "bbox": [1, 1, 3, 2], "segmentation": [[1, 1, 4, 1, 4, 3, 1, 3]],
-                         "keypoints": [1.5, 1.5, 2, 0, 0, 0, 3.5, 2.5, 1], "num_keypoints": 2}],
-        "categories": [{"id": 1, "name": "person", "supercategory": "person",
-                        "keypoints": ["head", "left_hand", "right_hand"],
-                        "skeleton": [[1, 2], [1, 3]]}],
+        "annotations": [
+            {
+                "id": 1,
+                "image_id": 5,
+                "category_id": 1,
+                "iscrowd": 0,
+                "area": 6.0,
+                "bbox": [1, 1, 3, 2],
+                "segmentation": [[1, 1, 4, 1, 4, 3, 1, 3]],
+                "keypoints": [1.5, 1.5, 2, 0, 0, 0, 3.5, 2.5, 1],
+                "num_keypoints": 2,
+            }
+        ],
+        "categories": [
+            {
+                "id": 1,
+                "name": "person",
+                "supercategory": "person",
+                "keypoints": ["head", "left_hand", "right_hand"],
+                "skeleton": [[1, 2], [1, 3]],
+            }
+        ],
     }
     (tmp_path / "kp.json").write_text(json.dumps(data))
     ds = CocoDetection(tmp_path, tmp_path / "kp.json")
@@ -155,8 +216,9 @@ def test_keypoints_are_returned(tmp_path: Path) -> None:
     assert ds.skeleton == [(1, 2), (1, 3)]
     _, t = ds[0]
     assert t["keypoints"].dtype == torch.float32 and t["keypoints"].shape == (1, 3, 3)
-    torch.testing.assert_close(t["keypoints"][0], torch.tensor(
-        [[1.5, 1.5, 2.0], [0.0, 0.0, 0.0], [3.5, 2.5, 1.0]]))
+    torch.testing.assert_close(
+        t["keypoints"][0], torch.tensor([[1.5, 1.5, 2.0], [0.0, 0.0, 0.0], [3.5, 2.5, 1.0]])
+    )
 
 
 # --- bad input --------------------------------------------------------------------------------
@@ -195,8 +257,9 @@ def test_missing_top_level_field(tmp_path: Path) -> None:
 def test_missing_annotation_field(tmp_path: Path) -> None:
     data = _coco_dict()
     del data["annotations"][1]["bbox"]
-    with pytest.raises(CocoFormatError,
-                       match=r"annotations\[1\] \(id 11\) is missing required field\(s\) 'bbox'"):
+    with pytest.raises(
+        CocoFormatError, match=r"annotations\[1\] \(id 11\) is missing required field\(s\) 'bbox'"
+    ):
         CocoDetection(tmp_path, _write(tmp_path, data))
 
 
@@ -210,8 +273,9 @@ def test_missing_image_field(tmp_path: Path) -> None:
 def test_unknown_category_id(tmp_path: Path) -> None:
     data = _coco_dict()
     data["annotations"][2]["category_id"] = 99
-    with pytest.raises(CocoFormatError,
-                       match=r"annotation id 12 has category_id 99, which is not in 'categories'"):
+    with pytest.raises(
+        CocoFormatError, match=r"annotation id 12 has category_id 99, which is not in 'categories'"
+    ):
         CocoDetection(tmp_path, _write(tmp_path, data))
 
 
@@ -225,9 +289,11 @@ def test_unknown_image_id(tmp_path: Path) -> None:
 def test_polygon_with_fewer_than_three_points(tmp_path: Path) -> None:
     data = _coco_dict()
     data["annotations"][0]["segmentation"] = [[1, 1, 4, 1]]
-    with pytest.raises(CocoFormatError,
-                       match=r"annotation id 10 \(image id 1\): polygon 0 has 4 coordinates.*"
-                             r"at least 3 points"):
+    with pytest.raises(
+        CocoFormatError,
+        match=r"annotation id 10 \(image id 1\): polygon 0 has 4 coordinates.*"
+        r"at least 3 points",
+    ):
         CocoDetection(tmp_path, _write(tmp_path, data))
 
 
@@ -249,8 +315,15 @@ def test_repeated_id_and_non_object_entry(tmp_path: Path) -> None:
 def test_keypoint_count_checked_when_built(tmp_path: Path) -> None:
     data = {
         "images": [{"id": 5, "file_name": "a.png", "width": W, "height": H}],
-        "annotations": [{"id": 1, "image_id": 5, "category_id": 1, "bbox": [1, 1, 3, 2],
-                         "keypoints": [1.5, 1.5, 2, 0, 0, 0]}],  # 2 keypoints of 3
+        "annotations": [
+            {
+                "id": 1,
+                "image_id": 5,
+                "category_id": 1,
+                "bbox": [1, 1, 3, 2],
+                "keypoints": [1.5, 1.5, 2, 0, 0, 0],
+            }
+        ],  # 2 keypoints of 3
         "categories": [{"id": 1, "name": "person", "keypoints": ["head", "left", "right"]}],
     }
     with pytest.raises(CocoFormatError, match=r"annotation id 1 has 6 keypoint numbers.*3 x 3 = 9"):
@@ -280,8 +353,9 @@ def test_image_size_mismatch(coco_dir: Path) -> None:
 
 
 def test_coco2017_layout_errors_list_what_is_missing(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError,
-                       match=r"missing: .*val2017, .*instances_val2017\.json.*data/README\.md"):
+    with pytest.raises(
+        FileNotFoundError, match=r"missing: .*val2017, .*instances_val2017\.json.*data/README\.md"
+    ):
         coco2017(tmp_path)
     (tmp_path / "val2017").mkdir()
     with pytest.raises(FileNotFoundError, match=r"missing: [^,]*person_keypoints_val2017\.json"):
@@ -296,7 +370,8 @@ def test_coco2017_layout_loads(tmp_path: Path) -> None:
     data["images"] = data["images"][:1]
     data["annotations"] = data["annotations"][:3]
     _write(tmp_path / "annotations", data).rename(
-        tmp_path / "annotations" / "instances_val2017.json")
+        tmp_path / "annotations" / "instances_val2017.json"
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no zero-area boxes here: no warning
         ds = coco2017(tmp_path)
@@ -322,8 +397,8 @@ def test_rle_string_counts_equal_pycocotools() -> None:
         rle = mask_utils.encode(np.asfortranarray(mask))
         runs = rle_string_counts(rle["counts"].decode("ascii"))
         assert sum(runs) == h * w
-        flat = mask.reshape(-1, order="F")                      # column-major, as COCO
+        flat = mask.reshape(-1, order="F")  # column-major, as COCO
         pos, value = 0, 0
-        for r in runs:                                         # runs alternate 0s and 1s
-            assert (flat[pos:pos + r] == value).all()
+        for r in runs:  # runs alternate 0s and 1s
+            assert (flat[pos : pos + r] == value).all()
             pos, value = pos + r, 1 - value

@@ -37,8 +37,10 @@ pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:Depreca
 def shapes_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("shapes")
     files = write_shapes_dataset(root, train=6, val=3, size=256, seed=0, progress=False)
-    assert files == {"train": root / "annotations" / "instances_train.json",
-                     "val": root / "annotations" / "instances_val.json"}
+    assert files == {
+        "train": root / "annotations" / "instances_train.json",
+        "val": root / "annotations" / "instances_val.json",
+    }
     return root
 
 
@@ -50,8 +52,11 @@ def keypoint_root(tmp_path_factory) -> Path:
 
 
 def _hashes(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_files_are_real_coco(shapes_root: Path) -> None:
@@ -66,9 +71,16 @@ def test_files_are_real_coco(shapes_root: Path) -> None:
         assert (im["width"], im["height"]) == (256, 256)
         assert (shapes_root / "train" / im["file_name"]).is_file()
     assert data["images"][0]["file_name"] == "000000000001.png"
-    kinds = {("polygon" if isinstance(a["segmentation"], list) else
-              "rle" if isinstance(a["segmentation"]["counts"], str) else "urle")
-             for a in data["annotations"]}
+    kinds = {
+        (
+            "polygon"
+            if isinstance(a["segmentation"], list)
+            else "rle"
+            if isinstance(a["segmentation"]["counts"], str)
+            else "urle"
+        )
+        for a in data["annotations"]
+    }
     assert {"polygon", "rle"} <= kinds  # occluded objects are stored as compressed RLE
     n_poly = sum(isinstance(a["segmentation"], list) for a in data["annotations"])
     assert n_poly > len(data["annotations"]) / 2  # most objects are polygons
@@ -113,9 +125,9 @@ def test_round_trip_through_pycocotools_and_dataset(shapes_root: Path, split: st
 def test_area_ranges_hit_small_medium_large(shapes_root: Path) -> None:
     data = json.loads((shapes_root / "annotations" / "instances_train.json").read_text())
     areas = np.array([a["area"] for a in data["annotations"] if not a["iscrowd"]])
-    assert (areas < 32**2).any()                            # COCO "small"
-    assert ((areas >= 32**2) & (areas < 96**2)).any()      # "medium"
-    assert (areas >= 96**2).any()                           # "large"
+    assert (areas < 32**2).any()  # COCO "small"
+    assert ((areas >= 32**2) & (areas < 96**2)).any()  # "medium"
+    assert (areas >= 96**2).any()  # "large"
 
 
 def test_same_seed_same_bytes_different_seed_differs(tmp_path: Path) -> None:
@@ -144,9 +156,9 @@ def test_crowd_region_is_uncompressed_rle_and_kept_out_of_targets() -> None:
 def test_uncompressed_rle_by_hand() -> None:
     m = np.zeros((3, 2), np.uint8)
     m[1:, 0] = 1  # column 0, rows 1-2
-    m[0, 1] = 1   # column 1, row 0 -> runs: 1 zero, 3 ones, 2 zeros
+    m[0, 1] = 1  # column 1, row 0 -> runs: 1 zero, 3 ones, 2 zeros
     assert mask_to_rle(m, compressed=False) == {"size": [3, 2], "counts": [1, 3, 2]}
-    m[0, 0] = 1   # starts with a one: an empty run of zeros first
+    m[0, 0] = 1  # starts with a one: an empty run of zeros first
     assert mask_to_rle(m, compressed=False) == {"size": [3, 2], "counts": [0, 4, 2]}
 
 
@@ -194,15 +206,32 @@ def test_keypoint_set(keypoint_root: Path) -> None:
 
 def test_flip_index() -> None:
     # independent reference: torchvision's / Detectron's flip order of COCO's 17 keypoints
-    coco17 = ["nose", "left_eye", "right_eye", "left_ear", "right_ear", "left_shoulder",
-              "right_shoulder", "left_elbow", "right_elbow", "left_wrist", "right_wrist",
-              "left_hip", "right_hip", "left_knee", "right_knee", "left_ankle", "right_ankle"]
+    coco17 = [
+        "nose",
+        "left_eye",
+        "right_eye",
+        "left_ear",
+        "right_ear",
+        "left_shoulder",
+        "right_shoulder",
+        "left_elbow",
+        "right_elbow",
+        "left_wrist",
+        "right_wrist",
+        "left_hip",
+        "right_hip",
+        "left_knee",
+        "right_knee",
+        "left_ankle",
+        "right_ankle",
+    ]
     assert flip_index(coco17) == [0, 2, 1, 4, 3, 6, 5, 8, 7, 10, 9, 12, 11, 14, 13, 16, 15]
     assert sorted(FLIP_INDEX) == list(range(len(KEYPOINT_NAMES)))
     for i, j in enumerate(FLIP_INDEX):
         a, b = KEYPOINT_NAMES[i], KEYPOINT_NAMES[j]
-        assert a.replace("left_", "").replace("right_", "") == \
-            b.replace("left_", "").replace("right_", "")
+        assert a.replace("left_", "").replace("right_", "") == b.replace("left_", "").replace(
+            "right_", ""
+        )
         assert a == b or {a.split("_")[0], b.split("_")[0]} == {"left", "right"}
     assert all(FLIP_INDEX[i] == j and FLIP_INDEX[j] == i for i, j in FLIP_MAP)
     assert len(FLIP_MAP) == 4
@@ -216,15 +245,42 @@ def test_bad_arguments() -> None:
 
 
 def test_cli_make_shapes_matches_library(tmp_path: Path, capsys) -> None:
-    rc = main(["make-shapes", "--out", str(tmp_path / "cli"), "--train", "2", "--val", "1",
-               "--size", "64", "--seed", "5", "--no-progress"])
+    rc = main(
+        [
+            "make-shapes",
+            "--out",
+            str(tmp_path / "cli"),
+            "--train",
+            "2",
+            "--val",
+            "1",
+            "--size",
+            "64",
+            "--seed",
+            "5",
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     assert "instances_train.json" in capsys.readouterr().out
     write_shapes_dataset(tmp_path / "lib", train=2, val=1, size=64, seed=5, progress=False)
     assert _hashes(tmp_path / "cli") == _hashes(tmp_path / "lib")
 
-    rc = main(["make-shapes", "--out", str(tmp_path / "kp"), "--train", "1", "--val", "0",
-               "--size", "64", "--keypoints", "--no-progress"])
+    rc = main(
+        [
+            "make-shapes",
+            "--out",
+            str(tmp_path / "kp"),
+            "--train",
+            "1",
+            "--val",
+            "0",
+            "--size",
+            "64",
+            "--keypoints",
+            "--no-progress",
+        ]
+    )
     assert rc == 0 and (tmp_path / "kp" / "annotations" / "person_keypoints_train.json").is_file()
     with pytest.raises(SystemExit):
         main(["make-shapes", "--train", "-3"])
@@ -279,16 +335,45 @@ def test_existing_set_is_never_overwritten_by_accident(tmp_path: Path, capsys) -
     for keypoints in (False, True):
         with pytest.raises(FileExistsError, match=r"already holds a data set .*overwrite=True"):
             write_shapes_dataset(out, train=2, seed=2, keypoints=keypoints, **kw)
-    rc = main(["make-shapes", "--out", str(out), "--train", "2", "--val", "1", "--size", "64",
-               "--seed", "2", "--no-progress"])
+    rc = main(
+        [
+            "make-shapes",
+            "--out",
+            str(out),
+            "--train",
+            "2",
+            "--val",
+            "1",
+            "--size",
+            "64",
+            "--seed",
+            "2",
+            "--no-progress",
+        ]
+    )
     assert rc == 2 and "already holds a data set" in capsys.readouterr().err
     assert _hashes(out) == before
     # an existing but empty folder (e.g. tempfile.mkdtemp) is fine
     (tmp_path / "empty").mkdir()
     write_shapes_dataset(tmp_path / "empty", train=1, **kw)
     # overwrite=True / --overwrite replaces the set's files
-    rc = main(["make-shapes", "--out", str(out), "--train", "3", "--val", "1", "--size", "64",
-               "--seed", "2", "--no-progress", "--overwrite"])
+    rc = main(
+        [
+            "make-shapes",
+            "--out",
+            str(out),
+            "--train",
+            "3",
+            "--val",
+            "1",
+            "--size",
+            "64",
+            "--seed",
+            "2",
+            "--no-progress",
+            "--overwrite",
+        ]
+    )
     assert rc == 0
     write_shapes_dataset(tmp_path / "fresh", train=3, seed=2, **kw)
     assert _hashes(out) == _hashes(tmp_path / "fresh") != before
@@ -315,7 +400,7 @@ def test_interrupted_swap_puts_the_old_set_back(tmp_path: Path, monkeypatch) -> 
 
     def rename(src, dst):
         calls.append((Path(src).name, Path(dst).name))
-        if len(calls) == 2:           # old set moved away, new set not yet in: Ctrl-C here
+        if len(calls) == 2:  # old set moved away, new set not yet in: Ctrl-C here
             raise KeyboardInterrupt
         real_rename(src, dst)
 
@@ -324,7 +409,7 @@ def test_interrupted_swap_puts_the_old_set_back(tmp_path: Path, monkeypatch) -> 
         write_shapes_dataset(out, seed=2, overwrite=True, **kw)
     assert _hashes(out) == before and not list(tmp_path.glob(".set*"))
     monkeypatch.setattr(shapes.os, "rename", real_rename)
-    write_shapes_dataset(out, seed=2, overwrite=True, **kw)       # the fallback path works
+    write_shapes_dataset(out, seed=2, overwrite=True, **kw)  # the fallback path works
     write_shapes_dataset(tmp_path / "fresh", seed=2, **kw)
     assert _hashes(out) == _hashes(tmp_path / "fresh") and not list(tmp_path.glob(".set*"))
 
@@ -339,10 +424,10 @@ def test_killed_write_leaves_the_old_set_and_its_staging_is_cleaned_later(tmp_pa
     stale = tmp_path / ".set.writing-abc123"
     (stale / "train").mkdir(parents=True)
     (stale / ".pid").write_text(str(dead.pid))
-    live = tmp_path / ".set.writing-live"                    # another writer still at work
+    live = tmp_path / ".set.writing-live"  # another writer still at work
     live.mkdir()
     (live / ".pid").write_text(str(os.getpid()))
-    assert len(shapes_dataset(out, "train")) == 2            # readers never look at staging
+    assert len(shapes_dataset(out, "train")) == 2  # readers never look at staging
     write_shapes_dataset(out, seed=2, overwrite=True, **kw)
     assert not stale.exists() and live.exists()
 
@@ -359,11 +444,18 @@ def test_manifest_and_info_record_the_set(tmp_path: Path) -> None:
         entry = manifest["splits"][split]
         data = json.loads((tmp_path / entry["annotation_file"]).read_text())
         assert data["info"]["mrcnn_edu"] == {
-            "kind": "detection", "split": split, "seed": 7, "size": 48, "num_images": n,
-            "num_annotations": len(data["annotations"]), "mrcnn_edu_version": __version__}
-        assert data["info"]["date_created"] == "seed=7 size=48"       # kept for old readers
-        assert entry["num_images"] == n and sorted(entry["images"]) == \
-            sorted(im["file_name"] for im in data["images"])
+            "kind": "detection",
+            "split": split,
+            "seed": 7,
+            "size": 48,
+            "num_images": n,
+            "num_annotations": len(data["annotations"]),
+            "mrcnn_edu_version": __version__,
+        }
+        assert data["info"]["date_created"] == "seed=7 size=48"  # kept for old readers
+        assert entry["num_images"] == n and sorted(entry["images"]) == sorted(
+            im["file_name"] for im in data["images"]
+        )
         for name, (nbytes, sha) in entry["images"].items():
             blob = (tmp_path / split / name).read_bytes()
             assert len(blob) == nbytes and hashlib.sha256(blob).hexdigest() == sha
@@ -379,16 +471,21 @@ def test_loader_detects_a_set_that_is_not_one_write(tmp_path: Path) -> None:
     a, b = tmp_path / "a", tmp_path / "b"
     # an orphan image (what an old smaller overwrite left)
     (a / "train" / "000000000009.png").write_bytes((b / "train" / "000000000001.png").read_bytes())
-    with pytest.raises(CocoFormatError, match=r"not the ones instances_train\.json lists .*"
-                                              r"0 missing .*1 extra .*000000000009\.png"):
+    with pytest.raises(
+        CocoFormatError,
+        match=r"not the ones instances_train\.json lists .*"
+        r"0 missing .*1 extra .*000000000009\.png",
+    ):
         shapes_dataset(a, "train")
     (a / "train" / "000000000009.png").unlink()
     # the other write's annotation file
     ann = a / "annotations" / "instances_train.json"
     good = ann.read_bytes()
     ann.write_bytes((b / "annotations" / "instances_train.json").read_bytes())
-    with pytest.raises(CocoFormatError, match="not the annotation file the manifest "
-                                              "shapes_manifest.json records for .train."):
+    with pytest.raises(
+        CocoFormatError,
+        match="not the annotation file the manifest shapes_manifest.json records for .train.",
+    ):
         shapes_dataset(a, "train")
     ann.write_bytes(good)
     # a missing manifest in a set that had one

@@ -41,17 +41,26 @@ LAUNCH_TIMEOUT_S = 240  # a whole launch, start-up included (two busy cores)
 
 #: The ``shapes`` recipe shrunk so a step takes about a second on a busy 2-core CPU.
 TINY = [
-    "model.transform.min_size=(64,)", "model.transform.max_size=64",
-    "model.backbone.fpn_channels=32", "model.backbone.trainable_layers=1",
-    "model.roi_heads.representation_size=64", "model.roi_heads.mask_layers=(32,)",
-    "model.roi_heads.mask_dim_reduced=32", "model.roi_heads.batch_size_per_image=32",
-    "model.rpn.pre_nms_top_n_train=100", "model.rpn.post_nms_top_n_train=50",
-    "train.steps=4", "train.batch_size=2", "train.num_workers=0", "train.log_every=1",
-    "train.checkpoint_every=2", "train.warmup_steps=2",
+    "model.transform.min_size=(64,)",
+    "model.transform.max_size=64",
+    "model.backbone.fpn_channels=32",
+    "model.backbone.trainable_layers=1",
+    "model.roi_heads.representation_size=64",
+    "model.roi_heads.mask_layers=(32,)",
+    "model.roi_heads.mask_dim_reduced=32",
+    "model.roi_heads.batch_size_per_image=32",
+    "model.rpn.pre_nms_top_n_train=100",
+    "model.rpn.post_nms_top_n_train=50",
+    "train.steps=4",
+    "train.batch_size=2",
+    "train.num_workers=0",
+    "train.log_every=1",
+    "train.checkpoint_every=2",
+    "train.warmup_steps=2",
 ]
 
 #: What each rank runs (``python WORKER MODE DATA OUT KEY=VALUE ...`` under torchrun).
-WORKER = r'''
+WORKER = r"""
 import dataclasses, os, sys, time
 import torch
 from mrcnn_edu.engine import distributed as dist_utils
@@ -95,7 +104,7 @@ else:  # "die" / "hang": rank 1 stops at its 2nd training step, inside the CLI's
     from mrcnn_edu.cli import main
     sys.exit(main(["train", "--preset", "shapes", "--data", data, "--out", out, "--no-progress",
                    *[f"--set={s}" for s in sets]]))
-'''
+"""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -104,9 +113,21 @@ else:  # "die" / "hang": rank 1 stops at its 2nd training step, inside the CLI's
 
 
 def _env(**extra: str) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
-                        "LOCAL_WORLD_SIZE", "GROUP_RANK", "TORCHELASTIC_RUN_ID")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k
+        not in (
+            "RANK",
+            "WORLD_SIZE",
+            "LOCAL_RANK",
+            "MASTER_ADDR",
+            "MASTER_PORT",
+            "LOCAL_WORLD_SIZE",
+            "GROUP_RANK",
+            "TORCHELASTIC_RUN_ID",
+        )
+    }
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
     return env
 
@@ -118,12 +139,20 @@ def _free_port() -> int:
 
 
 def _start(args: list[str], cwd: Path, env: dict) -> subprocess.Popen:
-    return subprocess.Popen([str(TORCHRUN), *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    return subprocess.Popen(
+        [str(TORCHRUN), *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
 
 
-def _finish(procs: list[subprocess.Popen], timeout: float = LAUNCH_TIMEOUT_S
-            ) -> list[tuple[int, str]]:
+def _finish(
+    procs: list[subprocess.Popen], timeout: float = LAUNCH_TIMEOUT_S
+) -> list[tuple[int, str]]:
     """Wait for every launcher (all of them killed, process group and all, at ``timeout``);
     return ``(exit status, output)`` of each."""
     deadline = time.monotonic() + timeout
@@ -138,8 +167,10 @@ def _finish(procs: list[subprocess.Popen], timeout: float = LAUNCH_TIMEOUT_S
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
             outputs.append(p.communicate()[0] or "")
-        pytest.fail(f"torchrun launchers still running after {timeout} s:\n"
-                    + "\n----\n".join(o[-3000:] for o in outputs))
+        pytest.fail(
+            f"torchrun launchers still running after {timeout} s:\n"
+            + "\n----\n".join(o[-3000:] for o in outputs)
+        )
     return done
 
 
@@ -149,9 +180,28 @@ def _two_nodes(module_or_script: list[str], cwd: Path, env: dict) -> list[subpro
     (``is_host``); c10d gives out the ranks, so ``--node-rank`` is not needed (torchrun ignores
     it for c10d)."""
     port = _free_port()
-    return [_start(["--nnodes", "2", "--nproc_per_node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
-                    "--rdzv-id", f"test{port}", "--rdzv-conf", f"is_host={int(node == 0)}",
-                    *module_or_script], cwd, env) for node in (0, 1)]
+    return [
+        _start(
+            [
+                "--nnodes",
+                "2",
+                "--nproc_per_node",
+                "1",
+                "--rdzv-backend",
+                "c10d",
+                "--rdzv-endpoint",
+                f"127.0.0.1:{port}",
+                "--rdzv-id",
+                f"test{port}",
+                "--rdzv-conf",
+                f"is_host={int(node == 0)}",
+                *module_or_script,
+            ],
+            cwd,
+            env,
+        )
+        for node in (0, 1)
+    ]
 
 
 def _same(a, b, where: str = "") -> None:
@@ -189,8 +239,24 @@ def work(tmp_path_factory) -> Path:
 def straight(work) -> dict:
     """One launcher, two processes, 4 steps straight (checkpoints at 2 and 4), then evaluation."""
     out = work / "straight"
-    [(code, log)] = _finish([_start(["--standalone", "--nproc_per_node", "2", "worker.py",
-                                     "train", "shapes", str(out), *TINY], work, _env())])
+    [(code, log)] = _finish(
+        [
+            _start(
+                [
+                    "--standalone",
+                    "--nproc_per_node",
+                    "2",
+                    "worker.py",
+                    "train",
+                    "shapes",
+                    str(out),
+                    *TINY,
+                ],
+                work,
+                _env(),
+            )
+        ]
+    )
     assert code == 0, log[-5000:]
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
     return {"out": out, "ranks": ranks, "log": log}
@@ -211,20 +277,25 @@ def test_two_processes_keep_bit_identical_parameters(straight):
     assert ckpt["step"] == 4
     _same(ckpt["model"], r0["state"], "model")
     per_rank = ckpt["extra"]["ranks"]
-    assert len(per_rank) == 2 and not torch.equal(per_rank[0]["rng"]["torch"],
-                                                  per_rank[1]["rng"]["torch"])
+    assert len(per_rank) == 2 and not torch.equal(
+        per_rank[0]["rng"]["torch"], per_rank[1]["rng"]["torch"]
+    )
     # training moved them, and both ranks logged the same all-reduced rows
     mid = torch.load(straight["out"] / "step_0000002.pt", weights_only=True)
     assert any(not torch.equal(mid["model"][n], p) for n, p in r0["state"].items())
     assert [row["step"] for row in r0["history"]] == [1, 2, 3, 4]
     _same(r0["history"][-1]["loss"], r1["history"][-1]["loss"])
-    assert r0["last_checkpoint"] == r1["last_checkpoint"] == str(straight["out"] / "step_0000004.pt")
+    assert (
+        r0["last_checkpoint"] == r1["last_checkpoint"] == str(straight["out"] / "step_0000004.pt")
+    )
     # lr and warm-up scaled by the global batch (2) against the recipe's reference batch (4):
     # lr 5e-4 * 2/4, warm-up 2 * 4/2 = 4 steps (from 0.001 x), cosine to 0.02 x over 4 steps
     rows = read_metrics_csv(straight["out"] / "metrics.csv")
     assert [row["step"] for row in rows] == [1, 2, 3, 4]
-    want = [2.5e-4 * (0.001 * (1 - k / 4) + k / 4) * (0.02 + 0.98 * (1 + math.cos(math.pi * k / 4))
-                                                      / 2) for k in range(4)]
+    want = [
+        2.5e-4 * (0.001 * (1 - k / 4) + k / 4) * (0.02 + 0.98 * (1 + math.cos(math.pi * k / 4)) / 2)
+        for k in range(4)
+    ]
     assert [row["lr"] for row in rows] == pytest.approx(want, rel=1e-12)
 
 
@@ -232,6 +303,7 @@ def test_distributed_eval_equals_single_process_eval(straight):
     r0, r1 = straight["ranks"]
     dist_res, single = r0["dist_eval"], r0["single_eval"]
     assert single["num_images"] == 5 and single["num_detections"] > 0
+
     def comparable(res: dict) -> dict:  # without timings; the results files are compared below
         out = {k: v for k, v in res.items() if k not in ("images_per_second", "results_file")}
         out["summary_text"] = re.sub(r"t=\d+\.\d+s", "t=?", res["summary_text"])
@@ -249,8 +321,20 @@ def test_multi_node_resume_continues_exactly(straight, work):
     run = work / "resumed"
     run.mkdir()
     shutil.copy(straight["out"] / "step_0000002.pt", run / "last.pt")
-    cli = ["-m", "mrcnn_edu.cli", "train", "--preset", "shapes", "--data", "shapes",
-           "--out", str(run), "--resume", "--no-progress", *[f"--set={s}" for s in TINY]]
+    cli = [
+        "-m",
+        "mrcnn_edu.cli",
+        "train",
+        "--preset",
+        "shapes",
+        "--data",
+        "shapes",
+        "--out",
+        str(run),
+        "--resume",
+        "--no-progress",
+        *[f"--set={s}" for s in TINY],
+    ]
     results = _finish(_two_nodes(cli, work, _env()))
     logs = "\n----\n".join(log[-4000:] for _, log in results)
     assert [code for code, _ in results] == [0, 0], logs
@@ -267,8 +351,10 @@ def test_multi_node_resume_continues_exactly(straight, work):
 def test_a_dead_rank_stops_the_others_with_a_clear_message(work):
     run = work / "dies"
     start = time.monotonic()
-    results = _finish(_two_nodes(["worker.py", "die", "shapes", str(run), *TINY], work, _env()),
-                      timeout=LAUNCH_TIMEOUT_S)
+    results = _finish(
+        _two_nodes(["worker.py", "die", "shapes", str(run), *TINY], work, _env()),
+        timeout=LAUNCH_TIMEOUT_S,
+    )
     logs = [log for _, log in results]
     assert all(code != 0 for code, _ in results), logs
     alive = next(log for log in logs if "rank 1 dies at step 2" not in log)
@@ -280,9 +366,24 @@ def test_a_dead_rank_stops_the_others_with_a_clear_message(work):
 @pytest.mark.slow
 def test_a_hung_rank_is_caught_by_the_timeout(work):
     run = work / "hangs"
-    [(code, log)] = _finish([_start(["--standalone", "--nproc_per_node", "2", "worker.py",
-                                     "hang", "shapes", str(run), *TINY], work,
-                                    _env(**{dist_utils.TIMEOUT_ENV: "8"}))])
+    [(code, log)] = _finish(
+        [
+            _start(
+                [
+                    "--standalone",
+                    "--nproc_per_node",
+                    "2",
+                    "worker.py",
+                    "hang",
+                    "shapes",
+                    str(run),
+                    *TINY,
+                ],
+                work,
+                _env(**{dist_utils.TIMEOUT_ENV: "8"}),
+            )
+        ]
+    )
     assert code != 0, log[-4000:]
     assert "rank 1 hangs at step 2" in log
     assert "lost contact" in log and "8 s timeout" in log, log[-4000:]
@@ -297,7 +398,11 @@ def test_helpers_without_a_process_group(monkeypatch):
     for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(k, raising=False)
     assert dist_utils.init_distributed("cpu") == torch.device("cpu")
-    assert (dist_utils.rank(), dist_utils.world_size(), dist_utils.is_main_process()) == (0, 1, True)
+    assert (dist_utils.rank(), dist_utils.world_size(), dist_utils.is_main_process()) == (
+        0,
+        1,
+        True,
+    )
     assert dist_utils.all_gather_object({"a": 1}) == [{"a": 1}]
     assert dist_utils.gather_object(3) == [3] and dist_utils.broadcast_object(4) == 4
     assert dist_utils.any_rank(True) and not dist_utils.any_rank(False)
@@ -316,10 +421,14 @@ def test_helpers_without_a_process_group(monkeypatch):
 
 
 def test_comm_errors_are_recognised():
-    gloo_dead = RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection "
-                             "closed by peer [127.0.0.1]:34539")
-    gloo_late = RuntimeError("[../gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting "
-                             "5000ms for recv operation to complete")
+    gloo_dead = RuntimeError(
+        "[../third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection "
+        "closed by peer [127.0.0.1]:34539"
+    )
+    gloo_late = RuntimeError(
+        "[../gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting "
+        "5000ms for recv operation to complete"
+    )
     assert dist_utils.is_comm_error(gloo_dead) and dist_utils.is_comm_error(gloo_late)
     assert not dist_utils.is_comm_error(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
     assert not dist_utils.is_comm_error(ValueError("Connection closed by peer"))

@@ -28,13 +28,22 @@ def test_recall_hand_cases():
     p0 = torch.tensor([[0.0, 0.0, 10.0, 10.0], [20.0, 20.0, 30.0, 25.0]])
     g0 = torch.tensor([[0.0, 0.0, 10.0, 10.0], [20.0, 20.0, 30.0, 30.0]])
     r = proposal_recall([p0], [g0], num_proposals=(1, 2, 5), iou_thresholds=(0.5, 0.51, 0.7))
-    assert r == {(1, 0.5): 0.5, (1, 0.51): 0.5, (1, 0.7): 0.5,
-                 (2, 0.5): 1.0, (2, 0.51): 0.5, (2, 0.7): 0.5,  # IoU 0.5 counts at t = 0.5
-                 (5, 0.5): 1.0, (5, 0.51): 0.5, (5, 0.7): 0.5}  # k > P uses all proposals
+    assert r == {
+        (1, 0.5): 0.5,
+        (1, 0.51): 0.5,
+        (1, 0.7): 0.5,
+        (2, 0.5): 1.0,
+        (2, 0.51): 0.5,
+        (2, 0.7): 0.5,  # IoU 0.5 counts at t = 0.5
+        (5, 0.5): 1.0,
+        (5, 0.51): 0.5,
+        (5, 0.7): 0.5,
+    }  # k > P uses all proposals
 
     # image 1: three gt boxes; the only good proposal is ranked third (after two far-away ones)
-    p1 = torch.tensor([[100.0, 100.0, 110.0, 110.0], [200.0, 0.0, 210.0, 5.0],
-                       [40.0, 40.0, 60.0, 60.0]])
+    p1 = torch.tensor(
+        [[100.0, 100.0, 110.0, 110.0], [200.0, 0.0, 210.0, 5.0], [40.0, 40.0, 60.0, 60.0]]
+    )
     g1 = torch.tensor([[40.0, 40.0, 60.0, 60.0], [40.0, 40.0, 60.0, 61.0], [0.0, 0.0, 5.0, 5.0]])
     r = proposal_recall([p1], [g1], num_proposals=(2, 3), iou_thresholds=(0.5, 0.99))
     # IoU(p1[2], g1[1]) = 400 / 420 = 0.952: recalled at 0.5, not at 0.99
@@ -51,8 +60,9 @@ def test_recall_empty_cases():
     # no proposals: nothing covered; an image without gt adds nothing to the denominator
     r = proposal_recall([empty, g.clone()], [g, empty], num_proposals=(1,), iou_thresholds=(0.5,))
     assert r == {(1, 0.5): 0.0}
-    r = proposal_recall([g.clone(), g.clone()], [g, empty], num_proposals=(1,),
-                        iou_thresholds=(0.5,))
+    r = proposal_recall(
+        [g.clone(), g.clone()], [g, empty], num_proposals=(1,), iou_thresholds=(0.5,)
+    )
     assert r == {(1, 0.5): 1.0}
     # no gt anywhere: recall undefined
     r = proposal_recall([g], [empty], num_proposals=(1,), iou_thresholds=(0.5,))
@@ -93,11 +103,13 @@ def test_recall_bad_input():
     with pytest.raises(ValueError, match="num_proposals"):
         proposal_recall([b], [b], num_proposals=(0,))
 
+
 # -------------------------------------------------------------------------------- TinyBackbone
 
 
-@pytest.mark.parametrize("size, strides", [((256, 256), (8, 16)), ((70, 45), (4, 8, 32)),
-                                           ((64, 96), (16,))])
+@pytest.mark.parametrize(
+    "size, strides", [((256, 256), (8, 16)), ((70, 45), (4, 8, 32)), ((64, 96), (16,))]
+)
 def test_backbone_shapes(size, strides):
     torch.manual_seed(0)
     net = TinyBackbone(out_channels=24, strides=strides, width=8).eval()
@@ -127,6 +139,7 @@ def test_backbone_seeded_init_and_errors():
     with pytest.raises(ValueError, match=r"\[B, 3, H, W\]"):
         a(torch.rand(3, 32, 32))
 
+
 # ---------------------------------------------------------------------------- RPN training
 
 
@@ -142,10 +155,17 @@ class SquaresSet:
             for _ in range(1 + int(torch.randint(0, 2, (1,), generator=g))):
                 s = int(torch.randint(14, 30, (1,), generator=g))
                 x, y = (int(v) for v in torch.randint(0, size - s, (2,), generator=g))
-                img[:, y:y + s, x:x + s] = torch.rand(3, 1, 1, generator=g) * 0.5 + 0.5
+                img[:, y : y + s, x : x + s] = torch.rand(3, 1, 1, generator=g) * 0.5 + 0.5
                 boxes.append([x, y, x + s, y + s])
-            self.items.append((img, {"boxes": torch.tensor(boxes, dtype=torch.float32),
-                                     "labels": torch.ones(len(boxes), dtype=torch.int64)}))
+            self.items.append(
+                (
+                    img,
+                    {
+                        "boxes": torch.tensor(boxes, dtype=torch.float32),
+                        "labels": torch.ones(len(boxes), dtype=torch.int64),
+                    },
+                )
+            )
 
     def __len__(self):
         return len(self.items)
@@ -162,9 +182,13 @@ def _tiny_rpn():
     backbone = TinyBackbone(out_channels=16, strides=(8,), width=8, depth=1)
     anchor_gen = AnchorGenerator(sizes=((16, 32),), aspect_ratios=((0.5, 1.0, 2.0),))
     head = RPNHead(16, anchor_gen.num_anchors_per_location()[0])
-    rpn = RegionProposalNetwork(anchor_gen, head, batch_size_per_image=64,
-                                pre_nms_top_n={"training": 200, "testing": 100},
-                                post_nms_top_n={"training": 100, "testing": 50})
+    rpn = RegionProposalNetwork(
+        anchor_gen,
+        head,
+        batch_size_per_image=64,
+        pre_nms_top_n={"training": 200, "testing": 100},
+        post_nms_top_n={"training": 100, "testing": 50},
+    )
     return backbone, rpn
 
 
@@ -177,8 +201,9 @@ def _fixed_batch_loss(backbone, rpn, data):
     backbone.train()
     rpn.train()
     with torch.no_grad():
-        _, losses = rpn(images, sizes, backbone(images), targets,
-                        generator=torch.Generator().manual_seed(123))
+        _, losses = rpn(
+            images, sizes, backbone(images), targets, generator=torch.Generator().manual_seed(123)
+        )
     return {k: float(v) for k, v in losses.items()}
 
 
@@ -197,11 +222,24 @@ def test_train_rpn_reduces_loss_and_is_deterministic(one_thread):
     images, gt_boxes = [im for im, _ in data.items], [t["boxes"] for _, t in data.items]
     backbone, rpn = _tiny_rpn()
     before = _fixed_batch_loss(backbone, rpn, data)
-    recall_before = proposal_recall(predict_proposals(backbone, rpn, images), gt_boxes,
-                                    num_proposals=(5,), iou_thresholds=(0.7,))
+    recall_before = proposal_recall(
+        predict_proposals(backbone, rpn, images),
+        gt_boxes,
+        num_proposals=(5,),
+        iou_thresholds=(0.7,),
+    )
     steps = []
-    hist = train_rpn(backbone, rpn, data, iterations=25, batch_size=2, lr=1e-2, seed=0,
-                     progress=False, callback=lambda step, rec: steps.append((step, rec["loss"])))
+    hist = train_rpn(
+        backbone,
+        rpn,
+        data,
+        iterations=25,
+        batch_size=2,
+        lr=1e-2,
+        seed=0,
+        progress=False,
+        callback=lambda step, rec: steps.append((step, rec["loss"])),
+    )
     after = _fixed_batch_loss(backbone, rpn, data)
     assert set(hist) >= {"step", "loss", "loss_objectness", "loss_rpn_box_reg", "lr", "seconds"}
     assert hist["step"] == list(range(25)) and len(hist["loss"]) == 25
@@ -215,8 +253,9 @@ def test_train_rpn_reduces_loss_and_is_deterministic(one_thread):
 
     # same seeds -> the same run, bit for bit
     backbone2, rpn2 = _tiny_rpn()
-    hist2 = train_rpn(backbone2, rpn2, data, iterations=25, batch_size=2, lr=1e-2, seed=0,
-                      progress=False)
+    hist2 = train_rpn(
+        backbone2, rpn2, data, iterations=25, batch_size=2, lr=1e-2, seed=0, progress=False
+    )
     assert hist2["loss"] == hist["loss"]
 
     # the trained RPN proposes boxes inside the image, and its top 5 cover the squares better
@@ -250,9 +289,11 @@ def test_train_rpn_device_moves_both_modules(one_thread):
     for name, module in (("backbone", backbone), ("rpn", rpn)):
         to = module.to
         module.to = lambda *a, _to=to, _name=name, **k: (moved.append((_name, a)), _to(*a, **k))[1]
-    train_rpn(backbone, rpn, SquaresSet(n=2), iterations=1, batch_size=1, device="cpu",
-              progress=False)
+    train_rpn(
+        backbone, rpn, SquaresSet(n=2), iterations=1, batch_size=1, device="cpu", progress=False
+    )
     assert moved == [("backbone", (torch.device("cpu"),)), ("rpn", (torch.device("cpu"),))]
+
 
 # ------------------------------------------------------------------------- anchor drawings
 
@@ -265,7 +306,9 @@ def test_anchors_at_hand_computed():
     torch.testing.assert_close(a, torch.tensor([[32.0, 48.0, 64.0, 80.0]]))
     # ratio h / w = 4 keeps the area: w = 32 / 2 = 16, h = 64 (centred on (0, 0) at cell (0, 0))
     a = anchors_at((64, 64), (16, 32), (4.0,), 8, 0, 0)
-    torch.testing.assert_close(a, torch.tensor([[-4.0, -16.0, 4.0, 16.0], [-8.0, -32.0, 8.0, 32.0]]))
+    torch.testing.assert_close(
+        a, torch.tensor([[-4.0, -16.0, 4.0, 16.0], [-8.0, -32.0, 8.0, 32.0]])
+    )
     with pytest.raises(ValueError, match="outside"):
         anchors_at((64, 64), (16,), (1.0,), 8, 8, 0)
 
@@ -297,8 +340,9 @@ def test_draw_anchors_labels_and_explorer():
     explorer = anchor_explorer(torch.rand(3, 64, 96))
     assert isinstance(explorer, ipywidgets.VBox)
     assert isinstance(explorer.children[-1], ipywidgets.Output)
-    (sizes_w, _ratios_w), (stride_w, x_w, y_w, _) = (c.children for c in
-                                                    explorer.children[0].children)
+    (sizes_w, _ratios_w), (stride_w, x_w, y_w, _) = (
+        c.children for c in explorer.children[0].children
+    )
     stride_w.value = 8  # 64x96 image -> 8x12 feature map; the location keeps its pixel position
     assert (x_w.max, y_w.max) == (11, 7)
     assert (x_w.value, y_w.value) == (6, 4)

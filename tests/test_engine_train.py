@@ -61,18 +61,21 @@ class TinyDetector(nn.Module):
         self.head = nn.Linear(width, 5)
 
     def forward(self, images, targets=None):
-        batch, _ = batch_images(images)                                       # [B, 3, H, W]
-        x = self.drop(F.relu(self.norm(self.conv(batch)))).mean(dim=(2, 3))   # [B, C]
-        out = self.head(x)                                                    # [B, 5]
+        batch, _ = batch_images(images)  # [B, 3, H, W]
+        x = self.drop(F.relu(self.norm(self.conv(batch)))).mean(dim=(2, 3))  # [B, C]
+        out = self.head(x)  # [B, 5]
         W = batch.shape[-1]
         detections = [{"boxes": o[None, :4] * W, "scores": o[4:].sigmoid()} for o in out]
         if targets is None:
             return detections, {}
-        gt = torch.stack([t["boxes"].mean(0) / W if len(t["boxes"]) else out.new_zeros(4)
-                          for t in targets])                                  # [B, 4]
+        gt = torch.stack(
+            [t["boxes"].mean(0) / W if len(t["boxes"]) else out.new_zeros(4) for t in targets]
+        )  # [B, 4]
         has = torch.tensor([float(len(t["boxes"]) > 0) for t in targets])
-        return detections, {"loss_box": F.smooth_l1_loss(out[:, :4], gt),
-                            "loss_objectness": F.binary_cross_entropy_with_logits(out[:, 4], has)}
+        return detections, {
+            "loss_box": F.smooth_l1_loss(out[:, :4], gt),
+            "loss_objectness": F.binary_cross_entropy_with_logits(out[:, 4], has),
+        }
 
 
 class Jitter:
@@ -98,14 +101,19 @@ def make_run(root, steps=8, *, kind="grouped", batch_size=3, lr=0.05):
     ds = shapes_dataset(root, "train", transforms=Compose([flip, Jitter()]))
     model = TinyDetector()
     opt = build_optimizer(model, "sgd", lr=lr, weight_decay=1e-3)
-    sched = build_scheduler(opt, total_steps=max(steps, 5), warmup_steps=3, milestones=(5,),
-                            gamma=0.5)
+    sched = build_scheduler(
+        opt, total_steps=max(steps, 5), warmup_steps=3, milestones=(5,), gamma=0.5
+    )
     if kind == "grouped":
         loader = make_train_loader(ds, batch_size, seed=3)
     else:  # a plain shuffled DataLoader with a generator: resume skips by loading batches
         loader = torch.utils.data.DataLoader(
-            ds, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(3),
-            collate_fn=lambda b: tuple(map(list, zip(*b))))
+            ds,
+            batch_size=batch_size,
+            shuffle=True,
+            generator=torch.Generator().manual_seed(3),
+            collate_fn=lambda b: tuple(map(list, zip(*b))),
+        )
     return model, opt, sched, loader
 
 
@@ -124,19 +132,35 @@ def test_resume_is_bit_identical(shapes_root, tmp_path, kind):
     straight = train(model, loader, opt, sched, steps=N, log_every=1, progress=False)
 
     model1, opt1, sched1, loader1 = make_run(shapes_root, N, kind=kind)
-    first = train(model1, loader1, opt1, sched1, steps=N // 2, log_every=1, progress=False,
-                  checkpoint_dir=tmp_path / "ck")
+    first = train(
+        model1,
+        loader1,
+        opt1,
+        sched1,
+        steps=N // 2,
+        log_every=1,
+        progress=False,
+        checkpoint_dir=tmp_path / "ck",
+    )
     assert first.last_checkpoint == tmp_path / "ck" / "step_0000004.pt"
 
     random.random(), np.random.rand(), torch.rand(3)  # a new process: other random states
     model2, opt2, sched2, loader2 = make_run(shapes_root, N, kind=kind)
-    second = train(model2, loader2, opt2, sched2, steps=N, log_every=1, progress=False,
-                   checkpoint_dir=tmp_path / "ck", resume=True)
+    second = train(
+        model2,
+        loader2,
+        opt2,
+        sched2,
+        steps=N,
+        log_every=1,
+        progress=False,
+        checkpoint_dir=tmp_path / "ck",
+        resume=True,
+    )
     assert second.steps_done == N // 2 and second.step == N
     assert_same_params(model, model2)
     losses = [(r["loss_box"], r["loss_objectness"]) for r in straight.history]
-    assert losses == [(r["loss_box"], r["loss_objectness"])
-                      for r in first.history + second.history]
+    assert losses == [(r["loss_box"], r["loss_objectness"]) for r in first.history + second.history]
     assert [r["lr"] for r in straight.history] == [r["lr"] for r in first.history + second.history]
     assert not all(torch.equal(p, q) for p, q in zip(model.parameters(), model1.parameters()))
 
@@ -157,8 +181,17 @@ def test_ctrl_c_saves_last_completed_step_and_resumes_exactly(shapes_root, tmp_p
 
     model1, opt1, sched1, loader1 = make_run(shapes_root, N)
     with pytest.raises(KeyboardInterrupt):
-        train(model1, loader1, opt1, sched1, steps=N, progress=False, callbacks=[Interrupt()],
-              checkpoint_dir=tmp_path, checkpoint_every=2)
+        train(
+            model1,
+            loader1,
+            opt1,
+            sched1,
+            steps=N,
+            progress=False,
+            callbacks=[Interrupt()],
+            checkpoint_dir=tmp_path,
+            checkpoint_every=2,
+        )
     assert [s for s, _ in checkpoint_files(tmp_path)] == [2, 3]
     ck = load_checkpoint(tmp_path / "last.pt", restore_rng=False)
     assert ck["step"] == 3
@@ -169,8 +202,9 @@ def test_ctrl_c_saves_last_completed_step_and_resumes_exactly(shapes_root, tmp_p
         assert torch.equal(step2["model"][k], v), k
 
     model2, opt2, sched2, loader2 = make_run(shapes_root, N)
-    train(model2, loader2, opt2, sched2, steps=N, progress=False, checkpoint_dir=tmp_path,
-          resume=True)
+    train(
+        model2, loader2, opt2, sched2, steps=N, progress=False, checkpoint_dir=tmp_path, resume=True
+    )
     assert_same_params(model, model2)
 
 
@@ -185,12 +219,22 @@ def test_checkpoint_dir_in_use_needs_resume(shapes_root, tmp_path):
 
 def test_keep_last_and_resume_at_the_end(shapes_root, tmp_path):
     model, opt, sched, loader = make_run(shapes_root, 5)
-    r = train(model, loader, opt, sched, steps=5, progress=True, checkpoint_dir=tmp_path,
-              checkpoint_every=1, keep_last=2)  # the tqdm bar path runs too
+    r = train(
+        model,
+        loader,
+        opt,
+        sched,
+        steps=5,
+        progress=True,
+        checkpoint_dir=tmp_path,
+        checkpoint_every=1,
+        keep_last=2,
+    )  # the tqdm bar path runs too
     assert [s for s, _ in checkpoint_files(tmp_path)] == [4, 5]
     assert r.last_checkpoint == tmp_path / "step_0000005.pt"
-    r = train(model, loader, opt, sched, steps=5, progress=False, checkpoint_dir=tmp_path,
-              resume=True)
+    r = train(
+        model, loader, opt, sched, steps=5, progress=False, checkpoint_dir=tmp_path, resume=True
+    )
     assert r.steps_done == 0 and r.step == 5 and r.history == []
 
 
@@ -230,9 +274,13 @@ def test_out_of_memory_is_explained():
             raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     model = Hungry()
-    with pytest.raises(TrainingOutOfMemoryError, match=r"step 1 \(a batch of 2 images, sizes "
-                       r"\[\(32, 32\)\]\)\. Use a smaller batch size or smaller images"):
+    with pytest.raises(
+        TrainingOutOfMemoryError,
+        match=r"step 1 \(a batch of 2 images, sizes "
+        r"\[\(32, 32\)\]\)\. Use a smaller batch size or smaller images",
+    ):
         train(model, nan_batches(), build_optimizer(model, lr=0.1), steps=1, progress=False)
+
     # other errors pass through unchanged
     class Broken(TinyDetector):
         def forward(self, images, targets=None):
@@ -275,8 +323,17 @@ def test_amp_bf16_on_cpu_runs_a_step(shapes_root):
 
 def test_fp16_scaler_is_checkpointed(shapes_root, tmp_path):
     model, opt, sched, loader = make_run(shapes_root, 2)
-    train(model, loader, opt, sched, steps=2, amp="fp16", grad_clip=1.0, progress=False,
-          checkpoint_dir=tmp_path)
+    train(
+        model,
+        loader,
+        opt,
+        sched,
+        steps=2,
+        amp="fp16",
+        grad_clip=1.0,
+        progress=False,
+        checkpoint_dir=tmp_path,
+    )
     ck = load_checkpoint(tmp_path, restore_rng=False)
     assert ck["scaler"] is not None and ck["scaler"]["scale"] > 0
 
@@ -297,8 +354,18 @@ def test_max_minutes_stops_cleanly_with_a_checkpoint(shapes_root, tmp_path, monk
         clock["t"] += 25.0  # each step "takes" 25 s; the 1-minute budget ends after step 3
 
     model, opt, sched, loader = make_run(shapes_root, 10)
-    r = train(model, loader, opt, sched, steps=10, max_minutes=1.0, callbacks=[tick],
-              progress=False, checkpoint_dir=tmp_path, log_every=2)
+    r = train(
+        model,
+        loader,
+        opt,
+        sched,
+        steps=10,
+        max_minutes=1.0,
+        callbacks=[tick],
+        progress=False,
+        checkpoint_dir=tmp_path,
+        log_every=2,
+    )
     assert r.stopped_early and r.steps_done == 3
     assert load_checkpoint(tmp_path, restore_rng=False)["step"] == 3
     assert [row["step"] for row in r.history] == [2, 3]  # the partial window is logged too
@@ -310,13 +377,31 @@ def test_max_minutes_stops_cleanly_with_a_checkpoint(shapes_root, tmp_path, monk
 def test_csv_rows_parse_and_resume_drops_later_rows(shapes_root, tmp_path):
     csv_path = tmp_path / "metrics.csv"
     model, opt, sched, loader = make_run(shapes_root, 6)
-    r = train(model, loader, opt, sched, steps=5, log_every=2, metrics_csv=csv_path,
-              progress=False, checkpoint_dir=tmp_path / "ck", checkpoint_every=2)
+    r = train(
+        model,
+        loader,
+        opt,
+        sched,
+        steps=5,
+        log_every=2,
+        metrics_csv=csv_path,
+        progress=False,
+        checkpoint_dir=tmp_path / "ck",
+        checkpoint_every=2,
+    )
     rows = read_metrics_csv(csv_path)
     assert rows == r.history  # floats are written with repr: they read back exactly
     assert [row["step"] for row in rows] == [2, 4, 5]
-    assert list(rows[0]) == ["step", "epoch", "lr", "loss_box", "loss_objectness", "loss",
-                             "images_per_s", "elapsed_s"]
+    assert list(rows[0]) == [
+        "step",
+        "epoch",
+        "lr",
+        "loss_box",
+        "loss_objectness",
+        "loss",
+        "images_per_s",
+        "elapsed_s",
+    ]
     for row in rows:
         assert row["loss"] == pytest.approx(row["loss_box"] + row["loss_objectness"])
         assert row["images_per_s"] > 0
@@ -324,8 +409,18 @@ def test_csv_rows_parse_and_resume_drops_later_rows(shapes_root, tmp_path):
     (tmp_path / "ck" / "step_0000005.pt").unlink()
     (tmp_path / "ck" / "last.pt").write_bytes((tmp_path / "ck" / "step_0000004.pt").read_bytes())
     model, opt, sched, loader = make_run(shapes_root, 6)
-    r2 = train(model, loader, opt, sched, steps=6, log_every=2, metrics_csv=csv_path,
-               progress=False, checkpoint_dir=tmp_path / "ck", resume=True)
+    r2 = train(
+        model,
+        loader,
+        opt,
+        sched,
+        steps=6,
+        log_every=2,
+        metrics_csv=csv_path,
+        progress=False,
+        checkpoint_dir=tmp_path / "ck",
+        resume=True,
+    )
     rows2 = read_metrics_csv(csv_path)
     assert [row["step"] for row in rows2] == [2, 4, 6]
     assert rows2[:2] == rows[:2] and rows2[2] == r2.history[0]
@@ -358,14 +453,25 @@ def test_callbacks_and_eval_do_not_change_training(shapes_root):
         return evaluate(m)
 
     model2, opt2, sched2, loader2 = make_run(shapes_root, 4)
-    r = train(model2, loader2, opt2, sched2, steps=4, progress=False, log_every=2,
-              eval_fn=eval_fn, eval_every=2,
-              callbacks=[Recorder(), lambda step, row: calls["plain"].append(step)])
+    r = train(
+        model2,
+        loader2,
+        opt2,
+        sched2,
+        steps=4,
+        progress=False,
+        log_every=2,
+        eval_fn=eval_fn,
+        eval_every=2,
+        callbacks=[Recorder(), lambda step, row: calls["plain"].append(step)],
+    )
     assert_same_params(model, model2)
     assert model2.training
     assert calls["plain"] == [1, 2, 3, 4] and calls["log"] == [2, 4]
-    assert calls["step"][0] == (1, sorted(["step", "epoch", "lr", "loss_box", "loss_objectness",
-                                           "loss", "images"]))
+    assert calls["step"][0] == (
+        1,
+        sorted(["step", "epoch", "lr", "loss_box", "loss_objectness", "loss", "images"]),
+    )
     assert calls["eval"] == [(2, {"ap": 0.5}), (4, {"ap": 0.5})]
     assert r.evals == [{"step": 2, "ap": 0.5}, {"step": 4, "ap": 0.5}]
 
@@ -396,8 +502,15 @@ def test_no_weight_decay_on_norm_and_bias():
     groups = {g["name"]: g for g in opt.param_groups}
     assert names_of(model, groups["decay"]["params"]) == ["conv.weight", "fc.weight"]
     assert names_of(model, groups["no_decay"]["params"]) == [
-        "bn.bias", "bn.weight", "conv.bias", "fc.bias", "gn.bias", "gn.weight", "ln.bias",
-        "ln.weight"]
+        "bn.bias",
+        "bn.weight",
+        "conv.bias",
+        "fc.bias",
+        "gn.bias",
+        "gn.weight",
+        "ln.bias",
+        "ln.weight",
+    ]
     assert groups["decay"]["weight_decay"] == 0.5 and groups["no_decay"]["weight_decay"] == 0.0
     # one SGD step with zero gradients: only weight decay moves the parameters,
     # p <- p - lr * wd * p for the decayed group, nothing for the others (and frozen ones)
@@ -437,25 +550,46 @@ def sgd(lr=0.1):
 
 def test_warmup_step_schedule_hand_computed_and_vs_torch():
     opt = sgd()
-    sched = build_scheduler(opt, total_steps=10, warmup_steps=4, warmup_factor=0.001,
-                            schedule="step", milestones=(6, 8), gamma=0.1)
+    sched = build_scheduler(
+        opt,
+        total_steps=10,
+        warmup_steps=4,
+        warmup_factor=0.001,
+        schedule="step",
+        milestones=(6, 8),
+        gamma=0.1,
+    )
     got = lrs(sched, opt, 10)
     # warm-up factor 0.001 * (1 - s/4) + s/4 at s = 0..3, then 1, 0.1 from 6, 0.01 from 8
-    hand = [0.1 * 0.001, 0.1 * 0.25075, 0.1 * 0.5005, 0.1 * 0.75025, 0.1, 0.1,
-            0.01, 0.01, 0.001, 0.001]
+    hand = [
+        0.1 * 0.001,
+        0.1 * 0.25075,
+        0.1 * 0.5005,
+        0.1 * 0.75025,
+        0.1,
+        0.1,
+        0.01,
+        0.01,
+        0.001,
+        0.001,
+    ]
     assert got == pytest.approx(hand, rel=1e-12)
     # torch's own schedulers composed: LinearLR warm-up times MultiStepLR
     ref_opt = sgd()
-    ref = torch.optim.lr_scheduler.ChainedScheduler([
-        torch.optim.lr_scheduler.LinearLR(ref_opt, start_factor=0.001, total_iters=4),
-        torch.optim.lr_scheduler.MultiStepLR(ref_opt, milestones=[6, 8], gamma=0.1)])
+    ref = torch.optim.lr_scheduler.ChainedScheduler(
+        [
+            torch.optim.lr_scheduler.LinearLR(ref_opt, start_factor=0.001, total_iters=4),
+            torch.optim.lr_scheduler.MultiStepLR(ref_opt, milestones=[6, 8], gamma=0.1),
+        ]
+    )
     assert got == pytest.approx(lrs(ref, ref_opt, 10), rel=1e-9)
 
 
 def test_cosine_schedule_vs_torch_and_hand():
     opt = sgd()
-    sched = build_scheduler(opt, total_steps=20, warmup_steps=0, schedule="cosine",
-                            min_lr_ratio=0.1)
+    sched = build_scheduler(
+        opt, total_steps=20, warmup_steps=0, schedule="cosine", min_lr_ratio=0.1
+    )
     got = lrs(sched, opt, 21)
     ref_opt = sgd()
     ref = torch.optim.lr_scheduler.CosineAnnealingLR(ref_opt, T_max=20, eta_min=0.01)

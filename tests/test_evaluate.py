@@ -43,8 +43,12 @@ pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:Depreca
 IMAGES = [(1, 40, 30), (2, 128, 120), (3, 16, 16)]
 # (ann id, image id, category id, x, y, w, h): integer rectangles, whose polygon rasterizes to
 # exactly w * h pixels. Areas: 80 and 240 (small, < 32^2), 1200 (medium), 10000 (large, > 96^2).
-RECTS = [(1, 1, 7, 2, 3, 10, 8), (2, 1, 2, 20, 5, 12, 20),
-         (4, 2, 2, 2, 10, 100, 100), (5, 2, 7, 70, 85, 40, 30)]
+RECTS = [
+    (1, 1, 7, 2, 3, 10, 8),
+    (2, 1, 2, 20, 5, 12, 20),
+    (4, 2, 2, 2, 10, 100, 100),
+    (5, 2, 7, 70, 85, 40, 30),
+]
 CROWD = np.zeros((30, 40), np.uint8)
 CROWD[22:30, 0:6] = 1  # image 1, bottom-left corner, away from every object and shifted box
 SHIFT = 0.225  # dx = 0.225 w  ->  IoU = (w - dx) / (w + dx) = 0.775 / 1.225
@@ -52,15 +56,33 @@ SHIFTED_IOU = 0.775 / 1.225
 
 
 def _coco_dict() -> dict:
-    anns = [{"id": a, "image_id": i, "category_id": c, "iscrowd": 0, "area": float(w * h),
-             "bbox": [x, y, w, h], "segmentation": [[x, y, x + w, y, x + w, y + h, x, y + h]]}
-            for a, i, c, x, y, w, h in RECTS]
-    anns.append({"id": 3, "image_id": 1, "category_id": 7, "iscrowd": 1,
-                 "area": float(CROWD.sum()), "bbox": [0, 22, 6, 8],
-                 "segmentation": mask_to_rle(CROWD, compressed=False)})
+    anns = [
+        {
+            "id": a,
+            "image_id": i,
+            "category_id": c,
+            "iscrowd": 0,
+            "area": float(w * h),
+            "bbox": [x, y, w, h],
+            "segmentation": [[x, y, x + w, y, x + w, y + h, x, y + h]],
+        }
+        for a, i, c, x, y, w, h in RECTS
+    ]
+    anns.append(
+        {
+            "id": 3,
+            "image_id": 1,
+            "category_id": 7,
+            "iscrowd": 1,
+            "area": float(CROWD.sum()),
+            "bbox": [0, 22, 6, 8],
+            "segmentation": mask_to_rle(CROWD, compressed=False),
+        }
+    )
     return {
-        "images": [{"id": i, "file_name": f"{i}.png", "width": w, "height": h}
-                   for i, w, h in IMAGES],
+        "images": [
+            {"id": i, "file_name": f"{i}.png", "width": w, "height": h} for i, w, h in IMAGES
+        ],
         "annotations": anns,
         # ids non-contiguous and out of order: labels 1, 2 are category ids 2, 7
         "categories": [{"id": 7, "name": "kite"}, {"id": 2, "name": "ball"}],
@@ -113,14 +135,17 @@ class FakeModel(nn.Module):
             t = self.truth[_key(image)]
             n = len(t["boxes"])
             boxes = t["boxes"].clone()
-            det = {"boxes": boxes, "labels": t["labels"].clone(),
-                   "scores": torch.linspace(0.9, 0.5, n) if n else torch.zeros(0)}
+            det = {
+                "boxes": boxes,
+                "labels": t["labels"].clone(),
+                "scores": torch.linspace(0.9, 0.5, n) if n else torch.zeros(0),
+            }
             if self.mode == "shifted":
                 boxes[:, [0, 2]] += SHIFT * (boxes[:, 2] - boxes[:, 0])[:, None]
             elif self.mode == "empty":
                 det = {k: v[:0] for k, v in det.items()}
             if self.masks and self.mode != "shifted":
-                masks = t["masks"][:, None].float()                     # (N, H, W) -> (N, 1, H, W)
+                masks = t["masks"][:, None].float()  # (N, H, W) -> (N, 1, H, W)
                 det["masks"] = masks[: len(det["boxes"])]
             if "keypoints" in t and self.mode != "empty":
                 kps = t["keypoints"].clone()
@@ -138,13 +163,21 @@ class FakeModel(nn.Module):
 # --- reference: COCOeval run by hand -------------------------------------------------------------
 
 
-def _reference_stats(ann_file: Path, results_file: Path, iou_type: str, img_ids,
-                     sigmas=None) -> np.ndarray:
+def _reference_stats(
+    ann_file: Path, results_file: Path, iou_type: str, img_ids, sigmas=None
+) -> np.ndarray:
     key = {"bbox": "bbox", "segm": "segmentation", "keypoints": "keypoints"}[iou_type]
     results = json.loads(results_file.read_text())
     # one field per result, as COCO's own result files for each task are
-    results = [{"image_id": r["image_id"], "category_id": r["category_id"],
-                "score": r["score"], key: r[key]} for r in results]
+    results = [
+        {
+            "image_id": r["image_id"],
+            "category_id": r["category_id"],
+            "score": r["score"],
+            key: r[key],
+        }
+        for r in results
+    ]
     gt = COCO(str(ann_file))
     E = COCOeval(gt, gt.loadRes(results), iouType=iou_type)
     E.params.imgIds = sorted(img_ids)
@@ -156,8 +189,9 @@ def _reference_stats(ann_file: Path, results_file: Path, iou_type: str, img_ids,
     return E.stats
 
 
-def _assert_matches_reference(result: EvalResult, ann_file: Path, results_file: Path,
-                              img_ids, sigmas=None) -> None:
+def _assert_matches_reference(
+    result: EvalResult, ann_file: Path, results_file: Path, img_ids, sigmas=None
+) -> None:
     for t in result.iou_types:
         ref = _reference_stats(ann_file, results_file, t, img_ids, sigmas)
         assert result.stats[t] == pytest.approx(ref.tolist(), abs=0, rel=0), t
@@ -195,15 +229,14 @@ def test_perfect_detections_give_ap_one(coco_set: CocoDetection, tmp_path: Path)
         assert r["category_id"] == c
         assert isinstance(r["segmentation"]["counts"], str)
         mask = mask_utils.decode(r["segmentation"])
-        assert mask.sum() == w * h and mask[y:y + h, x:x + w].all()
+        assert mask.sum() == w * h and mask[y : y + h, x : x + w].all()
 
 
 def test_shifted_boxes_hand_computed_ap(coco_set: CocoDetection, tmp_path: Path) -> None:
     # IoU 0.6327 passes the thresholds 0.50, 0.55, 0.60 and fails 0.65 .. 0.95: AP = 3 / 10
     assert 0.60 < SHIFTED_IOU < 0.65
     out = tmp_path / "shifted.json"
-    result = evaluate(FakeModel(coco_set, "shifted"), coco_set, results_file=out,
-                      progress=False)
+    result = evaluate(FakeModel(coco_set, "shifted"), coco_set, results_file=out, progress=False)
     assert result.iou_types == ("bbox",)  # a box-only model: no masks, no segm
     m = result.metrics["bbox"]
     assert _one(m["AP50"]) and m["AP75"] == 0.0
@@ -214,6 +247,7 @@ def test_shifted_boxes_hand_computed_ap(coco_set: CocoDetection, tmp_path: Path)
     _assert_matches_reference(result, coco_set.ann_file, out, [1, 2, 3])
     # the boxes really have that IoU (torchvision's box_iou as the independent check)
     from torchvision.ops import box_iou
+
     image, target = coco_set[0]
     dets, _ = FakeModel(coco_set, "shifted").eval()([image])
     ious = box_iou(dets[0]["boxes"], target["boxes"]).diag()
@@ -223,8 +257,7 @@ def test_shifted_boxes_hand_computed_ap(coco_set: CocoDetection, tmp_path: Path)
 def test_no_detections_give_zeros(coco_set: CocoDetection, tmp_path: Path) -> None:
     out = tmp_path / "empty.json"
     with pytest.warns(UserWarning, match="no detections"):
-        result = evaluate(FakeModel(coco_set, "empty"), coco_set, results_file=out,
-                          progress=False)
+        result = evaluate(FakeModel(coco_set, "empty"), coco_set, results_file=out, progress=False)
     assert json.loads(out.read_text()) == []
     assert result.num_detections == 0 and result.iou_types == ("bbox", "segm")
     for t in ("bbox", "segm"):
@@ -235,17 +268,16 @@ def test_no_detections_give_zeros(coco_set: CocoDetection, tmp_path: Path) -> No
 
 def test_val_losses_are_the_mean_over_images(coco_set: CocoDetection) -> None:
     # batches [1, 2] and [3]: loss_id = 1.5 and 3; weighted by batch size -> mean id = 2
-    result = evaluate(FakeModel(coco_set), coco_set, batch_size=2, device="cpu",
-                      progress=False)
+    result = evaluate(FakeModel(coco_set), coco_set, batch_size=2, device="cpu", progress=False)
     assert result.val_losses == pytest.approx({"loss_id": 2.0, "loss_const": 2.0})
     assert _one(result.metrics["bbox"]["AP"])
-    none = evaluate(FakeModel(coco_set), coco_set, with_losses=False, num_workers=1,
-                    progress=False)
+    none = evaluate(FakeModel(coco_set), coco_set, with_losses=False, num_workers=1, progress=False)
     assert none.val_losses == {} and none.stats == result.stats
 
 
-def test_subsets_and_max_images_restrict_the_images(coco_set: CocoDetection,
-                                                    tmp_path: Path) -> None:
+def test_subsets_and_max_images_restrict_the_images(
+    coco_set: CocoDetection, tmp_path: Path
+) -> None:
     sub = torch.utils.data.Subset(torch.utils.data.Subset(coco_set, [2, 1, 0]), [1, 2])
     base, ids = unwrap_coco_dataset(sub)
     assert base is coco_set and ids == [2, 1]
@@ -294,14 +326,19 @@ def test_bad_requests_fail_clearly(coco_set: CocoDetection) -> None:
 
 def test_coco_results_by_hand() -> None:
     mask = torch.zeros(2, 1, 5, 6)
-    mask[0, 0, 1:3, 2:5] = 0.7   # a 2 x 3 block above the threshold
-    mask[0, 0, 4, 0] = 0.49      # below it
-    mask[1, 0, 0, 0] = 0.5       # exactly at it: in
-    det = {"boxes": torch.tensor([[2.0, 1.0, 5.0, 3.0], [0.0, 0.0, 1.5, 1.0]]),
-           "labels": torch.tensor([1, 2]), "scores": torch.tensor([0.75, 0.25]),
-           "masks": mask, "keypoints": torch.tensor([[[1.0, 2.0, 1.0]], [[3.0, 4.0, 2.0]]])}
-    res = coco_results([det, {k: v[:0] for k, v in det.items()}], [7, 8],
-                       label_to_cat_id={1: 10, 2: 20})
+    mask[0, 0, 1:3, 2:5] = 0.7  # a 2 x 3 block above the threshold
+    mask[0, 0, 4, 0] = 0.49  # below it
+    mask[1, 0, 0, 0] = 0.5  # exactly at it: in
+    det = {
+        "boxes": torch.tensor([[2.0, 1.0, 5.0, 3.0], [0.0, 0.0, 1.5, 1.0]]),
+        "labels": torch.tensor([1, 2]),
+        "scores": torch.tensor([0.75, 0.25]),
+        "masks": mask,
+        "keypoints": torch.tensor([[[1.0, 2.0, 1.0]], [[3.0, 4.0, 2.0]]]),
+    }
+    res = coco_results(
+        [det, {k: v[:0] for k, v in det.items()}], [7, 8], label_to_cat_id={1: 10, 2: 20}
+    )
     assert len(res) == 2
     assert res[0]["image_id"] == 7 and res[0]["category_id"] == 10
     assert res[0]["bbox"] == [2.0, 1.0, 3.0, 2.0] and res[1]["bbox"] == [0.0, 0.0, 1.5, 1.0]
@@ -316,8 +353,7 @@ def test_coco_results_by_hand() -> None:
         np.testing.assert_array_equal(mask_utils.decode(r["segmentation"]), want)
     json.dumps(res)  # plain Python types only
     with pytest.raises(ValueError, match=r"label\(s\) \[3\] that map to no category"):
-        coco_results([{**det, "labels": torch.tensor([1, 3])}], [7],
-                     label_to_cat_id={1: 10, 2: 20})
+        coco_results([{**det, "labels": torch.tensor([1, 3])}], [7], label_to_cat_id={1: 10, 2: 20})
     with pytest.raises(ValueError, match=r"detections\[0\]\['boxes'\] must be \[N, 4\]"):
         coco_results([{**det, "boxes": torch.zeros(2, 5)}], [7])
     with pytest.raises(ValueError, match=r"got 1 detection dicts but 2 image ids"):
@@ -338,8 +374,11 @@ def test_shapes_set_perfect_model(shapes_root: Path, tmp_path: Path) -> None:
     assert result.iou_types == ("bbox", "segm")
     for t in ("bbox", "segm"):
         assert _one(result.metrics[t]["AP"]) and _one(result.metrics[t]["AP75"])
-        present = {ds.coco.cats[a["category_id"]]["name"] for a in ds.coco.dataset["annotations"]
-                   if not a["iscrowd"]}
+        present = {
+            ds.coco.cats[a["category_id"]]["name"]
+            for a in ds.coco.dataset["annotations"]
+            if not a["iscrowd"]
+        }
         assert {k for k, v in result.per_category[t].items() if _one(v)} == present
     # labels 1..3 went back to the set's category ids 1, 3, 5
     assert {r["category_id"] for r in json.loads(out.read_text())} <= {1, 3, 5}

@@ -33,9 +33,11 @@ def test_keypoint_head_keys_init_and_outputs_equal_torchvision():
     torch.manual_seed(0)
     ours = KeypointHead(6, layers=(5, 4, 3))
     # a flat conv, ReLU, conv, ReLU ... sequence: parameters at the even indices only
-    assert list(ours.state_dict()) == list(tv.state_dict()) == [
-        "0.weight", "0.bias", "2.weight", "2.bias", "4.weight", "4.bias"
-    ]
+    assert (
+        list(ours.state_dict())
+        == list(tv.state_dict())
+        == ["0.weight", "0.bias", "2.weight", "2.bias", "4.weight", "4.bias"]
+    )
     # the same seed gives the same weights: convs created first, then re-initialised in order
     for (ka, a), (kb, b) in zip(ours.state_dict().items(), tv.state_dict().items()):
         assert torch.equal(a, b), ka
@@ -59,8 +61,9 @@ def test_keypoint_head_default_is_the_papers_eight_512_convs():
     keys = list(head.state_dict())
     assert keys == list(tv.state_dict())
     assert keys[0] == "0.weight" and keys[-1] == "14.bias" and len(keys) == 16
-    assert [tuple(v.shape) for v in head.state_dict().values()] == \
-        [tuple(v.shape) for v in tv.state_dict().values()]
+    assert [tuple(v.shape) for v in head.state_dict().values()] == [
+        tuple(v.shape) for v in tv.state_dict().values()
+    ]
     conv = head[14]
     # kaiming_normal_, fan_out, relu: std = sqrt(2 / (512 * 3 * 3)); zero bias
     assert abs(float(conv.weight.detach().std()) - (2 / (512 * 9)) ** 0.5) < 0.001
@@ -72,9 +75,11 @@ def test_keypoint_predictor_equals_torchvision():
     tv = tv_keypoint_rcnn.KeypointRCNNPredictor(6, 4)
     torch.manual_seed(1)
     ours = KeypointPredictor(6, 4)
-    assert list(ours.state_dict()) == list(tv.state_dict()) == [
-        "kps_score_lowres.weight", "kps_score_lowres.bias"
-    ]
+    assert (
+        list(ours.state_dict())
+        == list(tv.state_dict())
+        == ["kps_score_lowres.weight", "kps_score_lowres.bias"]
+    )
     assert torch.equal(ours.kps_score_lowres.weight, tv.kps_score_lowres.weight)
     assert torch.equal(ours.kps_score_lowres.bias, torch.zeros(4))
     fresh = KeypointPredictor(6, 4)
@@ -160,8 +165,9 @@ def test_keypoint_targets_border_and_outside_by_hand():
     assert torch.equal(index, want_index)
     finite = slice(0, len(cases) - 1)  # torchvision casts NaN to int64 (undefined): skip it
     ref_index, ref_valid = tv_roi_heads.keypoints_to_heatmap(kps[:, finite], roi, 4)
-    assert torch.equal(index[:, finite], ref_index) and torch.equal(valid[:, finite],
-                                                                  ref_valid.bool())
+    assert torch.equal(index[:, finite], ref_index) and torch.equal(
+        valid[:, finite], ref_valid.bool()
+    )
     # the one-hot masks: a single 1 at (row, col) for a valid keypoint, all zero otherwise
     hm = one_hot_heatmaps(index, valid, 4)
     assert hm.shape == (1, len(cases), 4, 4)
@@ -218,8 +224,9 @@ def test_keypoint_loss_equals_keypointrcnn_loss(seed):
     (gb,) = torch.autograd.grad(ref, logits)
     assert torch.equal(ga, gb)
     # only valid (RoI, keypoint) heatmaps get a gradient, and each sums to 0 (a softmax's)
-    valid = torch.cat([keypoint_targets(k[i], p, 8)[1]
-                       for k, p, i in zip(gt_keypoints, proposals, matched)])
+    valid = torch.cat(
+        [keypoint_targets(k[i], p, 8)[1] for k, p, i in zip(gt_keypoints, proposals, matched)]
+    )
     assert valid.any() and not valid.all()  # some keypoints invisible or outside their RoI
     touched = ga.abs().flatten(2).sum(-1) > 0  # [P, K]
     assert torch.equal(touched, valid)
@@ -251,10 +258,16 @@ def test_keypoint_loss_hand_computed_one_roi_two_keypoints():
 
 
 def test_keypoint_loss_gradcheck():
-    logits, proposals, gt_keypoints, matched = _loss_inputs(3, counts=(2, 1), K=4, m=3,
-                                                            dtype=torch.float64)
-    assert sum(int(keypoint_targets(k[i], p, 3)[1].sum())
-               for k, p, i in zip(gt_keypoints, proposals, matched)) > 0
+    logits, proposals, gt_keypoints, matched = _loss_inputs(
+        3, counts=(2, 1), K=4, m=3, dtype=torch.float64
+    )
+    assert (
+        sum(
+            int(keypoint_targets(k[i], p, 3)[1].sum())
+            for k, p, i in zip(gt_keypoints, proposals, matched)
+        )
+        > 0
+    )
 
     def f(x):
         return keypoint_loss(x, proposals, gt_keypoints, matched)
@@ -271,8 +284,11 @@ def test_keypoint_loss_no_positives_or_no_visible_keypoints():
     assert tv_roi_heads.keypointrcnn_loss(logits, *args).item() == 0.0
     # RoIs exist but no keypoint is visible: a zero whose gradient is zero everywhere
     logits = torch.randn(2, 5, 8, 8, requires_grad=True)
-    args = ([torch.tensor([[0.0, 0.0, 9.0, 9.0], [1.0, 1.0, 5.0, 5.0]])],
-            [torch.rand(1, 5, 3) * torch.tensor([9.0, 9.0, 0.0])], [torch.tensor([0, 0])])
+    args = (
+        [torch.tensor([[0.0, 0.0, 9.0, 9.0], [1.0, 1.0, 5.0, 5.0]])],
+        [torch.rand(1, 5, 3) * torch.tensor([9.0, 9.0, 0.0])],
+        [torch.tensor([0, 0])],
+    )
     loss = keypoint_loss(logits, *args)
     assert loss.item() == 0.0
     loss.backward()
@@ -282,8 +298,9 @@ def test_keypoint_loss_no_positives_or_no_visible_keypoints():
 
 def test_keypoint_loss_errors():
     logits, proposals, gt_keypoints, matched = _loss_inputs(0)
-    with pytest.raises(ValueError, match="keypoint_loss: keypoint_logits has 7 rows but the "
-                                         "proposals hold 8"):
+    with pytest.raises(
+        ValueError, match="keypoint_loss: keypoint_logits has 7 rows but the proposals hold 8"
+    ):
         keypoint_loss(logits[:7], proposals, gt_keypoints, matched)
     with pytest.raises(ValueError, match="keypoint_logits must be square"):
         keypoint_loss(logits[..., :5], proposals, gt_keypoints, matched)
@@ -363,8 +380,9 @@ def test_keypoint_inference_equals_torchvision():
     assert [tuple(s.shape) for s in ours_scores] == [(4, 3), (0, 3), (2, 3)]
     for a, b in zip(ours_kps + ours_scores, ref_kps + ref_scores):
         assert torch.equal(a, b)
-    with pytest.raises(ValueError, match="keypoint_inference: keypoint_logits has 6 rows but "
-                                         "boxes hold 4"):
+    with pytest.raises(
+        ValueError, match="keypoint_inference: keypoint_logits has 6 rows but boxes hold 4"
+    ):
         keypoint_inference(logits, boxes[:2])
     with pytest.raises(TypeError, match="boxes must be a list"):
         keypoint_inference(logits, torch.cat(boxes))

@@ -29,14 +29,30 @@ from mrcnn_edu.engine.evaluate import evaluate
 from mrcnn_edu.engine.recipe import build_datasets, get_experiment, run_training
 
 #: The issue's COCO-like sigmas per body part, typed in independently of the generator.
-ISSUE_SIGMAS = {"head": 0.026, "neck": 0.079, "left_elbow": 0.072, "right_elbow": 0.072,
-                "left_hand": 0.062, "right_hand": 0.062, "hip": 0.107, "left_knee": 0.087,
-                "right_knee": 0.087, "left_foot": 0.089, "right_foot": 0.089}
+ISSUE_SIGMAS = {
+    "head": 0.026,
+    "neck": 0.079,
+    "left_elbow": 0.072,
+    "right_elbow": 0.072,
+    "left_hand": 0.062,
+    "right_hand": 0.062,
+    "hip": 0.107,
+    "left_knee": 0.087,
+    "right_knee": 0.087,
+    "left_foot": 0.089,
+    "right_foot": 0.089,
+}
 
 #: 64-pixel inputs, 2 images per step, 2 steps: a run of seconds.
-TINY = {"model.transform.min_size": (64,), "model.transform.max_size": 64,
-        "train.batch_size": 2, "train.steps": 2, "train.warmup_steps": 1, "train.log_every": 1,
-        "train.num_workers": 0}
+TINY = {
+    "model.transform.min_size": (64,),
+    "model.transform.max_size": 64,
+    "train.batch_size": 2,
+    "train.steps": 2,
+    "train.warmup_steps": 1,
+    "train.log_every": 1,
+    "train.num_workers": 0,
+}
 
 
 @pytest.fixture(scope="module")
@@ -60,15 +76,23 @@ class GtKeypointModel(torch.nn.Module):
             kps = t["keypoints"].clone()
             kps[..., :2] += self.shift
             kps[..., 2] = 1.0
-            dets.append({"boxes": t["boxes"], "labels": t["labels"],
-                         "scores": torch.ones(len(t["boxes"])), "keypoints": kps})
+            dets.append(
+                {
+                    "boxes": t["boxes"],
+                    "labels": t["labels"],
+                    "scores": torch.ones(len(t["boxes"])),
+                    "keypoints": kps,
+                }
+            )
         return dets, {}
 
 
 def _cocoeval_keypoint_stats(ann_file: Path, results_file: Path, sigmas) -> list[float]:
     """pycocotools on its own: keypoint results only (as evaluate gives them), these sigmas."""
-    results = [{k: r[k] for k in ("image_id", "category_id", "score", "keypoints")}
-               for r in json.loads(results_file.read_text())]
+    results = [
+        {k: r[k] for k in ("image_id", "category_id", "score", "keypoints")}
+        for r in json.loads(results_file.read_text())
+    ]
     with contextlib.redirect_stdout(io.StringIO()):
         gt = COCO(str(ann_file))
         E = COCOeval(gt, gt.loadRes(results), iouType="keypoints")
@@ -79,8 +103,9 @@ def _cocoeval_keypoint_stats(ann_file: Path, results_file: Path, sigmas) -> list
     return [float(s) for s in E.stats]
 
 
-def test_the_set_carries_the_issue_sigmas_and_evaluate_uses_them(figures: Path,
-                                                                 tmp_path: Path) -> None:
+def test_the_set_carries_the_issue_sigmas_and_evaluate_uses_them(
+    figures: Path, tmp_path: Path
+) -> None:
     want = [ISSUE_SIGMAS[name] for name in KEYPOINT_NAMES]
     assert list(KEYPOINT_SIGMAS) == want
     for split in ("train", "val"):
@@ -94,7 +119,8 @@ def test_the_set_carries_the_issue_sigmas_and_evaluate_uses_them(figures: Path,
     assert res.iou_types == ("bbox", "keypoints")
     assert 0.0 < res.metrics["keypoints"]["AP"] < 1.0, res.metrics["keypoints"]  # OKS matters
     assert res.stats["keypoints"] == pytest.approx(
-        _cocoeval_keypoint_stats(val.ann_file, out, want), abs=1e-12)
+        _cocoeval_keypoint_stats(val.ann_file, out, want), abs=1e-12
+    )
     # other sigmas give other numbers: the file's were used, not a default
     looser = _cocoeval_keypoint_stats(val.ann_file, out, [3 * s for s in want])
     assert looser[0] > res.stats["keypoints"][0]
@@ -103,7 +129,7 @@ def test_the_set_carries_the_issue_sigmas_and_evaluate_uses_them(figures: Path,
 def _partner(name: str) -> str:
     for a, b in (("left_", "right_"), ("right_", "left_")):
         if name.startswith(a):
-            return b + name[len(a):]
+            return b + name[len(a) :]
     return name
 
 
@@ -136,8 +162,7 @@ def test_training_flips_swap_left_and_right_keypoints(figures: Path, tmp_path: P
     assert det_train.transforms.flip_index is None  # no keypoints: nothing to swap
 
 
-def test_two_step_stick_figure_training_gives_a_keypoint_ap(figures: Path,
-                                                             tmp_path: Path) -> None:
+def test_two_step_stick_figure_training_gives_a_keypoint_ap(figures: Path, tmp_path: Path) -> None:
     exp = get_experiment("stick-figures", TINY)
     assert exp.model.roi_heads.keypoint and not exp.model.roi_heads.mask
     assert exp.model.roi_heads.num_keypoints == len(KEYPOINT_NAMES)
@@ -157,10 +182,19 @@ def test_stick_figure_and_coco_keypoint_recipes() -> None:
     exp = get_experiment("stick-figures")
     m, t = exp.model, exp.train
     assert (m.backbone.depth, m.backbone.fpn_channels, m.roi_heads.representation_size) == (
-        18, 128, 512)
+        18,
+        128,
+        512,
+    )
     assert m.roi_heads.keypoint_layers == (128,) * 4 and m.transform.min_size == (256,)
     assert (t.optimizer, t.lr, t.batch_size, t.schedule, t.max_minutes, t.hflip) == (
-        "adamw", 5e-4, 4, "cosine", 15.0, 0.5)
+        "adamw",
+        5e-4,
+        4,
+        "cosine",
+        15.0,
+        0.5,
+    )
     assert t.warmup_steps > 0 and exp.data.layout == "shapes"
 
     coco = get_experiment("coco-keypoints-r50-fpn")  # Mask R-CNN sec. 5
@@ -169,7 +203,12 @@ def test_stick_figure_and_coco_keypoint_recipes() -> None:
     assert coco.model.transform.min_size == (640, 672, 704, 736, 768, 800)
     c = coco.train
     assert (c.batch_size, c.lr, c.steps, c.milestones, c.optimizer) == (
-        16, 0.02, 90000, (60000, 80000), "sgd")
+        16,
+        0.02,
+        90000,
+        (60000, 80000),
+        "sgd",
+    )
     assert coco.data.layout == "coco"
 
 
@@ -179,18 +218,23 @@ def test_a_keypoint_model_reads_the_coco_keypoint_files(figures: Path, tmp_path:
     root = tmp_path / "coco"
     (root / "annotations").mkdir(parents=True)
     shutil.copytree(figures / "train", root / "train2017")
-    shutil.copy(figures / "annotations" / "person_keypoints_train.json",
-                root / "annotations" / "person_keypoints_train2017.json")
+    shutil.copy(
+        figures / "annotations" / "person_keypoints_train.json",
+        root / "annotations" / "person_keypoints_train2017.json",
+    )
     det = tmp_path / "det"  # a detection file for the same image names and sizes
     write_shapes_dataset(det, train=4, val=0, size=64, progress=False)
-    shutil.copy(det / "annotations" / "instances_train.json",
-                root / "annotations" / "instances_train2017.json")
+    shutil.copy(
+        det / "annotations" / "instances_train.json",
+        root / "annotations" / "instances_train2017.json",
+    )
 
     kp_train, _ = build_datasets(get_experiment("coco-keypoints-r50-fpn"), root, val=False)
     assert kp_train.keypoint_names == list(KEYPOINT_NAMES)
     assert kp_train.ann_file.name == "person_keypoints_train2017.json"
     assert [KEYPOINT_NAMES[j] for j in kp_train.transforms.flip_index] == [
-        _partner(n) for n in KEYPOINT_NAMES]
+        _partner(n) for n in KEYPOINT_NAMES
+    ]
     det_train, _ = build_datasets(get_experiment("coco-r50-fpn-1x"), root, val=False)
     assert det_train.ann_file.name == "instances_train2017.json"
     assert det_train.keypoint_names is None
@@ -208,8 +252,9 @@ def _without_sigmas(root: Path, split: str) -> None:
     (root / "shapes_manifest.json").write_text(json.dumps(manifest))
 
 
-def test_demo_with_the_keypoint_recipe_reports_keypoint_ap(figures: Path, tmp_path: Path,
-                                                           capsys) -> None:
+def test_demo_with_the_keypoint_recipe_reports_keypoint_ap(
+    figures: Path, tmp_path: Path, capsys
+) -> None:
     """On a stick-figure set written before the sigmas were stored: the demo scores it with
     the generator's sigmas instead of failing after its training."""
     from mrcnn_edu.cli import main
@@ -221,8 +266,20 @@ def test_demo_with_the_keypoint_recipe_reports_keypoint_ap(figures: Path, tmp_pa
         evaluate(GtKeypointModel(1.0), shapes_dataset(data, "val"), progress=False)
     out = tmp_path / "demo"
     sets = [f"{k}={v}" for k, v in TINY.items()]
-    args = ["demo", "--preset", "stick-figures", "--data", str(data), "--out", str(out),
-            "--minutes", "0.2", "--num-images", "1", "--no-progress"]
+    args = [
+        "demo",
+        "--preset",
+        "stick-figures",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--minutes",
+        "0.2",
+        "--num-images",
+        "1",
+        "--no-progress",
+    ]
     for s in sets:
         args += ["--set", s]
     assert main(args) == 0
@@ -237,10 +294,9 @@ def test_demo_with_the_keypoint_recipe_reports_keypoint_ap(figures: Path, tmp_pa
     assert all(len(r["keypoints"]) == 3 * len(KEYPOINT_NAMES) for r in results)
 
 
-def test_eval_of_torchvision_keypoint_weights_reads_the_keypoint_files(figures: Path,
-                                                                       tmp_path: Path,
-                                                                       monkeypatch,
-                                                                       capsys) -> None:
+def test_eval_of_torchvision_keypoint_weights_reads_the_keypoint_files(
+    figures: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
     """``mrcnn-edu eval --weights torchvision:keypointrcnn_resnet50_fpn=FILE`` on a COCO root
     scores keypoints: the person_keypoints file is read. (The R50 checkpoint is replaced by a
     small untrained keypoint model: what is checked is the data the CLI hands it.)"""
@@ -250,18 +306,32 @@ def test_eval_of_torchvision_keypoint_weights_reads_the_keypoint_files(figures: 
     root = tmp_path / "coco"
     (root / "annotations").mkdir(parents=True)
     shutil.copytree(figures / "val", root / "val2017")
-    shutil.copy(figures / "annotations" / "person_keypoints_val.json",
-                root / "annotations" / "person_keypoints_val2017.json")
+    shutil.copy(
+        figures / "annotations" / "person_keypoints_val.json",
+        root / "annotations" / "person_keypoints_val2017.json",
+    )
     det = tmp_path / "det"
     write_shapes_dataset(det, train=0, val=3, size=64, progress=False)
-    shutil.copy(det / "annotations" / "instances_val.json",
-                root / "annotations" / "instances_val2017.json")
+    shutil.copy(
+        det / "annotations" / "instances_val.json", root / "annotations" / "instances_val2017.json"
+    )
     cfg = get_experiment("stick-figures", TINY).model
     cfg.num_classes = 2
     torch.manual_seed(0)
     model = build_model(cfg).eval()
     model.roi_heads.score_thresh = 0.0  # untrained: keep whatever it finds
     monkeypatch.setattr(cli, "_load_weights_arg", lambda spec: model)
-    assert cli.main(["eval", "--weights", "torchvision:keypointrcnn_resnet50_fpn=x.pth",
-                     "--data", str(root), "--no-progress"]) == 0
+    assert (
+        cli.main(
+            [
+                "eval",
+                "--weights",
+                "torchvision:keypointrcnn_resnet50_fpn=x.pth",
+                "--data",
+                str(root),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert "| keypoints |" in capsys.readouterr().out

@@ -82,9 +82,16 @@ def test_mask_predictor_equals_torchvision():
     torch.manual_seed(1)
     tv = tv_mask_rcnn.MaskRCNNPredictor(6, 5, 4)
     ours = MaskPredictor(6, 5, 4)
-    assert list(ours.state_dict()) == list(tv.state_dict()) == [
-        "conv5_mask.weight", "conv5_mask.bias", "mask_fcn_logits.weight", "mask_fcn_logits.bias"
-    ]
+    assert (
+        list(ours.state_dict())
+        == list(tv.state_dict())
+        == [
+            "conv5_mask.weight",
+            "conv5_mask.bias",
+            "mask_fcn_logits.weight",
+            "mask_fcn_logits.bias",
+        ]
+    )
     ours.load_state_dict(tv.state_dict())
     x = torch.randn(3, 6, 14, 14)
     out = ours(x)
@@ -99,8 +106,10 @@ def _blobs(g, G, H, W):
     """G random rectangles-with-holes as uint8 masks [G, H, W]."""
     masks = torch.zeros(G, H, W, dtype=torch.uint8)
     for i in range(G):
-        x0, y0 = int(torch.randint(0, W // 2, (1,), generator=g)), int(
-            torch.randint(0, H // 2, (1,), generator=g))
+        x0, y0 = (
+            int(torch.randint(0, W // 2, (1,), generator=g)),
+            int(torch.randint(0, H // 2, (1,), generator=g)),
+        )
         masks[i, y0 : y0 + H // 2, x0 : x0 + W // 2] = 1
         masks[i] &= (torch.rand(H, W, generator=g) > 0.2).to(torch.uint8)
     return masks
@@ -137,8 +146,10 @@ def test_mask_targets_hand_drawn_right_half():
     # i at coordinate i. A proposal covering pixels 0..27 as [-0.5, 27.5] puts every sample
     # exactly on a pixel: the target is the right half, columns 14..27 = 1, 0..13 = 0.
     box = torch.tensor([[-0.5, -0.5, 27.5, 27.5]])
-    for out in (mask_targets(gt, box, torch.tensor([0])),
-                tv_roi_heads.project_masks_on_boxes(gt, box, torch.tensor([0]), 28)):
+    for out in (
+        mask_targets(gt, box, torch.tensor([0])),
+        tv_roi_heads.project_masks_on_boxes(gt, box, torch.tensor([0]), 28),
+    ):
         assert torch.equal(out[0], want)
 
     # the same pixels as the box [0, 28] (pixel i covering [i, i+1]) is the half-pixel
@@ -147,8 +158,10 @@ def test_mask_targets_hand_drawn_right_half():
     box = torch.tensor([[0.0, 0.0, 28.0, 28.0]])
     shifted = want.clone()
     shifted[:, 13] = 0.5
-    for out in (mask_targets(gt, box, torch.tensor([0])),
-                tv_roi_heads.project_masks_on_boxes(gt, box, torch.tensor([0]), 28)):
+    for out in (
+        mask_targets(gt, box, torch.tensor([0])),
+        tv_roi_heads.project_masks_on_boxes(gt, box, torch.tensor([0]), 28),
+    ):
         assert torch.equal(out[0], shifted)
 
 
@@ -263,15 +276,23 @@ def test_mask_loss_gradcheck(mode):
 def test_mask_loss_no_positives(mode):
     C = 1 if mode == "agnostic" else 4
     logits = torch.randn(0, C, 28, 28, requires_grad=True)
-    loss = mask_loss(logits, [torch.zeros(0, 4)], [torch.zeros(0, 9, 9, dtype=torch.uint8)],
-                     [torch.zeros(0, dtype=torch.int64)], [torch.zeros(0, dtype=torch.int64)],
-                     mode=mode)
+    loss = mask_loss(
+        logits,
+        [torch.zeros(0, 4)],
+        [torch.zeros(0, 9, 9, dtype=torch.uint8)],
+        [torch.zeros(0, dtype=torch.int64)],
+        [torch.zeros(0, dtype=torch.int64)],
+        mode=mode,
+    )
     assert loss.item() == 0.0 and loss.requires_grad
     loss.backward()
-    ref = tv_roi_heads.maskrcnn_loss(logits, [torch.zeros(0, 4)],
-                                     [torch.zeros(0, 9, 9, dtype=torch.uint8)],
-                                     [torch.zeros(0, dtype=torch.int64)],
-                                     [torch.zeros(0, dtype=torch.int64)])
+    ref = tv_roi_heads.maskrcnn_loss(
+        logits,
+        [torch.zeros(0, 4)],
+        [torch.zeros(0, 9, 9, dtype=torch.uint8)],
+        [torch.zeros(0, dtype=torch.int64)],
+        [torch.zeros(0, dtype=torch.int64)],
+    )
     assert ref.item() == 0.0
 
 
@@ -339,14 +360,16 @@ def test_paste_masks_bit_equal_torchvision(seed, padding):
 
 def test_paste_hand_case_and_edges():
     # padding 0: a 1x1 mask of 0.7 in box (2, 3, 4, 5) fills pixels x 2..4, y 3..5 inclusive
-    out = paste_masks_in_image(torch.full((1, 1, 1, 1), 0.7), torch.tensor([[2.0, 3.0, 4.0, 5.0]]),
-                               (8, 9), padding=0)
+    out = paste_masks_in_image(
+        torch.full((1, 1, 1, 1), 0.7), torch.tensor([[2.0, 3.0, 4.0, 5.0]]), (8, 9), padding=0
+    )
     want = torch.zeros(8, 9)
     want[3:6, 2:5] = 0.7
     assert torch.equal(out[0, 0], want)
     # truncation toward zero: -0.9 becomes 0, not -1
-    out = paste_masks_in_image(torch.full((1, 1, 1, 1), 0.7),
-                               torch.tensor([[-0.9, -0.9, 1.0, 1.0]]), (4, 4), padding=0)
+    out = paste_masks_in_image(
+        torch.full((1, 1, 1, 1), 0.7), torch.tensor([[-0.9, -0.9, 1.0, 1.0]]), (4, 4), padding=0
+    )
     assert out[0, 0, :2, :2].eq(0.7).all() and out[0, 0].gt(0).sum() == 4
     # a box entirely outside the image pastes nothing (torchvision raises on a box left of or
     # above the image: its slice end goes negative and wraps around)
@@ -354,8 +377,9 @@ def test_paste_hand_case_and_edges():
         out = paste_masks_in_image(torch.ones(1, 1, 28, 28), torch.tensor([box]), (20, 30))
         assert out.shape == (1, 1, 20, 30) and (out == 0).all()
     with pytest.raises(RuntimeError):
-        tv_roi_heads.paste_masks_in_image(torch.ones(1, 1, 28, 28),
-                                          torch.tensor([[-17.0, -18.0, -5.0, 24.0]]), (20, 30))
+        tv_roi_heads.paste_masks_in_image(
+            torch.ones(1, 1, 28, 28), torch.tensor([[-17.0, -18.0, -5.0, 24.0]]), (20, 30)
+        )
     empty = paste_masks_in_image(torch.zeros(0, 1, 28, 28), torch.zeros(0, 4), (5, 6))
     assert empty.shape == (0, 1, 5, 6)
     with pytest.raises(ValueError, match=r"paste_masks_in_image: masks must be \[N, 1, M, M\]"):

@@ -45,11 +45,17 @@ def test_gt_that_overlaps_no_anchor_claims_none():
     from mrcnn_edu.anchors import AnchorGenerator
 
     anchors = AnchorGenerator(sizes=((16, 32),), aspect_ratios=((0.5, 1.0, 2.0),))(
-        (64, 64), [(8, 8)])                                                # [384, 4]
-    gt = torch.tensor([[4.0, 6.0, 30.0, 28.0], [36.0, 30.0, 60.0, 62.0],  # two real objects
-                       [200.0, 200.0, 230.0, 240.0],                      # outside the image
-                       [10.0, 10.0, 10.0, 40.0]])                         # zero width
-    iou = box_iou(gt, anchors)                                            # [4, 384]
+        (64, 64), [(8, 8)]
+    )  # [384, 4]
+    gt = torch.tensor(
+        [
+            [4.0, 6.0, 30.0, 28.0],
+            [36.0, 30.0, 60.0, 62.0],  # two real objects
+            [200.0, 200.0, 230.0, 240.0],  # outside the image
+            [10.0, 10.0, 10.0, 40.0],
+        ]
+    )  # zero width
+    iou = box_iou(gt, anchors)  # [4, 384]
     assert iou[2:].max() == 0
     for high, low in ((0.7, 0.3), (0.5, 0.5)):
         ours = Matcher(high, low, allow_low_quality_matches=True)(iou.clone())

@@ -35,8 +35,13 @@ def test_a_batch_of_shapes_trains_with_finite_losses(shapes):
     before = model.roi_heads.mask_predictor.mask_fcn_logits.weight.clone()
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01)
     _, losses = model(list(images), list(targets))
-    assert set(losses) == {"loss_objectness", "loss_rpn_box_reg", "loss_classifier",
-                           "loss_box_reg", "loss_mask"}
+    assert set(losses) == {
+        "loss_objectness",
+        "loss_rpn_box_reg",
+        "loss_classifier",
+        "loss_box_reg",
+        "loss_mask",
+    }
     assert all(math.isfinite(v.item()) for v in losses.values())
     sum(losses.values()).backward()
     opt.step()
@@ -46,8 +51,11 @@ def test_a_batch_of_shapes_trains_with_finite_losses(shapes):
 def test_images_without_objects_train(shapes):
     model = _model().train()
     image, _ = shapes[0]
-    empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64),
-             "masks": torch.zeros(0, *image.shape[-2:], dtype=torch.uint8)}
+    empty = {
+        "boxes": torch.zeros(0, 4),
+        "labels": torch.zeros(0, dtype=torch.int64),
+        "masks": torch.zeros(0, *image.shape[-2:], dtype=torch.uint8),
+    }
     _, losses = model([image], [empty])
     assert all(math.isfinite(v.item()) for v in losses.values())
     assert losses["loss_mask"].item() == 0.0 and losses["loss_box_reg"].item() == 0.0
@@ -110,6 +118,9 @@ def test_bad_input_is_named(shapes):
         model([image, image], [target])
     with pytest.raises(TypeError, match=r"targets\[0\]\['labels'\] must be int64"):
         model([image], [dict(target, labels=target["labels"].int())])
-    with pytest.raises(ValueError, match=r"images\[0\] is on meta but images\[0\] on cpu|"
-                                         r"images\[1\] is on meta"):
+    with pytest.raises(
+        ValueError,
+        match=r"images\[0\] is on meta but images\[0\] on cpu|"
+        r"images\[1\] is on meta",
+    ):
         model([image, image.to("meta")], None)

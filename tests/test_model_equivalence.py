@@ -61,8 +61,9 @@ def _targets(images, seed=1, with_masks=True, keypoints=False):
 
 def _pair(arch: str):
     torch.manual_seed(0)
-    tv = getattr(tvd, arch)(weights=None, weights_backbone=None, min_size=MIN_SIZE,
-                            max_size=MAX_SIZE)
+    tv = getattr(tvd, arch)(
+        weights=None, weights_backbone=None, min_size=MIN_SIZE, max_size=MAX_SIZE
+    )
     cfg = get_preset(ARCHS[arch])
     # torchvision without pretrained weights: plain BatchNorm, all 5 stages trainable
     cfg.backbone.norm = "bn"
@@ -89,8 +90,7 @@ def test_state_dict_maps_one_to_one(pair):
     _arch, tv, ours = pair
     tv_sd = tv.state_dict()
     mapped = map_torchvision_state_dict(tv_sd)
-    assert set(mapped) == set(ours.state_dict()), (
-        set(mapped) ^ set(ours.state_dict()))
+    assert set(mapped) == set(ours.state_dict()), set(mapped) ^ set(ours.state_dict())
     back = to_torchvision_state_dict(ours)
     assert set(back) == set(tv_sd)
     for k, v in back.items():
@@ -110,8 +110,9 @@ def test_eval_mode_equals_torchvision(pair):
     tv_features = tv.backbone(tv_batch.tensors)
     tv_proposals, _ = tv.rpn(tv_batch, tv_features)
     tv_dets, _ = tv.roi_heads(tv_features, tv_proposals, tv_batch.image_sizes)
-    tv_out = tv.transform.postprocess(tv_dets, tv_batch.image_sizes,
-                                      [tuple(i.shape[-2:]) for i in images])
+    tv_out = tv.transform.postprocess(
+        tv_dets, tv_batch.image_sizes, [tuple(i.shape[-2:]) for i in images]
+    )
     stages = ours.run_stages(images)
     _close(stages["images"], tv_batch.tensors, "normalized, resized, padded batch", 1e-6)
     assert stages["image_sizes"] == [tuple(s) for s in tv_batch.image_sizes]
@@ -171,12 +172,14 @@ def test_from_torchvision_file_and_errors(tmp_path):
     torch.save(tv.state_dict(), path)
     model = from_torchvision(path, arch="fasterrcnn_resnet50_fpn")
     assert not model.training and model.num_classes == 5
-    assert torch.equal(model.roi_heads.box_predictor.cls_score.weight,
-                       tv.roi_heads.box_predictor.cls_score.weight)
+    assert torch.equal(
+        model.roi_heads.box_predictor.cls_score.weight, tv.roi_heads.box_predictor.cls_score.weight
+    )
     # a checkpoint of another architecture names what does not fit
     with pytest.raises(ValueError, match="unexpected keys: roi_heads.mask_head"):
-        from_torchvision(_pair("maskrcnn_resnet50_fpn")[0].state_dict(),
-                         arch="fasterrcnn_resnet50_fpn")
+        from_torchvision(
+            _pair("maskrcnn_resnet50_fpn")[0].state_dict(), arch="fasterrcnn_resnet50_fpn"
+        )
     with pytest.raises(ValueError, match="missing keys: .*mask"):
         from_torchvision(path, arch="maskrcnn_resnet50_fpn")
     with pytest.raises(ValueError, match="unknown arch"):
@@ -201,8 +204,9 @@ def test_torchvision_weights_api_is_used_for_enums(monkeypatch):
 
     model = from_torchvision(FakeEnum(), arch="fasterrcnn_resnet50_fpn")
     assert calls == [True] and model.num_classes == 3
-    assert hasattr(torchvision.models.detection.MaskRCNN_ResNet50_FPN_Weights.DEFAULT,
-                   "get_state_dict")
+    assert hasattr(
+        torchvision.models.detection.MaskRCNN_ResNet50_FPN_Weights.DEFAULT, "get_state_dict"
+    )
 
 
 @torch.no_grad()
@@ -210,8 +214,7 @@ def test_channels_last_model_computes_the_same():
     # NHWC sums in another order: compare stage by stage on the same inputs (with random
     # weights all scores are nearly tied, so a 1e-7 change reorders the final detections)
     torch.manual_seed(0)
-    tv = tvd.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, min_size=160,
-                                   max_size=240)
+    tv = tvd.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, min_size=160, max_size=240)
     models = []
     for channels_last in (False, True):
         cfg = get_preset("maskrcnn-r50-fpn")
@@ -243,4 +246,6 @@ def test_channels_last_model_computes_the_same():
     ma = nchw.roi_heads._mask_features(a["features"], boxes, sizes)
     mb = nhwc.roi_heads._mask_features(b["features"], boxes, sizes)
     rel = ((mb - ma).abs().max() / ma.abs().max()).item()
-    assert rel < 1e-5, f"mask logits: relative difference {rel:.2g} (max |logit| {ma.abs().max():.3g})"
+    assert rel < 1e-5, (
+        f"mask logits: relative difference {rel:.2g} (max |logit| {ma.abs().max():.3g})"
+    )

@@ -57,6 +57,7 @@ def notebook_client(nb, **kwargs):
                 except Empty:
                     if deadline is not None and time.monotonic() >= deadline:
                         raise
+
         return get_msg_bounded
 
     class BoundedWaitClient(NotebookClient):
@@ -85,8 +86,9 @@ def test_notebook_runs_in_quick_mode(path: Path, tmp_path: Path) -> None:
     nb = nbformat.read(path, as_version=4)
     os.environ["MRCNN_EDU_QUICK"] = "1"
     os.environ.setdefault("MPLBACKEND", "Agg")
-    client = notebook_client(nb, timeout=600, kernel_name="python3",
-                             resources={"metadata": {"path": str(path.parent)}})
+    client = notebook_client(
+        nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
+    )
     try:
         client.execute()
     except CellExecutionError as err:  # name the notebook and the failing cell's first line
@@ -101,13 +103,17 @@ def test_notebook_runs_in_quick_mode(path: Path, tmp_path: Path) -> None:
 # drawn from its own seed, whatever the split's size, so the first images written here are the
 # first images of the full-mode sets (notebook 04: 2000 / 300 images of 256 px; notebook 00: 8).
 # ------------------------------------------------------------------------------------------------
-NB04_SETS = {"quick": {"train": 8, "val": 4, "size": 128}, "full": {"train": 20, "val": 10, "size": 256}}
+NB04_SETS = {
+    "quick": {"train": 8, "val": 4, "size": 128},
+    "full": {"train": 20, "val": 10, "size": 256},
+}
 NB00_PERSONS = {"quick": {"val": 4, "size": 128}, "full": {"val": 8, "size": 256}}
 
 
 @pytest.mark.parametrize("mode", list(NB04_SETS))
-def test_nb04_example_images_show_several_objects_of_different_sizes(mode: str,
-                                                                     tmp_path: Path) -> None:
+def test_nb04_example_images_show_several_objects_of_different_sizes(
+    mode: str, tmp_path: Path
+) -> None:
     from mrcnn_edu.anchors import AnchorGenerator
     from mrcnn_edu.data import shapes_dataset, write_shapes_dataset
     from mrcnn_edu.engine.rpn_train import pick_example
@@ -127,8 +133,9 @@ def test_nb04_example_images_show_several_objects_of_different_sizes(mode: str,
         H, W = image.shape[-2:]
         gen = AnchorGenerator(sizes=((16, 32), (64, 128)), aspect_ratios=((0.5, 1.0, 2.0),) * 2)
         anchors = gen((H, W), [(H // s, W // s) for s in (8, 16)])
-        labels, matched = label_anchors(anchors, boxes, Matcher(0.7, 0.3,
-                                                                allow_low_quality_matches=True))
+        labels, matched = label_anchors(
+            anchors, boxes, Matcher(0.7, 0.3, allow_low_quality_matches=True)
+        )
         pos = labels == 1
         per_object = [int((pos & (matched == b).all(dim=1)).sum()) for b in boxes]
         assert min(per_object) >= 1, (mode, split, index, per_object)
@@ -145,8 +152,13 @@ def test_pick_example_takes_the_first_image_that_fits_and_says_when_none_does() 
         boxes = torch.tensor([[40.0 * i, 0.0, 40.0 * i + s, s] for i, s in enumerate(sizes)])
         return torch.zeros(3, 8, 8), {"boxes": boxes}
 
-    data = [item(20.0), item(30.0, 30.0, 30.0, 30.0), item(8.0, 30.0, 30.0, 60.0),
-            item(12.0, 20.0, 30.0, 36.0), item(12.0, 20.0, 30.0, 40.0)]
+    data = [
+        item(20.0),
+        item(30.0, 30.0, 30.0, 30.0),
+        item(8.0, 30.0, 30.0, 60.0),
+        item(12.0, 20.0, 30.0, 36.0),
+        item(12.0, 20.0, 30.0, 40.0),
+    ]
     # 0: one object; 1: one size; 2: an 8 px object; 3: 36 / 12 = 3, the first that fits
     assert pick_example(data) == 3
     assert pick_example(data, min_size_ratio=3.2) == 4
@@ -163,8 +175,11 @@ def test_nb00_persons_include_a_partly_occluded_person(mode: str, tmp_path: Path
 
     write_shapes_dataset(tmp_path, train=0, keypoints=True, progress=False, **NB00_PERSONS[mode])
     ds = shapes_dataset(tmp_path, "val")
-    kinds = [(bool((kp[:, 2] == 2).any()), bool((kp[:, 2] == 1).any()))
-             for i in range(len(ds)) for kp in ds[i][1]["keypoints"]]
+    kinds = [
+        (bool((kp[:, 2] == 2).any()), bool((kp[:, 2] == 1).any()))
+        for i in range(len(ds))
+        for kp in ds[i][1]["keypoints"]
+    ]
     assert (True, True) in kinds  # notebook 00's keypoint close-up needs visible and occluded
 
 
@@ -176,18 +191,22 @@ MAX_EXECUTED_BYTES = 2_000_000  # an executed notebook (outputs included) stays 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
-def test_notebook_runs_in_full_mode(path: Path, tmp_path: Path,
-                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_notebook_runs_in_full_mode(
+    path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     if os.environ.get("MRCNN_EDU_FULL", "") != "1":
-        pytest.skip("full-mode notebook runs take minutes each: "
-                    "MRCNN_EDU_FULL=1 pytest -m slow tests/test_notebooks.py")
+        pytest.skip(
+            "full-mode notebook runs take minutes each: "
+            "MRCNN_EDU_FULL=1 pytest -m slow tests/test_notebooks.py"
+        )
     from nbclient.exceptions import CellExecutionError
 
     nb = nbformat.read(path, as_version=4)
     monkeypatch.delenv("MRCNN_EDU_QUICK", raising=False)  # the kernel inherits this environment
     monkeypatch.setenv("MPLBACKEND", "Agg")
-    client = notebook_client(nb, timeout=3600, kernel_name="python3",
-                             resources={"metadata": {"path": str(path.parent)}})
+    client = notebook_client(
+        nb, timeout=3600, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
+    )
     try:
         client.execute()
     except CellExecutionError as err:
@@ -201,7 +220,7 @@ def test_notebook_runs_in_full_mode(path: Path, tmp_path: Path,
 # ------------------------------------------------------------------------------------------------
 # Widget output while the CPUs are busy (issue 17): see notebook_client for the lost wake-up.
 # ------------------------------------------------------------------------------------------------
-WIDGET_CELLS = 6          # cells that each write into their own ipywidgets.Output
+WIDGET_CELLS = 6  # cells that each write into their own ipywidgets.Output
 WIDGET_PAYLOAD = 1 << 20  # characters per output: the client takes a while to handle each one
 BUSY_NOTEBOOK_LIMIT_S = 45  # whole run, kernel start included; the bare run takes a few seconds
 
@@ -214,18 +233,29 @@ def test_widget_output_notebook_finishes_while_the_cores_are_busy() -> None:
     run takes seconds. The per-cell timeout equals the limit, so a single lost wake-up fails
     the test in BUSY_NOTEBOOK_LIMIT_S seconds instead of hanging it.
     """
-    cell = ("out = widgets.Output()\ndisplay(out)\nwith out:\n"
-            f"    display({{'text/plain': 'x' * {WIDGET_PAYLOAD}}}, raw=True)")
-    nb = nbformat.v4.new_notebook(cells=[
-        nbformat.v4.new_code_cell("import ipywidgets as widgets\n"
-                                  "from IPython.display import display")]
-        + [nbformat.v4.new_code_cell(cell) for _ in range(WIDGET_CELLS)])
+    cell = (
+        "out = widgets.Output()\ndisplay(out)\nwith out:\n"
+        f"    display({{'text/plain': 'x' * {WIDGET_PAYLOAD}}}, raw=True)"
+    )
+    nb = nbformat.v4.new_notebook(
+        cells=[
+            nbformat.v4.new_code_cell(
+                "import ipywidgets as widgets\nfrom IPython.display import display"
+            )
+        ]
+        + [nbformat.v4.new_code_cell(cell) for _ in range(WIDGET_CELLS)]
+    )
     # bounded twice: `timeout` ends them even if this process dies, and each pair `timeout` +
     # `yes` gets its own process group, killed as a whole when the test ends (killing only
     # `timeout` would leave `yes` running)
-    busy = [subprocess.Popen(["timeout", str(2 * BUSY_NOTEBOOK_LIMIT_S), "yes"],
-                             stdout=subprocess.DEVNULL, start_new_session=True)
-            for _ in range(2)]
+    busy = [
+        subprocess.Popen(
+            ["timeout", str(2 * BUSY_NOTEBOOK_LIMIT_S), "yes"],
+            stdout=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        for _ in range(2)
+    ]
     try:
         start = time.monotonic()
         client = notebook_client(nb, timeout=BUSY_NOTEBOOK_LIMIT_S, kernel_name="python3")
@@ -238,6 +268,9 @@ def test_widget_output_notebook_finishes_while_the_cores_are_busy() -> None:
             p.wait()
     assert elapsed < BUSY_NOTEBOOK_LIMIT_S, f"took {elapsed:.0f} s"
     # every Output widget received its text (nbclient routes it there, as a frontend would)
-    texts = [o.get("data", {}).get("text/plain", "") for w in client.comm_objects.values()
-             for o in getattr(w, "outputs", [])]
+    texts = [
+        o.get("data", {}).get("text/plain", "")
+        for w in client.comm_objects.values()
+        for o in getattr(w, "outputs", [])
+    ]
     assert sum(len(t) == WIDGET_PAYLOAD for t in texts) == WIDGET_CELLS

@@ -30,9 +30,12 @@ TOL = {"atol": 1e-5, "rtol": 1e-5}
 def make_features(dtype=torch.float32, seed=0, requires_grad=False):
     g = torch.Generator().manual_seed(seed)
     keys = NAMES + ["pool"]
-    return {k: torch.randn(2, C, -(-PADDED[0] // s), -(-PADDED[1] // s), generator=g,
-                           dtype=dtype).requires_grad_(requires_grad)
-            for k, s in zip(keys, STRIDES)}
+    return {
+        k: torch.randn(
+            2, C, -(-PADDED[0] // s), -(-PADDED[1] // s), generator=g, dtype=dtype
+        ).requires_grad_(requires_grad)
+        for k, s in zip(keys, STRIDES)
+    }
 
 
 def make_proposals(dtype=torch.float32, seed=0):
@@ -42,8 +45,12 @@ def make_proposals(dtype=torch.float32, seed=0):
     g = torch.Generator().manual_seed(seed)
     proposals = []
     for i, (H, W) in enumerate(IMAGE_SIZES):
-        sides = torch.cat([torch.logspace(0.3, 2.85, 30 + 7 * i, dtype=torch.float64),
-                           torch.tensor([56.0, 112.0, 111.99, 224.0, 223.9, 448.0, 447.5])])
+        sides = torch.cat(
+            [
+                torch.logspace(0.3, 2.85, 30 + 7 * i, dtype=torch.float64),
+                torch.tensor([56.0, 112.0, 111.99, 224.0, 223.9, 448.0, 447.5]),
+            ]
+        )
         K = sides.numel()
         aspect = torch.exp(0.6 * torch.randn(K, generator=g, dtype=torch.float64))
         w, h = sides * aspect.sqrt(), sides / aspect.sqrt()
@@ -66,26 +73,31 @@ def test_canonical_constants():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_assign_levels_hand_picked_equals_level_mapper(dtype):
-    boxes = torch.tensor([
-        [0, 0, 224, 224],       # canonical: level 4 -> index 2 for k_min = 2
-        [10, 20, 234, 244],     # same size elsewhere
-        [0, 0, 112, 112],       # exactly half: level 3
-        [0, 0, 111.9, 111.9],   # just under: level 2
-        [0, 0, 448, 448],       # level 5
-        [0, 0, 447, 447],       # level 4
-        [0, 0, 50, 1003.52],    # sqrt(w h) = 224: level 4
-        [0, 0, 8, 8],           # tiny: clamped to level 2
-        [0, 0, 2000, 1500],     # huge: clamped to level 5
-        [5, 5, 5, 9],           # zero area: log2(0) = -inf -> level 2
-    ], dtype=dtype)
+    boxes = torch.tensor(
+        [
+            [0, 0, 224, 224],  # canonical: level 4 -> index 2 for k_min = 2
+            [10, 20, 234, 244],  # same size elsewhere
+            [0, 0, 112, 112],  # exactly half: level 3
+            [0, 0, 111.9, 111.9],  # just under: level 2
+            [0, 0, 448, 448],  # level 5
+            [0, 0, 447, 447],  # level 4
+            [0, 0, 50, 1003.52],  # sqrt(w h) = 224: level 4
+            [0, 0, 8, 8],  # tiny: clamped to level 2
+            [0, 0, 2000, 1500],  # huge: clamped to level 5
+            [5, 5, 5, 9],  # zero area: log2(0) = -inf -> level 2
+        ],
+        dtype=dtype,
+    )
     expected = torch.tensor([2, 2, 1, 0, 3, 2, 2, 0, 3, 0])
     ours = assign_levels(boxes, 2, 5)
     assert ours.dtype == torch.int64
     assert torch.equal(ours, expected)
     assert torch.equal(ours, initLevelMapper(2, 5)([boxes]))
     # other canonical settings are passed through
-    assert torch.equal(assign_levels(boxes, 2, 6, canonical_scale=112, canonical_level=3),
-                       initLevelMapper(2, 6, canonical_scale=112, canonical_level=3)([boxes]))
+    assert torch.equal(
+        assign_levels(boxes, 2, 6, canonical_scale=112, canonical_level=3),
+        initLevelMapper(2, 6, canonical_scale=112, canonical_level=3)([boxes]),
+    )
 
 
 def test_assign_levels_random_equals_level_mapper():
@@ -132,8 +144,9 @@ def test_pooler_equals_multiscale_roi_align(output_size, backend):
 
 def test_pooler_gradients_equal_multiscale_roi_align():
     proposals = make_proposals()
-    w = torch.randn(sum(p.shape[0] for p in proposals), C, 7, 7,
-                    generator=torch.Generator().manual_seed(3))
+    w = torch.randn(
+        sum(p.shape[0] for p in proposals), C, 7, 7, generator=torch.Generator().manual_seed(3)
+    )
     grads = []
     for module in (MultiScaleRoIAlign(NAMES, 7, 2), MultiLevelRoIPooler(NAMES, 7, 2)):
         features = make_features(requires_grad=True)
@@ -172,8 +185,9 @@ def test_op_switch_to_pool_reaches_roi_pool():
     align = pooler(features, proposals, IMAGE_SIZES)
     pooler.op = "pool"
     out = pooler(features, proposals, IMAGE_SIZES)
-    ref = per_level_reference(features, proposals,
-                              lambda f, r, s: torchvision.ops.roi_pool(f, r, 7, s))
+    ref = per_level_reference(
+        features, proposals, lambda f, r, s: torchvision.ops.roi_pool(f, r, 7, s)
+    )
     torch.testing.assert_close(out, ref, **TOL)
     assert not torch.allclose(out, align)
 
@@ -184,8 +198,11 @@ def test_aligned_and_sampling_ratio_switches_reach_roi_align():
     before = pooler(features, proposals, IMAGE_SIZES)
     pooler.aligned, pooler.sampling_ratio = True, 0
     out = pooler(features, proposals, IMAGE_SIZES)
-    ref = per_level_reference(features, proposals, lambda f, r, s: torchvision.ops.roi_align(
-        f, r, 7, s, sampling_ratio=0, aligned=True))
+    ref = per_level_reference(
+        features,
+        proposals,
+        lambda f, r, s: torchvision.ops.roi_align(f, r, 7, s, sampling_ratio=0, aligned=True),
+    )
     torch.testing.assert_close(out, ref, **TOL)
     assert not torch.allclose(out, before)
     pooler.backend = "torchvision"  # the backend switch is used as well
@@ -202,8 +219,9 @@ def test_single_level_skips_level_assignment():
     ref = MultiScaleRoIAlign(["0"], 14, 2)(features, proposals, IMAGE_SIZES)
     torch.testing.assert_close(out, ref, **TOL)
     rois = torchvision.ops._utils.convert_boxes_to_roi_format(proposals)
-    torch.testing.assert_close(out, torchvision.ops.roi_align(features["0"], rois, 14, 1 / 16, 2),
-                               **TOL)
+    torch.testing.assert_close(
+        out, torchvision.ops.roi_align(features["0"], rois, 14, 1 / 16, 2), **TOL
+    )
 
 
 def test_empty_proposals_and_graph():

@@ -41,8 +41,14 @@ def test_presets_and_overrides():
     exp = get_experiment("coco-r50-fpn-1x")
     assert (exp.train.batch_size, exp.train.lr, exp.train.steps) == (16, 0.02, 90000)
     assert exp.train.milestones == (60000, 80000) and exp.model.transform.min_size == (800,)
-    exp = get_experiment("shapes", {"train.lr": "0.001", "model.roi_heads.pooler_op": "pool",
-                                    "model.transform.min_size": "(200, 256)"})
+    exp = get_experiment(
+        "shapes",
+        {
+            "train.lr": "0.001",
+            "model.roi_heads.pooler_op": "pool",
+            "model.transform.min_size": "(200, 256)",
+        },
+    )
     assert exp.train.lr == 0.001 and exp.model.roi_heads.pooler_op == "pool"
     assert exp.model.transform.min_size == (200, 256)
     with pytest.raises(KeyError, match="nearest: train.lr"):

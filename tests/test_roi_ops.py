@@ -30,24 +30,26 @@ def random_rois(g, N, H, W, scale, K, dtype=torch.float32, allow_reversed=True):
     rows = []
     for k in range(K):
         kind = k % 8
-        a, b = torch.rand(2, generator=g, dtype=torch.float64), torch.rand(2, generator=g,
-                                                                             dtype=torch.float64)
+        a, b = (
+            torch.rand(2, generator=g, dtype=torch.float64),
+            torch.rand(2, generator=g, dtype=torch.float64),
+        )
         lo, hi = torch.minimum(a, b), torch.maximum(a, b)
-        box = torch.cat([lo, hi]) * img                               # inside the map
-        if kind == 1:                                                 # partly outside
+        box = torch.cat([lo, hi]) * img  # inside the map
+        if kind == 1:  # partly outside
             box = box + torch.tensor([-0.5, -0.5, 0.5, 0.5], dtype=torch.float64) * img
-        elif kind == 2:                                               # wholly outside
+        elif kind == 2:  # wholly outside
             shift = (1.3 + torch.rand(1, generator=g, dtype=torch.float64)) * img[:2]
             box = box + (torch.cat([shift, shift]) if k % 16 < 8 else -torch.cat([shift, shift]))
-        elif kind == 3:                                               # zero width
+        elif kind == 3:  # zero width
             box[2] = box[0]
-        elif kind == 4:                                               # zero height
+        elif kind == 4:  # zero height
             box[3] = box[1]
-        elif kind == 5:                                               # tiny (sub-pixel)
+        elif kind == 5:  # tiny (sub-pixel)
             box[2:] = box[:2] + 0.3 / scale * torch.rand(2, generator=g, dtype=torch.float64)
-        elif kind == 6:                                               # integer coordinates
+        elif kind == 6:  # integer coordinates
             box = box.round()
-        elif kind == 7 and allow_reversed:                            # x2 < x1, y2 < y1
+        elif kind == 7 and allow_reversed:  # x2 < x1, y2 < y1
             box = box[[2, 3, 0, 1]]
         n = torch.randint(0, N, (1,), generator=g).to(torch.float64)
         rows.append(torch.cat([n, box]))
@@ -72,8 +74,11 @@ def run_both(fn, ref_fn, x, go=None):
     """(out, grad) of fn and of ref_fn on copies of x, with the same upstream gradient."""
     xa, xb = x.detach().clone().requires_grad_(), x.detach().clone().requires_grad_()
     a, b = fn(xa), ref_fn(xb)
-    g = torch.randn(b.shape, generator=torch.Generator().manual_seed(7), dtype=x.dtype) \
-        if go is None else go
+    g = (
+        torch.randn(b.shape, generator=torch.Generator().manual_seed(7), dtype=x.dtype)
+        if go is None
+        else go
+    )
     if b.numel():
         a.backward(g)
         b.backward(g)
@@ -88,8 +93,9 @@ def assert_matches(got, want, dtype):
         torch.testing.assert_close(ga, gb, **TOL[dtype])
 
 
-ALIGN_GRID = list(itertools.product([False, True], [-1, 0, 1, 2, 4],
-                                    [(1, 1), (7, 7), (14, 14), (3, 5)]))
+ALIGN_GRID = list(
+    itertools.product([False, True], [-1, 0, 1, 2, 4], [(1, 1), (7, 7), (14, 14), (3, 5)])
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -129,8 +135,10 @@ def test_roi_align_float64_batch_noncontiguous_and_list(backend):
     assert_matches(got, want, torch.float32)
     # channels_last input and list-of-boxes rois
     x = torch.randn(2, 3, 8, 8, generator=g).to(memory_format=torch.channels_last)
-    boxes = [torch.tensor([[0.5, 1.0, 6.0, 7.5], [2.0, 2.0, 3.0, 9.0]]),
-             torch.tensor([[1.0, 0.0, 4.0, 4.0]])]
+    boxes = [
+        torch.tensor([[0.5, 1.0, 6.0, 7.5], [2.0, 2.0, 3.0, 9.0]]),
+        torch.tensor([[1.0, 0.0, 4.0, 4.0]]),
+    ]
     args = (boxes, (2, 3), 1.0, 0, False)
     got, want = run_both(align(backend, *args), align("torchvision", *args), x)
     assert_matches(got, want, torch.float32)
@@ -147,7 +155,7 @@ def test_roi_align_empty_rois(backend):
 
 def test_roi_align_hand_computed():
     """One RoI covering pixels [0, 2] x [0, 2] of a ramp map: 1x1 bin, 2x2 samples at 0.5/1.5."""
-    x = torch.arange(16.0).reshape(1, 1, 4, 4)           # value = 4 * y + x
+    x = torch.arange(16.0).reshape(1, 1, 4, 4)  # value = 4 * y + x
     rois = torch.tensor([[0.0, 0.0, 0.0, 2.0, 2.0]])
     # samples (y, x) in {0.5, 1.5}^2: a linear map interpolates exactly -> mean = 4 * 1 + 1 = 5
     for backend in CPU_BACKENDS:
@@ -198,8 +206,10 @@ def test_roi_pool_matches_torchvision(backend):
         assert_matches(got, want, torch.float32)
     # float64, list of boxes, non-contiguous input
     x = torch.randn(2, 4, 9, 8, generator=g, dtype=torch.float64).transpose(2, 3)
-    boxes = [random_rois(g, 1, 8, 9, 1.0, K=3, dtype=torch.float64)[:, 1:],
-             random_rois(g, 1, 8, 9, 1.0, K=5, dtype=torch.float64)[:, 1:]]
+    boxes = [
+        random_rois(g, 1, 8, 9, 1.0, K=3, dtype=torch.float64)[:, 1:],
+        random_rois(g, 1, 8, 9, 1.0, K=5, dtype=torch.float64)[:, 1:],
+    ]
     args = (boxes, (2, 3), 1.0)
     got, want = run_both(pool(backend, *args), pool("torchvision", *args), x)
     assert_matches(got, want, torch.float64)
@@ -211,8 +221,8 @@ def test_roi_pool_hand_computed():
     rois = torch.tensor([[0.0, 0.5, 0.5, 2.4, 2.4], [0.0, 9.0, 9.0, 12.0, 12.0]])
     for backend in CPU_BACKENDS:
         out = roi_pool(x, rois, 1, backend=backend)
-        assert out[0].item() == 10.0   # max over rows 1..2, columns 1..2 = 4 * 2 + 2
-        assert out[1].item() == 0.0    # outside the map: empty bin -> 0
+        assert out[0].item() == 10.0  # max over rows 1..2, columns 1..2 = 4 * 2 + 2
+        assert out[1].item() == 0.0  # outside the map: empty bin -> 0
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -232,12 +242,17 @@ def test_roi_pool_gradcheck_and_empty(backend):
 def test_cuda_backend_matches_torchvision():
     device = "cuda" if torch.cuda.is_available() else "cpu"
     g = torch.Generator().manual_seed(6)
-    cases = [(False, -1, (2, 2), 1.0, torch.float32), (True, 2, (3, 3), 0.5, torch.float32),
-             (True, 0, (2, 3), 1.0, torch.float32), (False, 1, (1, 1), 0.25, torch.float64)]
+    cases = [
+        (False, -1, (2, 2), 1.0, torch.float32),
+        (True, 2, (3, 3), 0.5, torch.float32),
+        (True, 0, (2, 3), 1.0, torch.float32),
+        (False, 1, (1, 1), 0.25, torch.float64),
+    ]
     for aligned, sr, size, scale, dtype in cases:
         x = torch.randn(2, 2, 5, 4, generator=g, dtype=dtype).to(device)
-        rois = random_rois(g, 2, 5, 4, scale, K=3, dtype=dtype,
-                           allow_reversed=not (aligned and sr <= 0)).to(device)
+        rois = random_rois(
+            g, 2, 5, 4, scale, K=3, dtype=dtype, allow_reversed=not (aligned and sr <= 0)
+        ).to(device)
         go = torch.randn(3, 2, *size, generator=g, dtype=dtype).to(device)
         args = (rois, size, scale, sr, aligned)
         got, want = run_both(align("cuda", *args), align("torchvision", *args), x, go)
@@ -248,16 +263,20 @@ def test_cuda_backend_matches_torchvision():
     # list form and K = 0
     x = torch.randn(1, 1, 4, 4, generator=g).to(device)
     boxes = [torch.tensor([[0.0, 0.5, 3.0, 2.0]], device=device)]
-    torch.testing.assert_close(roi_align(x, boxes, 2, backend="cuda"),
-                               torchvision.ops.roi_align(x, boxes, 2), **TOL[torch.float32])
+    torch.testing.assert_close(
+        roi_align(x, boxes, 2, backend="cuda"),
+        torchvision.ops.roi_align(x, boxes, 2),
+        **TOL[torch.float32],
+    )
     assert roi_align(x, torch.zeros(0, 5, device=device), 2, backend="cuda").shape == (0, 1, 2, 2)
 
 
 # ---------------------------------------------------------------------------------------------
 # float16 / bfloat16 (what torchvision's autocast path does: float32 inside, input dtype out)
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("backend", CPU_BACKENDS + ["torchvision"]
-                         + (["cuda"] if HAS_CUDA_KERNELS else []))
+@pytest.mark.parametrize(
+    "backend", CPU_BACKENDS + ["torchvision"] + (["cuda"] if HAS_CUDA_KERNELS else [])
+)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_low_precision_input_like_torchvision_autocast(backend, dtype):
     device = "cuda" if backend == "cuda" and torch.cuda.is_available() else "cpu"
@@ -296,10 +315,19 @@ def test_low_precision_input_like_torchvision_autocast(backend, dtype):
 # Helpers and bad input
 # ---------------------------------------------------------------------------------------------
 def test_boxes_to_rois():
-    rois = boxes_to_rois([torch.tensor([[0.0, 1.0, 2.0, 3.0]]), torch.zeros(0, 4),
-                          torch.tensor([[4.0, 5.0, 6.0, 7.0], [1.0, 1.0, 2.0, 2.0]])])
-    assert torch.equal(rois, torch.tensor([[0.0, 0.0, 1.0, 2.0, 3.0], [2.0, 4.0, 5.0, 6.0, 7.0],
-                                           [2.0, 1.0, 1.0, 2.0, 2.0]]))
+    rois = boxes_to_rois(
+        [
+            torch.tensor([[0.0, 1.0, 2.0, 3.0]]),
+            torch.zeros(0, 4),
+            torch.tensor([[4.0, 5.0, 6.0, 7.0], [1.0, 1.0, 2.0, 2.0]]),
+        ]
+    )
+    assert torch.equal(
+        rois,
+        torch.tensor(
+            [[0.0, 0.0, 1.0, 2.0, 3.0], [2.0, 4.0, 5.0, 6.0, 7.0], [2.0, 1.0, 1.0, 2.0, 2.0]]
+        ),
+    )
     assert boxes_to_rois([]).shape == (0, 5)
     with pytest.raises(ValueError, match=r"boxes\[1\] must have shape \[K, 4\]"):
         boxes_to_rois([torch.zeros(1, 4), torch.zeros(1, 5)])
@@ -319,8 +347,9 @@ def test_bad_input_errors(op):
         op(x, torch.tensor([[0.0, 1.0, 1.0, 4.0, 4.0], [-1.0, 1.0, 1.0, 4.0, 4.0]]), 2)
     with pytest.raises(ValueError, match="rois contains NaN.*row 0"):
         op(x, torch.tensor([[0.0, float("nan"), 1.0, 4.0, 4.0]]), 2)
-    with pytest.raises(TypeError, match="rois dtype torch.float64 differs from input dtype "
-                                        "torch.float32"):
+    with pytest.raises(
+        TypeError, match="rois dtype torch.float64 differs from input dtype torch.float32"
+    ):
         op(x, rois.double(), 2)
     with pytest.raises(ValueError, match="rois are on meta but input is on cpu"):
         op(x, rois.to("meta"), 2)
@@ -334,8 +363,9 @@ def test_bad_input_errors(op):
         op(x.long(), rois, 2)
     with pytest.raises(TypeError, match="input must be a torch.Tensor"):
         op(x.numpy(), rois, 2)
-    with pytest.raises(TypeError, match="rois dtype torch.float16 differs from input dtype "
-                                        "torch.float32"):
+    with pytest.raises(
+        TypeError, match="rois dtype torch.float16 differs from input dtype torch.float32"
+    ):
         op(x, rois.half(), 2)
 
 
@@ -347,9 +377,13 @@ def test_cuda_backend_noncontiguous_input_and_expanded_grad():
     x = torch.randn(2, 4, 6, 5, generator=g).transpose(2, 3)[:, ::2].to(device)  # [2, 2, 5, 6]
     assert not x.is_contiguous()
     rois = random_rois(g, 2, 5, 6, 1.0, K=3, allow_reversed=False).to(device)
-    for fn, ref in ((align("cuda", rois, (2, 2), 1.0, 2, True),
-                     align("torchvision", rois, (2, 2), 1.0, 2, True)),
-                    (pool("cuda", rois, (2, 2), 1.0), pool("torchvision", rois, (2, 2), 1.0))):
+    for fn, ref in (
+        (
+            align("cuda", rois, (2, 2), 1.0, 2, True),
+            align("torchvision", rois, (2, 2), 1.0, 2, True),
+        ),
+        (pool("cuda", rois, (2, 2), 1.0), pool("torchvision", rois, (2, 2), 1.0)),
+    ):
         xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
         fn(xa).sum().backward()
         ref(xb).sum().backward()
@@ -368,10 +402,13 @@ def test_cuda_backend_gradcheck_tiny():
 def test_cuda_backend_unusable_gpu_gives_clear_error(monkeypatch):
     """When numba.cuda cannot drive the GPU, the error says so and names the op and the fix."""
     numba_cuda_common = pytest.importorskip("mrcnn_edu.ops._numba_cuda_common")
-    monkeypatch.setattr(numba_cuda_common, "_numba_cuda_problem",
-                        lambda: "numba.cuda.is_available() is False")
-    with pytest.raises(RuntimeError, match=r"roi_align \(backend='cuda'\): numba.cuda.is_avail"), \
-            numba_cuda_common.gpu_launch(torch.device("cuda", 0), "roi_align"):
+    monkeypatch.setattr(
+        numba_cuda_common, "_numba_cuda_problem", lambda: "numba.cuda.is_available() is False"
+    )
+    with (
+        pytest.raises(RuntimeError, match=r"roi_align \(backend='cuda'\): numba.cuda.is_avail"),
+        numba_cuda_common.gpu_launch(torch.device("cuda", 0), "roi_align"),
+    ):
         pass  # pragma: no cover
     monkeypatch.undo()
     if cuda_simulator_enabled():  # CUDA tensors on the simulator: a clear error, not garbage

@@ -28,8 +28,18 @@ from mrcnn_edu.data.sampler import (
 from mrcnn_edu.transforms import Compose, RandomHorizontalFlip
 
 # (height, width) of 10 images: portrait, landscape, square and extreme shapes
-SIZES = [(480, 640), (640, 480), (500, 500), (100, 400), (400, 100), (300, 600), (600, 300),
-         (333, 500), (500, 333), (256, 257)]
+SIZES = [
+    (480, 640),
+    (640, 480),
+    (500, 500),
+    (100, 400),
+    (400, 100),
+    (300, 600),
+    (600, 300),
+    (333, 500),
+    (500, 333),
+    (256, 257),
+]
 
 
 class SizedDataset(torch.utils.data.Dataset):
@@ -70,9 +80,14 @@ def test_aspect_ratio_groups_k3_matches_torchvision_bins():
 def test_aspect_ratio_groups_from_coco_json_without_images(tmp_path):
     # only the annotation file's width / height are read: the image files need not exist
     (tmp_path / "images").mkdir()
-    data = {"images": [{"id": i + 1, "file_name": f"{i}.png", "height": h, "width": w}
-                       for i, (h, w) in enumerate(SIZES)],
-            "annotations": [], "categories": [{"id": 1, "name": "thing"}]}
+    data = {
+        "images": [
+            {"id": i + 1, "file_name": f"{i}.png", "height": h, "width": w}
+            for i, (h, w) in enumerate(SIZES)
+        ],
+        "annotations": [],
+        "categories": [{"id": 1, "name": "thing"}],
+    }
     ann = tmp_path / "ann.json"
     ann.write_text(json.dumps(data))
     ds = CocoDetection(tmp_path / "images", ann)
@@ -97,8 +112,9 @@ def test_aspect_ratio_groups_errors():
 def test_grouped_batches_one_group_each_and_cover_every_index_once(batch_size):
     groups = aspect_ratio_groups(SizedDataset(SIZES), k=1)  # 4 bins
     gen = torch.Generator().manual_seed(0)
-    sampler = GroupedBatchSampler(RandomSampler(range(len(SIZES)), generator=gen), groups,
-                                  batch_size)
+    sampler = GroupedBatchSampler(
+        RandomSampler(range(len(SIZES)), generator=gen), groups, batch_size
+    )
     for _ in range(3):  # three epochs, different orders
         batches = list(sampler)
         for b in batches:
@@ -175,8 +191,13 @@ def test_make_train_loader_is_seeded_and_grouped():
 
 
 def torch_loader(ds, batch_size, seed):
-    return DataLoader(ds, batch_size=batch_size, shuffle=True, collate_fn=lambda b: tuple(zip(*b)),
-                      generator=torch.Generator().manual_seed(seed))
+    return DataLoader(
+        ds,
+        batch_size=batch_size,
+        shuffle=True,
+        collate_fn=lambda b: tuple(zip(*b)),
+        generator=torch.Generator().manual_seed(seed),
+    )
 
 
 def test_infinite_reseeds_per_epoch():
@@ -196,8 +217,13 @@ def make_loader(kind, ds):
     if kind == "grouped":  # fast resume: the batch sampler skips without loading
         return make_train_loader(ds, 3, seed=1)
     if kind == "generator":  # a plain DataLoader with its own generator: skip by loading
-        return DataLoader(ds, batch_size=3, shuffle=True, collate_fn=lambda b: tuple(zip(*b)),
-                          generator=torch.Generator().manual_seed(1))
+        return DataLoader(
+            ds,
+            batch_size=3,
+            shuffle=True,
+            collate_fn=lambda b: tuple(zip(*b)),
+            generator=torch.Generator().manual_seed(1),
+        )
     # shuffled from torch's global RNG: the epoch's starting RNG state is saved
     return DataLoader(ds, batch_size=3, shuffle=True, collate_fn=lambda b: tuple(zip(*b)))
 
@@ -227,11 +253,13 @@ def test_infinite_loader_errors():
     it = infinite([])
     with pytest.raises(ValueError, match="no batch"):
         next(it)
-    it = InfiniteLoader(make_train_loader(SizedDataset(SIZES), 5, seed=0,
-                                          aspect_ratio_grouping=False))
+    it = InfiniteLoader(
+        make_train_loader(SizedDataset(SIZES), 5, seed=0, aspect_ratio_grouping=False)
+    )
     with pytest.raises(ValueError, match="no more batches"):
-        it.load_state_dict({"epoch": 0, "batches_in_epoch": 3, "base_seeds": [0],
-                            "epoch_rng_state": None})
+        it.load_state_dict(
+            {"epoch": 0, "batches_in_epoch": 3, "base_seeds": [0], "epoch_rng_state": None}
+        )
     with pytest.raises(ValueError, match="empty"):
         make_train_loader(SizedDataset([]), 2)
 
@@ -249,8 +277,10 @@ def test_transform_generators_found_and_reseeded_per_worker():
 
     ds = DS([(10, 10)] * 8)
     found = transform_generators(Subset(ds, range(8)))
-    assert list(found) == ["dataset.transforms.transforms[0].generator",
-                           "dataset.transforms.transforms[1].generator"]
+    assert list(found) == [
+        "dataset.transforms.transforms[0].generator",
+        "dataset.transforms.transforms[1].generator",
+    ]
     assert found["dataset.transforms.transforms[0].generator"] is g1
     # two workers: without reseeding each worker's copy of g1 would repeat the other's draws
     loader = make_train_loader(ds, 1, num_workers=2, seed=0, aspect_ratio_grouping=False)

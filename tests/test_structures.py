@@ -15,8 +15,12 @@ def _inst(n=5):
     g = torch.Generator().manual_seed(0)
     xy = torch.rand(n, 2, generator=g) * 50
     boxes = torch.cat([xy, xy + 1 + torch.rand(n, 2, generator=g) * 20], dim=1)
-    return Instances((64, 80), proposal_boxes=boxes, scores=torch.arange(n, dtype=torch.float32),
-                     names=[f"o{i}" for i in range(n)])
+    return Instances(
+        (64, 80),
+        proposal_boxes=boxes,
+        scores=torch.arange(n, dtype=torch.float32),
+        names=[f"o{i}" for i in range(n)],
+    )
 
 
 def test_index_selects_every_field_together():
@@ -45,8 +49,14 @@ def test_cat_to_and_errors():
     with pytest.raises(IndexError, match=r"bool mask must have shape \[3\]"):
         a[torch.tensor([True, False])]
     with pytest.raises(ValueError, match="image_size"):
-        Instances.cat([a, Instances((1, 1), proposal_boxes=torch.zeros(1, 4),
-                                    scores=torch.zeros(1), names=["x"])])
+        Instances.cat(
+            [
+                a,
+                Instances(
+                    (1, 1), proposal_boxes=torch.zeros(1, 4), scores=torch.zeros(1), names=["x"]
+                ),
+            ]
+        )
     assert "num_instances=3" in repr(a)
 
 

@@ -57,7 +57,9 @@ SIZES = [(40, 70), (90, 30), (50, 50), (33, 120)]  # (H, W): both branches of mi
 @pytest.mark.parametrize("min_size,max_size", [(64, 100), (48, 1000), (20, 30)])
 def test_resize_normalize_batch_equals_torchvision(min_size, max_size):
     samples = [make_sample(h, w, n=3, seed=i) for i, (h, w) in enumerate(SIZES)]
-    tv = GeneralizedRCNNTransform(min_size, max_size, list(IMAGENET_MEAN), list(IMAGENET_STD)).eval()
+    tv = GeneralizedRCNNTransform(
+        min_size, max_size, list(IMAGENET_MEAN), list(IMAGENET_STD)
+    ).eval()
     tv_images, tv_targets = tv([s[0] for s in samples], [dict(s[1]) for s in samples])
 
     ours = Compose([Resize(min_size, max_size), Normalize()])
@@ -129,8 +131,12 @@ def test_flip_hand_built_example_swaps_left_right():
     masks[0, 2:6, 1:4] = 1  # columns 1, 2, 3 -> box x in [1, 4)
     # keypoint 0 = "left" (visible), keypoint 1 = "right" (occluded)
     keypoints = torch.tensor([[[2.0, 3.0, 2.0], [7.0, 4.0, 1.0]]])
-    target = {"boxes": torch.tensor([[1.0, 2.0, 4.0, 6.0]]), "labels": torch.tensor([1]),
-              "masks": masks, "keypoints": keypoints}
+    target = {
+        "boxes": torch.tensor([[1.0, 2.0, 4.0, 6.0]]),
+        "labels": torch.tensor([1]),
+        "masks": masks,
+        "keypoints": keypoints,
+    }
     img2, t2 = RandomHorizontalFlip(p=1.0, flip_index=[1, 0])(image, target)
     assert torch.equal(img2[0, :, W - 1 - 1], torch.ones(H))  # column 1 -> column 8
     assert torch.equal(t2["boxes"], torch.tensor([[6.0, 2.0, 9.0, 6.0]]))  # x1' = W - x2 = 6
@@ -203,9 +209,15 @@ def test_convert_image_dtype():
 
 def test_empty_targets():
     image = torch.rand(3, 24, 40)
-    target = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64),
-              "masks": torch.zeros(0, 24, 40, dtype=torch.uint8), "keypoints": torch.zeros(0, 5, 3)}
-    t = Compose([Resize(48, 100), RandomHorizontalFlip(1.0, flip_index=[0, 2, 1, 4, 3]), Normalize()])
+    target = {
+        "boxes": torch.zeros(0, 4),
+        "labels": torch.zeros(0, dtype=torch.int64),
+        "masks": torch.zeros(0, 24, 40, dtype=torch.uint8),
+        "keypoints": torch.zeros(0, 5, 3),
+    }
+    t = Compose(
+        [Resize(48, 100), RandomHorizontalFlip(1.0, flip_index=[0, 2, 1, 4, 3]), Normalize()]
+    )
     img, out = t(image, target)
     assert tuple(img.shape) == (3, 48, 80)
     assert out["boxes"].shape == (0, 4) and out["masks"].shape == (0, 48, 80)
@@ -216,8 +228,12 @@ def test_empty_targets():
 
 def test_postprocess_boxes_matches_torchvision_and_round_trips():
     boxes = torch.tensor([[1.5, 2.0, 30.0, 40.25], [0.0, 0.0, 63.0, 47.0]])
-    torch.testing.assert_close(postprocess_boxes(boxes, (48, 64), (300, 401)),
-                               tv_resize_boxes(boxes, (48, 64), (300, 401)), atol=0, rtol=0)
+    torch.testing.assert_close(
+        postprocess_boxes(boxes, (48, 64), (300, 401)),
+        tv_resize_boxes(boxes, (48, 64), (300, 401)),
+        atol=0,
+        rtol=0,
+    )
     image, target = make_sample(37, 53, n=2, seed=9)
     resized, out = Resize(100, 1000)(image, target)
     back = postprocess_boxes(out["boxes"], resized.shape[-2:], image.shape[-2:])
@@ -226,10 +242,14 @@ def test_postprocess_boxes_matches_torchvision_and_round_trips():
 
 def test_resize_multiscale_uses_generator():
     image = torch.rand(3, 20, 30)
-    heights = [Resize((10, 20, 40), 1000, generator=torch.Generator().manual_seed(s))(image)[0].shape[1]
-               for s in range(12)]
-    again = [Resize((10, 20, 40), 1000, generator=torch.Generator().manual_seed(s))(image)[0].shape[1]
-             for s in range(12)]
+    heights = [
+        Resize((10, 20, 40), 1000, generator=torch.Generator().manual_seed(s))(image)[0].shape[1]
+        for s in range(12)
+    ]
+    again = [
+        Resize((10, 20, 40), 1000, generator=torch.Generator().manual_seed(s))(image)[0].shape[1]
+        for s in range(12)
+    ]
     assert heights == again
     assert set(heights) <= {10, 20, 40} and len(set(heights)) > 1
 
@@ -257,7 +277,9 @@ def test_bad_input_errors():
         RandomHorizontalFlip(1.0)(image, {**target, "labels": torch.ones(3, dtype=torch.int64)})
     with pytest.raises(ValueError, match="area'\\] has 1 entries but target\\['boxes'\\] has 2"):
         Resize(10, 20)(image, {**target, "area": torch.ones(1)})
-    with pytest.raises(ValueError, match="crowd_masks'\\] has 2 entries but target\\['crowd_boxes'\\] has 1"):
+    with pytest.raises(
+        ValueError, match="crowd_masks'\\] has 2 entries but target\\['crowd_boxes'\\] has 1"
+    ):
         Resize(10, 20)(image, {**target, "crowd_masks": torch.zeros(2, 20, 30, dtype=torch.uint8)})
     with pytest.raises(ValueError, match="crowd_masks'\\] has size"):
         RandomHorizontalFlip(1.0)(image, {**target, "crowd_masks": torch.zeros(1, 20, 31)})

@@ -78,8 +78,12 @@ def test_class_color_fixed_and_distinct():
 
 def test_mask_region_moves_towards_class_color():
     label = 2
-    out = render(grey_image(), boxes=torch.tensor([[8.0, 10.0, 56.0, 40.0]]),
-                 labels=torch.tensor([label]), masks=rect_mask(10, 40, 8, 56))
+    out = render(
+        grey_image(),
+        boxes=torch.tensor([[8.0, 10.0, 56.0, 40.0]]),
+        labels=torch.tensor([label]),
+        masks=rect_mask(10, 40, 8, 56),
+    )
     expected = 0.5 * GREY + 0.5 * np.asarray(class_color(label))  # mask_alpha = 0.5
     inside = out[20:32, 20:44].reshape(-1, 3)
     np.testing.assert_allclose(inside, np.broadcast_to(expected, inside.shape), atol=0.02)
@@ -93,8 +97,11 @@ def test_mask_region_moves_towards_class_color():
 def test_both_image_formats_give_the_same_picture():
     g = torch.Generator().manual_seed(0)
     u8 = torch.randint(0, 256, (3, H, W), generator=g, dtype=torch.uint8)
-    kw = {"boxes": torch.tensor([[4.0, 4.0, 30.0, 20.0]]), "labels": torch.tensor([1]),
-              "masks": rect_mask(4, 20, 4, 30)}
+    kw = {
+        "boxes": torch.tensor([[4.0, 4.0, 30.0, 20.0]]),
+        "labels": torch.tensor([1]),
+        "masks": rect_mask(4, 20, 4, 30),
+    }
     a = render(u8.float() / 255.0, **kw)  # [3, H, W] float tensor
     b = render(u8.permute(1, 2, 0).numpy(), **kw)  # [H, W, 3] uint8 numpy
     c = render(u8, **kw)  # [3, H, W] uint8 tensor
@@ -108,8 +115,13 @@ def test_probability_masks_are_thresholded_and_scores_filter():
     probs = torch.full((2, 1, H, W), 0.2)
     probs[0, 0, 5:20, 5:25] = 0.9  # instance 0: high score
     probs[1, 0, 28:44, 36:60] = 0.9  # instance 1: low score
-    out = render(grey_image(), labels=torch.tensor([1, 3]), scores=torch.tensor([0.9, 0.3]),
-                 masks=probs, score_threshold=0.5)
+    out = render(
+        grey_image(),
+        labels=torch.tensor([1, 3]),
+        scores=torch.tensor([0.9, 0.3]),
+        masks=probs,
+        score_threshold=0.5,
+    )
     expected = 0.5 * GREY + 0.5 * np.asarray(class_color(1))
     np.testing.assert_allclose(out[10, 12], expected, atol=0.02)
     np.testing.assert_allclose(out[2, 40], GREY, atol=0.02)  # p = 0.2: not part of the mask
@@ -131,22 +143,33 @@ def test_keypoints_visible_occluded_unlabelled():
     # unlabelled: nothing drawn
     np.testing.assert_allclose(out[32:41, 36:45].reshape(-1, 3), GREY, atol=0.02)
     # a skeleton line between the two labelled points (1-based pair (1, 2)) crosses x = 26
-    with_line = render(grey_image(), labels=torch.tensor([label]), keypoints=kps,
-                       skeleton=[(1, 2), (2, 3)])
+    with_line = render(
+        grey_image(), labels=torch.tensor([label]), keypoints=kps, skeleton=[(1, 2), (2, 3)]
+    )
     assert np.abs(with_line[11:15, 26] - color).sum(axis=1).min() < 0.2
     np.testing.assert_allclose(with_line[20:34, 40], GREY, atol=0.02)  # (2, 3): v=0 end, no line
 
 
 def test_draw_instances_returns_axes_and_names():
-    ax = draw_instances(grey_image(), boxes=torch.tensor([[1.0, 12.0, 20.0, 30.0]]),
-                        labels=torch.tensor([2]), scores=torch.tensor([0.876]),
-                        class_names=["__background__", "square", "circle"], title="t")
+    ax = draw_instances(
+        grey_image(),
+        boxes=torch.tensor([[1.0, 12.0, 20.0, 30.0]]),
+        labels=torch.tensor([2]),
+        scores=torch.tensor([0.876]),
+        class_names=["__background__", "square", "circle"],
+        title="t",
+    )
     texts = [t.get_text() for t in ax.texts]
     assert texts == ["circle 0.88"]
     assert ax.get_title() == "t"
     # empty instances are fine
-    draw_instances(grey_image(), boxes=torch.zeros(0, 4), labels=torch.zeros(0, dtype=torch.int64),
-                   masks=torch.zeros(0, H, W, dtype=torch.uint8), keypoints=torch.zeros(0, 3, 3))
+    draw_instances(
+        grey_image(),
+        boxes=torch.zeros(0, 4),
+        labels=torch.zeros(0, dtype=torch.int64),
+        masks=torch.zeros(0, H, W, dtype=torch.uint8),
+        keypoints=torch.zeros(0, 3, 3),
+    )
 
 
 def test_bad_inputs_raise_clear_errors():
@@ -179,8 +202,11 @@ class _TinyDataset:
 
     def __getitem__(self, i):
         m = rect_mask(5, 5 + 4 * i + 4, 5, 30)
-        return grey_image(), {"boxes": torch.tensor([[5.0, 5.0, 30.0, 9.0 + 4 * i]]),
-                              "labels": torch.tensor([1 + i % 3]), "masks": m}
+        return grey_image(), {
+            "boxes": torch.tensor([[5.0, 5.0, 30.0, 9.0 + 4 * i]]),
+            "labels": torch.tensor([1 + i % 3]),
+            "masks": m,
+        }
 
 
 def test_show_samples_grid():
@@ -198,9 +224,14 @@ def test_show_batch_and_pipeline():
     batch, sizes = batch_images(images)
     mask = torch.zeros(1, 20, 30, dtype=torch.uint8)
     mask[0, 1:10, 1:10] = 1
-    targets = [{"boxes": torch.tensor([[1.0, 1.0, 10.0, 10.0]]), "labels": torch.tensor([1]),
-                "masks": mask},  # masks at the unpadded size
-               {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}]
+    targets = [
+        {
+            "boxes": torch.tensor([[1.0, 1.0, 10.0, 10.0]]),
+            "labels": torch.tensor([1]),
+            "masks": mask,
+        },  # masks at the unpadded size
+        {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)},
+    ]
     fig = show_batch(batch, sizes, targets)
     assert len(fig.get_axes()) == 2
     assert "20x30 in 64x32" in fig.get_axes()[0].get_title()
@@ -338,8 +369,9 @@ def test_box_deltas_arrows_end_at_the_decoded_boxes():
         np.testing.assert_allclose(arrow.xyann, [(a[0] + a[2]) / 2, (a[1] + a[3]) / 2])
         np.testing.assert_allclose(arrow.xy, [(g[0] + g[2]) / 2, (g[1] + g[3]) / 2], atol=1e-4)
     boxes = [p for p in ax.patches if p.get_gid() == "decoded_box"]
-    got = [[p.get_x(), p.get_y(), p.get_x() + p.get_width(), p.get_y() + p.get_height()]
-           for p in boxes]
+    got = [
+        [p.get_x(), p.get_y(), p.get_x() + p.get_width(), p.get_y() + p.get_height()] for p in boxes
+    ]
     np.testing.assert_allclose(got, gt.numpy(), atol=1e-4)
     with pytest.raises(ValueError, match="2 anchors but 1 deltas"):
         draw_box_deltas(ax, grey_image(), anchors, deltas[:1])
@@ -349,10 +381,14 @@ def test_best_proposals_rank_and_iou():
     import torchvision
 
     gt = torch.tensor([[0.0, 0.0, 10.0, 10.0], [20.0, 20.0, 40.0, 40.0], [50.0, 0.0, 60.0, 8.0]])
-    proposals = torch.tensor([[19.0, 21.0, 41.0, 40.0],   # rank 0: gt 1
-                              [0.0, 0.0, 10.0, 5.0],      # rank 1: gt 0, IoU 0.5
-                              [0.0, 5.0, 10.0, 10.0],     # rank 2: gt 0, IoU 0.5 too (a tie)
-                              [48.0, 30.0, 60.0, 40.0]])  # rank 3: misses gt 2
+    proposals = torch.tensor(
+        [
+            [19.0, 21.0, 41.0, 40.0],  # rank 0: gt 1
+            [0.0, 0.0, 10.0, 5.0],  # rank 1: gt 0, IoU 0.5
+            [0.0, 5.0, 10.0, 10.0],  # rank 2: gt 0, IoU 0.5 too (a tie)
+            [48.0, 30.0, 60.0, 40.0],
+        ]
+    )  # rank 3: misses gt 2
     rank, iou = best_proposals(proposals, gt)
     ref = torchvision.ops.box_iou(gt, proposals)
     assert rank.tolist() == [1, 0, 0]  # the tie goes to the better-ranked proposal
@@ -368,10 +404,12 @@ def test_best_proposals_rank_and_iou():
 def test_plot_anchors_at_centres_on_the_cell():
     from matplotlib.patches import Rectangle
 
-    fig = plot_anchors_at(torch.rand(3, 64, 96), (16, 32), (0.5, 1.0, 2.0), 16, 2, 1,
-                          show_grid=False)
+    fig = plot_anchors_at(
+        torch.rand(3, 64, 96), (16, 32), (0.5, 1.0, 2.0), 16, 2, 1, show_grid=False
+    )
     rects = [p for p in fig.axes[0].patches if isinstance(p, Rectangle)]
     assert len(rects) == 6
     for r in rects:
-        np.testing.assert_allclose([r.get_x() + r.get_width() / 2, r.get_y() + r.get_height() / 2],
-                                   [32.0, 16.0])  # cell (x=2, y=1) at stride 16
+        np.testing.assert_allclose(
+            [r.get_x() + r.get_width() / 2, r.get_y() + r.get_height() / 2], [32.0, 16.0]
+        )  # cell (x=2, y=1) at stride 16

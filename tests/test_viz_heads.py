@@ -48,7 +48,7 @@ def _scene(seed=0, size=64):
     g = torch.Generator().manual_seed(seed)
     image = torch.rand(3, size, size, generator=g)
     yy, xx = torch.meshgrid(torch.arange(size) + 0.5, torch.arange(size) + 0.5, indexing="ij")
-    circle = (xx - 38) ** 2 + (yy - 36) ** 2 < 13 ** 2
+    circle = (xx - 38) ** 2 + (yy - 36) ** 2 < 13**2
     square = (xx > 8) & (xx < 36) & (yy > 10) & (yy < 40) & ~circle
     masks = torch.stack([square, circle]).to(torch.uint8)  # [2, H, W]
     boxes = []
@@ -59,8 +59,13 @@ def _scene(seed=0, size=64):
 
 
 def test_new_drawings_are_exported():
-    for name in ("draw_sampled_rois", "draw_nms_result", "draw_mask_target", "draw_mask_probs",
-                 "draw_paste_steps"):
+    for name in (
+        "draw_sampled_rois",
+        "draw_nms_result",
+        "draw_mask_target",
+        "draw_mask_probs",
+        "draw_paste_steps",
+    ):
         assert name in viz.__all__ and callable(getattr(viz, name))
 
 
@@ -74,14 +79,19 @@ def test_sampled_rois_drawn_where_and_as_sampled():
     xy = torch.rand(60, 2, generator=g) * 40
     proposals = torch.cat([xy, xy + 8 + torch.rand(60, 2, generator=g) * 20], dim=1)
     proposals = torch.cat([proposals, gt_boxes + 1.0, gt_boxes - 0.5])  # some positives
-    rois, _, labels, _ = (x[0] for x in sample_proposals(
-        [proposals], [gt_boxes], [gt_labels], sampler=BalancedSampler(32, 0.25), generator=g))
+    rois, _, labels, _ = (
+        x[0]
+        for x in sample_proposals(
+            [proposals], [gt_boxes], [gt_labels], sampler=BalancedSampler(32, 0.25), generator=g
+        )
+    )
     from_gt = (rois[:, None] == gt_boxes[None]).all(-1).any(-1)
     assert from_gt.any() and (labels > 0).any() and (labels == 0).sum() > 5
 
     ax = Figure().add_subplot()
-    draw_sampled_rois(ax, image, rois, labels, gt_boxes=gt_boxes, class_names=("bg", "a", "b"),
-                      max_negatives=5)
+    draw_sampled_rois(
+        ax, image, rois, labels, gt_boxes=gt_boxes, class_names=("bg", "a", "b"), max_negatives=5
+    )
     # appended gt boxes: white dashed at exactly the gt coordinates
     gt_drawn = sorted(_xyxy(r) for r in _rects(ax, "gt_roi"))
     assert gt_drawn == sorted(rois[from_gt].tolist())
@@ -126,8 +136,9 @@ def test_nms_result_matches_torchvision_batched_nms():
     ax = Figure().add_subplot()
     draw_nms_result(ax, image, boxes, scores, labels, keep, class_names=("bg", "a", "b", "c"))
     kept = _rects(ax, "kept_box")
-    np.testing.assert_allclose(sorted(_xyxy(r) for r in kept), sorted(boxes[keep].tolist()),
-                               atol=1e-4)
+    np.testing.assert_allclose(
+        sorted(_xyxy(r) for r in kept), sorted(boxes[keep].tolist()), atol=1e-4
+    )
     assert len(_rects(ax, "suppressed_box")) == 40 - len(keep)
     # every kept box carries its class name and score
     texts = {t.get_text() for t in ax.texts}
@@ -148,8 +159,16 @@ def test_mask_target_drawing_shows_torchvision_target_and_crop(M):
 
     image, masks, gt_boxes, _ = _scene()
     box = torch.tensor([6.3, 9.1, 41.7, 44.2])  # on the square, with part of the circle inside
-    fig = draw_mask_target(image, masks, box, 0, M=M, gt_boxes=gt_boxes, label=1,
-                           class_names=("bg", "square", "circle"))
+    fig = draw_mask_target(
+        image,
+        masks,
+        box,
+        0,
+        M=M,
+        gt_boxes=gt_boxes,
+        label=1,
+        class_names=("bg", "square", "circle"),
+    )
     (target_im,) = _images(fig, "mask_target")
     ref = tv_roi_heads.project_masks_on_boxes(masks, box[None], torch.tensor([0]), M)[0]
     np.testing.assert_allclose(target_im.get_array(), ref.numpy(), rtol=0, atol=1e-6)
@@ -192,8 +211,9 @@ def test_mask_probs_grid_shows_the_probabilities_and_their_iou():
     for k, ax in enumerate(axes):
         p, t = probs[k // 3, k % 3] >= 0.5, targets[k % 3] >= 0.5
         iou = float((p & t).sum()) / max(float((p | t).sum()), 1.0)
-        assert re.search(rf"IoU {iou:.2f}, max p {float(probs[k // 3, k % 3].max()):.2f}",
-                         ax.get_title())
+        assert re.search(
+            rf"IoU {iou:.2f}, max p {float(probs[k // 3, k % 3].max()):.2f}", ax.get_title()
+        )
     assert "IoU 1.00" in axes[1].get_title() and axes[1].get_title().startswith("b\n")
     assert axes[3].get_ylabel() == "two"
     with pytest.raises(ValueError, match=r"draw_mask_probs: targets must be \[P, M, M\]"):
@@ -233,9 +253,15 @@ def test_mask_target_explorer_redraws_on_every_change():
 
     image, masks, gt_boxes, _ = _scene()
     rois = torch.stack([gt_boxes[0], gt_boxes[1], gt_boxes[0] + torch.tensor([2.0, 1, 2, 1])])
-    explorer = mask_target_explorer(image, masks, rois, torch.tensor([0, 1, 0]),
-                                    labels=torch.tensor([1, 2, 1]), gt_boxes=gt_boxes,
-                                    class_names=("bg", "square", "circle"))
+    explorer = mask_target_explorer(
+        image,
+        masks,
+        rois,
+        torch.tensor([0, 1, 0]),
+        labels=torch.tensor([1, 2, 1]),
+        gt_boxes=gt_boxes,
+        class_names=("bg", "square", "circle"),
+    )
     assert isinstance(explorer, ipywidgets.VBox) and explorer.output in explorer.children
     slider, size = explorer.controls["roi"], explorer.controls["M"]
     assert isinstance(slider, ipywidgets.IntSlider) and slider.continuous_update is False
@@ -284,5 +310,6 @@ def test_mask_target_explorer_bad_input_is_named():
     with pytest.raises(ValueError, match=r"mask_target_explorer: rois must be \[P, 4\]"):
         mask_target_explorer(image, masks, torch.zeros(0, 4), torch.zeros(0, dtype=torch.long))
     with pytest.raises(ValueError, match="mask_target_explorer: labels has 3 entries"):
-        mask_target_explorer(image, masks, gt_boxes, torch.tensor([0, 1]),
-                             labels=torch.tensor([1, 2, 1]))
+        mask_target_explorer(
+            image, masks, gt_boxes, torch.tensor([0, 1]), labels=torch.tensor([1, 2, 1])
+        )

@@ -57,8 +57,9 @@ def _lines(fig_or_ax, gid: str) -> list:
 IMAGE = torch.rand(3, 80, 100, generator=torch.Generator().manual_seed(0))
 ROI = torch.tensor([10.3, 12.7, 70.9, 60.2])
 #: inside (v=2 and v=1), exactly on the right border, outside the RoI, not labelled (v=0)
-KPS = torch.tensor([[20.0, 20.0, 2.0], [45.5, 33.3, 1.0], [70.9, 40.0, 2.0],
-                    [90.0, 40.0, 2.0], [30.0, 30.0, 0.0]])
+KPS = torch.tensor(
+    [[20.0, 20.0, 2.0], [45.5, 33.3, 1.0], [70.9, 40.0, 2.0], [90.0, 40.0, 2.0], [30.0, 30.0, 0.0]]
+)
 NAMES = ["a", "b", "c", "d", "e"]
 
 
@@ -80,8 +81,9 @@ def test_keypoint_targets_are_drawn_where_torchvision_puts_them() -> None:
     x1, y1, x2, y2 = ROI.tolist()
     rects = _patches(fig, "target_cell")
     assert len(rects) == len(cells)
-    want = sorted((x1 + col * (x2 - x1) / m, y1 + row * (y2 - y1) / m)
-                  for row, col in cells.values())
+    want = sorted(
+        (x1 + col * (x2 - x1) / m, y1 + row * (y2 - y1) / m) for row, col in cells.values()
+    )
     got = sorted(r.get_xy() for r in rects)
     np.testing.assert_allclose(got, want, rtol=1e-6)
     assert all(r.get_width() == pytest.approx((x2 - x1) / m) for r in rects)
@@ -113,8 +115,7 @@ def test_softmax_and_sigmoid_maps_are_the_hand_computed_probabilities() -> None:
     assert float(np.sum(_image("softmax_map", fig).get_array())) == pytest.approx(1.0)
     row, col = divmod(10, 7)
     rings = _patches(fig, "target_pixel")
-    assert len(rings) == 2 and all(r.center == pytest.approx((col + 0.5, row + 0.5))
-                                   for r in rings)
+    assert len(rings) == 2 and all(r.center == pytest.approx((col + 0.5, row + 0.5)) for r in rings)
     assert f"at the target {soft[row, col]:.3g}" in _image("softmax_map", fig).axes.get_title()
     assert f"sum {sig.sum():.3g}" in _image("sigmoid_map", fig).axes.get_title()
     same = draw_softmax_vs_sigmoid(z, target=(row, col))  # (row, col) means the same pixel
@@ -151,8 +152,9 @@ def test_heatmap_overlay_and_keypoint_match_torchvision_postprocessing() -> None
     gt = torch.tensor([30.0, 40.0, 2.0])
     tv_kps, tv_scores = tv_roi_heads.heatmaps_to_keypoints(maps[None], box[None])
     for k in range(K):
-        fig = draw_keypoint_heatmap(IMAGE, box, maps, k, keypoint_names=NAMES[:K],
-                                    gt_keypoint=gt, skeleton=[(1, 2), (2, 3)])
+        fig = draw_keypoint_heatmap(
+            IMAGE, box, maps, k, keypoint_names=NAMES[:K], gt_keypoint=gt, skeleton=[(1, 2), (2, 3)]
+        )
         (pred,) = _lines(fig, "pred_keypoint")
         xy = (pred.get_xdata()[0], pred.get_ydata()[0])
         assert xy == pytest.approx(tuple(tv_kps[0, k, :2].tolist()), abs=1e-5)
@@ -164,8 +166,9 @@ def test_heatmap_overlay_and_keypoint_match_torchvision_postprocessing() -> None
         np.testing.assert_array_equal(_image("heatmap_logits", fig).get_array(), maps[k].numpy())
         (ring,) = _lines(fig, "gt_keypoint")
         assert (ring.get_xdata()[0], ring.get_ydata()[0]) == (30.0, 40.0)
-        assert f"score {float(tv_scores[0, k]):.2f}" in _image("heatmap_logits",
-                                                                 fig).axes.get_title()
+        assert (
+            f"score {float(tv_scores[0, k]):.2f}" in _image("heatmap_logits", fig).axes.get_title()
+        )
     unlabelled = draw_keypoint_heatmap(IMAGE, box, maps, 0, gt_keypoint=[30.0, 40.0, 0.0])
     assert not _lines(unlabelled, "gt_keypoint")
     with pytest.raises(ValueError, match=r"k must lie in \[0, 4\), got 4"):
@@ -180,16 +183,35 @@ def _cocoeval_oks(gt_kps: np.ndarray, area: float, dts: list[np.ndarray], sigmas
     x, y = gt_kps[gt_kps[:, 2] > 0, 0], gt_kps[gt_kps[:, 2] > 0, 1]
     bbox = [float(x.min()), float(y.min()), float(x.max() - x.min()), float(y.max() - y.min())]
     gt = COCO()
-    gt.dataset = {"images": [{"id": 1, "width": 200, "height": 200}],
-                  "categories": [{"id": 1, "name": "person", "keypoints": NAMES}],
-                  "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "iscrowd": 0,
-                                   "area": area, "bbox": bbox,
-                                   "num_keypoints": int((gt_kps[:, 2] > 0).sum()),
-                                   "keypoints": gt_kps.reshape(-1).tolist()}]}
+    gt.dataset = {
+        "images": [{"id": 1, "width": 200, "height": 200}],
+        "categories": [{"id": 1, "name": "person", "keypoints": NAMES}],
+        "annotations": [
+            {
+                "id": 1,
+                "image_id": 1,
+                "category_id": 1,
+                "iscrowd": 0,
+                "area": area,
+                "bbox": bbox,
+                "num_keypoints": int((gt_kps[:, 2] > 0).sum()),
+                "keypoints": gt_kps.reshape(-1).tolist(),
+            }
+        ],
+    }
     with contextlib.redirect_stdout(io.StringIO()):
         gt.createIndex()
-        dt = gt.loadRes([{"image_id": 1, "category_id": 1, "score": 1.0 - 0.1 * i,
-                          "keypoints": d.reshape(-1).tolist()} for i, d in enumerate(dts)])
+        dt = gt.loadRes(
+            [
+                {
+                    "image_id": 1,
+                    "category_id": 1,
+                    "score": 1.0 - 0.1 * i,
+                    "keypoints": d.reshape(-1).tolist(),
+                }
+                for i, d in enumerate(dts)
+            ]
+        )
     E = COCOeval(gt, dt, iouType="keypoints")
     E.params.kpt_oks_sigmas = np.asarray(sigmas, dtype=np.float64)
     E.params.imgIds = [1]
@@ -200,8 +222,9 @@ def _cocoeval_oks(gt_kps: np.ndarray, area: float, dts: list[np.ndarray], sigmas
 def test_oks_equals_cocoeval() -> None:
     g = torch.Generator().manual_seed(4)
     K = len(KEYPOINT_NAMES)
-    gt = np.concatenate([40 + 100 * torch.rand(K, 2, generator=g).numpy(),
-                         np.full((K, 1), 2.0)], axis=1)
+    gt = np.concatenate(
+        [40 + 100 * torch.rand(K, 2, generator=g).numpy(), np.full((K, 1), 2.0)], axis=1
+    )
     gt[3, 2], gt[7] = 1.0, 0.0  # one occluded (counts), one not labelled (does not)
     area = 2345.6
     dts = []
@@ -236,25 +259,37 @@ def test_oks_equals_cocoeval() -> None:
 
 def test_oks_circles_have_the_tolerance_radii() -> None:
     K = len(KEYPOINT_NAMES)
-    gt = np.concatenate([np.linspace(20, 60, K)[:, None], np.linspace(10, 70, K)[:, None],
-                         np.full((K, 1), 2.0)], axis=1)
+    gt = np.concatenate(
+        [np.linspace(20, 60, K)[:, None], np.linspace(10, 70, K)[:, None], np.full((K, 1), 2.0)],
+        axis=1,
+    )
     gt[5, 2] = 0.0
     area = 900.0
     pred = gt[:, :2] + 1.5
     fig, ax = plt.subplots()
     try:
-        draw_oks_circles(ax, IMAGE, gt, area, KEYPOINT_SIGMAS, pred_keypoints=pred,
-                         thresholds=(0.75, 0.5), keypoint_names=KEYPOINT_NAMES,
-                         skeleton=SKELETON)
+        draw_oks_circles(
+            ax,
+            IMAGE,
+            gt,
+            area,
+            KEYPOINT_SIGMAS,
+            pred_keypoints=pred,
+            thresholds=(0.75, 0.5),
+            keypoint_names=KEYPOINT_NAMES,
+            skeleton=SKELETON,
+        )
         for t in (0.5, 0.75):
             circles = [p for p in ax.patches if p.get_gid().startswith(f"oks_{t:.2f}_")]
             assert sorted(int(c.get_gid().rsplit("_", 1)[1]) for c in circles) == [
-                k for k in range(K) if k != 5]
+                k for k in range(K) if k != 5
+            ]
             for c in circles:
                 k = int(c.get_gid().rsplit("_", 1)[1])
                 assert c.center == pytest.approx((gt[k, 0], gt[k, 1]))
                 assert c.radius == pytest.approx(
-                    2 * KEYPOINT_SIGMAS[k] * math.sqrt(2 * area * math.log(1 / t)))
+                    2 * KEYPOINT_SIGMAS[k] * math.sqrt(2 * area * math.log(1 / t))
+                )
         (marks,) = _lines(ax, "pred_keypoint")
         assert len(marks.get_xdata()) == K - 1  # only where the gt keypoint is labelled
         oks, _ = keypoint_oks(pred, gt, area, KEYPOINT_SIGMAS)
@@ -267,16 +302,28 @@ def test_oks_circles_have_the_tolerance_radii() -> None:
 def test_predictions_vs_truth_draw_skeletons_above_the_threshold() -> None:
     K = 3
     skeleton = [(1, 2), (2, 3)]
-    gt_kps = torch.tensor([[[10.0, 10.0, 2.0], [20.0, 20.0, 1.0], [0.0, 0.0, 0.0]],
-                           [[40.0, 40.0, 2.0], [50.0, 45.0, 2.0], [60.0, 60.0, 2.0]]])
-    target = {"boxes": torch.tensor([[5.0, 5.0, 25.0, 25.0], [35.0, 35.0, 65.0, 65.0]]),
-              "labels": torch.tensor([1, 1]), "keypoints": gt_kps}
-    det = {"boxes": torch.tensor([[5.0, 5.0, 25.0, 25.0], [35.0, 35.0, 65.0, 65.0],
-                                  [1.0, 1.0, 9.0, 9.0]]),
-           "labels": torch.tensor([1, 1, 1]), "scores": torch.tensor([0.9, 0.6, 0.2]),
-           "keypoints": torch.cat([gt_kps[:, :, :2] + 1, torch.ones(2, K, 1)], dim=2)[[0, 1, 1]]}
-    fig = draw_keypoint_predictions_vs_truth([IMAGE], [det], [target], skeleton=skeleton,
-                                             class_names=["bg", "person"])
+    gt_kps = torch.tensor(
+        [
+            [[10.0, 10.0, 2.0], [20.0, 20.0, 1.0], [0.0, 0.0, 0.0]],
+            [[40.0, 40.0, 2.0], [50.0, 45.0, 2.0], [60.0, 60.0, 2.0]],
+        ]
+    )
+    target = {
+        "boxes": torch.tensor([[5.0, 5.0, 25.0, 25.0], [35.0, 35.0, 65.0, 65.0]]),
+        "labels": torch.tensor([1, 1]),
+        "keypoints": gt_kps,
+    }
+    det = {
+        "boxes": torch.tensor(
+            [[5.0, 5.0, 25.0, 25.0], [35.0, 35.0, 65.0, 65.0], [1.0, 1.0, 9.0, 9.0]]
+        ),
+        "labels": torch.tensor([1, 1, 1]),
+        "scores": torch.tensor([0.9, 0.6, 0.2]),
+        "keypoints": torch.cat([gt_kps[:, :, :2] + 1, torch.ones(2, K, 1)], dim=2)[[0, 1, 1]],
+    }
+    fig = draw_keypoint_predictions_vs_truth(
+        [IMAGE], [det], [target], skeleton=skeleton, class_names=["bg", "person"]
+    )
     try:
         left, right = fig.axes
         # gt: person 0 has one limb with both ends labelled, person 1 both limbs
@@ -285,8 +332,9 @@ def test_predictions_vs_truth_draw_skeletons_above_the_threshold() -> None:
         assert len([p for p in right.patches if isinstance(p, Rectangle)]) == 2
         assert len(right.get_lines()) == 2 * 2
         with pytest.raises(ValueError, match=r"detections\[0\] has no 'keypoints'"):
-            draw_keypoint_predictions_vs_truth([IMAGE], [{k: v for k, v in det.items()
-                                                          if k != "keypoints"}], [target])
+            draw_keypoint_predictions_vs_truth(
+                [IMAGE], [{k: v for k, v in det.items() if k != "keypoints"}], [target]
+            )
     finally:
         plt.close("all")
 
@@ -298,12 +346,20 @@ def test_heatmap_explorer_redraws_on_each_choice() -> None:
     maps = torch.randn(D, K, m, m, generator=torch.Generator().manual_seed(5))
     gt = torch.zeros(D, K, 3)
     gt[0, :, :2], gt[0, :, 2] = 30.0, 2.0
-    explorer = keypoint_heatmap_explorer(IMAGE, boxes, maps, scores=torch.tensor([0.9, 0.4]),
-                                         keypoint_names=NAMES[:K], gt_keypoints=gt,
-                                         skeleton=[(1, 2)])
+    explorer = keypoint_heatmap_explorer(
+        IMAGE,
+        boxes,
+        maps,
+        scores=torch.tensor([0.9, 0.4]),
+        keypoint_names=NAMES[:K],
+        gt_keypoints=gt,
+        skeleton=[(1, 2)],
+    )
     person, keypoint = explorer.controls["person"], explorer.controls["keypoint"]
-    assert [label for label, _ in person.options] == ["person 0 (score 0.90)",
-                                                      "person 1 (score 0.40)"]
+    assert [label for label, _ in person.options] == [
+        "person 0 (score 0.90)",
+        "person 1 (score 0.40)",
+    ]
     assert [label for label, _ in keypoint.options] == NAMES[:K]
     pictures = []
     for i, k in ((0, 0), (0, 2), (1, 2)):

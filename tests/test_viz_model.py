@@ -61,8 +61,19 @@ def test_box_levels_hand_computed_and_equal_to_torchvision():
     # k = floor(4 + log2(sqrt(wh) / 224)) clamped to 2..5: 224 -> P4, just below -> P3,
     # 112 -> P3, 448 -> P5, tiny and huge boxes clamped; sqrt(wh) counts, not the longer side:
     # 100 x 400 -> 200 (P3), 400 x 500 -> 447.2 (P4), 450 x 460 -> 455 (P5)
-    sides = [(224, 224), (223, 223), (112, 112), (111, 111), (448, 448), (447, 447), (5, 5),
-             (3000, 3000), (100, 400), (400, 500), (450, 460)]
+    sides = [
+        (224, 224),
+        (223, 223),
+        (112, 112),
+        (111, 111),
+        (448, 448),
+        (447, 447),
+        (5, 5),
+        (3000, 3000),
+        (100, 400),
+        (400, 500),
+        (450, 460),
+    ]
     boxes = torch.tensor([[10.0, 20.0, 10.0 + w, 20.0 + h] for w, h in sides])
     assert box_levels(boxes).tolist() == [4, 3, 3, 2, 5, 4, 2, 5, 3, 4, 5]
     boxes = random_boxes(500)
@@ -103,13 +114,16 @@ def test_level_rule_staircase_and_rois():
             assert np.allclose(np.sort(xy[:, 0]), np.sort(size[levels == lev]), rtol=1e-5)
             assert np.all(np.abs(xy[:, 1] - lev) < 0.2)  # the spread keeps points on their step
             assert f"P{lev}: {int((levels == lev).sum())} RoIs" in [
-                t.get_text() for t in ax.get_legend().get_texts()]
+                t.get_text() for t in ax.get_legend().get_texts()
+            ]
     with pytest.raises(ValueError, match="draw_level_rule: size_range"):
         draw_level_rule(ax, size_range=(10.0, 5.0))
 
 
-@pytest.mark.parametrize("w, h, level", [(150.0, 100.0, 3), (30.0, 10.0, 2), (224.0, 224.0, 4),
-                                         (600.0, 500.0, 5), (80.0, 320.0, 3)])
+@pytest.mark.parametrize(
+    "w, h, level",
+    [(150.0, 100.0, 3), (30.0, 10.0, 2), (224.0, 224.0, 4), (600.0, 500.0, 5), (80.0, 320.0, 3)],
+)
 def test_fpn_levels_figure_marks_the_pooled_level(w, h, level):
     fig = draw_fpn_levels((w, h), image_size=(800, 800), output_size=7)
     assert fig.fpn_level == level == int(tv_levels(torch.tensor([[0.0, 0.0, w, h]]))[0])
@@ -121,19 +135,21 @@ def test_fpn_levels_figure_marks_the_pooled_level(w, h, level):
     for j, ax in zip(range(2, 6), closeups):
         # the box at the image centre, in pixels, and its 7 x 7 bins (6 inner edges per axis)
         (box,) = patches_with_gid(ax, "box")
-        assert np.allclose([box.get_x(), box.get_y(), box.get_width(), box.get_height()],
-                           [400 - w / 2, 400 - h / 2, w, h])
+        assert np.allclose(
+            [box.get_x(), box.get_y(), box.get_width(), box.get_height()],
+            [400 - w / 2, 400 - h / 2, w, h],
+        )
         assert len([ln for ln in ax.lines if ln.get_gid() == "bins"]) == 2 * 6
         # the checkerboard has one entry per cell of stride 2**j: neighbours alternate
         (cells,) = [im for im in ax.images if im.get_gid() == f"cells_P{j}"]
         board = np.asarray(cells.get_array())
         x0, x1, y1, y0 = cells.get_extent()
-        assert (x1 - x0) / board.shape[1] == 2 ** j == (y1 - y0) / board.shape[0]
+        assert (x1 - x0) / board.shape[1] == 2**j == (y1 - y0) / board.shape[0]
         assert np.all(board[:, 1:] != board[:, :-1]) and np.all(board[1:] != board[:-1])
         assert ("[pooled]" in ax.get_title()) == (j == level)
-        assert f"box {w / 2 ** j:.1f}x{h / 2 ** j:.1f} cells" in ax.get_title()
+        assert f"box {w / 2**j:.1f}x{h / 2**j:.1f} cells" in ax.get_title()
     if 2 < level < 5:  # unclamped: on its level the box is 14..28 cells (sqrt(wh) / stride)
-        assert 14 <= math.sqrt(w * h) / 2 ** level < 28
+        assert 14 <= math.sqrt(w * h) / 2**level < 28
     with pytest.raises(ValueError, match="draw_fpn_levels: box_size"):
         draw_fpn_levels((0.0, 10.0))
 
@@ -141,8 +157,10 @@ def test_fpn_levels_figure_marks_the_pooled_level(w, h, level):
 # --------------------------------------------------------------------------- other drawings
 def test_feature_pyramid_shows_the_mean_absolute_activation():
     g = torch.Generator().manual_seed(0)
-    feats = {"0": torch.randn(2, 8, 16, 20, generator=g), "1": torch.randn(2, 8, 8, 10,
-                                                                          generator=g)}
+    feats = {
+        "0": torch.randn(2, 8, 16, 20, generator=g),
+        "1": torch.randn(2, 8, 8, 10, generator=g),
+    }
     fig = draw_feature_pyramid(feats, index=1, labels=["P2", "P3"], image_size=(64, 80))
     for i, (ax, x) in enumerate(zip(fig.axes, feats.values())):
         (im,) = ax.images
@@ -155,8 +173,10 @@ def test_feature_pyramid_shows_the_mean_absolute_activation():
 
 
 def test_parameter_bars_have_the_counts_as_widths():
-    counts = {"big": {"backbone body": 2_000_000, "FPN": 500_000, "box head": 1_500_000},
-              "small": {"backbone body": 300_000, "FPN": 0, "box head": 200_000}}
+    counts = {
+        "big": {"backbone body": 2_000_000, "FPN": 500_000, "box head": 1_500_000},
+        "small": {"backbone body": 300_000, "FPN": 0, "box head": 200_000},
+    }
     fig = Figure()
     ax = fig.subplots()
     draw_parameter_counts(ax, counts)
@@ -221,10 +241,15 @@ def test_forward_stages_draw_every_stage(tiny_model):
     image = torch.rand(3, 60, 90, generator=g)
     with torch.no_grad():
         stages = model.run_stages([image])
-    fig = draw_forward_stages(image, stages, anchor_generator=model.rpn.anchor_generator,
-                              num_proposals=12, num_detections=5,
-                              image_mean=model.transform.image_mean,
-                              image_std=model.transform.image_std)
+    fig = draw_forward_stages(
+        image,
+        stages,
+        anchor_generator=model.rpn.anchor_generator,
+        num_proposals=12,
+        num_detections=5,
+        image_mean=model.transform.image_mean,
+        image_std=model.transform.image_std,
+    )
     ax_in, ax_anchor, ax_prop, ax_levels, ax_det, ax_mask = fig.axes
     # 1: the padded batch with the normalization undone
     batch = stages["images"][0]
@@ -259,16 +284,21 @@ def test_forward_stages_in_train_mode_count_the_sampled_rois(tiny_model):
     image = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(1))
     masks = torch.zeros(1, 64, 64, dtype=torch.uint8)
     masks[0, 10:40, 12:50] = 1
-    target = {"boxes": torch.tensor([[12.0, 10.0, 50.0, 40.0]]), "labels": torch.tensor([2]),
-              "masks": masks}
-    stages = model.run_stages([image], [target], return_detections=True,
-                              generator=torch.Generator().manual_seed(0))
+    target = {
+        "boxes": torch.tensor([[12.0, 10.0, 50.0, 40.0]]),
+        "labels": torch.tensor([2]),
+        "masks": masks,
+    }
+    stages = model.run_stages(
+        [image], [target], return_detections=True, generator=torch.Generator().manual_seed(0)
+    )
     model.eval()
     fig = draw_forward_stages(image, stages, anchor_generator=model.rpn.anchor_generator)
     rois = stages["sampled_rois"][0].proposal_boxes
     levels = tv_levels(rois)
-    heights = {k: patches_with_gid(fig.axes[3], f"level_count_P{k}")[0].get_height()
-               for k in range(2, 6)}
+    heights = {
+        k: patches_with_gid(fig.axes[3], f"level_count_P{k}")[0].get_height() for k in range(2, 6)
+    }
     assert heights == {k: int((levels == k).sum()) for k in range(2, 6)}
     assert "sampled RoIs" in fig.axes[3].get_title()
     with pytest.raises(KeyError, match="draw_forward_stages: stages lacks"):

@@ -103,8 +103,10 @@ def test_pair_ious_equal_torchvision_and_pycocotools():
 
 
 # ------------------------------------------------------------------------------ one match
-@pytest.mark.parametrize("shift,threshold,passes", [(4.0, 0.5, True), (4.0, 0.75, False),
-                                                    (1.0, 0.75, True), (12.0, 0.5, False)])
+@pytest.mark.parametrize(
+    "shift,threshold,passes",
+    [(4.0, 0.5, True), (4.0, 0.75, False), (1.0, 0.75, True), (12.0, 0.5, False)],
+)
 def test_draw_iou_match_box_writes_torchvision_iou_and_judges_it(shift, threshold, passes):
     gt = torch.tensor([[10.0, 12.0, 40.0, 44.0]])
     pred = gt + torch.tensor([[shift, shift / 2, shift, shift / 2]])
@@ -132,12 +134,14 @@ def test_draw_iou_match_mask_writes_pycocotools_iou():
     assert 0.5 < expected < 0.75  # passes AP50's threshold, fails AP75's
     pred_box = [24, 22, 46, 44]
     gt_box = [18, 18, 42, 42]
-    fig = draw_ap_thresholds(image(), pred_box, gt_box, pred_mask=pred_mask[None],
-                             gt_mask=torch.from_numpy(gt_mask))
+    fig = draw_ap_thresholds(
+        image(), pred_box, gt_box, pred_mask=pred_mask[None], gt_mask=torch.from_numpy(gt_mask)
+    )
     axes = [a for a in fig.axes if a.texts]
     assert len(axes) == 4  # rows bbox, segm; columns 0.5, 0.75
-    box_expected = float(tv_box_iou(torch.tensor([pred_box]).float(),
-                                    torch.tensor([gt_box]).float())[0, 0])
+    box_expected = float(
+        tv_box_iou(torch.tensor([pred_box]).float(), torch.tensor([gt_box]).float())[0, 0]
+    )
     assert written_iou(axes[0]) == written_iou(axes[1]) == pytest.approx(box_expected, abs=5e-4)
     assert written_iou(axes[2]) == written_iou(axes[3]) == pytest.approx(expected, abs=5e-4)
     assert "true positive" in axes[2].get_title() and "0.5" in axes[2].get_title()
@@ -151,39 +155,60 @@ def test_draw_iou_match_bad_input():
     with pytest.raises(ValueError, match="pred_mask and gt_mask"):
         draw_iou_match(ax, image(), [0, 0, 5, 5], [0, 0, 5, 5], kind="segm")
     with pytest.raises(ValueError, match="like the image"):
-        draw_iou_match(ax, image(), [0, 0, 5, 5], [0, 0, 5, 5], kind="segm",
-                       pred_mask=np.zeros((8, 8)), gt_mask=np.zeros((8, 8)))
+        draw_iou_match(
+            ax,
+            image(),
+            [0, 0, 5, 5],
+            [0, 0, 5, 5],
+            kind="segm",
+            pred_mask=np.zeros((8, 8)),
+            gt_mask=np.zeros((8, 8)),
+        )
     with pytest.raises(ValueError, match="threshold"):
         draw_iou_match(ax, image(), [0, 0, 5, 5], [0, 0, 5, 5], threshold=1.5)
 
 
 # -------------------------------------------------------------------------------- gallery
 def detection(boxes, labels, scores, masks):
-    return {"boxes": torch.tensor(boxes, dtype=torch.float32),
-            "labels": torch.tensor(labels, dtype=torch.int64),
-            "scores": torch.tensor(scores, dtype=torch.float32),
-            "masks": torch.from_numpy(np.stack(masks)).float()[:, None] * 0.9}  # [N, 1, H, W]
+    return {
+        "boxes": torch.tensor(boxes, dtype=torch.float32),
+        "labels": torch.tensor(labels, dtype=torch.int64),
+        "scores": torch.tensor(scores, dtype=torch.float32),
+        "masks": torch.from_numpy(np.stack(masks)).float()[:, None] * 0.9,
+    }  # [N, 1, H, W]
 
 
 def target(boxes, labels):
-    return {"boxes": torch.tensor(boxes, dtype=torch.float32),
-            "labels": torch.tensor(labels, dtype=torch.int64),
-            "masks": torch.from_numpy(np.stack([box_mask(b) for b in boxes]))}
+    return {
+        "boxes": torch.tensor(boxes, dtype=torch.float32),
+        "labels": torch.tensor(labels, dtype=torch.int64),
+        "masks": torch.from_numpy(np.stack([box_mask(b) for b in boxes])),
+    }
 
 
 def hand_case():
     """Image 0: gt 0 found exactly (and found again, lower score: a duplicate), gt 1 found by a
     shifted box with a poor mask, gt 2 missed, one detection of a class that is not there, one
     below the score threshold. Image 1: its only object found with a fair mask."""
-    gts = [target([[4, 4, 20, 20], [30, 6, 50, 26], [8, 40, 24, 58]], [1, 2, 3]),
-           target([[10, 10, 40, 40]], [2])]
-    dets = [detection([[4, 4, 20, 20], [34, 8, 54, 28], [5, 4, 20, 21], [40, 40, 60, 60],
-                       [8, 40, 24, 58]],
-                      [1, 2, 1, 2, 3], [0.95, 0.9, 0.8, 0.7, 0.3],
-                      [box_mask([4, 4, 20, 20]), box_mask([34, 8, 44, 28]),
-                       box_mask([5, 4, 20, 21]), box_mask([40, 40, 60, 60]),
-                       box_mask([8, 40, 24, 58])]),
-            detection([[12, 10, 42, 40]], [2], [0.99], [box_mask([16, 10, 42, 36])])]
+    gts = [
+        target([[4, 4, 20, 20], [30, 6, 50, 26], [8, 40, 24, 58]], [1, 2, 3]),
+        target([[10, 10, 40, 40]], [2]),
+    ]
+    dets = [
+        detection(
+            [[4, 4, 20, 20], [34, 8, 54, 28], [5, 4, 20, 21], [40, 40, 60, 60], [8, 40, 24, 58]],
+            [1, 2, 1, 2, 3],
+            [0.95, 0.9, 0.8, 0.7, 0.3],
+            [
+                box_mask([4, 4, 20, 20]),
+                box_mask([34, 8, 44, 28]),
+                box_mask([5, 4, 20, 21]),
+                box_mask([40, 40, 60, 60]),
+                box_mask([8, 40, 24, 58]),
+            ],
+        ),
+        detection([[12, 10, 42, 40]], [2], [0.99], [box_mask([16, 10, 42, 36])]),
+    ]
     return dets, gts
 
 
@@ -191,19 +216,28 @@ def test_collect_gallery_hand_case():
     dets, gts = hand_case()
     entries = collect_gallery(dets, gts, score_threshold=0.5)
     got = {(e.image_index, e.kind, e.det_index, e.gt_index) for e in entries}
-    assert got == {(0, "match", 0, 0), (0, "match", 1, 1), (0, "false positive", 2, None),
-                   (0, "false positive", 3, None), (0, "missed", None, 2), (1, "match", 0, 0)}
+    assert got == {
+        (0, "match", 0, 0),
+        (0, "match", 1, 1),
+        (0, "false positive", 2, None),
+        (0, "false positive", 3, None),
+        (0, "missed", None, 2),
+        (1, "match", 0, 0),
+    }
     by = {(e.image_index, e.det_index, e.gt_index): e for e in entries}
     assert by[(0, 0, 0)].mask_iou == 1.0 and by[(0, 0, 0)].verdict == "good mask"
     poor = by[(0, 1, 1)]
-    assert poor.box_iou == pytest.approx(float(tv_box_iou(dets[0]["boxes"][1:2],
-                                                          gts[0]["boxes"][1:2])[0, 0]))
+    assert poor.box_iou == pytest.approx(
+        float(tv_box_iou(dets[0]["boxes"][1:2], gts[0]["boxes"][1:2])[0, 0])
+    )
     assert poor.box_iou >= 0.5 and poor.verdict == "poor mask"
-    assert poor.mask_iou == pytest.approx(coco_mask_iou(box_mask([34, 8, 44, 28]),
-                                                        box_mask([30, 6, 50, 26])))
+    assert poor.mask_iou == pytest.approx(
+        coco_mask_iou(box_mask([34, 8, 44, 28]), box_mask([30, 6, 50, 26]))
+    )
     fair = by[(1, 0, 0)]
-    assert fair.mask_iou == pytest.approx(coco_mask_iou(box_mask([16, 10, 42, 36]),
-                                                        box_mask([10, 10, 40, 40])))
+    assert fair.mask_iou == pytest.approx(
+        coco_mask_iou(box_mask([16, 10, 42, 36]), box_mask([10, 10, 40, 40]))
+    )
     assert fair.verdict == "fair mask"
     duplicate = by[(0, 2, None)]
     assert duplicate.best_iou > 0.8 and duplicate.mask_iou == 0.0  # overlaps a claimed object
@@ -234,8 +268,14 @@ def test_collect_gallery_matches_as_cocoeval():
         dl = np.where(rng.random(D) < 0.8, gl[src], 3 - gl[src])
         ds = rng.uniform(0.5, 1.0, D)
         gts.append(target(gb.tolist(), gl.tolist()))
-        dets.append(detection(db.tolist() if D else np.zeros((0, 4)), dl.tolist(),
-                              ds.tolist(), [box_mask(b) for b in db] or [np.zeros((H, W))]))
+        dets.append(
+            detection(
+                db.tolist() if D else np.zeros((0, 4)),
+                dl.tolist(),
+                ds.tolist(),
+                [box_mask(b) for b in db] or [np.zeros((H, W))],
+            )
+        )
         if not D:
             dets[-1]["masks"] = dets[-1]["masks"][:0]
         images.append(image())
@@ -244,20 +284,36 @@ def test_collect_gallery_matches_as_cocoeval():
     for i, (t, d) in enumerate(zip(gts, dets)):
         for g, (b, lab) in enumerate(zip(t["boxes"].tolist(), t["labels"].tolist())):
             x1, y1, x2, y2 = b
-            anns.append({"id": 1000 * i + g + 1, "image_id": i + 1, "category_id": lab,
-                         "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1),
-                         "iscrowd": 0})
-        for j, (b, lab, s) in enumerate(zip(d["boxes"].tolist(), d["labels"].tolist(),
-                                            d["scores"].tolist())):
+            anns.append(
+                {
+                    "id": 1000 * i + g + 1,
+                    "image_id": i + 1,
+                    "category_id": lab,
+                    "bbox": [x1, y1, x2 - x1, y2 - y1],
+                    "area": (x2 - x1) * (y2 - y1),
+                    "iscrowd": 0,
+                }
+            )
+        for j, (b, lab, s) in enumerate(
+            zip(d["boxes"].tolist(), d["labels"].tolist(), d["scores"].tolist())
+        ):
             x1, y1, x2, y2 = b
-            results.append({"image_id": i + 1, "category_id": lab, "score": s,
-                            "bbox": [x1, y1, x2 - x1, y2 - y1], "det": (i, j)})
+            results.append(
+                {
+                    "image_id": i + 1,
+                    "category_id": lab,
+                    "score": s,
+                    "bbox": [x1, y1, x2 - x1, y2 - y1],
+                    "det": (i, j),
+                }
+            )
     with contextlib.redirect_stdout(io.StringIO()):
         gt = COCO()
-        gt.dataset = {"images": [{"id": i + 1, "height": H, "width": W}
-                                 for i in range(len(gts))],
-                      "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}],
-                      "annotations": anns}
+        gt.dataset = {
+            "images": [{"id": i + 1, "height": H, "width": W} for i in range(len(gts))],
+            "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}],
+            "annotations": anns,
+        }
         gt.createIndex()
         dt = gt.loadRes([{k: v for k, v in r.items() if k != "det"} for r in results])
         ev = COCOeval(gt, dt, "bbox")
@@ -272,8 +328,11 @@ def test_collect_gallery_matches_as_cocoeval():
         for dt_id, gt_id in zip(e["dtIds"], e["dtMatches"][0]):
             i, j = det_of_result[dt_id]
             coco_matches.add((i, j, int(gt_id) - 1000 * i - 1 if gt_id else None))
-    ours = {(e.image_index, e.det_index, e.gt_index) for e in
-            collect_gallery(dets, gts, score_threshold=0.0) if e.kind != "missed"}
+    ours = {
+        (e.image_index, e.det_index, e.gt_index)
+        for e in collect_gallery(dets, gts, score_threshold=0.0)
+        if e.kind != "missed"
+    }
     assert ours == coco_matches
     assert any(g is not None for *_, g in ours) and any(g is None for *_, g in ours)
 
@@ -282,12 +341,12 @@ def test_draw_gallery_titles_follow_the_sorted_entries():
     dets, gts = hand_case()
     images = [image(), image()]
     entries = collect_gallery(dets, gts)
-    fig = draw_gallery(images, entries, dets, gts, class_names=["bg", "square", "circle", "tri"],
-                       ncols=4)
+    fig = draw_gallery(
+        images, entries, dets, gts, class_names=["bg", "square", "circle", "tri"], ncols=4
+    )
     panels = [ax for ax in fig.axes if (ax.get_gid() or "").startswith("gallery_")]
     assert [ax.get_gid() for ax in panels] == [f"gallery_{k}" for k in range(len(entries))]
-    written = [float(re.search(r"mask IoU (\d\.\d{3})", ax.get_title()).group(1))
-               for ax in panels]
+    written = [float(re.search(r"mask IoU (\d\.\d{3})", ax.get_title()).group(1)) for ax in panels]
     assert written == sorted(written)
     assert written == pytest.approx([e.mask_iou for e in entries], abs=5e-4)
     for ax, e in zip(panels, entries):
@@ -329,8 +388,15 @@ def test_live_loss_plot_draws_the_rows_train_logs():
     live = LiveLossPlot(title="toy", min_interval_s=0.0, display=shown.append)
     model = TwoLosses()
     batches = [([torch.zeros(3, 4, 4)], [{"boxes": torch.zeros(0, 4)}])]
-    result = train(model, batches, torch.optim.SGD(model.parameters(), lr=0.05), steps=7,
-                   log_every=2, progress=False, callbacks=[live])
+    result = train(
+        model,
+        batches,
+        torch.optim.SGD(model.parameters(), lr=0.05),
+        steps=7,
+        log_every=2,
+        progress=False,
+        callbacks=[live],
+    )
     assert [r["step"] for r in live.rows] == [2, 4, 6, 7] == [r["step"] for r in result.history]
     assert live.redraws == len(shown) == 4 and shown[-1] == live.png
     assert live.png.startswith(b"\x89PNG")

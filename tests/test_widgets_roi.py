@@ -36,14 +36,14 @@ def test_sampling_points_hand_computed():
     torch.testing.assert_close(xs, torch.tensor([0.5, 1.5, 2.5, 3.5], dtype=torch.float64))
     torch.testing.assert_close(ys, torch.tensor([0.5, 1.5, 2.5, 3.5], dtype=torch.float64))
     # aligned=True shifts everything by half a cell; spatial_scale=0.5 halves an 8-pixel box
-    q = sampling_points((0.0, 0.0, 8.0, 8.0), 2, sampling_ratio=2, aligned=True,
-                        spatial_scale=0.5)
+    q = sampling_points((0.0, 0.0, 8.0, 8.0), 2, sampling_ratio=2, aligned=True, spatial_scale=0.5)
     torch.testing.assert_close(q, p - 0.5)
     # one point per bin sits at the bin centre: box (1, 2, 7, 5), 3x1 bins of width 2, height 3
     c = sampling_points((1.0, 2.0, 7.0, 5.0), (1, 3), sampling_ratio=1)
     assert c.shape == (1, 3, 1, 1, 2)
-    torch.testing.assert_close(c[0, :, 0, 0], torch.tensor([[2.0, 3.5], [4.0, 3.5], [6.0, 3.5]],
-                                                           dtype=torch.float64))
+    torch.testing.assert_close(
+        c[0, :, 0, 0], torch.tensor([[2.0, 3.5], [4.0, 3.5], [6.0, 3.5]], dtype=torch.float64)
+    )
 
 
 def test_sampling_points_adaptive_grid_and_small_boxes():
@@ -54,15 +54,19 @@ def test_sampling_points_adaptive_grid_and_small_boxes():
     torch.testing.assert_close(p.reshape(2), torch.tensor([2.5, 2.5], dtype=torch.float64))
 
 
-@pytest.mark.parametrize("box, output_size, sampling_ratio, aligned, scale", [
-    ((1.3, 1.2, 5.7, 6.4), 3, 2, False, 1.0),
-    ((1.3, 1.2, 5.7, 6.4), (2, 3), -1, True, 1.0),
-    ((4.6, 2.4, 17.4, 14.8), 2, 3, True, 0.5),
-    ((9.0, 7.0, 22.0, 21.0), (3, 2), -1, False, 0.25),
-    ((3.0, 4.0, 3.3, 4.1), 2, 2, False, 1.0),  # clamped to one cell
-])
-def test_sampling_points_match_torchvision_on_ramps(box, output_size, sampling_ratio, aligned,
-                                                    scale):
+@pytest.mark.parametrize(
+    "box, output_size, sampling_ratio, aligned, scale",
+    [
+        ((1.3, 1.2, 5.7, 6.4), 3, 2, False, 1.0),
+        ((1.3, 1.2, 5.7, 6.4), (2, 3), -1, True, 1.0),
+        ((4.6, 2.4, 17.4, 14.8), 2, 3, True, 0.5),
+        ((9.0, 7.0, 22.0, 21.0), (3, 2), -1, False, 0.25),
+        ((3.0, 4.0, 3.3, 4.1), 2, 2, False, 1.0),  # clamped to one cell
+    ],
+)
+def test_sampling_points_match_torchvision_on_ramps(
+    box, output_size, sampling_ratio, aligned, scale
+):
     H, W = 10, 12
     ramp_x = torch.arange(W, dtype=torch.float64).expand(H, W)  # f[y, x] = x
     ramp_y = torch.arange(H, dtype=torch.float64)[:, None].expand(H, W)  # f[y, x] = y
@@ -76,8 +80,9 @@ def test_sampling_points_match_torchvision_on_ramps(box, output_size, sampling_r
     torch.testing.assert_close(out[1], p[..., 1].mean(dim=(2, 3)), rtol=0, atol=1e-9)
 
 
-@pytest.mark.parametrize("x, y", [(2.3, 4.7), (0.0, 0.0), (-0.6, 3.2), (6.8, 4.5), (3.0, 5.9),
-                                  (-1.5, 2.0)])
+@pytest.mark.parametrize(
+    "x, y", [(2.3, 4.7), (0.0, 0.0), (-0.6, 3.2), (6.8, 4.5), (3.0, 5.9), (-1.5, 2.0)]
+)
 def test_bilinear_neighbours_match_torchvision(x, y):
     H, W = 6, 7
     g = torch.Generator().manual_seed(0)
@@ -93,13 +98,16 @@ def test_bilinear_neighbours_match_torchvision(x, y):
         assert all(0 <= r < H and 0 <= c < W for r, c, _ in nb)
 
 
-@pytest.mark.parametrize("box, output_size, scale", [
-    ((1.4, 2.5, 7.6, 8.5), 3, 1.0),
-    ((0.0, 0.0, 11.0, 9.0), (2, 4), 1.0),
-    ((6.0, 3.0, 30.0, 22.0), (3, 2), 0.25),
-    ((8.0, 7.0, 15.0, 12.0), 4, 1.0),  # runs off the map: clipped bins
-    ((3.0, 3.0, 3.2, 3.1), 2, 1.0),  # one cell, 2x2 bins
-])
+@pytest.mark.parametrize(
+    "box, output_size, scale",
+    [
+        ((1.4, 2.5, 7.6, 8.5), 3, 1.0),
+        ((0.0, 0.0, 11.0, 9.0), (2, 4), 1.0),
+        ((6.0, 3.0, 30.0, 22.0), (3, 2), 0.25),
+        ((8.0, 7.0, 15.0, 12.0), 4, 1.0),  # runs off the map: clipped bins
+        ((3.0, 3.0, 3.2, 3.1), 2, 1.0),  # one cell, 2x2 bins
+    ],
+)
 def test_pool_bins_match_torchvision_roi_pool(box, output_size, scale):
     H, W = 10, 12
     # strictly increasing values: the max over a bin is its bottom-right cell

@@ -103,11 +103,13 @@ def load_coco_json(ann_file: str | Path) -> dict:
         with open(ann_file, encoding="utf-8") as f:
             data = json.load(f)
     except json.JSONDecodeError as err:
-        raise CocoFormatError(f"{ann_file}: malformed JSON at line {err.lineno}, column "
-                              f"{err.colno}: {err.msg}") from None
+        raise CocoFormatError(
+            f"{ann_file}: malformed JSON at line {err.lineno}, column {err.colno}: {err.msg}"
+        ) from None
     if not isinstance(data, dict):
-        raise CocoFormatError(f"{ann_file}: top level must be a JSON object, "
-                              f"got {type(data).__name__}")
+        raise CocoFormatError(
+            f"{ann_file}: top level must be a JSON object, got {type(data).__name__}"
+        )
     for key, fields in _REQUIRED.items():
         if key not in data:
             raise CocoFormatError(f"{ann_file}: missing required field '{key}'")
@@ -116,61 +118,90 @@ def load_coco_json(ann_file: str | Path) -> dict:
         seen: set = set()
         for i, entry in enumerate(data[key]):
             if not isinstance(entry, dict):
-                raise CocoFormatError(f"{ann_file}: {key}[{i}] must be a JSON object, got "
-                                      f"{type(entry).__name__}")
+                raise CocoFormatError(
+                    f"{ann_file}: {key}[{i}] must be a JSON object, got {type(entry).__name__}"
+                )
             missing = [f for f in fields if f not in entry]
             if missing:
                 who = f"id {entry['id']}" if "id" in entry else f"index {i}"
-                raise CocoFormatError(f"{ann_file}: {key}[{i}] ({who}) is missing required "
-                                      f"field(s) {', '.join(repr(m) for m in missing)}")
+                raise CocoFormatError(
+                    f"{ann_file}: {key}[{i}] ({who}) is missing required "
+                    f"field(s) {', '.join(repr(m) for m in missing)}"
+                )
             # pycocotools indexes by id: a repeated id would silently replace the earlier entry
             if entry["id"] in seen:
-                raise CocoFormatError(f"{ann_file}: {key}[{i}] repeats id {entry['id']!r}; ids "
-                                      f"must be unique within '{key}'")
+                raise CocoFormatError(
+                    f"{ann_file}: {key}[{i}] repeats id {entry['id']!r}; ids "
+                    f"must be unique within '{key}'"
+                )
             seen.add(entry["id"])
     for im in data["images"]:
         _check_image_entry(ann_file, im)
     cat_ids = {c["id"] for c in data["categories"]}
     image_ids = {im["id"] for im in data["images"]}
     images = {im["id"]: im for im in data["images"]}
-    num_keypoints = {c["id"]: len(c["keypoints"]) for c in data["categories"]
-                     if isinstance(c.get("keypoints"), list)}
+    num_keypoints = {
+        c["id"]: len(c["keypoints"])
+        for c in data["categories"]
+        if isinstance(c.get("keypoints"), list)
+    }
     for ann in data["annotations"]:
         aid = ann["id"]
         if ann["category_id"] not in cat_ids:
-            raise CocoFormatError(f"{ann_file}: annotation id {aid} has category_id "
-                                  f"{ann['category_id']}, which is not in 'categories' "
-                                  f"(known ids: {sorted(cat_ids)})")
+            raise CocoFormatError(
+                f"{ann_file}: annotation id {aid} has category_id "
+                f"{ann['category_id']}, which is not in 'categories' "
+                f"(known ids: {sorted(cat_ids)})"
+            )
         if ann["image_id"] not in image_ids:
-            raise CocoFormatError(f"{ann_file}: annotation id {aid} has image_id "
-                                  f"{ann['image_id']}, which is not in 'images'")
+            raise CocoFormatError(
+                f"{ann_file}: annotation id {aid} has image_id "
+                f"{ann['image_id']}, which is not in 'images'"
+            )
         box = ann["bbox"]
-        if not (isinstance(box, list) and len(box) == 4
-                and all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in box)):
-            raise CocoFormatError(f"{ann_file}: annotation id {aid}: 'bbox' must be "
-                                  f"[x, y, width, height], got {box!r}")
+        if not (
+            isinstance(box, list)
+            and len(box) == 4
+            and all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in box)
+        ):
+            raise CocoFormatError(
+                f"{ann_file}: annotation id {aid}: 'bbox' must be "
+                f"[x, y, width, height], got {box!r}"
+            )
         if "area" in ann and not _is_finite_number(ann["area"]):
-            raise CocoFormatError(f"{ann_file}: annotation id {aid}: 'area' must be a finite "
-                                  f"number, got {ann['area']!r}")
-        if ann.get("iscrowd", 0) not in (0, 1):   # True / False compare equal to 1 / 0
-            raise CocoFormatError(f"{ann_file}: annotation id {aid}: 'iscrowd' must be 0 or 1, "
-                                  f"got {ann['iscrowd']!r}")
+            raise CocoFormatError(
+                f"{ann_file}: annotation id {aid}: 'area' must be a finite "
+                f"number, got {ann['area']!r}"
+            )
+        if ann.get("iscrowd", 0) not in (0, 1):  # True / False compare equal to 1 / 0
+            raise CocoFormatError(
+                f"{ann_file}: annotation id {aid}: 'iscrowd' must be 0 or 1, got {ann['iscrowd']!r}"
+            )
         _check_segmentation(ann_file, ann, images[ann["image_id"]])
         kps, K = ann.get("keypoints"), num_keypoints.get(ann["category_id"])
         if kps and K is not None and (not isinstance(kps, list) or len(kps) != 3 * K):
             n = len(kps) if isinstance(kps, list) else type(kps).__name__
-            raise CocoFormatError(f"{ann_file}: annotation id {aid} has {n} keypoint numbers; "
-                                  f"its category has {K} keypoints, so 3 x {K} = {3 * K} "
-                                  "(x, y, v per keypoint) are expected")
+            raise CocoFormatError(
+                f"{ann_file}: annotation id {aid} has {n} keypoint numbers; "
+                f"its category has {K} keypoints, so 3 x {K} = {3 * K} "
+                "(x, y, v per keypoint) are expected"
+            )
         if kps and K is not None:
-            bad = [i for i, v in enumerate(kps) if not _is_finite_number(v)
-                   or (i % 3 == 2 and v not in (0, 1, 2))]
+            bad = [
+                i
+                for i, v in enumerate(kps)
+                if not _is_finite_number(v) or (i % 3 == 2 and v not in (0, 1, 2))
+            ]
             if bad:
                 i = bad[0]
-                what = "visibility v must be 0, 1 or 2" if i % 3 == 2 and \
-                    _is_finite_number(kps[i]) else "must be a finite number"
-                raise CocoFormatError(f"{ann_file}: annotation id {aid}: keypoints[{i}] = "
-                                      f"{kps[i]!r}: {what}")
+                what = (
+                    "visibility v must be 0, 1 or 2"
+                    if i % 3 == 2 and _is_finite_number(kps[i])
+                    else "must be a finite number"
+                )
+                raise CocoFormatError(
+                    f"{ann_file}: annotation id {aid}: keypoints[{i}] = {kps[i]!r}: {what}"
+                )
     return data
 
 
@@ -189,20 +220,31 @@ def _check_image_entry(ann_file: Path, im: dict) -> None:
     iid = im["id"]
     for key in ("width", "height"):
         v = im[key]
-        if not (isinstance(v, numbers.Integral) and not isinstance(v, bool)
-                and 0 < v <= MAX_IMAGE_SIDE):
-            raise CocoFormatError(f"{ann_file}: image id {iid}: '{key}' must be an int in "
-                                  f"1..{MAX_IMAGE_SIDE}, got {v!r}")
+        if not (
+            isinstance(v, numbers.Integral) and not isinstance(v, bool) and 0 < v <= MAX_IMAGE_SIDE
+        ):
+            raise CocoFormatError(
+                f"{ann_file}: image id {iid}: '{key}' must be an int in "
+                f"1..{MAX_IMAGE_SIDE}, got {v!r}"
+            )
     name = im["file_name"]
     if not isinstance(name, str) or not name or "\0" in name:
-        raise CocoFormatError(f"{ann_file}: image id {iid}: 'file_name' must be a non-empty "
-                              f"string, got {name!r}")
+        raise CocoFormatError(
+            f"{ann_file}: image id {iid}: 'file_name' must be a non-empty string, got {name!r}"
+        )
     posix, windows = PurePosixPath(name), PureWindowsPath(name)
-    if posix.is_absolute() or windows.is_absolute() or windows.drive or \
-            ".." in posix.parts or ".." in windows.parts:
-        raise CocoFormatError(f"{ann_file}: image id {iid}: 'file_name' {name!r} would read "
-                              "outside the image folder; it must be a relative path without "
-                              "'..' (e.g. '000000000001.jpg')")
+    if (
+        posix.is_absolute()
+        or windows.is_absolute()
+        or windows.drive
+        or ".." in posix.parts
+        or ".." in windows.parts
+    ):
+        raise CocoFormatError(
+            f"{ann_file}: image id {iid}: 'file_name' {name!r} would read "
+            "outside the image folder; it must be a relative path without "
+            "'..' (e.g. '000000000001.jpg')"
+        )
 
 
 def _check_segmentation(ann_file: Path, ann: dict, img: dict) -> None:
@@ -223,27 +265,34 @@ def _check_segmentation(ann_file: Path, ann: dict, img: dict) -> None:
                 n = len(poly) if isinstance(poly, list) else "?"
                 raise CocoFormatError(
                     f"{where}: polygon {k} has {n} coordinates; a polygon needs at least 3 "
-                    "points (6 numbers x1, y1, x2, y2, x3, y3) and an even count")
+                    "points (6 numbers x1, y1, x2, y2, x3, y3) and an even count"
+                )
             for i, v in enumerate(poly):
                 if not _is_finite_number(v):
-                    raise CocoFormatError(f"{where}: polygon {k} coordinate {i} is {v!r}; "
-                                          "coordinates must be finite numbers")
-                size = W if i % 2 == 0 else H          # x at even positions, y at odd ones
+                    raise CocoFormatError(
+                        f"{where}: polygon {k} coordinate {i} is {v!r}; "
+                        "coordinates must be finite numbers"
+                    )
+                size = W if i % 2 == 0 else H  # x at even positions, y at odd ones
                 if not -size <= v <= 2 * size:
                     axis = "x" if i % 2 == 0 else "y"
                     raise CocoFormatError(
                         f"{where}: polygon {k} coordinate {i} ({axis}) is {v!r}, more than the "
                         f"image's {'width' if axis == 'x' else 'height'} ({size}) outside the "
-                        f"image (allowed {-size}..{2 * size})")
+                        f"image (allowed {-size}..{2 * size})"
+                    )
     elif isinstance(seg, dict):
         # its size and run lengths are checked where it is decoded (rle_problem): the data
         # check (engine.check_data) builds the set to report every such annotation at once
         if "counts" not in seg or "size" not in seg:
-            raise CocoFormatError(f"{where}: RLE segmentation needs 'size' and 'counts', got "
-                                  f"keys {sorted(seg)}")
+            raise CocoFormatError(
+                f"{where}: RLE segmentation needs 'size' and 'counts', got keys {sorted(seg)}"
+            )
     else:
-        raise CocoFormatError(f"{where}: 'segmentation' must be a list of polygons or an RLE "
-                              f"dict, got {type(seg).__name__}")
+        raise CocoFormatError(
+            f"{where}: 'segmentation' must be a list of polygons or an RLE "
+            f"dict, got {type(seg).__name__}"
+        )
 
 
 def rle_string_counts(counts: str) -> list[int]:
@@ -263,16 +312,17 @@ def rle_string_counts(counts: str) -> list[int]:
     c = np.frombuffer(counts.encode("latin-1", "replace"), dtype=np.uint8).astype(np.int64) - 48
     bad = np.flatnonzero((c < 0) | (c > 63))
     if bad.size:
-        raise ValueError(f"character {counts[bad[0]]!r} at position {bad[0]} is not an RLE "
-                         "character ('0'..'o')")
-    last = np.flatnonzero((c & 0x20) == 0)             # the last character of each value
+        raise ValueError(
+            f"character {counts[bad[0]]!r} at position {bad[0]} is not an RLE character ('0'..'o')"
+        )
+    last = np.flatnonzero((c & 0x20) == 0)  # the last character of each value
     if last.size == 0 or last[-1] != c.size - 1:
         raise ValueError("the string ends in the middle of a value")
     first = np.concatenate([[0], last[:-1] + 1])
-    length = last - first + 1                           # characters per value
-    if int(length.max()) > 12:                          # 60 bits: far beyond any image
+    length = last - first + 1  # characters per value
+    if int(length.max()) > 12:  # 60 bits: far beyond any image
         raise ValueError(f"a value spans {int(length.max())} characters")
-    k = np.arange(c.size) - np.repeat(first, length)    # group index within its value
+    k = np.arange(c.size) - np.repeat(first, length)  # group index within its value
     vals = np.add.reduceat((c & 0x1F) << (5 * k), first)
     negative = (c[last] & 0x10) != 0
     vals = np.where(negative, vals - (np.int64(1) << (5 * length)), vals)
@@ -310,14 +360,20 @@ def rle_problem(seg: dict, height: int, width: int) -> str | None:
     a shorter RLE into uninitialised memory (a different mask on every run) without a word.
     """
     size = seg.get("size")
-    if not (isinstance(size, list) and len(size) == 2 and size == [height, width]
-            and all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in size)):
-        return (f"RLE 'size' {size!r} must be the image's [height, width] = "
-                f"[{height}, {width}]")
+    if not (
+        isinstance(size, list)
+        and len(size) == 2
+        and size == [height, width]
+        and all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in size)
+    ):
+        return f"RLE 'size' {size!r} must be the image's [height, width] = [{height}, {width}]"
     counts = seg.get("counts")
     if isinstance(counts, list):
-        bad = [c for c in counts if not (isinstance(c, numbers.Integral)
-                                         and not isinstance(c, bool) and c >= 0)]
+        bad = [
+            c
+            for c in counts
+            if not (isinstance(c, numbers.Integral) and not isinstance(c, bool) and c >= 0)
+        ]
         if bad:
             return f"RLE 'counts' must be non-negative ints (run lengths), got {bad[0]!r}"
         runs = counts
@@ -327,12 +383,16 @@ def rle_problem(seg: dict, height: int, width: int) -> str | None:
         except ValueError as err:
             return f"compressed RLE 'counts' is not valid: {err}"
     else:
-        return (f"RLE 'counts' must be a list of run lengths or a compressed string, got "
-                f"{type(counts).__name__}")
+        return (
+            f"RLE 'counts' must be a list of run lengths or a compressed string, got "
+            f"{type(counts).__name__}"
+        )
     total = int(sum(runs))
     if total != height * width:
-        return (f"RLE run lengths add up to {total} pixels but the image has height x width = "
-                f"{height} x {width} = {height * width}")
+        return (
+            f"RLE run lengths add up to {total} pixels but the image has height x width = "
+            f"{height} x {width} = {height * width}"
+        )
     return None
 
 
@@ -350,48 +410,68 @@ def ann_to_mask(ann: dict, height: int, width: int, where: str | None = None) ->
         if problem:
             where = where or f"annotation id {ann.get('id')}"
             raise CocoFormatError(f"{where}: {problem}")
-    if isinstance(seg, list):                                   # polygons
+    if isinstance(seg, list):  # polygons
         rle = mask_utils.merge(mask_utils.frPyObjects(seg, height, width))
-    elif isinstance(seg["counts"], list):                       # uncompressed RLE
+    elif isinstance(seg["counts"], list):  # uncompressed RLE
         rle = mask_utils.frPyObjects(seg, height, width)
-    else:                                                       # compressed RLE
+    else:  # compressed RLE
         rle = seg
     return mask_utils.decode(rle)
 
 
 #: Pillow modes converted to RGB at 8 bits (``Image.convert("RGB")``), then divided by 255.
-_EIGHT_BIT_MODES = {"1", "L", "P", "RGB", "RGBA", "RGBX", "RGBa", "LA", "La", "PA", "CMYK",
-                    "YCbCr", "LAB", "HSV"}
+_EIGHT_BIT_MODES = {
+    "1",
+    "L",
+    "P",
+    "RGB",
+    "RGBA",
+    "RGBX",
+    "RGBa",
+    "LA",
+    "La",
+    "PA",
+    "CMYK",
+    "YCbCr",
+    "LAB",
+    "HSV",
+}
 
 
 def _image_to_tensor(im: Image.Image, what: str) -> torch.Tensor:
     """A decoded Pillow image -> float32 [3, H, W] in 0..1 by the range of its pixel type."""
     mode = im.mode
     if mode in _EIGHT_BIT_MODES:
-        arr = np.asarray(im.convert("RGB"))                         # (H, W, 3) uint8
+        arr = np.asarray(im.convert("RGB"))  # (H, W, 3) uint8
         return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255)  # (3, H, W)
-    if mode.startswith("I;16") or mode == "I":                      # 16-bit (or int32) gray
-        gray = np.asarray(im).astype(np.float64)                    # (H, W)
+    if mode.startswith("I;16") or mode == "I":  # 16-bit (or int32) gray
+        gray = np.asarray(im).astype(np.float64)  # (H, W)
         lo, hi = (float(gray.min()), float(gray.max())) if gray.size else (0.0, 0.0)
         if lo < 0 or hi > 65535:
-            raise CocoFormatError(f"{what} is a 32-bit integer image (Pillow mode {mode!r}) "
-                                  f"with values {lo:g}..{hi:g}, outside the 16-bit range "
-                                  "0..65535; convert it to 8 or 16 bits per channel")
+            raise CocoFormatError(
+                f"{what} is a 32-bit integer image (Pillow mode {mode!r}) "
+                f"with values {lo:g}..{hi:g}, outside the 16-bit range "
+                "0..65535; convert it to 8 or 16 bits per channel"
+            )
         gray = gray / 65535.0
-    elif mode == "F":                                               # 32-bit float gray
+    elif mode == "F":  # 32-bit float gray
         gray = np.asarray(im).astype(np.float64)
         values = gray[np.isfinite(gray)]
         finite = values.size == gray.size
         lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
         if not finite or lo < 0 or hi > 1:
-            raise CocoFormatError(f"{what} is a float image (Pillow mode 'F') with values "
-                                  f"{lo:g}..{hi:g}{'' if finite else ' and NaN/inf'}; float "
-                                  "images must hold 0..1 (or convert it to 8 or 16 bits)")
+            raise CocoFormatError(
+                f"{what} is a float image (Pillow mode 'F') with values "
+                f"{lo:g}..{hi:g}{'' if finite else ' and NaN/inf'}; float "
+                "images must hold 0..1 (or convert it to 8 or 16 bits)"
+            )
     else:
-        raise CocoFormatError(f"{what} has Pillow mode {mode!r}, which is not supported: save "
-                              "it as 8-bit RGB / grayscale (or 16-bit grayscale)")
-    t = torch.from_numpy(gray.astype(np.float32))                   # (H, W)
-    return t[None].expand(3, -1, -1).contiguous()                   # (H, W) -> (3, H, W)
+        raise CocoFormatError(
+            f"{what} has Pillow mode {mode!r}, which is not supported: save "
+            "it as 8-bit RGB / grayscale (or 16-bit grayscale)"
+        )
+    t = torch.from_numpy(gray.astype(np.float32))  # (H, W)
+    return t[None].expand(3, -1, -1).contiguous()  # (H, W) -> (3, H, W)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -424,9 +504,15 @@ class CocoDetection(torch.utils.data.Dataset):
     >>> image, target = ds[0]  # doctest: +SKIP
     """
 
-    def __init__(self, image_dir: str | Path, ann_file: str | Path, *,
-                 transforms: Callable | None = None, skip_empty: bool = False,
-                 load_masks: bool = True) -> None:
+    def __init__(
+        self,
+        image_dir: str | Path,
+        ann_file: str | Path,
+        *,
+        transforms: Callable | None = None,
+        skip_empty: bool = False,
+        load_masks: bool = True,
+    ) -> None:
         self.image_dir = Path(image_dir)
         self.ann_file = Path(ann_file)
         self.transforms = transforms
@@ -446,22 +532,32 @@ class CocoDetection(torch.utils.data.Dataset):
         self.class_names = ["__background__"] + [self.coco.cats[c]["name"] for c in self.cat_ids]
         kp_cats = [c for c in self.cat_ids if self.coco.cats[c].get("keypoints")]
         self.keypoint_names = list(self.coco.cats[kp_cats[0]]["keypoints"]) if kp_cats else None
-        self.skeleton = ([tuple(p) for p in self.coco.cats[kp_cats[0]].get("skeleton", [])]
-                         if kp_cats else None)
+        self.skeleton = (
+            [tuple(p) for p in self.coco.cats[kp_cats[0]].get("skeleton", [])] if kp_cats else None
+        )
 
         # count zero-area boxes once, here, instead of warning in every __getitem__
         self.num_dropped_boxes = sum(
-            1 for a in data["annotations"] if not _valid_box(a, self.coco.imgs[a["image_id"]]))
+            1 for a in data["annotations"] if not _valid_box(a, self.coco.imgs[a["image_id"]])
+        )
         if self.num_dropped_boxes:
-            warnings.warn(f"{self.ann_file}: {self.num_dropped_boxes} annotation(s) have a box of "
-                          "zero area (after clipping to the image) or a NaN / infinite "
-                          "coordinate and are dropped (engine.check_data names them)",
-                          stacklevel=2)
+            warnings.warn(
+                f"{self.ann_file}: {self.num_dropped_boxes} annotation(s) have a box of "
+                "zero area (after clipping to the image) or a NaN / infinite "
+                "coordinate and are dropped (engine.check_data names them)",
+                stacklevel=2,
+            )
 
         ids = sorted(self.coco.imgs)
         if skip_empty:
-            ids = [i for i in ids if any(not a.get("iscrowd", 0) and _valid_box(a, self.coco.imgs[i])
-                                         for a in self.coco.imgToAnns[i])]
+            ids = [
+                i
+                for i in ids
+                if any(
+                    not a.get("iscrowd", 0) and _valid_box(a, self.coco.imgs[i])
+                    for a in self.coco.imgToAnns[i]
+                )
+            ]
         self.ids = ids
 
     def __len__(self) -> int:
@@ -481,23 +577,27 @@ class CocoDetection(torch.utils.data.Dataset):
         info = self.coco.imgs[image_id]
         path = self.image_dir / info["file_name"]
         if not path.is_file():
-            raise FileNotFoundError(f"image file {path} (image id {image_id}) not found; "
-                                    f"annotations: {self.ann_file}")
+            raise FileNotFoundError(
+                f"image file {path} (image id {image_id}) not found; annotations: {self.ann_file}"
+            )
         try:
             with Image.open(path) as im:
-                if im.size != (info["width"], info["height"]):   # checked before decoding
+                if im.size != (info["width"], info["height"]):  # checked before decoding
                     raise CocoFormatError(
                         f"image file {path} (image id {image_id}) is {im.size[0]}x{im.size[1]} "
                         f"(width x height) but {self.ann_file} says "
-                        f"{info['width']}x{info['height']}")
+                        f"{info['width']}x{info['height']}"
+                    )
                 im.load()
                 return _image_to_tensor(im, f"image file {path} (image id {image_id})")
         except CocoFormatError:
             raise
         except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as err:
-            raise OSError(f"image file {path} (image id {image_id}) cannot be read: "
-                          f"{type(err).__name__}: {err} (truncated or corrupt?); annotations: "
-                          f"{self.ann_file}") from err
+            raise OSError(
+                f"image file {path} (image id {image_id}) cannot be read: "
+                f"{type(err).__name__}: {err} (truncated or corrupt?); annotations: "
+                f"{self.ann_file}"
+            ) from err
 
     def load_target(self, image_id: int) -> dict[str, torch.Tensor]:
         """The target dict of ``image_id`` (see the module docstring for the keys)."""
@@ -524,11 +624,19 @@ class CocoDetection(torch.utils.data.Dataset):
             masks = []
             for a in group:
                 if "segmentation" not in a:
-                    raise CocoFormatError(f"{self.ann_file}: annotation id {a['id']} has no "
-                                          "'segmentation' (use load_masks=False for boxes only)")
+                    raise CocoFormatError(
+                        f"{self.ann_file}: annotation id {a['id']} has no "
+                        "'segmentation' (use load_masks=False for boxes only)"
+                    )
                 with self._reading(a, image_id):
-                    masks.append(ann_to_mask(a, H, W, where=f"{self.ann_file}: annotation id "
-                                                            f"{a['id']} (image id {image_id})"))
+                    masks.append(
+                        ann_to_mask(
+                            a,
+                            H,
+                            W,
+                            where=f"{self.ann_file}: annotation id {a['id']} (image id {image_id})",
+                        )
+                    )
             return torch.from_numpy(np.stack(masks))
 
         areas = []
@@ -537,8 +645,9 @@ class CocoDetection(torch.utils.data.Dataset):
                 areas.append(float(a.get("area", 0.0)))
         target = {
             "boxes": boxes_of(train),
-            "labels": torch.tensor([self.cat_id_to_label[a["category_id"]] for a in train],
-                                   dtype=torch.int64),
+            "labels": torch.tensor(
+                [self.cat_id_to_label[a["category_id"]] for a in train], dtype=torch.int64
+            ),
             "image_id": torch.tensor(image_id, dtype=torch.int64),
             "area": torch.tensor(areas, dtype=torch.float32),
             "iscrowd": torch.zeros(len(train), dtype=torch.int64),
@@ -556,9 +665,11 @@ class CocoDetection(torch.utils.data.Dataset):
                     with self._reading(a, image_id):
                         kp = torch.tensor(a["keypoints"], dtype=torch.float32)
                     if kp.numel() != 3 * K:
-                        raise CocoFormatError(f"{self.ann_file}: annotation id {a['id']} has "
-                                              f"{kp.numel()} keypoint numbers, expected 3 x {K}")
-                    kps[i] = kp.reshape(K, 3)                        # (3K,) -> (K, 3)
+                        raise CocoFormatError(
+                            f"{self.ann_file}: annotation id {a['id']} has "
+                            f"{kp.numel()} keypoint numbers, expected 3 x {K}"
+                        )
+                    kps[i] = kp.reshape(K, 3)  # (3K,) -> (K, 3)
             target["keypoints"] = kps
         return target
 
@@ -572,9 +683,11 @@ class CocoDetection(torch.utils.data.Dataset):
         except CocoFormatError:
             raise
         except Exception as err:
-            raise CocoFormatError(f"{self.ann_file}: annotation id {ann.get('id')!r} (image id "
-                                  f"{image_id}) cannot be read: {type(err).__name__}: "
-                                  f"{err}") from err
+            raise CocoFormatError(
+                f"{self.ann_file}: annotation id {ann.get('id')!r} (image id "
+                f"{image_id}) cannot be read: {type(err).__name__}: "
+                f"{err}"
+            ) from err
 
     def __getitem__(self, idx: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         image_id = self.ids[idx]
@@ -585,8 +698,10 @@ class CocoDetection(torch.utils.data.Dataset):
         return image, target
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}({len(self)} images, {len(self.cat_ids)} classes, "
-                f"image_dir={str(self.image_dir)!r}, ann_file={str(self.ann_file)!r})")
+        return (
+            f"{type(self).__name__}({len(self)} images, {len(self.cat_ids)} classes, "
+            f"image_dir={str(self.image_dir)!r}, ann_file={str(self.ann_file)!r})"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -594,8 +709,9 @@ class CocoDetection(torch.utils.data.Dataset):
 # ---------------------------------------------------------------------------------------------
 
 
-def coco2017(root: str | Path, split: str = "val2017", *, keypoints: bool = False,
-             **kwargs) -> CocoDetection:
+def coco2017(
+    root: str | Path, split: str = "val2017", *, keypoints: bool = False, **kwargs
+) -> CocoDetection:
     """COCO 2017 in its official layout: ``root/{split}/`` and
     ``root/annotations/instances_{split}.json`` (``person_keypoints_{split}.json`` with
     ``keypoints=True``). Extra keyword arguments go to ``CocoDetection``.
@@ -611,12 +727,14 @@ def coco2017(root: str | Path, split: str = "val2017", *, keypoints: bool = Fals
         raise FileNotFoundError(
             f"COCO 2017 '{split}' not found under {root}; missing: {', '.join(missing)}. "
             f"Expected root/{split}/*.jpg and root/annotations/{stem}_{split}.json "
-            f"({README_HINT})")
+            f"({README_HINT})"
+        )
     return CocoDetection(image_dir, ann_file, **kwargs)
 
 
-def shapes_dataset(root: str | Path, split: str = "train", *, verify: str = "quick",
-                   **kwargs) -> CocoDetection:
+def shapes_dataset(
+    root: str | Path, split: str = "train", *, verify: str = "quick", **kwargs
+) -> CocoDetection:
     """The synthetic set written by ``write_shapes_dataset(root, ...)`` (or
     ``mrcnn-edu make-shapes --out root``): detection or keypoint files, whichever exist.
 
@@ -628,8 +746,9 @@ def shapes_dataset(root: str | Path, split: str = "train", *, verify: str = "qui
     (a set mixed from two writes, a half-written or altered set) is a ``CocoFormatError``.
     """
     if verify not in ("quick", "full", "none"):
-        raise ValueError(f"shapes_dataset: verify must be 'quick', 'full' or 'none', got "
-                         f"{verify!r}")
+        raise ValueError(
+            f"shapes_dataset: verify must be 'quick', 'full' or 'none', got {verify!r}"
+        )
     root = Path(root)
     for stem in ("instances", "person_keypoints"):
         ann_file = root / "annotations" / f"{stem}_{split}.json"
@@ -642,11 +761,13 @@ def shapes_dataset(root: str | Path, split: str = "train", *, verify: str = "qui
         f"no shapes set under {root}: neither annotations/instances_{split}.json nor "
         f"annotations/person_keypoints_{split}.json exists. Write one with "
         f"`mrcnn-edu make-shapes --out {root}` or mrcnn_edu.data.write_shapes_dataset "
-        f"({README_HINT})")
+        f"({README_HINT})"
+    )
 
 
-def check_shapes_split(root: str | Path, split: str, ds: CocoDetection, *,
-                       full: bool = False) -> None:
+def check_shapes_split(
+    root: str | Path, split: str, ds: CocoDetection, *, full: bool = False
+) -> None:
     """Check that split ``split`` of the shapes set in ``root`` is one consistent write.
 
     ``ds``: the split's dataset (its parsed JSON is used). See :func:`shapes_dataset`.
@@ -655,58 +776,78 @@ def check_shapes_split(root: str | Path, split: str, ds: CocoDetection, *,
     from .shapes import MANIFEST_FORMAT, MANIFEST_NAME
 
     root = Path(root)
-    fix = (f"the set in {root} is mixed or incomplete; write it again with `mrcnn-edu "
-           f"make-shapes --out {root} --overwrite ...` (or write_shapes_dataset(..., "
-           "overwrite=True))")
+    fix = (
+        f"the set in {root} is mixed or incomplete; write it again with `mrcnn-edu "
+        f"make-shapes --out {root} --overwrite ...` (or write_shapes_dataset(..., "
+        "overwrite=True))"
+    )
     json_names = sorted(im["file_name"] for im in ds.coco.dataset["images"])
     folder = root / split
     disk_names = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
 
     def differ(what: str, want: list[str], have: list[str]) -> str:
         missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
-        return (f"{what}: {len(missing)} missing (e.g. {missing[:3]}), {len(extra)} extra "
-                f"(e.g. {extra[:3]})")
+        return (
+            f"{what}: {len(missing)} missing (e.g. {missing[:3]}), {len(extra)} extra "
+            f"(e.g. {extra[:3]})"
+        )
 
     if disk_names != json_names:
-        raise CocoFormatError(f"{folder}: the image files are not the ones "
-                              f"{ds.ann_file.name} lists ({differ('files', json_names, disk_names)}"
-                              f"); {fix}")
+        raise CocoFormatError(
+            f"{folder}: the image files are not the ones "
+            f"{ds.ann_file.name} lists ({differ('files', json_names, disk_names)}"
+            f"); {fix}"
+        )
     info = ds.coco.dataset.get("info", {})
     ours = info.get("mrcnn_edu") if isinstance(info, dict) else None
     manifest_path = root / MANIFEST_NAME
     if not manifest_path.is_file():
-        if ours is not None:   # written by a version that writes manifests: it went missing
+        if ours is not None:  # written by a version that writes manifests: it went missing
             raise CocoFormatError(f"{manifest_path} is missing; {fix}")
-        return                 # a set from before manifests: the file names are all we know
+        return  # a set from before manifests: the file names are all we know
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
         entry = manifest["splits"][split]
         ok = manifest.get("format") == MANIFEST_FORMAT
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise CocoFormatError(f"{manifest_path}: unreadable or without split '{split}' "
-                              f"({type(err).__name__}: {err}); {fix}") from None
+        raise CocoFormatError(
+            f"{manifest_path}: unreadable or without split '{split}' "
+            f"({type(err).__name__}: {err}); {fix}"
+        ) from None
     if not ok:
         raise CocoFormatError(f"{manifest_path} is not a shapes manifest; {fix}")
     rel = ds.ann_file.relative_to(root).as_posix() if ds.ann_file.is_relative_to(root) else None
     digest = hashlib.sha256(ds.ann_file.read_bytes()).hexdigest()
     if rel != entry.get("annotation_file") or digest != entry.get("annotation_sha256"):
-        raise CocoFormatError(f"{ds.ann_file} is not the annotation file the manifest "
-                              f"{manifest_path.name} records for '{split}' "
-                              f"({entry.get('annotation_file')}); {fix}")
-    want = {"seed": manifest.get("seed"), "size": manifest.get("size"),
-            "num_images": entry.get("num_images"), "kind": manifest.get("kind")}
+        raise CocoFormatError(
+            f"{ds.ann_file} is not the annotation file the manifest "
+            f"{manifest_path.name} records for '{split}' "
+            f"({entry.get('annotation_file')}); {fix}"
+        )
+    want = {
+        "seed": manifest.get("seed"),
+        "size": manifest.get("size"),
+        "num_images": entry.get("num_images"),
+        "kind": manifest.get("kind"),
+    }
     have = {k: (ours or {}).get(k) for k in want}
     if have != want:
-        raise CocoFormatError(f"{ds.ann_file}: info says {have} but the manifest says {want}; "
-                              f"{fix}")
+        raise CocoFormatError(
+            f"{ds.ann_file}: info says {have} but the manifest says {want}; {fix}"
+        )
     recorded = entry.get("images", {})
     if sorted(recorded) != json_names:
-        raise CocoFormatError(f"{manifest_path.name} and {ds.ann_file.name} list different "
-                              f"images ({differ('images', sorted(recorded), json_names)}); {fix}")
+        raise CocoFormatError(
+            f"{manifest_path.name} and {ds.ann_file.name} list different "
+            f"images ({differ('images', sorted(recorded), json_names)}); {fix}"
+        )
     for name in json_names:
         nbytes, sha = recorded[name]
         path = folder / name
         if path.stat().st_size != nbytes or (
-                full and hashlib.sha256(path.read_bytes()).hexdigest() != sha):
-            raise CocoFormatError(f"{path} is not the image the manifest records (size or "
-                                  f"sha256 differ: another write's image?); {fix}")
+            full and hashlib.sha256(path.read_bytes()).hexdigest() != sha
+        ):
+            raise CocoFormatError(
+                f"{path} is not the image the manifest records (size or "
+                f"sha256 differ: another write's image?); {fix}"
+            )

@@ -25,8 +25,15 @@ from torch.utils.data import DataLoader, Sampler
 
 from ..transforms import collate_fn
 
-__all__ = ["GroupedBatchSampler", "InfiniteLoader", "aspect_ratio_groups", "image_sizes",
-           "infinite", "make_train_loader", "transform_generators"]
+__all__ = [
+    "GroupedBatchSampler",
+    "InfiniteLoader",
+    "aspect_ratio_groups",
+    "image_sizes",
+    "infinite",
+    "make_train_loader",
+    "transform_generators",
+]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -52,9 +59,11 @@ def image_sizes(dataset) -> list[tuple[int, int]]:
         return [(int(coco.imgs[i]["height"]), int(coco.imgs[i]["width"])) for i in ids]
     if hasattr(dataset, "get_height_and_width"):
         return [tuple(int(v) for v in dataset.get_height_and_width(i)) for i in range(len(dataset))]
-    raise TypeError(f"image_sizes: cannot read image sizes of a {type(dataset).__name__} without "
-                    "loading its images; give it a get_height_and_width(idx) -> (height, width) "
-                    "method (or use CocoDetection / Subset)")
+    raise TypeError(
+        f"image_sizes: cannot read image sizes of a {type(dataset).__name__} without "
+        "loading its images; give it a get_height_and_width(idx) -> (height, width) "
+        "method (or use CocoDetection / Subset)"
+    )
 
 
 def aspect_ratio_groups(dataset, k: int = 0) -> list[int]:
@@ -104,11 +113,17 @@ class GroupedBatchSampler(Sampler[list[int]]):
     [[0, 2], [1, 3], [4, 5]]
     """
 
-    def __init__(self, sampler: Iterable[int], group_ids: Sequence[int], batch_size: int,
-                 drop_last: bool = False) -> None:
+    def __init__(
+        self,
+        sampler: Iterable[int],
+        group_ids: Sequence[int],
+        batch_size: int,
+        drop_last: bool = False,
+    ) -> None:
         if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"GroupedBatchSampler: batch_size must be a positive int, got "
-                             f"{batch_size!r}")
+            raise ValueError(
+                f"GroupedBatchSampler: batch_size must be a positive int, got {batch_size!r}"
+            )
         self.sampler = sampler
         self.group_ids = [int(g) for g in group_ids]
         self.batch_size = batch_size
@@ -123,8 +138,9 @@ class GroupedBatchSampler(Sampler[list[int]]):
     def skip_next(self, num_batches: int) -> None:
         """Make the next iteration skip (form but not yield) its first ``num_batches`` batches."""
         if num_batches < 0:
-            raise ValueError(f"GroupedBatchSampler.skip_next: num_batches must be >= 0, got "
-                             f"{num_batches}")
+            raise ValueError(
+                f"GroupedBatchSampler.skip_next: num_batches must be >= 0, got {num_batches}"
+            )
         self._skip = int(num_batches)
 
     def _batches(self) -> Iterator[list[int]]:
@@ -132,8 +148,10 @@ class GroupedBatchSampler(Sampler[list[int]]):
         for idx in self.sampler:
             idx = int(idx)
             if not 0 <= idx < len(self.group_ids):
-                raise IndexError(f"GroupedBatchSampler: the sampler gave index {idx}, but "
-                                 f"group_ids has {len(self.group_ids)} entries")
+                raise IndexError(
+                    f"GroupedBatchSampler: the sampler gave index {idx}, but "
+                    f"group_ids has {len(self.group_ids)} entries"
+                )
             group = self.group_ids[idx]
             buffers[group].append(idx)
             if len(buffers[group]) == self.batch_size:
@@ -153,10 +171,12 @@ class GroupedBatchSampler(Sampler[list[int]]):
         (``RandomSampler`` without replacement, ``SequentialSampler``)."""
         n = len(self.sampler)
         if n != len(self.group_ids):
-            raise TypeError(f"GroupedBatchSampler: len() is known only when the sampler covers "
-                            f"the whole data set ({len(self.group_ids)} indices), but it yields "
-                            f"{n} per epoch; the number of batches depends on which groups it "
-                            "draws")
+            raise TypeError(
+                f"GroupedBatchSampler: len() is known only when the sampler covers "
+                f"the whole data set ({len(self.group_ids)} indices), but it yields "
+                f"{n} per epoch; the number of batches depends on which groups it "
+                "draws"
+            )
         counts = np.bincount(np.asarray(self.group_ids, dtype=np.int64) - min(self.group_ids))
         if self.drop_last:
             return int(sum(c // self.batch_size for c in counts))
@@ -263,8 +283,9 @@ def make_train_loader(
     generator.manual_seed(int(seed))
     if sampler is None:
         sampler = torch.utils.data.RandomSampler(dataset, generator=generator)
-    group_ids = (aspect_ratio_groups(dataset, group_factor) if aspect_ratio_grouping
-                 else [0] * len(dataset))
+    group_ids = (
+        aspect_ratio_groups(dataset, group_factor) if aspect_ratio_grouping else [0] * len(dataset)
+    )
     batch_sampler = GroupedBatchSampler(sampler, group_ids, batch_size, drop_last=drop_last)
     return DataLoader(
         dataset,
@@ -356,9 +377,11 @@ class InfiniteLoader:
         self.batches_in_epoch = skip
 
     def _next_in_epoch_error(self):
-        raise ValueError(f"InfiniteLoader: cannot resume after batch {self.batches_in_epoch} of "
-                         f"epoch {self.epoch}: the epoch has no more batches (the data set or "
-                         "batch size changed since the checkpoint?)")
+        raise ValueError(
+            f"InfiniteLoader: cannot resume after batch {self.batches_in_epoch} of "
+            f"epoch {self.epoch}: the epoch has no more batches (the data set or "
+            "batch size changed since the checkpoint?)"
+        )
 
     def _next_in_epoch(self, resuming: bool = False):
         try:
@@ -378,8 +401,10 @@ class InfiniteLoader:
             batch = next(self._iter)
         except StopIteration:
             if self.batches_in_epoch == 0:
-                raise ValueError("InfiniteLoader: the loader yielded no batch in a whole epoch "
-                                 "(empty data set, or a one-shot iterator that is used up)") from None
+                raise ValueError(
+                    "InfiniteLoader: the loader yielded no batch in a whole epoch "
+                    "(empty data set, or a one-shot iterator that is used up)"
+                ) from None
             self._begin_epoch(self.epoch + 1)
             try:
                 batch = next(self._iter)
@@ -391,10 +416,14 @@ class InfiniteLoader:
     def state_dict(self) -> dict:
         """``{"epoch", "batches_in_epoch", "base_seeds", "epoch_rng_state"}``: where the next
         batch comes from."""
-        return {"epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch,
-                "base_seeds": list(self._base_seeds),
-                "epoch_rng_state": (None if self._epoch_rng_state is None
-                                    else self._epoch_rng_state.clone())}
+        return {
+            "epoch": self.epoch,
+            "batches_in_epoch": self.batches_in_epoch,
+            "base_seeds": list(self._base_seeds),
+            "epoch_rng_state": (
+                None if self._epoch_rng_state is None else self._epoch_rng_state.clone()
+            ),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """Position the iteration where ``state`` says (the next batch is the one that followed).
@@ -403,9 +432,11 @@ class InfiniteLoader:
         restore the global random states after calling it, not before.
         """
         if len(state["base_seeds"]) != len(self._generators):
-            raise ValueError(f"InfiniteLoader.load_state_dict: the saved state has "
-                             f"{len(state['base_seeds'])} loader generator(s), this loader has "
-                             f"{len(self._generators)}: not the same kind of loader")
+            raise ValueError(
+                f"InfiniteLoader.load_state_dict: the saved state has "
+                f"{len(state['base_seeds'])} loader generator(s), this loader has "
+                f"{len(self._generators)}: not the same kind of loader"
+            )
         self._base_seeds = [int(s) for s in state["base_seeds"]]
         epoch, done = int(state["epoch"]), int(state["batches_in_epoch"])
         if done == 0:  # the epoch has not begun: begin it lazily, at the next batch

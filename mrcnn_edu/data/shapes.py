@@ -70,21 +70,30 @@ CATEGORY_IDS: tuple[int, ...] = (1, 3, 5)
 PERSON_CATEGORY_ID = 1
 #: Keypoint names in COCO order (left before right); index k is keypoint k of an annotation.
 KEYPOINT_NAMES: tuple[str, ...] = (
-    "head", "neck",
-    "left_elbow", "right_elbow",
-    "left_hand", "right_hand",
+    "head",
+    "neck",
+    "left_elbow",
+    "right_elbow",
+    "left_hand",
+    "right_hand",
     "hip",
-    "left_knee", "right_knee",
-    "left_foot", "right_foot",
+    "left_knee",
+    "right_knee",
+    "left_foot",
+    "right_foot",
 )
 #: Limbs as 1-based keypoint index pairs, the convention of COCO's ``skeleton`` field.
 SKELETON: tuple[tuple[int, int], ...] = (
-    (1, 2),            # head - neck
-    (2, 3), (3, 5),    # neck - left_elbow - left_hand
-    (2, 4), (4, 6),    # neck - right_elbow - right_hand
-    (2, 7),            # neck - hip
-    (7, 8), (8, 10),   # hip - left_knee - left_foot
-    (7, 9), (9, 11),   # hip - right_knee - right_foot
+    (1, 2),  # head - neck
+    (2, 3),
+    (3, 5),  # neck - left_elbow - left_hand
+    (2, 4),
+    (4, 6),  # neck - right_elbow - right_hand
+    (2, 7),  # neck - hip
+    (7, 8),
+    (8, 10),  # hip - left_knee - left_foot
+    (7, 9),
+    (9, 11),  # hip - right_knee - right_foot
 )
 
 
@@ -101,9 +110,9 @@ def flip_index(names: tuple[str, ...] | list[str] = KEYPOINT_NAMES) -> list[int]
     out = []
     for n in names:
         if n.startswith("left_"):
-            partner = "right_" + n[len("left_"):]
+            partner = "right_" + n[len("left_") :]
         elif n.startswith("right_"):
-            partner = "left_" + n[len("right_"):]
+            partner = "left_" + n[len("right_") :]
         else:
             partner = n
         out.append(names.index(partner) if partner in names else names.index(n))
@@ -115,9 +124,17 @@ def flip_index(names: tuple[str, ...] | list[str] = KEYPOINT_NAMES) -> list[int]
 #: .072, hands <- wrists .062, hip <- hips .107, knees .087, feet <- ankles .089). Stored as the
 #: person category's ``"sigmas"`` in the annotation file, where ``engine.evaluate`` reads them.
 KEYPOINT_SIGMAS: tuple[float, ...] = tuple(
-    {"head": 0.026, "neck": 0.079, "elbow": 0.072, "hand": 0.062, "hip": 0.107, "knee": 0.087,
-     "foot": 0.089}[name.removeprefix("left_").removeprefix("right_")]
-    for name in KEYPOINT_NAMES)
+    {
+        "head": 0.026,
+        "neck": 0.079,
+        "elbow": 0.072,
+        "hand": 0.062,
+        "hip": 0.107,
+        "knee": 0.087,
+        "foot": 0.089,
+    }[name.removeprefix("left_").removeprefix("right_")]
+    for name in KEYPOINT_NAMES
+)
 
 #: ``keypoints[:, FLIP_INDEX]`` swaps left and right (a permutation of range(K)).
 FLIP_INDEX: list[int] = flip_index(KEYPOINT_NAMES)
@@ -128,26 +145,26 @@ FLIP_MAP: list[tuple[int, int]] = [(i, j) for i, j in enumerate(FLIP_INDEX) if i
 # Generator settings
 # ---------------------------------------------------------------------------------------------
 
-MIN_VISIBLE_FRACTION = 0.2   # drop an instance when less than this fraction of it stays visible
-MIN_VISIBLE_PIXELS = 12      # ... or fewer visible pixels than this
-MAX_OBJECTS = 6              # objects per detection image: uniform in 1..MAX_OBJECTS
-MAX_PERSONS = 4              # persons per keypoint image: uniform in 1..MAX_PERSONS
-OVERLAP_OBJECTS = (4, 10)    # overlap=True: objects per image, uniform in this range
-OVERLAP_PROBABILITY = 0.75   # overlap=True: chance an object is placed across an earlier one
+MIN_VISIBLE_FRACTION = 0.2  # drop an instance when less than this fraction of it stays visible
+MIN_VISIBLE_PIXELS = 12  # ... or fewer visible pixels than this
+MAX_OBJECTS = 6  # objects per detection image: uniform in 1..MAX_OBJECTS
+MAX_PERSONS = 4  # persons per keypoint image: uniform in 1..MAX_PERSONS
+OVERLAP_OBJECTS = (4, 10)  # overlap=True: objects per image, uniform in this range
+OVERLAP_PROBABILITY = 0.75  # overlap=True: chance an object is placed across an earlier one
 OVERLAP_DISTANCE = (0.3, 0.75)  # ... centre distance / (sum of the two radii): partial overlap
 SMALL_SIDES = (1 / 16, 0.25)  # small=True: object side (sqrt of area) range, / image side
-CROWD_PROBABILITY = 0.2      # chance that a val image holds one crowd region (detection set)
+CROWD_PROBABILITY = 0.2  # chance that a val image holds one crowd region (detection set)
 
 _MODES = {"detection": 0, "keypoints": 1}
 _SPLITS = {"train": 0, "val": 1}
 
-MIN_SIZE = 32                # image side bounds of write_shapes_dataset (pixels)
-MAX_SIZE = 4096              # a 4096 px image needs ~0.2 GB while drawn; 60000 px would need 40
-MAX_IMAGES = 1_000_000       # images per split
+MIN_SIZE = 32  # image side bounds of write_shapes_dataset (pixels)
+MAX_SIZE = 4096  # a 4096 px image needs ~0.2 GB while drawn; 60000 px would need 40
+MAX_IMAGES = 1_000_000  # images per split
 #: The set's manifest, written last into the set's folder (see :func:`write_shapes_dataset`).
 MANIFEST_NAME = "shapes_manifest.json"
 MANIFEST_FORMAT = "mrcnn_edu shapes set"
-_STAGING = ".writing-"       # temporary folders: ``.{out.name}.writing-XXXX`` beside ``out``
+_STAGING = ".writing-"  # temporary folders: ``.{out.name}.writing-XXXX`` beside ``out``
 
 # ---------------------------------------------------------------------------------------------
 # Drawing helpers: polygons -> masks through pycocotools, so decoding the JSON gives the same mask
@@ -200,8 +217,13 @@ def _regular_polygon(cx: float, cy: float, radius: float, n: int, angle: float) 
     return np.stack([cx + radius * np.cos(t), cy + radius * np.sin(t)], axis=1)
 
 
-def _shape_polygon(kind: str, area: float, rng: np.random.Generator, size: int,
-                   near: tuple[np.ndarray, float] | None = None) -> np.ndarray:
+def _shape_polygon(
+    kind: str,
+    area: float,
+    rng: np.random.Generator,
+    size: int,
+    near: tuple[np.ndarray, float] | None = None,
+) -> np.ndarray:
     """Vertices [P, 2] of a square / circle / triangle of about ``area`` px^2, inside the frame.
 
     ``near = (centre [2], radius)``: place it across that shape (``overlap=True`` scenes): its
@@ -209,12 +231,12 @@ def _shape_polygon(kind: str, area: float, rng: np.random.Generator, size: int,
     direction (then moved, if needed, so that every vertex stays in the frame).
     """
     angle = rng.uniform(0, 2 * np.pi)
-    if kind == "square":      # area = side^2, circumradius = side / sqrt(2)
+    if kind == "square":  # area = side^2, circumradius = side / sqrt(2)
         radius, n = math.sqrt(area / 2), 4
-    elif kind == "circle":    # area = pi r^2; enough vertices that the polygon looks round
+    elif kind == "circle":  # area = pi r^2; enough vertices that the polygon looks round
         radius = math.sqrt(area / math.pi)
         n = int(np.clip(2 * math.pi * radius / 3, 12, 64))
-    else:                     # equilateral triangle: area = (3 sqrt(3) / 4) R^2
+    else:  # equilateral triangle: area = (3 sqrt(3) / 4) R^2
         radius, n = math.sqrt(4 * area / (3 * math.sqrt(3))), 3
     radius = min(radius, size / 2 - 1)
     pts = _regular_polygon(0.0, 0.0, radius, n, angle)
@@ -238,12 +260,12 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     Blocky (nearest-upsampled) noise instead of per-pixel noise keeps the PNGs small.
     """
     r = np.arange(size, dtype=np.float32) / size
-    yy, xx = r[:, None], r[None, :]                                       # (H, 1), (1, W), 0..1
+    yy, xx = r[:, None], r[None, :]  # (H, 1), (1, W), 0..1
     c1, c2 = rng.uniform(0, 255, size=(2, 3)).astype(np.float32)
     phi = rng.uniform(0, 2 * np.pi)
-    t = np.cos(phi) * xx + np.sin(phi) * yy                              # (H, W)
-    t = (t - t.min()) / max(float(t.max() - t.min()), 1e-6)              # (H, W) in 0..1
-    img = c1 * (1 - t[..., None]) + c2 * t[..., None]                     # (H, W, 3)
+    t = np.cos(phi) * xx + np.sin(phi) * yy  # (H, W)
+    t = (t - t.min()) / max(float(t.max() - t.min()), 1e-6)  # (H, W) in 0..1
+    img = c1 * (1 - t[..., None]) + c2 * t[..., None]  # (H, W, 3)
     kind = rng.integers(3)
     if kind == 1:  # stripes
         period = rng.uniform(6, 40) / size
@@ -312,13 +334,13 @@ def _stick_figure(rng: np.random.Generator, size: int) -> tuple[np.ndarray, list
     head = step(neck, head_r + 0.02 * height, up)
     kps = {"head": head, "neck": neck, "hip": hip}
     for side, sgn in (("left", 1.0), ("right", -1.0)):  # the figure faces the viewer
-        a1 = np.pi / 2 + sgn * rng.uniform(0.3, 2.4)     # upper arm, hanging or raised
+        a1 = np.pi / 2 + sgn * rng.uniform(0.3, 2.4)  # upper arm, hanging or raised
         kps[f"{side}_elbow"] = step(neck, 0.17 * height, a1)
         kps[f"{side}_hand"] = step(kps[f"{side}_elbow"], 0.15 * height, a1 + rng.normal(0, 0.6))
-        a2 = np.pi / 2 + sgn * rng.uniform(0.05, 0.6)    # thigh, mostly downwards
+        a2 = np.pi / 2 + sgn * rng.uniform(0.05, 0.6)  # thigh, mostly downwards
         kps[f"{side}_knee"] = step(hip, 0.24 * height, a2)
         kps[f"{side}_foot"] = step(kps[f"{side}_knee"], 0.24 * height, a2 + rng.normal(0, 0.3))
-    keypoints = np.stack([kps[n] for n in KEYPOINT_NAMES])                  # (K, 2)
+    keypoints = np.stack([kps[n] for n in KEYPOINT_NAMES])  # (K, 2)
     n_head = int(np.clip(2 * math.pi * head_r / 3, 12, 48))
     polys = [_regular_polygon(head[0], head[1], head_r, n_head, 0.0)]
     for i, j in SKELETON:
@@ -333,9 +355,15 @@ def _stick_figure(rng: np.random.Generator, size: int) -> tuple[np.ndarray, list
 # ---------------------------------------------------------------------------------------------
 
 
-def generate_image(rng: np.random.Generator, size: int = 256, *, keypoints: bool = False,
-                   crowd: bool = False, overlap: bool = False,
-                   small: bool = False) -> tuple[np.ndarray, list[dict]]:
+def generate_image(
+    rng: np.random.Generator,
+    size: int = 256,
+    *,
+    keypoints: bool = False,
+    crowd: bool = False,
+    overlap: bool = False,
+    small: bool = False,
+) -> tuple[np.ndarray, list[dict]]:
     """Draw one image and its instances.
 
     Args:
@@ -353,8 +381,10 @@ def generate_image(rng: np.random.Generator, size: int = 256, *, keypoints: bool
         ``keypoints`` float [K, 3] (x, y, v). Hidden instances are already dropped.
     """
     if keypoints and (overlap or small):
-        raise ValueError("generate_image: overlap and small are options of the detection set, "
-                         "not of the keypoint set (keypoints=True)")
+        raise ValueError(
+            "generate_image: overlap and small are options of the detection set, "
+            "not of the keypoint set (keypoints=True)"
+        )
     img = _background(rng, size)
     # painter's list: (category_id or None for unlabelled, polygons, keypoints or None, iscrowd)
     items: list[tuple] = []
@@ -369,7 +399,9 @@ def generate_image(rng: np.random.Generator, size: int = 256, *, keypoints: bool
             polys.append(_round_poly(pts))
         items.append((CATEGORY_IDS[k], polys, None, 1))
     if keypoints:
-        persons = [("person", _stick_figure(rng, size)) for _ in range(rng.integers(1, MAX_PERSONS + 1))]
+        persons = [
+            ("person", _stick_figure(rng, size)) for _ in range(rng.integers(1, MAX_PERSONS + 1))
+        ]
         distractors = [("shape", None) for _ in range(rng.integers(0, 4))]
         order = persons + distractors
         order = [order[i] for i in rng.permutation(len(order))]
@@ -454,11 +486,20 @@ def generate_image(rng: np.random.Generator, size: int = 256, *, keypoints: bool
 
 def _categories(keypoints: bool) -> list[dict]:
     if keypoints:
-        return [{"id": PERSON_CATEGORY_ID, "name": "person", "supercategory": "person",
-                 "keypoints": list(KEYPOINT_NAMES), "skeleton": [list(p) for p in SKELETON],
-                 "sigmas": list(KEYPOINT_SIGMAS)}]  # OKS constants (not a COCO field)
-    return [{"id": cid, "name": name, "supercategory": "shape"}
-            for cid, name in zip(CATEGORY_IDS, CLASS_NAMES)]
+        return [
+            {
+                "id": PERSON_CATEGORY_ID,
+                "name": "person",
+                "supercategory": "person",
+                "keypoints": list(KEYPOINT_NAMES),
+                "skeleton": [list(p) for p in SKELETON],
+                "sigmas": list(KEYPOINT_SIGMAS),
+            }
+        ]  # OKS constants (not a COCO field)
+    return [
+        {"id": cid, "name": name, "supercategory": "shape"}
+        for cid, name in zip(CATEGORY_IDS, CLASS_NAMES)
+    ]
 
 
 def _options(overlap: bool, small: bool) -> dict[str, bool]:
@@ -466,9 +507,19 @@ def _options(overlap: bool, small: bool) -> dict[str, bool]:
     return {k: True for k, v in (("overlap", overlap), ("small", small)) if v}
 
 
-def write_split(out: str | Path, split: str, num_images: int, size: int = 256, seed: int = 0,
-                keypoints: bool = False, progress=None, manifest: dict | None = None, *,
-                overlap: bool = False, small: bool = False) -> Path:
+def write_split(
+    out: str | Path,
+    split: str,
+    num_images: int,
+    size: int = 256,
+    seed: int = 0,
+    keypoints: bool = False,
+    progress=None,
+    manifest: dict | None = None,
+    *,
+    overlap: bool = False,
+    small: bool = False,
+) -> Path:
     """Write one split: PNGs under ``out/{split}/`` and its annotation JSON; returns the JSON path.
 
     ``progress``: a tqdm bar to advance (or None). ``manifest``: a dict that receives this
@@ -486,8 +537,9 @@ def write_split(out: str | Path, split: str, num_images: int, size: int = 256, s
     for i in range(num_images):
         rng = np.random.default_rng([seed, _MODES[mode], _SPLITS[split], i])
         crowd = split == "val" and not keypoints and rng.random() < CROWD_PROBABILITY
-        image, instances = generate_image(rng, size, keypoints=keypoints, crowd=crowd,
-                                          overlap=overlap, small=small)
+        image, instances = generate_image(
+            rng, size, keypoints=keypoints, crowd=crowd, overlap=overlap, small=small
+        )
         image_id = i + 1
         file_name = f"{image_id:012d}.png"
         buf = io.BytesIO()
@@ -495,36 +547,60 @@ def write_split(out: str | Path, split: str, num_images: int, size: int = 256, s
         png = buf.getvalue()
         atomic_write(out / split / file_name, lambda f, b=png: f.write(b))
         image_files[file_name] = [len(png), hashlib.sha256(png).hexdigest()]
-        images.append({"id": image_id, "file_name": file_name, "width": size, "height": size,
-                       "license": 1})
+        images.append(
+            {"id": image_id, "file_name": file_name, "width": size, "height": size, "license": 1}
+        )
         for inst in instances:
             mask = inst["mask"]
-            ann = {"id": ann_id, "image_id": image_id, "category_id": inst["category_id"],
-                   "segmentation": inst["segmentation"], "area": float(mask.sum()),
-                   "bbox": mask_to_bbox(mask), "iscrowd": inst["iscrowd"]}
+            ann = {
+                "id": ann_id,
+                "image_id": image_id,
+                "category_id": inst["category_id"],
+                "segmentation": inst["segmentation"],
+                "area": float(mask.sum()),
+                "bbox": mask_to_bbox(mask),
+                "iscrowd": inst["iscrowd"],
+            }
             if "keypoints" in inst:
                 kp = inst["keypoints"]
-                ann["keypoints"] = [float(v) if j % 3 < 2 else int(v)
-                                    for j, v in enumerate(kp.reshape(-1))]  # (K, 3) -> (3K,)
+                ann["keypoints"] = [
+                    float(v) if j % 3 < 2 else int(v) for j, v in enumerate(kp.reshape(-1))
+                ]  # (K, 3) -> (3K,)
                 ann["num_keypoints"] = int((kp[:, 2] > 0).sum())
             annotations.append(ann)
             ann_id += 1
         if progress is not None:
             progress.update(1)
     name = "stick figures" if keypoints else "shapes"
-    ours = {"kind": mode, "split": split, "seed": int(seed), "size": int(size),
-            "num_images": int(num_images), "num_annotations": len(annotations),
-            "mrcnn_edu_version": __version__}
+    ours = {
+        "kind": mode,
+        "split": split,
+        "seed": int(seed),
+        "size": int(size),
+        "num_images": int(num_images),
+        "num_annotations": len(annotations),
+        "mrcnn_edu_version": __version__,
+    }
     if _options(overlap, small):
         ours["options"] = _options(overlap, small)
     data = {
-        "info": {"description": f"mrcnn_edu synthetic {name} ({split})", "version": "1.0",
-                 "year": 2017, "contributor": "mrcnn_edu.data.shapes",
-                 "url": "", "date_created": f"seed={seed} size={size}",
-                 # what this set is, for a reader to check (see shapes_manifest.json)
-                 "mrcnn_edu": ours},
-        "licenses": [{"id": 1, "name": "CC0 1.0 Universal",
-                      "url": "https://creativecommons.org/publicdomain/zero/1.0/"}],
+        "info": {
+            "description": f"mrcnn_edu synthetic {name} ({split})",
+            "version": "1.0",
+            "year": 2017,
+            "contributor": "mrcnn_edu.data.shapes",
+            "url": "",
+            "date_created": f"seed={seed} size={size}",
+            # what this set is, for a reader to check (see shapes_manifest.json)
+            "mrcnn_edu": ours,
+        },
+        "licenses": [
+            {
+                "id": 1,
+                "name": "CC0 1.0 Universal",
+                "url": "https://creativecommons.org/publicdomain/zero/1.0/",
+            }
+        ],
         "images": images,
         "annotations": annotations,
         "categories": _categories(keypoints),
@@ -534,10 +610,13 @@ def write_split(out: str | Path, split: str, num_images: int, size: int = 256, s
     text = json.dumps(data, separators=(",", ":")).encode("utf-8")
     atomic_write(ann_file, lambda f: f.write(text))
     if manifest is not None:
-        manifest[split] = {"annotation_file": f"annotations/{stem}_{split}.json",
-                           "annotation_sha256": hashlib.sha256(text).hexdigest(),
-                           "num_images": int(num_images), "num_annotations": len(annotations),
-                           "images": image_files}
+        manifest[split] = {
+            "annotation_file": f"annotations/{stem}_{split}.json",
+            "annotation_sha256": hashlib.sha256(text).hexdigest(),
+            "num_images": int(num_images),
+            "num_annotations": len(annotations),
+            "images": image_files,
+        }
     return ann_file
 
 
@@ -559,10 +638,19 @@ def existing_outputs(out: str | Path, keypoints: bool = False) -> list[Path]:
     return found
 
 
-def write_shapes_dataset(out: str | Path, train: int = 2000, val: int = 300, size: int = 256,
-                         seed: int = 0, keypoints: bool = False,
-                         progress: bool = True, overwrite: bool = False, *,
-                         overlap: bool = False, small: bool = False) -> dict[str, Path]:
+def write_shapes_dataset(
+    out: str | Path,
+    train: int = 2000,
+    val: int = 300,
+    size: int = 256,
+    seed: int = 0,
+    keypoints: bool = False,
+    progress: bool = True,
+    overwrite: bool = False,
+    *,
+    overlap: bool = False,
+    small: bool = False,
+) -> dict[str, Path]:
     """Write the synthetic set in COCO 2017 layout and return ``{split: annotation file}``.
 
     Layout::
@@ -597,8 +685,12 @@ def write_shapes_dataset(out: str | Path, train: int = 2000, val: int = 300, siz
     the set. Since ``out`` is replaced as a whole, it may hold nothing but a shapes set: other
     files there are a ``FileExistsError`` (listing them) with or without ``overwrite``.
     """
-    for name, n, hi in (("train", train, MAX_IMAGES), ("val", val, MAX_IMAGES),
-                        ("size", size, MAX_SIZE), ("seed", seed, 2**63 - 1)):
+    for name, n, hi in (
+        ("train", train, MAX_IMAGES),
+        ("val", val, MAX_IMAGES),
+        ("size", size, MAX_SIZE),
+        ("seed", seed, 2**63 - 1),
+    ):
         if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 0:
             raise ValueError(f"write_shapes_dataset: {name} must be a non-negative int, got {n!r}")
         if n > hi:
@@ -606,8 +698,10 @@ def write_shapes_dataset(out: str | Path, train: int = 2000, val: int = 300, siz
     if size < MIN_SIZE:
         raise ValueError(f"write_shapes_dataset: size must be at least {MIN_SIZE} px, got {size}")
     if keypoints and (overlap or small):
-        raise ValueError("write_shapes_dataset: overlap and small are options of the detection "
-                         "set, not of the keypoint set (keypoints=True)")
+        raise ValueError(
+            "write_shapes_dataset: overlap and small are options of the detection "
+            "set, not of the keypoint set (keypoints=True)"
+        )
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"write_shapes_dataset: {out} exists and is not a folder")
@@ -617,15 +711,17 @@ def write_shapes_dataset(out: str | Path, train: int = 2000, val: int = 300, siz
             raise FileExistsError(
                 f"write_shapes_dataset: {out} already holds a data set "
                 f"({', '.join(str(p) for p in clash)}); nothing was written. Choose another "
-                "output folder, delete it, or pass overwrite=True (--overwrite) to replace it")
+                "output folder, delete it, or pass overwrite=True (--overwrite) to replace it"
+            )
     foreign = foreign_entries(out)
     if foreign:
         raise FileExistsError(
             f"write_shapes_dataset: {out} holds files that are not part of a shapes set "
             f"({', '.join(str(p) for p in foreign[:10])}{', ...' if len(foreign) > 10 else ''}); "
             "nothing was written. The set replaces its folder as a whole: move them away or "
-            "choose another output folder")
-    real = Path(os.path.realpath(out))                  # a symlinked `out`: write at its target
+            "choose another output folder"
+        )
+    real = Path(os.path.realpath(out))  # a symlinked `out`: write at its target
     real.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_staging(real)
     staging = Path(tempfile.mkdtemp(dir=real.parent, prefix=f".{real.name}{_STAGING}"))
@@ -642,15 +738,30 @@ def write_shapes_dataset(out: str | Path, train: int = 2000, val: int = 300, siz
         splits: dict = {}
         try:
             for split, n in (("train", train), ("val", val)):
-                write_split(staging, split, n, size, seed, keypoints, bar, manifest=splits,
-                            overlap=overlap, small=small)
+                write_split(
+                    staging,
+                    split,
+                    n,
+                    size,
+                    seed,
+                    keypoints,
+                    bar,
+                    manifest=splits,
+                    overlap=overlap,
+                    small=small,
+                )
         finally:
             if bar is not None:
                 bar.close()
-        manifest = {"format": MANIFEST_FORMAT, "format_version": 1,
-                    "mrcnn_edu_version": __version__,
-                    "kind": "keypoints" if keypoints else "detection",
-                    "seed": int(seed), "size": int(size), "splits": splits}
+        manifest = {
+            "format": MANIFEST_FORMAT,
+            "format_version": 1,
+            "mrcnn_edu_version": __version__,
+            "kind": "keypoints" if keypoints else "detection",
+            "seed": int(seed),
+            "size": int(size),
+            "splits": splits,
+        }
         if _options(overlap, small):
             manifest["options"] = _options(overlap, small)
         text = json.dumps(manifest, indent=1, sort_keys=True).encode("utf-8")
@@ -658,7 +769,7 @@ def write_shapes_dataset(out: str | Path, train: int = 2000, val: int = 300, siz
         (staging / ".pid").unlink()
         _move_into_place(staging, real)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)      # the new set only; `out` is untouched
+        shutil.rmtree(staging, ignore_errors=True)  # the new set only; `out` is untouched
         raise
     stem = "person_keypoints" if keypoints else "instances"
     return {split: out / "annotations" / f"{stem}_{split}.json" for split in ("train", "val")}
@@ -674,14 +785,23 @@ def foreign_entries(out: str | Path) -> list[Path]:
     if not out.is_dir():
         return []
     ours = {"annotations", "train", "val", MANIFEST_NAME}
-    found = [p for p in sorted(out.iterdir()) if p.name not in ours or
-             (p.name in ("train", "val", "annotations") and not p.is_dir())]
+    found = [
+        p
+        for p in sorted(out.iterdir())
+        if p.name not in ours or (p.name in ("train", "val", "annotations") and not p.is_dir())
+    ]
     ann = out / "annotations"
     if ann.is_dir():
-        names = {f"{stem}_{split}.json" for stem in ("instances", "person_keypoints")
-                 for split in _SPLITS}
-        found += [p for p in sorted(ann.iterdir()) if p.name not in names
-                  and not (p.name.startswith(".") and p.name.endswith(".tmp"))]
+        names = {
+            f"{stem}_{split}.json"
+            for stem in ("instances", "person_keypoints")
+            for split in _SPLITS
+        }
+        found += [
+            p
+            for p in sorted(ann.iterdir())
+            if p.name not in names and not (p.name.startswith(".") and p.name.endswith(".tmp"))
+        ]
     return found
 
 
@@ -694,30 +814,35 @@ def _exchange(a: Path, b: Path) -> bool:
     except (OSError, AttributeError, TypeError):
         return False
     AT_FDCWD, RENAME_EXCHANGE = -100, 2
-    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
-                          ctypes.c_uint]
+    renameat2.argtypes = [
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_uint,
+    ]
     if renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0:
         return True
     err = ctypes.get_errno()
     if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
-        return False   # this file system (or kernel) cannot exchange: fall back to renames
+        return False  # this file system (or kernel) cannot exchange: fall back to renames
     raise OSError(err, os.strerror(err), str(a), None, str(b))
 
 
 def _move_into_place(staging: Path, out: Path) -> None:
     """Put the finished set ``staging`` at ``out``; the old ``out`` (if any) is deleted."""
     if not out.exists():
-        os.rename(staging, out)                         # no old set: one rename
+        os.rename(staging, out)  # no old set: one rename
         return
-    if _exchange(staging, out):                         # one atomic step: old set now at staging
+    if _exchange(staging, out):  # one atomic step: old set now at staging
         _discard(staging)
         return
     old = staging.with_name(staging.name + "-old")
-    os.rename(out, old)                                 # old set out of the way ...
+    os.rename(out, old)  # old set out of the way ...
     try:
-        os.rename(staging, out)                         # ... new set in
+        os.rename(staging, out)  # ... new set in
     except BaseException:
-        os.rename(old, out)                             # failed or interrupted: old set back
+        os.rename(old, out)  # failed or interrupted: old set back
         raise
     _discard(old)
 
@@ -734,10 +859,10 @@ def _remove_stale_staging(out: Path) -> None:
         try:
             pid = int((p / ".pid").read_text())
         except (OSError, ValueError):
-            continue            # finished (no .pid) or not ours: leave it alone
+            continue  # finished (no .pid) or not ours: leave it alone
         try:
             os.kill(pid, 0)
-            continue            # still being written by a live process
+            continue  # still being written by a live process
         except ProcessLookupError:
             shutil.rmtree(p, ignore_errors=True)
         except PermissionError:

@@ -177,9 +177,16 @@ class ShapesData:
         root = Path(data_root) / self.name
         manifest = root / MANIFEST_NAME
         if not root.exists() or (root.is_dir() and not any(root.iterdir())):
-            write_shapes_dataset(root, train=self.train, val=self.val, size=self.size,
-                                 seed=self.seed, overlap=self.overlap, small=self.small,
-                                 progress=progress)
+            write_shapes_dataset(
+                root,
+                train=self.train,
+                val=self.val,
+                size=self.size,
+                seed=self.seed,
+                overlap=self.overlap,
+                small=self.small,
+                progress=progress,
+            )
             return root
         if manifest.is_file():
             try:
@@ -190,7 +197,8 @@ class ShapesData:
                 raise ValueError(
                     f"ablate: {root} holds a shapes set made with options {have or 'none'}, but "
                     f"this study needs {self.options() or 'none'}; move it away (ablate then "
-                    f"writes the right one) or pass another data root")
+                    f"writes the right one) or pass another data root"
+                )
         return root
 
 
@@ -212,8 +220,10 @@ class Variant:
         shared = dict(overrides or {})
         clash = sorted((set(shared) & set(self.overrides)) | ({"train.seed"} & set(shared)))
         if clash:
-            raise ValueError(f"ablate: shared overrides may not set {', '.join(clash)} (variant "
-                             f"{self.name!r} varies it, or run_study's seeds set it)")
+            raise ValueError(
+                f"ablate: shared overrides may not set {', '.join(clash)} (variant "
+                f"{self.name!r} varies it, or run_study's seeds set it)"
+            )
         exp = get_experiment(self.recipe, {**shared, **self.overrides})
         exp.train.seed = int(seed)
         return exp
@@ -244,8 +254,10 @@ class Study:
         for v in self.variants:
             if v.name == name:
                 return v
-        raise KeyError(f"study {self.name!r} has no variant {name!r}; variants: "
-                       f"{', '.join(v.name for v in self.variants)}")
+        raise KeyError(
+            f"study {self.name!r} has no variant {name!r}; variants: "
+            f"{', '.join(v.name for v in self.variants)}"
+        )
 
 
 _T2C_POOL = {"segm AP": 26.9, "segm AP50": 48.8, "segm AP75": 26.4}
@@ -259,34 +271,48 @@ def _roi_pool_study() -> Study:
     align = {"model.roi_heads.pooler_op": "align", "model.roi_heads.aligned": False}
     aligned = {"model.roi_heads.pooler_op": "align", "model.roi_heads.aligned": True}
     variants = []
-    for group, recipe, p_pool, p_align in (("c4", "shapes-c4", _T2C_POOL, _T2C_ALIGN),
-                                           ("c5", "shapes-c5", _T2D_POOL, _T2D_ALIGN)):
-        variants += [Variant(f"{group}-pool", "RoIPool", group, recipe, pool, p_pool),
-                     Variant(f"{group}-align", "RoIAlign", group, recipe, align, p_align),
-                     Variant(f"{group}-aligned", "RoIAlign, aligned", group, recipe, aligned)]
+    for group, recipe, p_pool, p_align in (
+        ("c4", "shapes-c4", _T2C_POOL, _T2C_ALIGN),
+        ("c5", "shapes-c5", _T2D_POOL, _T2D_ALIGN),
+    ):
+        variants += [
+            Variant(f"{group}-pool", "RoIPool", group, recipe, pool, p_pool),
+            Variant(f"{group}-align", "RoIAlign", group, recipe, align, p_align),
+            Variant(f"{group}-aligned", "RoIAlign, aligned", group, recipe, aligned),
+        ]
 
     def comps(group: str, paper: str) -> tuple[Comparison, ...]:
-        return (Comparison(f"{group}-align", f"{group}-pool", "RoIAlign beats RoIPool", paper),
-                Comparison(f"{group}-aligned", f"{group}-align",
-                           "the half-pixel shift (aligned=True) helps RoIAlign",
-                           "not in the paper (detectron2's later correction)"))
+        return (
+            Comparison(f"{group}-align", f"{group}-pool", "RoIAlign beats RoIPool", paper),
+            Comparison(
+                f"{group}-aligned",
+                f"{group}-align",
+                "the half-pixel shift (aligned=True) helps RoIAlign",
+                "not in the paper (detectron2's later correction)",
+            ),
+        )
 
     return Study(
-        name="roi-pool", title="RoIPool vs RoIAlign (Table 2c, 2d)",
+        name="roi-pool",
+        title="RoIPool vs RoIAlign (Table 2c, 2d)",
         why="RoIPool rounds each RoI and each of its bins to whole cells of the feature map, so "
-            "the features it pools sit up to half a cell (8 px at stride 16, 16 px at stride 32) "
-            "away from the object; RoIAlign samples the map bilinearly at the exact positions. "
-            "On objects of 16..64 px (data/shapes_small) that shift is a large part of the "
-            "object, and it grows with the stride: the paper's gap is 3.4 mask AP at stride 16 "
-            "and 7.3 at stride 32, largest at AP75 (tight masks).",
+        "the features it pools sit up to half a cell (8 px at stride 16, 16 px at stride 32) "
+        "away from the object; RoIAlign samples the map bilinearly at the exact positions. "
+        "On objects of 16..64 px (data/shapes_small) that shift is a large part of the "
+        "object, and it grows with the stride: the paper's gap is 3.4 mask AP at stride 16 "
+        "and 7.3 at stride 32, largest at AP75 (tight masks).",
         data=ShapesData("shapes_small", small=True),
-        groups={"c4": "C4-style: ResNet-18 to res4, one stride-16 map (recipe shapes-c4)",
-                "c5": "C5-style: ResNet-18 to res5, one stride-32 map (recipe shapes-c5)"},
+        groups={
+            "c4": "C4-style: ResNet-18 to res4, one stride-16 map (recipe shapes-c4)",
+            "c5": "C5-style: ResNet-18 to res5, one stride-32 map (recipe shapes-c5)",
+        },
         short={"c4": "C4, stride 16", "c5": "C5, stride 32"},
         variants=tuple(variants),
-        comparisons={"c4": comps("c4", "+3.4 mask AP, +5.1 AP75 (Table 2c, R50-C4)"),
-                     "c5": comps("c5", "+7.3 mask AP, +10.5 AP75, +5.8 box AP (Table 2d, "
-                                       "R50-C5)")})
+        comparisons={
+            "c4": comps("c4", "+3.4 mask AP, +5.1 AP75 (Table 2c, R50-C4)"),
+            "c5": comps("c5", "+7.3 mask AP, +10.5 AP75, +5.8 box AP (Table 2d, R50-C5)"),
+        },
+    )
 
 
 def _mask_loss_study() -> Study:
@@ -294,31 +320,54 @@ def _mask_loss_study() -> Study:
         return Variant(mode, label, "fpn", "shapes", {"model.roi_heads.mask_loss": mode}, paper)
 
     return Study(
-        name="mask-loss", title="Decoupled vs coupled masks (Table 2b)",
+        name="mask-loss",
+        title="Decoupled vs coupled masks (Table 2b)",
         why="Mask R-CNN predicts one binary mask per class with a per-pixel sigmoid and trains "
-            "only the mask of the RoI's class: classes do not compete for pixels. A per-pixel "
-            "softmax over classes (as in FCNs) couples mask and class. On dense scenes where "
-            "objects of different classes overlap (data/shapes_overlap) one RoI holds pixels "
-            "of two classes: the softmax must call the other class's pixels background there, "
-            "and that class elsewhere. A single class-agnostic mask should be nearly as good "
-            "as the per-class masks (the classification is the box head's job).",
+        "only the mask of the RoI's class: classes do not compete for pixels. A per-pixel "
+        "softmax over classes (as in FCNs) couples mask and class. On dense scenes where "
+        "objects of different classes overlap (data/shapes_overlap) one RoI holds pixels "
+        "of two classes: the softmax must call the other class's pixels background there, "
+        "and that class elsewhere. A single class-agnostic mask should be nearly as good "
+        "as the per-class masks (the classification is the box head's job).",
         data=ShapesData("shapes_overlap", overlap=True),
         groups={"fpn": "ResNet-18-FPN (recipe shapes; the paper used ResNet-50-C4)"},
         short={"fpn": "R18-FPN"},
-        variants=(v("sigmoid", "sigmoid (decoupled)", {"segm AP": 30.3, "segm AP50": 51.2,
-                                                      "segm AP75": 31.5}),
-                  v("softmax", "softmax (coupled)", {"segm AP": 24.8, "segm AP50": 44.1,
-                                                    "segm AP75": 25.1}),
-                  v("agnostic", "class-agnostic", {"segm AP": 29.7})),
-        comparisons={"fpn": (
-            Comparison("sigmoid", "softmax", "decoupled sigmoid masks beat a coupled softmax",
-                       "+5.5 mask AP, +6.4 AP75 (Table 2b, R50-C4)"),
-            Comparison("sigmoid", "agnostic", "per-class masks are only slightly better than "
-                       "one class-agnostic mask", "+0.6 mask AP (sec. 4.2, R50-C4)"))})
+        variants=(
+            v(
+                "sigmoid",
+                "sigmoid (decoupled)",
+                {"segm AP": 30.3, "segm AP50": 51.2, "segm AP75": 31.5},
+            ),
+            v(
+                "softmax",
+                "softmax (coupled)",
+                {"segm AP": 24.8, "segm AP50": 44.1, "segm AP75": 25.1},
+            ),
+            v("agnostic", "class-agnostic", {"segm AP": 29.7}),
+        ),
+        comparisons={
+            "fpn": (
+                Comparison(
+                    "sigmoid",
+                    "softmax",
+                    "decoupled sigmoid masks beat a coupled softmax",
+                    "+5.5 mask AP, +6.4 AP75 (Table 2b, R50-C4)",
+                ),
+                Comparison(
+                    "sigmoid",
+                    "agnostic",
+                    "per-class masks are only slightly better than one class-agnostic mask",
+                    "+0.6 mask AP (sec. 4.2, R50-C4)",
+                ),
+            )
+        },
+    )
 
 
-_STUDIES: dict[str, Callable[[], Study]] = {"roi-pool": _roi_pool_study,
-                                           "mask-loss": _mask_loss_study}
+_STUDIES: dict[str, Callable[[], Study]] = {
+    "roi-pool": _roi_pool_study,
+    "mask-loss": _mask_loss_study,
+}
 
 
 def list_studies() -> list[str]:
@@ -341,8 +390,9 @@ def git_commit() -> dict:
 
     def git(*args: str) -> str | None:
         try:
-            out = subprocess.run(["git", *args], cwd=here, capture_output=True, text=True, check=False,
-                                 timeout=10)
+            out = subprocess.run(
+                ["git", *args], cwd=here, capture_output=True, text=True, check=False, timeout=10
+            )
         except (OSError, subprocess.SubprocessError):
             return None
         return out.stdout.strip() if out.returncode == 0 else None
@@ -354,10 +404,15 @@ def git_commit() -> dict:
 
 def machine_info(device: str | torch.device = "cpu") -> dict:
     """Platform, CPU count (and the CPUs this process may use), torch version and threads."""
-    info = {"platform": platform.platform(), "processor": platform.processor() or None,
-            "python": platform.python_version(), "cpu_count": os.cpu_count(),
-            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-            "device": str(device)}
+    info = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or None,
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+    }
     if hasattr(os, "sched_getaffinity"):
         info["cpus_usable"] = len(os.sched_getaffinity(0))
     if str(device).startswith("cuda") and torch.cuda.is_available():
@@ -402,15 +457,27 @@ def time_variant(exp: Experiment, data_dir: Path, device: str | torch.device = "
         model = build_model(exp.model).to(device)
     finally:
         torch.set_rng_state(rng)
-    loader = make_train_loader(train_set, exp.train.batch_size, num_workers=0,
-                               seed=exp.train.seed + 7,
-                               aspect_ratio_grouping=exp.train.aspect_ratio_grouping)
+    loader = make_train_loader(
+        train_set,
+        exp.train.batch_size,
+        num_workers=0,
+        seed=exp.train.seed + 7,
+        aspect_ratio_grouping=exp.train.aspect_ratio_grouping,
+    )
     return time_train_step(model, loader, device=device)
 
 
-def plan_steps(study: Study, group: str, data_dir: Path, *, minutes: float | None,
-               steps: int | None, overrides: Mapping | None = None,
-               device: str | torch.device = "cpu", plan: dict | None = None) -> dict:
+def plan_steps(
+    study: Study,
+    group: str,
+    data_dir: Path,
+    *,
+    minutes: float | None,
+    steps: int | None,
+    overrides: Mapping | None = None,
+    device: str | torch.device = "cpu",
+    plan: dict | None = None,
+) -> dict:
     """The number of steps every run of ``group`` trains, as a ``plan.json`` entry.
 
     ``steps`` given: that number. Else every variant of the group is timed
@@ -423,15 +490,23 @@ def plan_steps(study: Study, group: str, data_dir: Path, *, minutes: float | Non
     key = f"{study.name}/{group}"
     variants = [v for v in study.variants if v.group == group]
     if plan is not None:
-        same = (plan.get("steps") == steps if steps is not None
-                else plan.get("how") == "timed" and plan.get("minutes") == minutes)
+        same = (
+            plan.get("steps") == steps
+            if steps is not None
+            else plan.get("how") == "timed" and plan.get("minutes") == minutes
+        )
         if not same:
-            was = (f"--steps {plan.get('steps')}" if plan.get("how") == "given"
-                   else f"--minutes {plan.get('minutes')} ({plan.get('steps')} steps)")
+            was = (
+                f"--steps {plan.get('steps')}"
+                if plan.get("how") == "given"
+                else f"--minutes {plan.get('minutes')} ({plan.get('steps')} steps)"
+            )
             now = f"--steps {steps}" if steps is not None else f"--minutes {minutes}"
-            raise ValueError(f"ablate: the runs of {key} in this output folder were planned "
-                             f"with {was}, not {now}; rerun with the same setting to resume, "
-                             "or choose another output folder")
+            raise ValueError(
+                f"ablate: the runs of {key} in this output folder were planned "
+                f"with {was}, not {now}; rerun with the same setting to resume, "
+                "or choose another output folder"
+            )
         return plan
     cap = min(v.experiment(0, overrides).train.steps for v in variants)
     if steps is not None:
@@ -440,12 +515,15 @@ def plan_steps(study: Study, group: str, data_dir: Path, *, minutes: float | Non
         return {"how": "given", "steps": int(steps), "minutes": None, "step_seconds": {}}
     if minutes is None or not minutes > 0:
         raise ValueError(f"ablate: give steps or a positive budget in minutes, got {minutes}")
-    secs = {v.name: time_variant(v.experiment(0, overrides), data_dir, device)
-            for v in variants}
+    secs = {v.name: time_variant(v.experiment(0, overrides), data_dir, device) for v in variants}
     slowest = max(secs.values())
     fitted = min(cap, max(MIN_STEPS, int(minutes * 60 * FIT / slowest)))
-    return {"how": "timed", "steps": fitted, "minutes": minutes,
-            "step_seconds": {k: round(s, 4) for k, s in secs.items()}}
+    return {
+        "how": "timed",
+        "steps": fitted,
+        "minutes": minutes,
+        "step_seconds": {k: round(s, 4) for k, s in secs.items()},
+    }
 
 
 # --------------------------------------------------------------------------------- the runs
@@ -465,54 +543,99 @@ def _seeds(seeds: int | Iterable[int]) -> list[int]:
     return out
 
 
-def _train_and_evaluate(study: Study, variant: Variant, seed: int, *, data_dir: Path,
-                        steps: int, overrides: Mapping, run_dir: Path,
-                        device: str | torch.device, progress: bool,
-                        val_images: int | None) -> dict:
+def _train_and_evaluate(
+    study: Study,
+    variant: Variant,
+    seed: int,
+    *,
+    data_dir: Path,
+    steps: int,
+    overrides: Mapping,
+    run_dir: Path,
+    device: str | torch.device,
+    progress: bool,
+    val_images: int | None,
+) -> dict:
     """Train one (variant, seed) for ``steps`` steps (continuing from ``run_dir/last.pt`` if an
     earlier call was interrupted), evaluate it and return its record."""
     exp = variant.experiment(seed, overrides)
     fit_schedule(exp, steps)
     t0 = time.perf_counter()
-    model, result = run_training(exp, data_dir, run_dir, resume=True, progress=progress,
-                                 device=device, check=False, fit_budget=False)
+    model, result = run_training(
+        exp,
+        data_dir,
+        run_dir,
+        resume=True,
+        progress=progress,
+        device=device,
+        check=False,
+        fit_budget=False,
+    )
     train_minutes = (time.perf_counter() - t0) / 60
     t0 = time.perf_counter()
     _, val = build_datasets(exp, data_dir, train=False)
-    res = evaluate(model, val, iou_types=("bbox", "segm"), max_images=val_images,
-                   progress=progress, device=device)
+    res = evaluate(
+        model,
+        val,
+        iou_types=("bbox", "segm"),
+        max_images=val_images,
+        progress=progress,
+        device=device,
+    )
     eval_minutes = (time.perf_counter() - t0) / 60
     manifest = json.loads((data_dir / MANIFEST_NAME).read_text(encoding="utf-8"))
     return {
-        "study": study.name, "variant": variant.name, "label": variant.label,
-        "group": variant.group, "recipe": variant.recipe, "seed": seed,
-        "variant_overrides": dict(variant.overrides), "shared_overrides": dict(overrides),
-        "steps": result.step, "steps_planned": steps,
+        "study": study.name,
+        "variant": variant.name,
+        "label": variant.label,
+        "group": variant.group,
+        "recipe": variant.recipe,
+        "seed": seed,
+        "variant_overrides": dict(variant.overrides),
+        "shared_overrides": dict(overrides),
+        "steps": result.step,
+        "steps_planned": steps,
         "resumed_from_step": result.step - result.steps_done or None,
-        "minutes": round(train_minutes, 3), "eval_minutes": round(eval_minutes, 3),
-        "data": {"root": str(data_dir), "seed": manifest.get("seed"),
-                 "size": manifest.get("size"), "options": manifest.get("options", {}),
-                 "train_images": manifest["splits"]["train"]["num_images"],
-                 "val_images": manifest["splits"]["val"]["num_images"],
-                 "evaluated_images": res.num_images},
+        "minutes": round(train_minutes, 3),
+        "eval_minutes": round(eval_minutes, 3),
+        "data": {
+            "root": str(data_dir),
+            "seed": manifest.get("seed"),
+            "size": manifest.get("size"),
+            "options": manifest.get("options", {}),
+            "train_images": manifest["splits"]["train"]["num_images"],
+            "val_images": manifest["splits"]["val"]["num_images"],
+            "evaluated_images": res.num_images,
+        },
         "stats": {t: [_finite(s) for s in res.stats[t]] for t in ("bbox", "segm")},
-        "metrics": {t: {k: _finite(v) for k, v in res.metrics[t].items()}
-                    for t in ("bbox", "segm")},
+        "metrics": {
+            t: {k: _finite(v) for k, v in res.metrics[t].items()} for t in ("bbox", "segm")
+        },
         "val_losses": {k: _finite(v) for k, v in res.val_losses.items()},
         "config": dataclasses.asdict(exp),
-        "git": git_commit(), "machine": machine_info(device),
+        "git": git_commit(),
+        "machine": machine_info(device),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
 
-def run_study(study: str | Study, seeds: int | Iterable[int] = 3, minutes: float | None = 2.0,
-              data_root: str | Path = "data", out_dir: str | Path = "results/ablations", *,
-              progress: bool = True, steps: int | None = None,
-              overrides: Mapping[str, object] | None = None,
-              work_dir: str | Path = "build/ablations", val_images: int | None = None,
-              device: str | torch.device = "cpu", keep: str = "first-seed",
-              command: str | None = None,
-              on_run: Callable[[dict, bool], None] | None = None) -> list[dict]:
+def run_study(
+    study: str | Study,
+    seeds: int | Iterable[int] = 3,
+    minutes: float | None = 2.0,
+    data_root: str | Path = "data",
+    out_dir: str | Path = "results/ablations",
+    *,
+    progress: bool = True,
+    steps: int | None = None,
+    overrides: Mapping[str, object] | None = None,
+    work_dir: str | Path = "build/ablations",
+    val_images: int | None = None,
+    device: str | torch.device = "cpu",
+    keep: str = "first-seed",
+    command: str | None = None,
+    on_run: Callable[[dict, bool], None] | None = None,
+) -> list[dict]:
     """Train and evaluate every (variant, seed) of ``study``; returns their records.
 
     Args:
@@ -551,8 +674,12 @@ def run_study(study: str | Study, seeds: int | Iterable[int] = 3, minutes: float
         v.experiment(seed_list[0], overrides)
     out_dir, work_dir = Path(out_dir), Path(work_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    todo = [(v, s) for v in study.variants for s in seed_list
-            if not run_file(out_dir, study.name, v.name, s).is_file()]
+    todo = [
+        (v, s)
+        for v in study.variants
+        for s in seed_list
+        if not run_file(out_dir, study.name, v.name, s).is_file()
+    ]
     data_dir = None
     if todo:
         data_dir = study.data.ensure(data_root, progress=progress)
@@ -572,20 +699,43 @@ def run_study(study: str | Study, seeds: int | Iterable[int] = 3, minutes: float
                     on_run(record, True)
                 continue
             if key not in plan:
-                plan[key] = plan_steps(study, v.group, data_dir, minutes=minutes, steps=steps,
-                                       overrides=overrides, device=device)
+                plan[key] = plan_steps(
+                    study,
+                    v.group,
+                    data_dir,
+                    minutes=minutes,
+                    steps=steps,
+                    overrides=overrides,
+                    device=device,
+                )
                 _write_json(plan_path, plan)
             else:
-                plan_steps(study, v.group, data_dir, minutes=minutes, steps=steps,
-                           plan=plan[key])  # same request as before, or a ValueError
+                plan_steps(
+                    study, v.group, data_dir, minutes=minutes, steps=steps, plan=plan[key]
+                )  # same request as before, or a ValueError
             run_dir = work_dir / study.name / v.name / f"seed{s}"
-            _claim_run_dir(run_dir, {"variant_overrides": dict(v.overrides),
-                                     "shared_overrides": overrides, "seed": s,
-                                     "steps": plan[key]["steps"], "data": str(data_dir)})
-            record = _train_and_evaluate(study, v, s, data_dir=data_dir,
-                                         steps=plan[key]["steps"], overrides=overrides,
-                                         run_dir=run_dir, device=device, progress=progress,
-                                         val_images=val_images)
+            _claim_run_dir(
+                run_dir,
+                {
+                    "variant_overrides": dict(v.overrides),
+                    "shared_overrides": overrides,
+                    "seed": s,
+                    "steps": plan[key]["steps"],
+                    "data": str(data_dir),
+                },
+            )
+            record = _train_and_evaluate(
+                study,
+                v,
+                s,
+                data_dir=data_dir,
+                steps=plan[key]["steps"],
+                overrides=overrides,
+                run_dir=run_dir,
+                device=device,
+                progress=progress,
+                val_images=val_images,
+            )
             record["command"] = command
             _write_json(path, record)
             if keep == "none" or (keep == "first-seed" and s != seed_list[0]):
@@ -619,8 +769,9 @@ def _read_run(path: Path) -> dict:
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
-        raise ValueError(f"ablate: cannot read run file {path} ({err}); delete it to re-run "
-                         "that run") from None
+        raise ValueError(
+            f"ablate: cannot read run file {path} ({err}); delete it to re-run that run"
+        ) from None
     missing = {"study", "variant", "seed", "metrics"} - set(record)
     if missing:
         raise ValueError(f"ablate: {path} is not a run file (missing {sorted(missing)})")
@@ -691,15 +842,25 @@ def summarize(records: Iterable[dict]) -> list[VariantSummary]:
             paper = dict(get_study(study).variant(variant).paper)
         except KeyError:
             paper = {}
-        values = {m: [None if _metric(r, m) is None else 100 * _metric(r, m) for r in runs]
-                  for m, *_ in METRICS}
+        values = {
+            m: [None if _metric(r, m) is None else 100 * _metric(r, m) for r in runs]
+            for m, *_ in METRICS
+        }
         stats = {m: mean_std(vs) for m, vs in values.items()}
-        out.append(VariantSummary(
-            study=study, group=runs[0].get("group", ""), variant=variant,
-            label=runs[0].get("label", variant), seeds=[r["seed"] for r in runs],
-            steps=[r.get("steps") for r in runs], values=values,
-            mean={m: s[0] for m, s in stats.items()}, std={m: s[1] for m, s in stats.items()},
-            paper=paper))
+        out.append(
+            VariantSummary(
+                study=study,
+                group=runs[0].get("group", ""),
+                variant=variant,
+                label=runs[0].get("label", variant),
+                seeds=[r["seed"] for r in runs],
+                steps=[r.get("steps") for r in runs],
+                values=values,
+                mean={m: s[0] for m, s in stats.items()},
+                std={m: s[1] for m, s in stats.items()},
+                paper=paper,
+            )
+        )
     return out
 
 
@@ -719,23 +880,34 @@ def compare(a: VariantSummary, b: VariantSummary, metric: str = "segm AP") -> st
     if na == 0 or nb == 0:
         return f"{title}: no values to compare."
     d = ma - mb
-    head = (f"{title}: {a.label} {_pm(ma, sa)} vs {b.label} {_pm(mb, sb)}, a difference of "
-            f"{d:+.1f} points")
+    head = (
+        f"{title}: {a.label} {_pm(ma, sa)} vs {b.label} {_pm(mb, sb)}, a difference of "
+        f"{d:+.1f} points"
+    )
     if na < 2 or nb < 2:
-        return (f"{head}; one seed only, so no spread over seeds was measured and the noise "
-                "cannot be told from an effect.")
+        return (
+            f"{head}; one seed only, so no spread over seeds was measured and the noise "
+            "cannot be told from an effect."
+        )
     spread = max(sa, sb)
     if abs(d) < spread or d == 0:
-        return (f"{head}, within the noise (the spread over seeds is {spread:.1f}): these runs "
-                "cannot tell the two apart.")
+        return (
+            f"{head}, within the noise (the spread over seeds is {spread:.1f}): these runs "
+            "cannot tell the two apart."
+        )
     who = a.label if d > 0 else b.label
-    return (f"{head}, larger than the spread over seeds ({spread:.1f}): {who} is better "
-            f"here, {'as the paper found' if d > 0 else 'unlike the paper'}.")
+    return (
+        f"{head}, larger than the spread over seeds ({spread:.1f}): {who} is better "
+        f"here, {'as the paper found' if d > 0 else 'unlike the paper'}."
+    )
 
 
 def _table(rows: list[VariantSummary]) -> list[str]:
-    head = ["variant", "seeds", "steps"] + [t for *_, t in METRICS] + \
-           [f"paper {t}" for *_, t in METRICS]
+    head = (
+        ["variant", "seeds", "steps"]
+        + [t for *_, t in METRICS]
+        + [f"paper {t}" for *_, t in METRICS]
+    )
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         steps = sorted({s for s in r.steps if s is not None})
@@ -751,27 +923,43 @@ def format_results(records: Sequence[dict]) -> str:
     percent, the paper's numbers beside) and the verdict of each comparison."""
     records = list(records)
     summaries = summarize(records)
-    lines = ["# The paper's ablations on the shapes set", "",
-             ("Mask R-CNN (He et al. 2017) Table 2, rerun small: every variant of a comparison "
-             "trains on the same data with the same seeds for the same number of steps; AP in "
-             "percent on the val split, mean ± sample standard deviation over seeds. The "
-             "paper's numbers are COCO minival with ResNet-50 and a full schedule: compare the "
-             "*direction and size of the differences*, not the values. A difference smaller than "
-             "the spread over seeds is reported as within the noise."), ""]
+    lines = [
+        "# The paper's ablations on the shapes set",
+        "",
+        (
+            "Mask R-CNN (He et al. 2017) Table 2, rerun small: every variant of a comparison "
+            "trains on the same data with the same seeds for the same number of steps; AP in "
+            "percent on the val split, mean ± sample standard deviation over seeds. The "
+            "paper's numbers are COCO minival with ResNet-50 and a full schedule: compare the "
+            "*direction and size of the differences*, not the values. A difference smaller than "
+            "the spread over seeds is reported as within the noise."
+        ),
+        "",
+    ]
     commands = sorted({r.get("command") for r in records if r.get("command")})
     if commands:
         lines += ["Made with:", ""] + [f"    {c}" for c in commands] + [""]
     commits = sorted({(r.get("git") or {}).get("commit") or "unknown" for r in records})
     dirty = any((r.get("git") or {}).get("dirty") for r in records)
-    machines = sorted({f"{m.get('platform')}, {m.get('cpu_count')} CPUs, torch {m.get('torch')}, "
-                       f"{m.get('device')}" for m in (r.get("machine") or {} for r in records)})
+    machines = sorted(
+        {
+            f"{m.get('platform')}, {m.get('cpu_count')} CPUs, torch {m.get('torch')}, "
+            f"{m.get('device')}"
+            for m in (r.get("machine") or {} for r in records)
+        }
+    )
     minutes = [r.get("minutes") for r in records if r.get("minutes") is not None]
-    lines += [f"Commit: {', '.join(c[:12] for c in commits)}"
-              + (" (with uncommitted changes)" if dirty else "") + ".  ",
-              f"Machine: {'; '.join(machines)}.  ",
-              f"{len(records)} runs, {sum(minutes):.0f} minutes of training"
-              f" ({min(minutes):.1f}..{max(minutes):.1f} per run)." if minutes else
-              f"{len(records)} runs.", ""]
+    lines += [
+        f"Commit: {', '.join(c[:12] for c in commits)}"
+        + (" (with uncommitted changes)" if dirty else "")
+        + ".  ",
+        f"Machine: {'; '.join(machines)}.  ",
+        f"{len(records)} runs, {sum(minutes):.0f} minutes of training"
+        f" ({min(minutes):.1f}..{max(minutes):.1f} per run)."
+        if minutes
+        else f"{len(records)} runs.",
+        "",
+    ]
     for study_name in dict.fromkeys(s.study for s in summaries):
         try:
             study = get_study(study_name)
@@ -781,21 +969,29 @@ def format_results(records: Sequence[dict]) -> str:
         lines += [f"## {study.title if study else study_name}", ""]
         if study is not None:
             data = next(r.get("data", {}) for r in records if r["study"] == study_name)
-            lines += [study.why, "",
-                      (f"Data: `{data.get('root')}` ({data.get('train_images')} train images, "
-                      f"{data.get('evaluated_images')} val images evaluated, "
-                      f"{data.get('size')} px, options {data.get('options') or 'none'})."), ""]
+            lines += [
+                study.why,
+                "",
+                (
+                    f"Data: `{data.get('root')}` ({data.get('train_images')} train images, "
+                    f"{data.get('evaluated_images')} val images evaluated, "
+                    f"{data.get('size')} px, options {data.get('options') or 'none'})."
+                ),
+                "",
+            ]
         for group in dict.fromkeys(r.group for r in rows):
             group_rows = [r for r in rows if r.group == group]
             title = study.groups.get(group, group) if study else group
             lines += [f"### {title}", ""] + _table(group_rows) + [""]
             by_name = {r.variant: r for r in group_rows}
-            for c in (study.comparisons.get(group, ()) if study else ()):
+            for c in study.comparisons.get(group, ()) if study else ():
                 if c.a not in by_name or c.b not in by_name:
                     continue
                 a, b = by_name[c.a], by_name[c.b]
-                lines.append(f"- **{c.claim}?** Paper: {c.paper}. Here: "
-                             + " ".join(compare(a, b, m) for m in ("segm AP", "segm AP75")))
+                lines.append(
+                    f"- **{c.claim}?** Paper: {c.paper}. Here: "
+                    + " ".join(compare(a, b, m) for m in ("segm AP", "segm AP75"))
+                )
             lines.append("")
     return "\n".join(lines).rstrip() + "\n"
 
@@ -809,9 +1005,11 @@ def write_results(out_dir: str | Path) -> Path:
     return path
 
 
-def chart_data(summaries: Sequence[VariantSummary], study: str,
-               metrics: Sequence[str] = ("segm AP", "segm AP75", "bbox AP"),
-               ) -> tuple[dict, dict]:
+def chart_data(
+    summaries: Sequence[VariantSummary],
+    study: str,
+    metrics: Sequence[str] = ("segm AP", "segm AP75", "bbox AP"),
+) -> tuple[dict, dict]:
     """``(panels, paper)`` for ``mrcnn_edu.viz.plot_ablation_study``: ``{group name: {metric
     title: {variant label: per-seed values}}}`` and the paper's values in the same layout."""
     try:
@@ -827,7 +1025,8 @@ def chart_data(summaries: Sequence[VariantSummary], study: str,
         g = groups.get(s.group, s.group)
         for m in metrics:
             panels.setdefault(g, {}).setdefault(titles[m], {})[s.label] = [
-                v for v in s.values[m] if v is not None]
+                v for v in s.values[m] if v is not None
+            ]
             if m in s.paper:
                 paper.setdefault(g, {}).setdefault(titles[m], {})[s.label] = s.paper[m]
     return panels, paper

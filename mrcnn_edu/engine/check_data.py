@@ -35,11 +35,11 @@ from tqdm.auto import tqdm
 
 from mrcnn_edu.engine.evaluate import unwrap_coco_dataset
 
-MIN_BOX_SIDE = 1.0        # px: a box narrower or lower than this is degenerate
-BOX_TOLERANCE = 1.0       # px: a box may overshoot the image border by this much (COCO's boxes
-                          # come from float polygons; the data set clips them) before it's reported
-MIN_MASK_BOX_IOU = 0.5    # below this IoU between the mask's tight box and bbox they disagree
-MAX_LISTED = 50           # problems written out by str(report); the rest are counted
+MIN_BOX_SIDE = 1.0  # px: a box narrower or lower than this is degenerate
+BOX_TOLERANCE = 1.0  # px: a box may overshoot the image border by this much (COCO's boxes
+# come from float polygons; the data set clips them) before it's reported
+MIN_MASK_BOX_IOU = 0.5  # below this IoU between the mask's tight box and bbox they disagree
+MAX_LISTED = 50  # problems written out by str(report); the rest are counted
 
 
 class DataError(ValueError):
@@ -147,8 +147,9 @@ def _segmentation_rle(seg, height: int, width: int) -> tuple[dict | None, str | 
         return None, "neither polygons nor an RLE dict with 'size' and 'counts'"
     size = seg["size"]
     if list(size) != [height, width]:
-        return None, (f"mask size {list(size)} (height, width) differs from the image's "
-                      f"[{height}, {width}]")
+        return None, (
+            f"mask size {list(size)} (height, width) differs from the image's [{height}, {width}]"
+        )
     counts = seg["counts"]
     try:
         if isinstance(counts, list):
@@ -160,8 +161,10 @@ def _segmentation_rle(seg, height: int, width: int) -> tuple[dict | None, str | 
     except ValueError as err:
         return None, f"malformed RLE counts: {err}"
     if any(r < 0 for r in runs) or sum(runs) != height * width:
-        return None, (f"malformed RLE: the runs add up to {sum(runs)} pixels (or one is negative),"
-                      f" not height x width = {height * width}")
+        return None, (
+            f"malformed RLE: the runs add up to {sum(runs)} pixels (or one is negative),"
+            f" not height x width = {height * width}"
+        )
     if isinstance(counts, list):
         return mask_utils.frPyObjects(seg, height, width), None
     return {"size": [height, width], "counts": counts}, None
@@ -184,8 +187,14 @@ def _check_image(base, image_id: int, info: dict, out: list[Problem]) -> bool:
     W, H = info.get("width"), info.get("height")
     sizes_ok = all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (W, H))
     if not sizes_ok:
-        out.append(Problem(image_id, None, "width/height",
-                           f"width {W!r} and height {H!r} must be positive integers"))
+        out.append(
+            Problem(
+                image_id,
+                None,
+                "width/height",
+                f"width {W!r} and height {H!r} must be positive integers",
+            )
+        )
     image_dir = getattr(base, "image_dir", None)
     if image_dir is None:
         return sizes_ok
@@ -197,19 +206,36 @@ def _check_image(base, image_id: int, info: dict, out: list[Problem]) -> bool:
         with Image.open(path) as im:  # reads the header only
             w, h = im.size
     except (UnidentifiedImageError, OSError) as err:
-        out.append(Problem(image_id, None, "file_name",
-                           f"image file {path} cannot be read as an image: {err}"))
+        out.append(
+            Problem(
+                image_id, None, "file_name", f"image file {path} cannot be read as an image: {err}"
+            )
+        )
         return sizes_ok
     if sizes_ok and (w, h) != (W, H):
-        out.append(Problem(image_id, None, "width/height",
-                           f"image file {path} is {w}x{h} (width x height) but the annotation "
-                           f"file says {W}x{H}"))
+        out.append(
+            Problem(
+                image_id,
+                None,
+                "width/height",
+                f"image file {path} is {w}x{h} (width x height) but the annotation "
+                f"file says {W}x{H}",
+            )
+        )
     return sizes_ok
 
 
-def _check_annotation(ann: dict, image_id: int, W: int, H: int, label_of: dict[int, int],
-                      num_classes: int, sizes_ok: bool, check_masks: bool,
-                      out: list[Problem]) -> None:
+def _check_annotation(
+    ann: dict,
+    image_id: int,
+    W: int,
+    H: int,
+    label_of: dict[int, int],
+    num_classes: int,
+    sizes_ok: bool,
+    check_masks: bool,
+    out: list[Problem],
+) -> None:
     aid = ann.get("id")
 
     def bad(field: str, message: str) -> None:
@@ -217,30 +243,44 @@ def _check_annotation(ann: dict, image_id: int, W: int, H: int, label_of: dict[i
 
     label = label_of.get(ann["category_id"])
     if label is None or not 1 <= label <= num_classes:
-        bad("category_id", f"category_id {ann['category_id']} is training label {label}, "
-                           f"outside 1..{num_classes}")
+        bad(
+            "category_id",
+            f"category_id {ann['category_id']} is training label {label}, outside 1..{num_classes}",
+        )
 
     x, y, w, h = (float(v) for v in ann["bbox"])
     box_ok = False
     if not all(math.isfinite(v) for v in (x, y, w, h)):
         bad("bbox", f"box {_fmt((x, y, w, h))} (x, y, w, h) is not finite")
     elif w < MIN_BOX_SIDE or h < MIN_BOX_SIDE:
-        bad("bbox", f"degenerate box {_fmt((x, y, w, h))} (x, y, w, h): width {w:g}, height "
-                    f"{h:g}; both must be at least {MIN_BOX_SIDE:g} px")
+        bad(
+            "bbox",
+            f"degenerate box {_fmt((x, y, w, h))} (x, y, w, h): width {w:g}, height "
+            f"{h:g}; both must be at least {MIN_BOX_SIDE:g} px",
+        )
     elif not sizes_ok:
         pass  # the image's size is reported; no border to check against
-    elif (x < -BOX_TOLERANCE or y < -BOX_TOLERANCE or x + w > W + BOX_TOLERANCE
-          or y + h > H + BOX_TOLERANCE):
-        bad("bbox", f"box {_fmt((x, y, w, h))} (x, y, w, h) reaches outside the {W}x{H} "
-                    f"(width x height) image")
+    elif (
+        x < -BOX_TOLERANCE
+        or y < -BOX_TOLERANCE
+        or x + w > W + BOX_TOLERANCE
+        or y + h > H + BOX_TOLERANCE
+    ):
+        bad(
+            "bbox",
+            f"box {_fmt((x, y, w, h))} (x, y, w, h) reaches outside the {W}x{H} "
+            f"(width x height) image",
+        )
     else:
         box_ok = True
 
     if not (check_masks and sizes_ok):
         return
     if "segmentation" not in ann:
-        bad("segmentation", "missing (the data set loads masks; use load_masks=False for "
-                            "boxes only)")
+        bad(
+            "segmentation",
+            "missing (the data set loads masks; use load_masks=False for boxes only)",
+        )
         return
     rle, why = _segmentation_rle(ann["segmentation"], H, W)
     if rle is None:
@@ -253,9 +293,12 @@ def _check_annotation(ann: dict, image_id: int, W: int, H: int, label_of: dict[i
         tight = [float(v) for v in mask_utils.toBbox(rle)]  # (x, y, w, h), w = x_max - x_min + 1
         iou = _iou_xywh(tight, (x, y, w, h))
         if iou < MIN_MASK_BOX_IOU:
-            bad("segmentation", f"mask and box disagree: the mask's tight box {_fmt(tight)} has "
-                                f"IoU {iou:.2f} < {MIN_MASK_BOX_IOU} with bbox "
-                                f"{_fmt((x, y, w, h))} (x, y, w, h)")
+            bad(
+                "segmentation",
+                f"mask and box disagree: the mask's tight box {_fmt(tight)} has "
+                f"IoU {iou:.2f} < {MIN_MASK_BOX_IOU} with bbox "
+                f"{_fmt((x, y, w, h))} (x, y, w, h)",
+            )
 
 
 def check_data(dataset, *, num_classes: int | None = None, progress: bool = True) -> DataReport:
@@ -287,8 +330,10 @@ def check_data(dataset, *, num_classes: int | None = None, progress: bool = True
     if num_classes is None:
         num_classes = max(label_of.values(), default=0)
     elif isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"check_data: num_classes must be a positive int (object classes "
-                         f"without the background), got {num_classes!r}")
+        raise ValueError(
+            f"check_data: num_classes must be a positive int (object classes "
+            f"without the background), got {num_classes!r}"
+        )
     check_masks = bool(getattr(base, "load_masks", True))
 
     problems: list[Problem] = []
@@ -299,7 +344,15 @@ def check_data(dataset, *, num_classes: int | None = None, progress: bool = True
         anns = coco.imgToAnns.get(image_id, [])
         num_annotations += len(anns)
         for ann in sorted(anns, key=lambda a: a["id"]):
-            _check_annotation(ann, image_id, info["width"], info["height"], label_of,
-                              num_classes, sizes_ok, check_masks, problems)
-    return DataReport(problems, len(image_ids), num_annotations,
-                      str(getattr(base, "ann_file", "")))
+            _check_annotation(
+                ann,
+                image_id,
+                info["width"],
+                info["height"],
+                label_of,
+                num_classes,
+                sizes_ok,
+                check_masks,
+                problems,
+            )
+    return DataReport(problems, len(image_ids), num_annotations, str(getattr(base, "ann_file", "")))

@@ -35,8 +35,17 @@ from torch import nn
 import mrcnn_edu
 from mrcnn_edu.utils import atomic_write
 
-__all__ = ["FORMAT", "CheckpointError", "checkpoint_files", "config_to_dict", "get_rng_state",
-           "load_checkpoint", "save_checkpoint", "set_rng_state", "unwrap_model"]
+__all__ = [
+    "FORMAT",
+    "CheckpointError",
+    "checkpoint_files",
+    "config_to_dict",
+    "get_rng_state",
+    "load_checkpoint",
+    "save_checkpoint",
+    "set_rng_state",
+    "unwrap_model",
+]
 
 #: Marker stored in every checkpoint, so a stray ``.pt`` file is recognised as "not ours".
 FORMAT = "mrcnn_edu.checkpoint/1"
@@ -59,8 +68,13 @@ def get_rng_state() -> dict:
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
         "torch": torch.get_rng_state(),
-        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
         "python": random.getstate(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -72,8 +86,15 @@ def set_rng_state(state: Mapping) -> None:
     """Restore what :func:`get_rng_state` returned (CUDA states only for the devices present)."""
     torch.set_rng_state(state["torch"])
     npst = state["numpy"]
-    np.random.set_state((npst["kind"], npst["keys"].numpy().astype(np.uint32), npst["pos"],
-                         npst["has_gauss"], npst["cached_gaussian"]))
+    np.random.set_state(
+        (
+            npst["kind"],
+            npst["keys"].numpy().astype(np.uint32),
+            npst["pos"],
+            npst["has_gauss"],
+            npst["cached_gaussian"],
+        )
+    )
     version, internal, gauss_next = state["python"]
     random.setstate((version, tuple(internal), gauss_next))
     if state.get("cuda") is not None and torch.cuda.is_available():
@@ -99,8 +120,10 @@ def _plain(value, where: str):
         return items if isinstance(value, list) else tuple(items)
     if isinstance(value, Mapping):
         return {str(k): _plain(v, f"{where}.{k}") for k, v in value.items()}
-    raise TypeError(f"save_checkpoint: config field {where!r} is a {type(value).__name__}; a "
-                    "checkpoint stores configs as plain values (numbers, strings, lists, dicts)")
+    raise TypeError(
+        f"save_checkpoint: config field {where!r} is a {type(value).__name__}; a "
+        "checkpoint stores configs as plain values (numbers, strings, lists, dicts)"
+    )
 
 
 def config_to_dict(config) -> tuple[str | None, dict | None]:
@@ -112,8 +135,10 @@ def config_to_dict(config) -> tuple[str | None, dict | None]:
         return f"{cls.__module__}.{cls.__qualname__}", _plain(dataclasses.asdict(config), "config")
     if isinstance(config, Mapping):
         return None, _plain(dict(config), "config")
-    raise TypeError(f"save_checkpoint: config must be a dataclass instance or a dict, got "
-                    f"{type(config).__name__}")
+    raise TypeError(
+        f"save_checkpoint: config must be a dataclass instance or a dict, got "
+        f"{type(config).__name__}"
+    )
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -197,8 +222,10 @@ def save_checkpoint(
         "scheduler": None if scheduler is None else scheduler.state_dict(),
         "scaler": None if scaler is None else scaler.state_dict(),
         "rng": get_rng_state() if rng_state is None else rng_state,
-        "generators": {name: g.get_state() if isinstance(g, torch.Generator) else g
-                       for name, g in (generators or {}).items()},
+        "generators": {
+            name: g.get_state() if isinstance(g, torch.Generator) else g
+            for name, g in (generators or {}).items()
+        },
         "data_state": data_state,
         "config": config_values,
         "config_class": config_class,
@@ -248,12 +275,18 @@ def _flatten(d, prefix: str = "") -> dict:
     return out
 
 
-def _config_diff(saved: dict | None, current: dict | None, keys: Sequence[str] | None = None
-                 ) -> list[str]:
+def _config_diff(
+    saved: dict | None, current: dict | None, keys: Sequence[str] | None = None
+) -> list[str]:
     """Lines ``key: checkpoint X, now Y`` for the (dotted) keys whose values differ."""
     a, b = _flatten(saved), _flatten(current)
-    names = sorted(set(a) | set(b)) if keys is None else [
-        k for k in sorted(set(a) | set(b)) if any(k == p or k.startswith(p + ".") for p in keys)]
+    names = (
+        sorted(set(a) | set(b))
+        if keys is None
+        else [
+            k for k in sorted(set(a) | set(b)) if any(k == p or k.startswith(p + ".") for p in keys)
+        ]
+    )
     missing = object()
     lines = []
     for k in names:
@@ -269,13 +302,17 @@ def _config_diff(saved: dict | None, current: dict | None, keys: Sequence[str] |
     return lines
 
 
-def _check_model_state(path: Path, model: nn.Module, state: Mapping[str, torch.Tensor],
-                       config_note: str) -> None:
+def _check_model_state(
+    path: Path, model: nn.Module, state: Mapping[str, torch.Tensor], config_note: str
+) -> None:
     expected = unwrap_model(model).state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
-    shapes = [f"{k}: checkpoint {tuple(state[k].shape)}, model {tuple(expected[k].shape)}"
-              for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    shapes = [
+        f"{k}: checkpoint {tuple(state[k].shape)}, model {tuple(expected[k].shape)}"
+        for k in expected
+        if k in state and tuple(state[k].shape) != tuple(expected[k].shape)
+    ]
     if not (missing or unexpected or shapes):
         return
     parts = [f"load_checkpoint: {path} does not fit {type(unwrap_model(model)).__name__}:"]
@@ -284,9 +321,11 @@ def _check_model_state(path: Path, model: nn.Module, state: Mapping[str, torch.T
     if unexpected:
         parts.append(f"  unexpected in the checkpoint ({len(unexpected)}): {_listed(unexpected)}")
     if shapes:
-        parts.append(f"  shape mismatches ({len(shapes)}): " + "; ".join(shapes[:_MAX_LISTED])
-                     + (f"; ... ({len(shapes) - _MAX_LISTED} more)"
-                        if len(shapes) > _MAX_LISTED else ""))
+        parts.append(
+            f"  shape mismatches ({len(shapes)}): "
+            + "; ".join(shapes[:_MAX_LISTED])
+            + (f"; ... ({len(shapes) - _MAX_LISTED} more)" if len(shapes) > _MAX_LISTED else "")
+        )
     if config_note:
         parts.append(config_note)
     raise CheckpointError("\n".join(parts))
@@ -339,35 +378,46 @@ def load_checkpoint(
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # a junk file fails anywhere in the unpickler (even IndexError)
-        raise CheckpointError(f"load_checkpoint: {path} is not a mrcnn_edu checkpoint (or is "
-                              f"damaged): torch.load failed with {type(err).__name__}: "
-                              f"{str(err).splitlines()[0] if str(err) else ''}") from err
+        raise CheckpointError(
+            f"load_checkpoint: {path} is not a mrcnn_edu checkpoint (or is "
+            f"damaged): torch.load failed with {type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}"
+        ) from err
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        what = (f"a dict with keys {_listed(sorted(map(str, ckpt)))}" if isinstance(ckpt, dict)
-                else f"a {type(ckpt).__name__}")
-        raise CheckpointError(f"load_checkpoint: {path} is not a mrcnn_edu checkpoint (it holds "
-                              f"{what}, without format={FORMAT!r}); a plain model state dict "
-                              "loads with model.load_state_dict or mrcnn_edu.weights")
+        what = (
+            f"a dict with keys {_listed(sorted(map(str, ckpt)))}"
+            if isinstance(ckpt, dict)
+            else f"a {type(ckpt).__name__}"
+        )
+        raise CheckpointError(
+            f"load_checkpoint: {path} is not a mrcnn_edu checkpoint (it holds "
+            f"{what}, without format={FORMAT!r}); a plain model state dict "
+            "loads with model.load_state_dict or mrcnn_edu.weights"
+        )
 
     config_note = ""
     if config is not None:
         cls, values = config_to_dict(config)
         saved_cls = ckpt.get("config_class")
         if cls is not None and saved_cls is not None and cls != saved_cls:
-            raise CheckpointError(f"load_checkpoint: {path} was saved with config class "
-                                  f"{saved_cls}, the current config is a {cls}")
+            raise CheckpointError(
+                f"load_checkpoint: {path} was saved with config class "
+                f"{saved_cls}, the current config is a {cls}"
+            )
         if arch_keys is None:
             arch_keys = tuple(getattr(type(config), "ARCH_KEYS", ()))
         if arch_keys:
             diff = _config_diff(ckpt.get("config"), values, arch_keys)
             if diff:
-                raise CheckpointError(f"load_checkpoint: {path} was saved for another "
-                                      "architecture; config values that differ:\n  "
-                                      + "\n  ".join(diff))
+                raise CheckpointError(
+                    f"load_checkpoint: {path} was saved for another "
+                    "architecture; config values that differ:\n  " + "\n  ".join(diff)
+                )
         diff = _config_diff(ckpt.get("config"), values)
         if diff and ckpt.get("config") is not None:
             config_note = "  config values that differ from the checkpoint's: " + "; ".join(
-                diff[:_MAX_LISTED])
+                diff[:_MAX_LISTED]
+            )
 
     if model is not None:
         _check_model_state(path, model, ckpt["model"], config_note)
@@ -380,17 +430,21 @@ def load_checkpoint(
         try:
             obj.load_state_dict(ckpt[name])
         except (ValueError, KeyError, RuntimeError) as err:
-            raise CheckpointError(f"load_checkpoint: the {name} state in {path} does not fit "
-                                  f"this {type(obj).__name__} (other parameter groups or "
-                                  f"settings?): {err}") from err
+            raise CheckpointError(
+                f"load_checkpoint: the {name} state in {path} does not fit "
+                f"this {type(obj).__name__} (other parameter groups or "
+                f"settings?): {err}"
+            ) from err
     if scaler is not None and ckpt.get("scaler") is not None:
         scaler.load_state_dict(ckpt["scaler"])
     if generators:
         saved = ckpt.get("generators") or {}
         absent = [n for n in generators if n not in saved]
         if absent:
-            raise CheckpointError(f"load_checkpoint: {path} holds no state for generator(s) "
-                                  f"{_listed(absent)} (it has: {_listed(sorted(saved)) or 'none'})")
+            raise CheckpointError(
+                f"load_checkpoint: {path} holds no state for generator(s) "
+                f"{_listed(absent)} (it has: {_listed(sorted(saved)) or 'none'})"
+            )
         for name, gen in generators.items():
             gen.set_state(saved[name])
     if restore_rng:

@@ -55,13 +55,34 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from mrcnn_edu.data.sampler import make_train_loader
 
-__all__ = ["DEFAULT_TIMEOUT_S", "RANK_SEED_STRIDE", "TIMEOUT_ENV", "DistributedError",
-           "all_gather_object", "all_reduce_mean", "any_rank", "barrier", "broadcast_buffers",
-           "broadcast_object",
-           "cleanup", "env_world_size", "gather_object", "init_distributed", "is_comm_error",
-           "is_distributed", "is_main_process", "local_rank", "make_distributed_train_loader",
-           "peer_lost_error", "rank", "rank_seed", "require_initialized", "timeout_seconds",
-           "world_size", "wrap_model"]
+__all__ = [
+    "DEFAULT_TIMEOUT_S",
+    "RANK_SEED_STRIDE",
+    "TIMEOUT_ENV",
+    "DistributedError",
+    "all_gather_object",
+    "all_reduce_mean",
+    "any_rank",
+    "barrier",
+    "broadcast_buffers",
+    "broadcast_object",
+    "cleanup",
+    "env_world_size",
+    "gather_object",
+    "init_distributed",
+    "is_comm_error",
+    "is_distributed",
+    "is_main_process",
+    "local_rank",
+    "make_distributed_train_loader",
+    "peer_lost_error",
+    "rank",
+    "rank_seed",
+    "require_initialized",
+    "timeout_seconds",
+    "world_size",
+    "wrap_model",
+]
 
 #: Seconds a collective may wait for the other ranks before it fails (NCCL's default). It must
 #: exceed the longest time one rank works alone while the others wait: writing a checkpoint,
@@ -114,8 +135,9 @@ def env_world_size() -> int:
     try:
         return int(value)
     except ValueError:
-        raise ValueError(f"init_distributed: WORLD_SIZE must be an integer, got {value!r}"
-                         ) from None
+        raise ValueError(
+            f"init_distributed: WORLD_SIZE must be an integer, got {value!r}"
+        ) from None
 
 
 def timeout_seconds() -> float:
@@ -128,8 +150,9 @@ def timeout_seconds() -> float:
     except ValueError:
         seconds = -1.0
     if not seconds > 0:
-        raise ValueError(f"init_distributed: {TIMEOUT_ENV} must be a positive number of seconds, "
-                         f"got {value!r}")
+        raise ValueError(
+            f"init_distributed: {TIMEOUT_ENV} must be a positive number of seconds, got {value!r}"
+        )
     return seconds
 
 
@@ -144,8 +167,12 @@ def rank_seed(seed: int, rank_: int | None = None) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def init_distributed(device: str | torch.device | None = None, *, backend: str | None = None,
-                     timeout_s: float | None = None) -> torch.device:
+def init_distributed(
+    device: str | torch.device | None = None,
+    *,
+    backend: str | None = None,
+    timeout_s: float | None = None,
+) -> torch.device:
     """Join the process group torchrun describes; return the device this process should use.
 
     Not launched by torchrun (no ``WORLD_SIZE``, or ``WORLD_SIZE=1``): nothing is initialised
@@ -160,33 +187,44 @@ def init_distributed(device: str | torch.device | None = None, *, backend: str |
         ValueError: missing or inconsistent torchrun variables, a CUDA device without CUDA,
             fewer GPUs on this machine than ``LOCAL_RANK + 1``.
     """
-    dev = torch.device(device if device is not None else
-                       ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = torch.device(
+        device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    )
     if env_world_size() <= 1:
         return dev
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError("init_distributed: device 'cuda' asked for, but CUDA is not available")
         if local_rank() >= torch.cuda.device_count():
-            raise ValueError(f"init_distributed: LOCAL_RANK={local_rank()} but this machine has "
-                             f"{torch.cuda.device_count()} GPU(s): start at most that many "
-                             "processes per node (torchrun --nproc_per_node)")
+            raise ValueError(
+                f"init_distributed: LOCAL_RANK={local_rank()} but this machine has "
+                f"{torch.cuda.device_count()} GPU(s): start at most that many "
+                "processes per node (torchrun --nproc_per_node)"
+            )
         dev = torch.device("cuda", local_rank())
         torch.cuda.set_device(dev)
     if dist.is_initialized():
         return dev
-    missing = [k for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-               if k not in os.environ]
+    missing = [
+        k
+        for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+        if k not in os.environ
+    ]
     if missing:
-        raise ValueError(f"init_distributed: WORLD_SIZE={env_world_size()} but {', '.join(missing)} "
-                         "not set; launch with torchrun (it sets them)")
+        raise ValueError(
+            f"init_distributed: WORLD_SIZE={env_world_size()} but {', '.join(missing)} "
+            "not set; launch with torchrun (it sets them)"
+        )
     r = int(os.environ["RANK"])
     if not 0 <= r < env_world_size():
         raise ValueError(f"init_distributed: RANK={r} is outside 0..{env_world_size() - 1}")
     backend = backend or ("nccl" if dev.type == "cuda" else "gloo")
     seconds = timeout_s if timeout_s is not None else timeout_seconds()
-    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=seconds),
-                            device_id=dev if backend == "nccl" else None)
+    dist.init_process_group(
+        backend=backend,
+        timeout=datetime.timedelta(seconds=seconds),
+        device_id=dev if backend == "nccl" else None,
+    )
     return dev
 
 
@@ -200,10 +238,12 @@ def require_initialized(where: str) -> None:
     """Raise when torchrun started several processes but the process group was not joined: each
     would otherwise train alone and all would write the same files."""
     if env_world_size() > 1 and not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError(f"{where}: launched with WORLD_SIZE={env_world_size()} (torchrun) but "
-                           "torch.distributed is not initialised; call "
-                           "mrcnn_edu.engine.distributed.init_distributed() first (the mrcnn-edu "
-                           "CLI does)")
+        raise RuntimeError(
+            f"{where}: launched with WORLD_SIZE={env_world_size()} (torchrun) but "
+            "torch.distributed is not initialised; call "
+            "mrcnn_edu.engine.distributed.init_distributed() first (the mrcnn-edu "
+            "CLI does)"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,8 +331,14 @@ def all_reduce_mean(values: Sequence[float]) -> list[float]:
 
 #: Phrases of gloo's and NCCL's errors when a peer is gone or late (gloo raises plain
 #: ``RuntimeError`` s; its messages carry its source path, ``third_party/gloo/...``).
-_COMM_FAILURE_WORDS = ("connection closed by peer", "connection reset by peer", "broken pipe",
-                       "timed out waiting", "gloo", "nccl")
+_COMM_FAILURE_WORDS = (
+    "connection closed by peer",
+    "connection reset by peer",
+    "broken pipe",
+    "timed out waiting",
+    "gloo",
+    "nccl",
+)
 
 
 def is_comm_error(err: BaseException) -> bool:
@@ -315,7 +361,8 @@ def peer_lost_error(where: str, err: BaseException) -> DistributedError:
         f"{where}: rank {rank()} of {world_size()} lost contact with the other processes "
         f"({type(err).__name__}: {first}). Another rank has most likely died (its own log "
         f"shows the first error) or hung for longer than the {timeout_seconds():g} s timeout "
-        f"({TIMEOUT_ENV}); every rank stops. Continue from the last checkpoint with --resume.")
+        f"({TIMEOUT_ENV}); every rank stops. Continue from the last checkpoint with --resume."
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -323,8 +370,9 @@ def peer_lost_error(where: str, err: BaseException) -> DistributedError:
 # ---------------------------------------------------------------------------------------------
 
 
-def wrap_model(model: nn.Module, device: str | torch.device | None = None,
-               **ddp_kwargs) -> nn.Module:
+def wrap_model(
+    model: nn.Module, device: str | torch.device | None = None, **ddp_kwargs
+) -> nn.Module:
     """``model`` in ``DistributedDataParallel`` when distributed (unchanged otherwise).
 
     Construction broadcasts rank 0's parameters and buffers to every rank; then each
@@ -335,11 +383,17 @@ def wrap_model(model: nn.Module, device: str | torch.device | None = None,
     """
     if not is_distributed():
         return model
-    dev = torch.device(device) if device is not None else next(
-        (p.device for p in model.parameters()), torch.device("cpu"))
+    dev = (
+        torch.device(device)
+        if device is not None
+        else next((p.device for p in model.parameters()), torch.device("cpu"))
+    )
     model.to(dev)
-    ids = [dev.index if dev.index is not None else torch.cuda.current_device()] \
-        if dev.type == "cuda" else None
+    ids = (
+        [dev.index if dev.index is not None else torch.cuda.current_device()]
+        if dev.type == "cuda"
+        else None
+    )
     return nn.parallel.DistributedDataParallel(model, device_ids=ids, **ddp_kwargs)
 
 
@@ -380,15 +434,24 @@ def make_distributed_train_loader(
     """
     world = world_size() if num_replicas is None else int(num_replicas)
     r = rank() if rank_ is None else int(rank_)
-    if not isinstance(global_batch_size, int) or global_batch_size < 1 \
-            or global_batch_size % world:
-        raise ValueError(f"make_distributed_train_loader: the global batch size "
-                         f"(train.batch_size={global_batch_size!r}) must be a positive multiple "
-                         f"of the world size {world}, so that every rank gets the same number "
-                         "of images per step")
-    sampler = DistributedSampler(dataset, num_replicas=world, rank=r, shuffle=True,
-                                 seed=int(seed), drop_last=False)
-    return make_train_loader(dataset, global_batch_size // world, num_workers=num_workers,
-                             seed=rank_seed(seed, r), aspect_ratio_grouping=aspect_ratio_grouping,
-                             group_factor=group_factor, sampler=sampler, drop_last=drop_last,
-                             pin_memory=pin_memory)
+    if not isinstance(global_batch_size, int) or global_batch_size < 1 or global_batch_size % world:
+        raise ValueError(
+            f"make_distributed_train_loader: the global batch size "
+            f"(train.batch_size={global_batch_size!r}) must be a positive multiple "
+            f"of the world size {world}, so that every rank gets the same number "
+            "of images per step"
+        )
+    sampler = DistributedSampler(
+        dataset, num_replicas=world, rank=r, shuffle=True, seed=int(seed), drop_last=False
+    )
+    return make_train_loader(
+        dataset,
+        global_batch_size // world,
+        num_workers=num_workers,
+        seed=rank_seed(seed, r),
+        aspect_ratio_grouping=aspect_ratio_grouping,
+        group_factor=group_factor,
+        sampler=sampler,
+        drop_last=drop_last,
+        pin_memory=pin_memory,
+    )

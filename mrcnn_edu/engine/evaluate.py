@@ -60,11 +60,14 @@ from . import distributed as dist_utils
 
 def _check_boxes(boxes, what: str, i: int) -> torch.Tensor:
     if not isinstance(boxes, torch.Tensor):
-        raise TypeError(f"proposal_recall: {what}[{i}] must be a torch.Tensor, "
-                        f"got {type(boxes).__name__}")
+        raise TypeError(
+            f"proposal_recall: {what}[{i}] must be a torch.Tensor, got {type(boxes).__name__}"
+        )
     if boxes.dim() != 2 or boxes.shape[1] != 4:
-        raise ValueError(f"proposal_recall: {what}[{i}] must have shape [N, 4] (x1, y1, x2, y2), "
-                         f"got {tuple(boxes.shape)}")
+        raise ValueError(
+            f"proposal_recall: {what}[{i}] must have shape [N, 4] (x1, y1, x2, y2), "
+            f"got {tuple(boxes.shape)}"
+        )
     return boxes.detach().to(torch.float32)
 
 
@@ -100,8 +103,10 @@ def proposal_recall(
         {(1, 0.5): 0.5, (1, 0.7): 0.5, (2, 0.5): 1.0, (2, 0.7): 0.5}
     """
     if len(proposals) != len(gt_boxes):
-        raise ValueError(f"proposal_recall: got {len(proposals)} proposal lists but "
-                         f"{len(gt_boxes)} gt lists; need one of each per image")
+        raise ValueError(
+            f"proposal_recall: got {len(proposals)} proposal lists but "
+            f"{len(gt_boxes)} gt lists; need one of each per image"
+        )
     ks = [int(k) for k in num_proposals]
     ts = [float(t) for t in iou_thresholds]
     if any(k < 1 for k in ks):
@@ -141,20 +146,61 @@ IOU_TYPES: tuple[str, ...] = ("bbox", "segm", "keypoints")
 #: Names of ``COCOeval.stats`` for boxes and masks: AP over IoU 0.50:0.05:0.95, at 0.50 and
 #: 0.75, for small (< 32^2 px), medium and large (> 96^2 px) objects, then the average recall
 #: with at most 1, 10, 100 detections per image and AR by size (100 detections).
-BOX_STAT_NAMES: tuple[str, ...] = ("AP", "AP50", "AP75", "APs", "APm", "APl",
-                                   "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+BOX_STAT_NAMES: tuple[str, ...] = (
+    "AP",
+    "AP50",
+    "AP75",
+    "APs",
+    "APm",
+    "APl",
+    "AR1",
+    "AR10",
+    "AR100",
+    "ARs",
+    "ARm",
+    "ARl",
+)
 #: Names of ``COCOeval.stats`` for keypoints (OKS instead of IoU, at most 20 detections per
 #: image, no "small" range: COCO does not annotate keypoints of small persons).
-KEYPOINT_STAT_NAMES: tuple[str, ...] = ("AP", "AP50", "AP75", "APm", "APl",
-                                        "AR", "AR50", "AR75", "ARm", "ARl")
+KEYPOINT_STAT_NAMES: tuple[str, ...] = (
+    "AP",
+    "AP50",
+    "AP75",
+    "APm",
+    "APl",
+    "AR",
+    "AR50",
+    "AR75",
+    "ARm",
+    "ARl",
+)
 #: The columns of :func:`format_metrics_table`.
 TABLE_METRICS: tuple[str, ...] = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 #: COCO's per-keypoint OKS constants for its 17 person keypoints (``COCOeval.Params``): the
 #: spread of human annotators' clicks around each keypoint, relative to the object's scale.
 COCO_KEYPOINT_SIGMAS: tuple[float, ...] = tuple(
-    s / 10.0 for s in (.26, .25, .25, .35, .35, .79, .79, .72, .72, .62, .62,
-                       1.07, 1.07, .87, .87, .89, .89))
+    s / 10.0
+    for s in (
+        0.26,
+        0.25,
+        0.25,
+        0.35,
+        0.35,
+        0.79,
+        0.79,
+        0.72,
+        0.72,
+        0.62,
+        0.62,
+        1.07,
+        1.07,
+        0.87,
+        0.87,
+        0.89,
+        0.89,
+    )
+)
 
 
 @dataclass
@@ -209,7 +255,8 @@ def unwrap_coco_dataset(dataset) -> tuple[object, list[int]]:
             raise TypeError(
                 f"expected a COCO-format data set (mrcnn_edu.data.CocoDetection, or a "
                 f"torch.utils.data.Subset of one), got {type(dataset).__name__}: it has no "
-                f"'coco' attribute (pycocotools COCO of its annotation file)")
+                f"'coco' attribute (pycocotools COCO of its annotation file)"
+            )
     ids = [int(i) for i in ds.ids]
     for indices in reversed(chain):  # innermost Subset first
         ids = [ids[int(i)] for i in indices]
@@ -226,8 +273,10 @@ def _label_map(base) -> dict[int, int]:
 
 def _as_cpu(x, name: str, i: int) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"coco_results: detections[{i}]['{name}'] must be a torch.Tensor, "
-                        f"got {type(x).__name__}")
+        raise TypeError(
+            f"coco_results: detections[{i}]['{name}'] must be a torch.Tensor, "
+            f"got {type(x).__name__}"
+        )
     return x.detach().cpu()
 
 
@@ -264,39 +313,53 @@ def coco_results(
         [{'image_id': 7, 'category_id': 3, 'score': 0.5, 'bbox': [10.0, 20.0, 30.0, 40.0]}]
     """
     if len(detections) != len(image_ids):
-        raise ValueError(f"coco_results: got {len(detections)} detection dicts but "
-                         f"{len(image_ids)} image ids; need one id per image")
+        raise ValueError(
+            f"coco_results: got {len(detections)} detection dicts but "
+            f"{len(image_ids)} image ids; need one id per image"
+        )
     results: list[dict] = []
     for i, (det, image_id) in enumerate(zip(detections, image_ids)):
         if not isinstance(det, Mapping):
-            raise TypeError(f"coco_results: detections[{i}] must be a dict with 'boxes', "
-                            f"'labels', 'scores', got {type(det).__name__}")
+            raise TypeError(
+                f"coco_results: detections[{i}] must be a dict with 'boxes', "
+                f"'labels', 'scores', got {type(det).__name__}"
+            )
         missing = [k for k in ("boxes", "labels", "scores") if k not in det]
         if missing:
-            raise ValueError(f"coco_results: detections[{i}] (image id {image_id}) lacks "
-                             f"{', '.join(repr(m) for m in missing)}; has {sorted(det)}")
+            raise ValueError(
+                f"coco_results: detections[{i}] (image id {image_id}) lacks "
+                f"{', '.join(repr(m) for m in missing)}; has {sorted(det)}"
+            )
         boxes = _as_cpu(det["boxes"], "boxes", i).to(torch.float64)
         labels = _as_cpu(det["labels"], "labels", i)
         scores = _as_cpu(det["scores"], "scores", i).to(torch.float64)
         if boxes.dim() != 2 or boxes.shape[1] != 4:
-            raise ValueError(f"coco_results: detections[{i}]['boxes'] must be [N, 4] "
-                             f"(x1, y1, x2, y2), got {tuple(boxes.shape)}")
+            raise ValueError(
+                f"coco_results: detections[{i}]['boxes'] must be [N, 4] "
+                f"(x1, y1, x2, y2), got {tuple(boxes.shape)}"
+            )
         N = boxes.shape[0]
         for name, t in (("labels", labels), ("scores", scores)):
             if t.shape != (N,):
-                raise ValueError(f"coco_results: detections[{i}]['{name}'] must be [N] with "
-                                 f"N = {N} (the number of boxes), got {tuple(t.shape)}")
+                raise ValueError(
+                    f"coco_results: detections[{i}]['{name}'] must be [N] with "
+                    f"N = {N} (the number of boxes), got {tuple(t.shape)}"
+                )
         if labels.is_floating_point():
-            raise TypeError(f"coco_results: detections[{i}]['labels'] must be an integer "
-                            f"tensor, got {labels.dtype}")
+            raise TypeError(
+                f"coco_results: detections[{i}]['labels'] must be an integer "
+                f"tensor, got {labels.dtype}"
+            )
         if label_to_cat_id is None:
             cat_ids = [int(v) for v in labels]
         else:
             unknown = sorted({int(v) for v in labels} - set(label_to_cat_id))
             if unknown:
-                raise ValueError(f"coco_results: detections[{i}] (image id {image_id}) has "
-                                 f"label(s) {unknown} that map to no category; known labels "
-                                 f"{sorted(label_to_cat_id)}")
+                raise ValueError(
+                    f"coco_results: detections[{i}] (image id {image_id}) has "
+                    f"label(s) {unknown} that map to no category; known labels "
+                    f"{sorted(label_to_cat_id)}"
+                )
             cat_ids = [int(label_to_cat_id[int(v)]) for v in labels]
         xywh = boxes.clone()
         xywh[:, 2:] -= xywh[:, :2]  # (x1, y1, x2, y2) -> (x, y, w, h)
@@ -307,8 +370,10 @@ def coco_results(
             if masks.dim() == 4 and masks.shape[1] == 1:
                 masks = masks[:, 0]  # (N, 1, H, W) -> (N, H, W)
             if masks.dim() != 3 or masks.shape[0] != N:
-                raise ValueError(f"coco_results: detections[{i}]['masks'] must be [N, 1, H, W] "
-                                 f"with N = {N}, got {tuple(det['masks'].shape)}")
+                raise ValueError(
+                    f"coco_results: detections[{i}]['masks'] must be [N, 1, H, W] "
+                    f"with N = {N}, got {tuple(det['masks'].shape)}"
+                )
             binary = (masks >= mask_threshold).to(torch.uint8)  # (N, H, W)
             # pycocotools wants (H, W, N) in Fortran (column-major) order
             fortran = np.asfortranarray(binary.permute(1, 2, 0).numpy())  # (N, H, W) -> (H, W, N)
@@ -317,16 +382,24 @@ def coco_results(
         if "keypoints" in det:
             kps = _as_cpu(det["keypoints"], "keypoints", i).to(torch.float64)
             if kps.dim() != 3 or kps.shape[0] != N or kps.shape[2] != 3:
-                raise ValueError(f"coco_results: detections[{i}]['keypoints'] must be "
-                                 f"[N, K, 3] (x, y, v) with N = {N}, got {tuple(kps.shape)}")
+                raise ValueError(
+                    f"coco_results: detections[{i}]['keypoints'] must be "
+                    f"[N, K, 3] (x, y, v) with N = {N}, got {tuple(kps.shape)}"
+                )
             kps = kps.reshape(N, 3 * kps.shape[1])  # (N, K, 3) -> (N, 3K): x1, y1, v1, x2, ...
 
         for j in range(N):
-            res = {"image_id": int(image_id), "category_id": cat_ids[j],
-                   "score": float(scores[j]), "bbox": [float(v) for v in xywh[j]]}
+            res = {
+                "image_id": int(image_id),
+                "category_id": cat_ids[j],
+                "score": float(scores[j]),
+                "bbox": [float(v) for v in xywh[j]],
+            }
             if rles is not None:
-                res["segmentation"] = {"size": [int(s) for s in rles[j]["size"]],
-                                       "counts": rles[j]["counts"].decode("ascii")}
+                res["segmentation"] = {
+                    "size": [int(s) for s in rles[j]["size"]],
+                    "counts": rles[j]["counts"].decode("ascii"),
+                }
             if kps is not None:
                 res["keypoints"] = [float(v) for v in kps[j]]
             results.append(res)
@@ -341,8 +414,15 @@ def _results_for(results: list[dict], iou_type: str) -> list[dict]:
     box; with ``segmentation`` alone it takes the mask's area, as COCO's own mask results do.
     """
     key = {"bbox": "bbox", "segm": "segmentation", "keypoints": "keypoints"}[iou_type]
-    return [{"image_id": r["image_id"], "category_id": r["category_id"], "score": r["score"],
-             key: copy.deepcopy(r[key])} for r in results]
+    return [
+        {
+            "image_id": r["image_id"],
+            "category_id": r["category_id"],
+            "score": r["score"],
+            key: copy.deepcopy(r[key]),
+        }
+        for r in results
+    ]
 
 
 def _ground_truth(base) -> COCO:
@@ -369,8 +449,11 @@ def _ground_truth(base) -> COCO:
 def _empty_results(gt: COCO) -> COCO:
     """A results ``COCO`` with no detections (``loadRes`` fails on an empty list)."""
     dt = COCO()
-    dt.dataset = {"images": list(gt.dataset["images"]), "annotations": [],
-                  "categories": copy.deepcopy(gt.dataset["categories"])}
+    dt.dataset = {
+        "images": list(gt.dataset["images"]),
+        "annotations": [],
+        "categories": copy.deepcopy(gt.dataset["categories"]),
+    }
     with contextlib.redirect_stdout(io.StringIO()):
         dt.createIndex()
     return dt
@@ -393,15 +476,19 @@ def _keypoint_sigmas(gt: COCO, num_keypoints: int, given: Sequence[float] | None
                 f"evaluate: keypoint AP (OKS) needs one sigma per keypoint; the annotation file "
                 f"has K = {K} keypoints and no category with a 'sigmas' list, and COCO's defaults "
                 f"are for its 17 person keypoints. Pass kpt_oks_sigmas=[{K} floats] or add "
-                f"\"sigmas\": [...] to the category in the annotation file")
+                f'"sigmas": [...] to the category in the annotation file'
+            )
     if sigmas.shape != (K,) or not np.all(np.isfinite(sigmas)) or np.any(sigmas <= 0):
-        raise ValueError(f"evaluate: {source} must be {K} positive numbers (one per keypoint), "
-                         f"got {sigmas.tolist()}")
+        raise ValueError(
+            f"evaluate: {source} must be {K} positive numbers (one per keypoint), "
+            f"got {sigmas.tolist()}"
+        )
     return sigmas
 
 
-def _run_cocoeval(gt: COCO, results: list[dict], iou_type: str, image_ids: list[int],
-                  sigmas: np.ndarray | None) -> tuple[list[float], dict[str, float], str]:
+def _run_cocoeval(
+    gt: COCO, results: list[dict], iou_type: str, image_ids: list[int], sigmas: np.ndarray | None
+) -> tuple[list[float], dict[str, float], str]:
     """COCOeval on one IoU type; returns (stats, per-category AP, COCOeval's printed text)."""
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
@@ -420,7 +507,7 @@ def _run_cocoeval(gt: COCO, results: list[dict], iou_type: str, image_ids: list[
     per_category = {}
     for k, cat_id in enumerate(E.params.catIds):
         p = precision[:, :, k, 0, -1]  # area "all", the largest max-detections setting
-        p = p[p > -1]                   # -1: no ground truth of this category
+        p = p[p > -1]  # -1: no ground truth of this category
         name = names[k] if names.count(names[k]) == 1 else f"{names[k]} (id {cat_id})"
         per_category[name] = float(p.mean()) if p.size else math.nan
     return stats, per_category, buf.getvalue()
@@ -450,8 +537,11 @@ def _sync(device: torch.device) -> None:
 def _seeded(seed: int, device: torch.device):
     """Inside: torch's CPU generator and ``device``'s CUDA generator seeded with ``seed``;
     after: both as they were."""
-    cuda = ([device.index if device.index is not None else torch.cuda.current_device()]
-            if device.type == "cuda" else [])
+    cuda = (
+        [device.index if device.index is not None else torch.cuda.current_device()]
+        if device.type == "cuda"
+        else []
+    )
     with torch.random.fork_rng(devices=cuda):
         torch.default_generator.manual_seed(seed)
         for index in cuda:
@@ -529,8 +619,10 @@ def evaluate(
     if distributed is None:
         distributed = dist_utils.is_distributed()
     elif distributed and not dist_utils.is_distributed():
-        raise ValueError("evaluate: distributed=True needs an initialised process group with "
-                         "more than one process (torchrun + init_distributed())")
+        raise ValueError(
+            "evaluate: distributed=True needs an initialised process group with "
+            "more than one process (torchrun + init_distributed())"
+        )
     if distributed:
         if isinstance(model, nn.parallel.DistributedDataParallel):
             model = model.module
@@ -541,14 +633,18 @@ def evaluate(
             iou_types = [iou_types]
         bad = [t for t in iou_types if t not in IOU_TYPES]
         if bad or not iou_types:
-            raise ValueError(f"evaluate: iou_types must be a non-empty list of {IOU_TYPES}, "
-                             f"got {list(iou_types)}")
+            raise ValueError(
+                f"evaluate: iou_types must be a non-empty list of {IOU_TYPES}, "
+                f"got {list(iou_types)}"
+            )
     if batch_size < 1:
         raise ValueError(f"evaluate: batch_size must be >= 1, got {batch_size}")
     num_keypoints = len(base.keypoint_names) if getattr(base, "keypoint_names", None) else 0
     if iou_types is not None and "keypoints" in iou_types and not num_keypoints:
-        raise ValueError(f"evaluate: iou_types has 'keypoints' but {base!r} has no keypoint "
-                         "category (a person_keypoints_*.json file)")
+        raise ValueError(
+            f"evaluate: iou_types has 'keypoints' but {base!r} has no keypoint "
+            "category (a person_keypoints_*.json file)"
+        )
     gt = _ground_truth(base)
     sigmas = None
     if iou_types is not None and "keypoints" in iou_types:  # fail before the long model run
@@ -565,10 +661,11 @@ def evaluate(
     # batch b holds images b*batch_size ... (b+1)*batch_size - 1; rank r runs b = r, r + W, ...
     batch_ids = list(range(-(-n // batch_size)))  # ceil(n / batch_size)
     if distributed:
-        batch_ids = batch_ids[dist_utils.rank()::dist_utils.world_size()]
+        batch_ids = batch_ids[dist_utils.rank() :: dist_utils.world_size()]
     batches = [list(range(b * batch_size, min((b + 1) * batch_size, n))) for b in batch_ids]
-    loader = torch.utils.data.DataLoader(subset, batch_sampler=batches,
-                                         num_workers=num_workers, collate_fn=_collate)
+    loader = torch.utils.data.DataLoader(
+        subset, batch_sampler=batches, num_workers=num_workers, collate_fn=_collate
+    )
     progress = progress and dist_utils.is_main_process()
     if device is not None:
         device = torch.device(device)
@@ -584,8 +681,9 @@ def evaluate(
     model.eval()
     try:
         with torch.no_grad():
-            for b, (images, targets) in zip(batch_ids, tqdm(loader, desc="evaluate",
-                                                            disable=not progress)):
+            for b, (images, targets) in zip(
+                batch_ids, tqdm(loader, desc="evaluate", disable=not progress)
+            ):
                 ids = []
                 for j, (image, target) in enumerate(zip(images, targets)):
                     index = b * batch_size + j
@@ -594,14 +692,17 @@ def evaluate(
                     image_id = int(target["image_id"])
                     info = gt.imgs.get(image_id)
                     if info is None:
-                        raise ValueError(f"evaluate: dataset[{index}] has image id {image_id}, "
-                                         f"which is not in {getattr(base, 'ann_file', 'the set')}")
+                        raise ValueError(
+                            f"evaluate: dataset[{index}] has image id {image_id}, "
+                            f"which is not in {getattr(base, 'ann_file', 'the set')}"
+                        )
                     if tuple(image.shape[-2:]) != (info["height"], info["width"]):
                         raise ValueError(
                             f"evaluate: dataset[{index}] (image id {image_id}) image is "
                             f"{tuple(image.shape)} but the annotation file says height "
                             f"{info['height']}, width {info['width']}; evaluate on images in "
-                            f"their original size (no resizing transform)")
+                            f"their original size (no resizing transform)"
+                        )
                     ids.append(image_id)
                 batch = [im.to(device) for im in images]
                 tgts = [_to_device(t, device) for t in targets] if with_losses else None
@@ -612,31 +713,47 @@ def evaluate(
                 _sync(device)
                 model_seconds += time.perf_counter() - start
                 if not (isinstance(out, (tuple, list)) and len(out) == 2):
-                    raise TypeError("evaluate: model(images, targets) must return "
-                                    f"(detections, losses), got {type(out).__name__}")
+                    raise TypeError(
+                        "evaluate: model(images, targets) must return "
+                        f"(detections, losses), got {type(out).__name__}"
+                    )
                 detections, losses = out
                 if len(detections) != len(batch):
-                    raise ValueError(f"evaluate: the model returned {len(detections)} detection "
-                                     f"dicts for a batch of {len(batch)} images")
+                    raise ValueError(
+                        f"evaluate: the model returned {len(detections)} detection "
+                        f"dicts for a batch of {len(batch)} images"
+                    )
                 for det in detections:
                     for key, was_seen in seen.items():
                         seen[key] = was_seen or key in det
-                batch_results = coco_results(detections, ids, label_to_cat_id=label_to_cat_id,
-                                             mask_threshold=mask_threshold)
+                batch_results = coco_results(
+                    detections, ids, label_to_cat_id=label_to_cat_id, mask_threshold=mask_threshold
+                )
                 batch_losses = {}
                 for name, value in (losses or {}).items():
                     if not (isinstance(value, torch.Tensor) and value.numel() == 1):
-                        raise ValueError(f"evaluate: loss '{name}' must be a scalar tensor, got "
-                                         f"{getattr(value, 'shape', type(value).__name__)}")
+                        raise ValueError(
+                            f"evaluate: loss '{name}' must be a scalar tensor, got "
+                            f"{getattr(value, 'shape', type(value).__name__)}"
+                        )
                     batch_losses[name] = float(value)
                 records.append((b, ids, batch_results, batch_losses, len(batch)))
     finally:
         model.train(was_training)
 
     if not distributed:
-        return _score(records, seen, model_seconds, gt=gt, base=base, iou_types=iou_types,
-                      num_keypoints=num_keypoints, sigmas=sigmas, kpt_oks_sigmas=kpt_oks_sigmas,
-                      results_file=results_file)
+        return _score(
+            records,
+            seen,
+            model_seconds,
+            gt=gt,
+            base=base,
+            iou_types=iou_types,
+            num_keypoints=num_keypoints,
+            sigmas=sigmas,
+            kpt_oks_sigmas=kpt_oks_sigmas,
+            results_file=results_file,
+        )
     try:
         gathered = dist_utils.gather_object((records, seen, model_seconds))
         outcome = None
@@ -644,10 +761,21 @@ def evaluate(
             records = sorted((r for part in gathered for r in part[0]), key=lambda r: r[0])
             seen = {k: any(part[1][k] for part in gathered) for k in seen}
             try:
-                outcome = ("ok", _score(records, seen, max(part[2] for part in gathered), gt=gt,
-                                        base=base, iou_types=iou_types,
-                                        num_keypoints=num_keypoints, sigmas=sigmas,
-                                        kpt_oks_sigmas=kpt_oks_sigmas, results_file=results_file))
+                outcome = (
+                    "ok",
+                    _score(
+                        records,
+                        seen,
+                        max(part[2] for part in gathered),
+                        gt=gt,
+                        base=base,
+                        iou_types=iou_types,
+                        num_keypoints=num_keypoints,
+                        sigmas=sigmas,
+                        kpt_oks_sigmas=kpt_oks_sigmas,
+                        results_file=results_file,
+                    ),
+                )
             except (ValueError, OSError) as err:  # every rank raises it, not rank 0 alone
                 outcome = ("error", err)
         kind, value = dist_utils.broadcast_object(outcome)
@@ -660,9 +788,19 @@ def evaluate(
     return value
 
 
-def _score(records: list[tuple], seen: dict[str, bool], model_seconds: float, *, gt: COCO,
-           base, iou_types, num_keypoints: int, sigmas, kpt_oks_sigmas,
-           results_file) -> EvalResult:
+def _score(
+    records: list[tuple],
+    seen: dict[str, bool],
+    model_seconds: float,
+    *,
+    gt: COCO,
+    base,
+    iou_types,
+    num_keypoints: int,
+    sigmas,
+    kpt_oks_sigmas,
+    results_file,
+) -> EvalResult:
     """The second half of :func:`evaluate`: the per-batch ``records`` (in batch order) ->
     COCO results, mean losses, COCOeval per IoU type, an :class:`EvalResult`."""
     results: list[dict] = []
@@ -684,8 +822,10 @@ def _score(records: list[tuple], seen: dict[str, bool], model_seconds: float, *,
     else:
         for t, key in (("segm", "masks"), ("keypoints", "keypoints")):
             if t in iou_types and not seen[key]:
-                raise ValueError(f"evaluate: iou_types has '{t}' but the model returned no "
-                                 f"'{key}' in its detections")
+                raise ValueError(
+                    f"evaluate: iou_types has '{t}' but the model returned no "
+                    f"'{key}' in its detections"
+                )
     iou_types = tuple(t for t in IOU_TYPES if t in iou_types)
 
     written = None
@@ -694,14 +834,17 @@ def _score(records: list[tuple], seen: dict[str, bool], model_seconds: float, *,
         text = json.dumps(results).encode("utf-8")
         atomic_write(written, lambda f: f.write(text))
     if not results:
-        warnings.warn(f"evaluate: the model returned no detections on the {len(image_ids)} "
-                      "images; AP and AR are 0 (nan where the set has no ground truth)",
-                      stacklevel=3)
+        warnings.warn(
+            f"evaluate: the model returned no detections on the {len(image_ids)} "
+            "images; AP and AR are 0 (nan where the set has no ground truth)",
+            stacklevel=3,
+        )
 
     metrics, per_category, stats, texts = {}, {}, {}, []
     for t in iou_types:
-        s, per_cat, text = _run_cocoeval(gt, results, t, image_ids,
-                                         sigmas if t == "keypoints" else None)
+        s, per_cat, text = _run_cocoeval(
+            gt, results, t, image_ids, sigmas if t == "keypoints" else None
+        )
         stats[t] = s
         metrics[t] = _named_metrics(s, t)
         per_category[t] = per_cat
@@ -733,8 +876,10 @@ def format_metrics_table(result: EvalResult) -> str:
     |---|---:|---:|---:|---:|---:|---:|
     | bbox | 50.0 | 75.0 | 50.0 | - | 25.0 | 100.0 |
     """
-    lines = ["| IoU type | " + " | ".join(TABLE_METRICS) + " |",
-             "|---|" + "---:|" * len(TABLE_METRICS)]
+    lines = [
+        "| IoU type | " + " | ".join(TABLE_METRICS) + " |",
+        "|---|" + "---:|" * len(TABLE_METRICS),
+    ]
     for t in result.iou_types or tuple(result.metrics):
         m = result.metrics[t]
         cells = []

@@ -70,8 +70,10 @@ def param_groups(
                 no_decay.append(p)
             else:
                 decay.append(p)
-    groups = [{"name": "decay", "params": decay, "weight_decay": float(weight_decay)},
-              {"name": "no_decay", "params": no_decay, "weight_decay": 0.0}]
+    groups = [
+        {"name": "decay", "params": decay, "weight_decay": float(weight_decay)},
+        {"name": "no_decay", "params": no_decay, "weight_decay": 0.0},
+    ]
     return [g for g in groups if g["params"]]
 
 
@@ -99,12 +101,15 @@ def build_optimizer(
             trainable parameter.
     """
     if lr < 0 or weight_decay < 0:
-        raise ValueError(f"build_optimizer: lr and weight_decay must be >= 0, got lr={lr}, "
-                         f"weight_decay={weight_decay}")
+        raise ValueError(
+            f"build_optimizer: lr and weight_decay must be >= 0, got lr={lr}, "
+            f"weight_decay={weight_decay}"
+        )
     groups = param_groups(model, weight_decay, norm_bias_decay)
     if not groups:
-        raise ValueError(f"build_optimizer: {type(model).__name__} has no parameter with "
-                         "requires_grad=True")
+        raise ValueError(
+            f"build_optimizer: {type(model).__name__} has no parameter with requires_grad=True"
+        )
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
     if name == "adamw":
@@ -133,24 +138,36 @@ class LRFactor:
     [0.001, 0.5005, 1.0, 1.0, 0.1, 0.01]
     """
 
-    def __init__(self, *, total_steps: int, warmup_steps: int = 0, warmup_factor: float = 0.001,
-                 schedule: str = "step", milestones: Sequence[int] = (), gamma: float = 0.1,
-                 min_lr_ratio: float = 0.0):
+    def __init__(
+        self,
+        *,
+        total_steps: int,
+        warmup_steps: int = 0,
+        warmup_factor: float = 0.001,
+        schedule: str = "step",
+        milestones: Sequence[int] = (),
+        gamma: float = 0.1,
+        min_lr_ratio: float = 0.0,
+    ):
         where = "build_scheduler"
         if total_steps < 1:
             raise ValueError(f"{where}: total_steps must be >= 1, got {total_steps}")
         if not 0 <= warmup_steps <= total_steps:
-            raise ValueError(f"{where}: warmup_steps must be in [0, total_steps={total_steps}], "
-                             f"got {warmup_steps}")
+            raise ValueError(
+                f"{where}: warmup_steps must be in [0, total_steps={total_steps}], "
+                f"got {warmup_steps}"
+            )
         if not 0.0 < warmup_factor <= 1.0:
             raise ValueError(f"{where}: warmup_factor must be in (0, 1], got {warmup_factor}")
         if schedule not in ("step", "cosine", "constant"):
-            raise ValueError(f"{where}: schedule must be 'step', 'cosine' or 'constant', got "
-                             f"{schedule!r}")
+            raise ValueError(
+                f"{where}: schedule must be 'step', 'cosine' or 'constant', got {schedule!r}"
+            )
         milestones = tuple(int(m) for m in milestones)
         if list(milestones) != sorted(milestones) or any(m < 1 for m in milestones):
-            raise ValueError(f"{where}: milestones must be increasing positive steps, got "
-                             f"{milestones}")
+            raise ValueError(
+                f"{where}: milestones must be increasing positive steps, got {milestones}"
+            )
         if not 0.0 < gamma <= 1.0:
             raise ValueError(f"{where}: gamma must be in (0, 1], got {gamma}")
         if not 0.0 <= min_lr_ratio <= 1.0:
@@ -174,17 +191,21 @@ class LRFactor:
             return self.gamma ** bisect.bisect_right(self.milestones, step)
         if self.schedule == "cosine":
             t = min(step, self.total_steps) / self.total_steps
-            return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * t))
+            return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * 0.5 * (
+                1.0 + math.cos(math.pi * t)
+            )
         return 1.0
 
     def __call__(self, step: int) -> float:
         return self.warmup(step) * self.main(step)
 
     def __repr__(self) -> str:
-        return (f"LRFactor(total_steps={self.total_steps}, warmup_steps={self.warmup_steps}, "
-                f"warmup_factor={self.warmup_factor}, schedule={self.schedule!r}, "
-                f"milestones={self.milestones}, gamma={self.gamma}, "
-                f"min_lr_ratio={self.min_lr_ratio})")
+        return (
+            f"LRFactor(total_steps={self.total_steps}, warmup_steps={self.warmup_steps}, "
+            f"warmup_factor={self.warmup_factor}, schedule={self.schedule!r}, "
+            f"milestones={self.milestones}, gamma={self.gamma}, "
+            f"min_lr_ratio={self.min_lr_ratio})"
+        )
 
 
 class TimeBudgetFactor(LRFactor):
@@ -245,7 +266,13 @@ def build_scheduler(
     16 images per batch is ``build_scheduler(opt, total_steps=90_000, warmup_steps=1000,
     milestones=(60_000, 80_000))``.
     """
-    factor = LRFactor(total_steps=total_steps, warmup_steps=warmup_steps,
-                      warmup_factor=warmup_factor, schedule=schedule, milestones=milestones,
-                      gamma=gamma, min_lr_ratio=min_lr_ratio)
+    factor = LRFactor(
+        total_steps=total_steps,
+        warmup_steps=warmup_steps,
+        warmup_factor=warmup_factor,
+        schedule=schedule,
+        milestones=milestones,
+        gamma=gamma,
+        min_lr_ratio=min_lr_ratio,
+    )
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -104,8 +104,7 @@ class Experiment:
 def coco_r50_fpn_1x() -> Experiment:
     """torchvision's and Detectron's "1x": R50-FPN, 16 images/step, lr 0.02, 90k steps, decays
     at 60k and 80k, 1000 warm-up steps, shorter side 800. Expected: box AP ~37.9, mask AP ~34.6."""
-    return Experiment(model=get_preset("maskrcnn-r50-fpn"), train=TrainConfig(),
-                      data=DataConfig())
+    return Experiment(model=get_preset("maskrcnn-r50-fpn"), train=TrainConfig(), data=DataConfig())
 
 
 def coco_r50_fpn_3x() -> Experiment:
@@ -122,12 +121,29 @@ def shapes_recipe() -> Experiment:
     """The ``shapes`` model (``mrcnn_edu.config.shapes``) from scratch on the synthetic set:
     AdamW, warm-up and cosine decay, batch 4, horizontal flips, with a 10-minute budget on a
     2-core CPU (``make demo``)."""
-    train_cfg = TrainConfig(optimizer="adamw", lr=5e-4, reference_batch=4, weight_decay=1e-4,
-                            batch_size=4, steps=1000, warmup_steps=50, schedule="cosine",
-                            milestones=(), min_lr_ratio=0.02, grad_clip=10.0, max_minutes=10.0,
-                            num_workers=1, log_every=10, checkpoint_every=250, keep_last=2)
-    return Experiment(model=get_preset("shapes"), train=train_cfg,
-                      data=DataConfig(layout="shapes", train_split="train", val_split="val"))
+    train_cfg = TrainConfig(
+        optimizer="adamw",
+        lr=5e-4,
+        reference_batch=4,
+        weight_decay=1e-4,
+        batch_size=4,
+        steps=1000,
+        warmup_steps=50,
+        schedule="cosine",
+        milestones=(),
+        min_lr_ratio=0.02,
+        grad_clip=10.0,
+        max_minutes=10.0,
+        num_workers=1,
+        log_every=10,
+        checkpoint_every=250,
+        keep_last=2,
+    )
+    return Experiment(
+        model=get_preset("shapes"),
+        train=train_cfg,
+        data=DataConfig(layout="shapes", train_split="train", val_split="val"),
+    )
 
 
 def stick_figures_recipe() -> Experiment:
@@ -187,8 +203,13 @@ def register_experiment(name: str, fn) -> None:
 
 
 # ---------------------------------------------------------------------------------------- data
-def build_datasets(exp: Experiment, root: str | Path, *, train: bool = True, val: bool = True,
-                   ) -> tuple[CocoDetection | None, CocoDetection | None]:
+def build_datasets(
+    exp: Experiment,
+    root: str | Path,
+    *,
+    train: bool = True,
+    val: bool = True,
+) -> tuple[CocoDetection | None, CocoDetection | None]:
     """``(train_set, val_set)`` for the experiment's data layout under ``root``.
 
     The training set skips images without objects and flips with probability
@@ -215,17 +236,22 @@ def build_datasets(exp: Experiment, root: str | Path, *, train: bool = True, val
         if not any(a.is_file() for a in anns):
             missing.append(str(anns[0]))
     if missing:
-        hint = ("make one with `mrcnn-edu make-shapes --out " + str(root) + "`"
-                if d.layout == "shapes" else "see data/README.md for the COCO 2017 layout")
-        raise FileNotFoundError(f"{root} does not have the {d.layout} layout; missing: "
-                                f"{', '.join(missing)} ({hint})")
+        hint = (
+            "make one with `mrcnn-edu make-shapes --out " + str(root) + "`"
+            if d.layout == "shapes"
+            else "see data/README.md for the COCO 2017 layout"
+        )
+        raise FileNotFoundError(
+            f"{root} does not have the {d.layout} layout; missing: {', '.join(missing)} ({hint})"
+        )
 
     def load(split: str, **kw) -> CocoDetection:
         if d.layout == "shapes":
             return shapes_dataset(root, split, **kw)
         kp = exp.model.roi_heads.keypoint or (  # a keypoint model reads the keypoint files
-            (root / "annotations" / f"person_keypoints_{split}.json").is_file() and not (
-                root / "annotations" / f"instances_{split}.json").is_file())
+            (root / "annotations" / f"person_keypoints_{split}.json").is_file()
+            and not (root / "annotations" / f"instances_{split}.json").is_file()
+        )
         return coco2017(root, split, keypoints=kp, **kw)
 
     train_set = val_set = None
@@ -235,7 +261,8 @@ def build_datasets(exp: Experiment, root: str | Path, *, train: bool = True, val
             gen = torch.Generator().manual_seed(exp.train.seed + 1)
             names = train_set.keypoint_names
             train_set.transforms = RandomHorizontalFlip(
-                exp.train.hflip, flip_index=flip_index(names) if names else None, generator=gen)
+                exp.train.hflip, flip_index=flip_index(names) if names else None, generator=gen
+            )
     if val:
         val_set = load(d.val_split)
     return train_set, val_set
@@ -248,8 +275,9 @@ def _fit_num_classes(exp: Experiment, dataset: CocoDetection) -> None:
     exp.data.class_names = tuple(dataset.class_names)
 
 
-def time_train_step(model: MaskRCNN, loader, *, steps: int = 3,
-                    device: str | torch.device = "cpu") -> float:
+def time_train_step(
+    model: MaskRCNN, loader, *, steps: int = 3, device: str | torch.device = "cpu"
+) -> float:
     """Seconds per training step (forward + backward, no optimizer update) of ``model`` on
     ``loader``'s batches: the median of ``steps`` steps after one warm-up step, on a copy of
     the model, with torch's random state restored afterwards (training is not disturbed)."""
@@ -265,8 +293,10 @@ def time_train_step(model: MaskRCNN, loader, *, steps: int = 3,
         for i in range(steps + 1):
             images, targets = next(it)
             images = [im.to(device) for im in images]
-            targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()}
-                       for t in targets]
+            targets = [
+                {k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()}
+                for t in targets
+            ]
             start = time.perf_counter()
             _, losses = probe(images, targets)
             sum(losses.values()).backward()
@@ -277,9 +307,14 @@ def time_train_step(model: MaskRCNN, loader, *, steps: int = 3,
     return statistics.median(times)
 
 
-def build_optimization(exp: Experiment, model: torch.nn.Module, *,
-                       budget_minutes: float | None = None, distributed: bool = False,
-                       started: float | None = None):
+def build_optimization(
+    exp: Experiment,
+    model: torch.nn.Module,
+    *,
+    budget_minutes: float | None = None,
+    distributed: bool = False,
+    started: float | None = None,
+):
     """The recipe's optimizer, learning-rate schedule and step count: ``(optimizer, scheduler,
     steps)``. The lr scales with ``batch_size / reference_batch`` and the warm-up the other way
     (the same number of images). With ``budget_minutes`` the schedule runs on the wall clock
@@ -293,31 +328,59 @@ def build_optimization(exp: Experiment, model: torch.nn.Module, *,
     warmup_steps = round(t.warmup_steps * t.reference_batch / t.batch_size)  # same images
     if t.warmup_steps <= t.steps:  # (a warm-up longer than the run stays build_scheduler's error)
         warmup_steps = min(warmup_steps, t.steps)
-    optimizer = build_optimizer(model, t.optimizer, lr=lr, momentum=t.momentum,
-                                weight_decay=t.weight_decay, norm_bias_decay=t.norm_bias_decay)
+    optimizer = build_optimizer(
+        model,
+        t.optimizer,
+        lr=lr,
+        momentum=t.momentum,
+        weight_decay=t.weight_decay,
+        norm_bias_decay=t.norm_bias_decay,
+    )
     if budget_minutes:
         if distributed:
-            raise ValueError("run_training: fit_budget runs the learning rate on the wall clock, "
-                             "which differs between ranks (their parameters would drift apart); "
-                             "under torchrun use a step schedule (and --max-minutes to stop)")
+            raise ValueError(
+                "run_training: fit_budget runs the learning rate on the wall clock, "
+                "which differs between ranks (their parameters would drift apart); "
+                "under torchrun use a step schedule (and --max-minutes to stop)"
+            )
         spent = 0.0 if started is None else time.perf_counter() - started
-        factor = TimeBudgetFactor(budget_s=budget_minutes * 60 - spent, total_steps=t.steps,
-                                  warmup_steps=warmup_steps, warmup_factor=t.warmup_factor,
-                                  schedule=t.schedule, milestones=t.milestones, gamma=t.gamma,
-                                  min_lr_ratio=t.min_lr_ratio)
+        factor = TimeBudgetFactor(
+            budget_s=budget_minutes * 60 - spent,
+            total_steps=t.steps,
+            warmup_steps=warmup_steps,
+            warmup_factor=t.warmup_factor,
+            schedule=t.schedule,
+            milestones=t.milestones,
+            gamma=t.gamma,
+            min_lr_ratio=t.min_lr_ratio,
+        )
         return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor), 100 * t.steps
-    scheduler = build_scheduler(optimizer, total_steps=t.steps, warmup_steps=warmup_steps,
-                                warmup_factor=t.warmup_factor, schedule=t.schedule,
-                                milestones=t.milestones, gamma=t.gamma,
-                                min_lr_ratio=t.min_lr_ratio)
+    scheduler = build_scheduler(
+        optimizer,
+        total_steps=t.steps,
+        warmup_steps=warmup_steps,
+        warmup_factor=t.warmup_factor,
+        schedule=t.schedule,
+        milestones=t.milestones,
+        gamma=t.gamma,
+        min_lr_ratio=t.min_lr_ratio,
+    )
     return optimizer, scheduler, t.steps
 
 
-def run_training(exp: Experiment, data_root: str | Path, out_dir: str | Path, *,
-                 resume: bool = False, progress: bool = True, callbacks=(),
-                 device: str | torch.device = "cpu", check: bool = True,
-                 max_minutes: float | None = None,
-                 fit_budget: bool = False) -> tuple[MaskRCNN, TrainResult]:
+def run_training(
+    exp: Experiment,
+    data_root: str | Path,
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    callbacks=(),
+    device: str | torch.device = "cpu",
+    check: bool = True,
+    max_minutes: float | None = None,
+    fit_budget: bool = False,
+) -> tuple[MaskRCNN, TrainResult]:
     """Train ``exp`` on the data under ``data_root``; checkpoints and ``metrics.csv`` go to
     ``out_dir``. Returns the trained model (eval mode) and the :class:`TrainResult`.
 
@@ -357,28 +420,54 @@ def run_training(exp: Experiment, data_root: str | Path, out_dir: str | Path, *,
     model = build_model(exp.model).to(device)
     if distributed:
         loader = dist_utils.make_distributed_train_loader(
-            train_set, t.batch_size, num_workers=t.num_workers, seed=t.seed,
-            aspect_ratio_grouping=t.aspect_ratio_grouping)
+            train_set,
+            t.batch_size,
+            num_workers=t.num_workers,
+            seed=t.seed,
+            aspect_ratio_grouping=t.aspect_ratio_grouping,
+        )
         torch.manual_seed(dist_utils.rank_seed(t.seed))  # RoI sampling differs between ranks
         for gen in transform_generators(train_set).values():  # and so do the flips
             gen.manual_seed(dist_utils.rank_seed(gen.initial_seed()))
     else:
-        loader = make_train_loader(train_set, t.batch_size, num_workers=t.num_workers,
-                                   seed=t.seed, aspect_ratio_grouping=t.aspect_ratio_grouping)
+        loader = make_train_loader(
+            train_set,
+            t.batch_size,
+            num_workers=t.num_workers,
+            seed=t.seed,
+            aspect_ratio_grouping=t.aspect_ratio_grouping,
+        )
     budget = max_minutes if max_minutes is not None else t.max_minutes
     optimizer, scheduler, steps = build_optimization(
-        exp, model, budget_minutes=budget if fit_budget and not resume else None,
-        distributed=distributed, started=started)
+        exp,
+        model,
+        budget_minutes=budget if fit_budget and not resume else None,
+        distributed=distributed,
+        started=started,
+    )
     if fit_budget and budget and not resume:  # the budget counts from the start of this call
         budget -= (time.perf_counter() - started) / 60
     out_dir.mkdir(parents=True, exist_ok=True)
-    result = train(dist_utils.wrap_model(model, device), loader, optimizer, scheduler,
-                   steps=steps, device=device, amp=t.amp,
-                   grad_clip=t.grad_clip, callbacks=callbacks, checkpoint_dir=out_dir,
-                   checkpoint_every=t.checkpoint_every, keep_last=t.keep_last,
-                   resume=True if resume else None, log_every=t.log_every,
-                   metrics_csv=out_dir / "metrics.csv", progress=progress, config=exp,
-                   max_minutes=budget)
+    result = train(
+        dist_utils.wrap_model(model, device),
+        loader,
+        optimizer,
+        scheduler,
+        steps=steps,
+        device=device,
+        amp=t.amp,
+        grad_clip=t.grad_clip,
+        callbacks=callbacks,
+        checkpoint_dir=out_dir,
+        checkpoint_every=t.checkpoint_every,
+        keep_last=t.keep_last,
+        resume=True if resume else None,
+        log_every=t.log_every,
+        metrics_csv=out_dir / "metrics.csv",
+        progress=progress,
+        config=exp,
+        max_minutes=budget,
+    )
     return model.eval(), result
 
 
@@ -386,13 +475,13 @@ def experiment_from_checkpoint(ckpt: dict, path: str | Path = "checkpoint") -> E
     """The :class:`Experiment` stored in a checkpoint written by :func:`run_training`."""
     values = ckpt.get("config")
     if not isinstance(values, dict) or "model" not in values:
-        raise ValueError(f"{path}: holds no mrcnn_edu training config (was it written by "
-                         "`mrcnn-edu train`?)")
+        raise ValueError(
+            f"{path}: holds no mrcnn_edu training config (was it written by `mrcnn-edu train`?)"
+        )
     return from_dict(Experiment, values)
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[MaskRCNN,
-                                                                               Experiment]:
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[MaskRCNN, Experiment]:
     """Rebuild the model a training checkpoint holds (its config, then its weights), in eval
     mode. A file that is not a checkpoint, or whose weights do not fit its config, raises an
     error naming what does not match."""

@@ -45,15 +45,17 @@ def _load_example(dataset, index: int, fn: str = "train_rpn") -> tuple[torch.Ten
     """dataset[index] -> (image [3, H, W] float32, gt boxes [G, 4] float32), checked."""
     item = dataset[index]
     if not (isinstance(item, (tuple, list)) and len(item) == 2):
-        raise TypeError(f"{fn}: dataset[{index}] must be an (image, target) pair, "
-                        f"got {type(item).__name__}")
+        raise TypeError(
+            f"{fn}: dataset[{index}] must be an (image, target) pair, got {type(item).__name__}"
+        )
     image, target = item
     if not isinstance(image, torch.Tensor) or image.dim() != 3 or image.shape[0] != 3:
         got = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
         raise ValueError(f"{fn}: dataset[{index}] image must be a [3, H, W] tensor, got {got}")
     if not isinstance(target, dict) or "boxes" not in target:
-        raise ValueError(f"{fn}: dataset[{index}] target must be a dict with a 'boxes' "
-                         f"field ([G, 4] xyxy)")
+        raise ValueError(
+            f"{fn}: dataset[{index}] target must be a dict with a 'boxes' field ([G, 4] xyxy)"
+        )
     boxes = torch.as_tensor(target["boxes"], dtype=torch.float32).reshape(-1, 4)
     return image.to(torch.float32), boxes
 
@@ -112,8 +114,10 @@ def train_rpn(
         per step. Both modules are left in the train / eval mode they had before the call.
     """
     if iterations < 1 or batch_size < 1:
-        raise ValueError(f"train_rpn: iterations and batch_size must be >= 1, got "
-                         f"iterations={iterations}, batch_size={batch_size}")
+        raise ValueError(
+            f"train_rpn: iterations and batch_size must be >= 1, got "
+            f"iterations={iterations}, batch_size={batch_size}"
+        )
     n = len(dataset)
     if n == 0:
         raise ValueError("train_rpn: the data set is empty")
@@ -135,8 +139,7 @@ def train_rpn(
     was_training = (backbone.training, rpn.training)
     backbone.train()
     rpn.train()
-    history: dict[str, list[float]] = {k: [] for k in
-                                       ("step", "loss", *LOSS_KEYS, "lr", "seconds")}
+    history: dict[str, list[float]] = {k: [] for k in ("step", "loss", *LOSS_KEYS, "lr", "seconds")}
     order = torch.randperm(n, generator=gen)
     cursor = 0
     start = time.perf_counter()
@@ -160,15 +163,19 @@ def train_rpn(
             if not torch.isfinite(loss):
                 raise FloatingPointError(
                     f"train_rpn: loss became {loss.item()} at step {step} "
-                    f"({ {k: float(losses[k]) for k in LOSS_KEYS} }); lower lr")
+                    f"({ {k: float(losses[k]) for k in LOSS_KEYS} }); lower lr"
+                )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if max_grad_norm is not None:
                 nn.utils.clip_grad_norm_(params, max_grad_norm)
             opt.step()
 
-            record = {"loss": float(loss.detach()), **{k: float(losses[k].detach()) for k in LOSS_KEYS},
-                      "lr": float(opt.param_groups[0]["lr"])}
+            record = {
+                "loss": float(loss.detach()),
+                **{k: float(losses[k].detach()) for k in LOSS_KEYS},
+                "lr": float(opt.param_groups[0]["lr"]),
+            }
             history["step"].append(step)
             for k, v in record.items():
                 history[k].append(v)
@@ -182,8 +189,14 @@ def train_rpn(
     return history
 
 
-def pick_example(dataset, *, min_objects: int = 4, min_size_ratio: float = 3.0,
-                 min_size: float = 12.0, limit: int = 100) -> int:
+def pick_example(
+    dataset,
+    *,
+    min_objects: int = 4,
+    min_size_ratio: float = 3.0,
+    min_size: float = 12.0,
+    limit: int = 100,
+) -> int:
     """Index of the first image whose ground truth shows anchors, matching and box deltas well.
 
     Notebook ``04_anchors_and_rpn.ipynb`` draws one image's anchors, matches and deltas; an image
@@ -202,8 +215,10 @@ def pick_example(dataset, *, min_objects: int = 4, min_size_ratio: float = 3.0,
         ``limit`` images meets them.
     """
     if min_objects < 1 or min_size_ratio < 1.0 or limit < 1:
-        raise ValueError(f"pick_example: need min_objects >= 1, min_size_ratio >= 1 and "
-                         f"limit >= 1, got {min_objects}, {min_size_ratio}, {limit}")
+        raise ValueError(
+            f"pick_example: need min_objects >= 1, min_size_ratio >= 1 and "
+            f"limit >= 1, got {min_objects}, {min_size_ratio}, {limit}"
+        )
     n = min(len(dataset), limit)
     for i in range(n):
         _, boxes = _load_example(dataset, i, "pick_example")
@@ -211,11 +226,15 @@ def pick_example(dataset, *, min_objects: int = 4, min_size_ratio: float = 3.0,
             continue
         wh = (boxes[:, 2:] - boxes[:, :2]).clamp(min=0)  # [G, 2]
         size = (wh[:, 0] * wh[:, 1]).sqrt()  # [G] sqrt(area), the anchors' notion of size
-        if float(size.min()) >= min_size and float(size.max()) >= min_size_ratio * float(size.min()):
+        if float(size.min()) >= min_size and float(size.max()) >= min_size_ratio * float(
+            size.min()
+        ):
             return i
-    raise ValueError(f"pick_example: none of the first {n} images has >= {min_objects} objects "
-                     f"of sizes spanning a factor >= {min_size_ratio}, all >= {min_size} px; "
-                     "relax the criteria or use a larger data set")
+    raise ValueError(
+        f"pick_example: none of the first {n} images has >= {min_objects} objects "
+        f"of sizes spanning a factor >= {min_size_ratio}, all >= {min_size} px; "
+        "relax the criteria or use a larger data set"
+    )
 
 
 @torch.no_grad()
@@ -239,8 +258,10 @@ def predict_proposals(
     """
     if isinstance(images, torch.Tensor):
         if images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"predict_proposals: images must be [B, 3, H, W] or a list of "
-                             f"[3, H, W] tensors, got a tensor of shape {tuple(images.shape)}")
+            raise ValueError(
+                f"predict_proposals: images must be [B, 3, H, W] or a list of "
+                f"[3, H, W] tensors, got a tensor of shape {tuple(images.shape)}"
+            )
         images = list(images)
     device = _module_device(backbone)
     was_training = (backbone.training, rpn.training)
@@ -249,11 +270,12 @@ def predict_proposals(
     out: list[torch.Tensor] = []
     try:
         for i in range(0, len(images), batch_size):
-            chunk = [im.to(torch.float32) for im in images[i: i + batch_size]]
+            chunk = [im.to(torch.float32) for im in images[i : i + batch_size]]
             for j, im in enumerate(chunk):
                 if im.dim() != 3 or im.shape[0] != 3:
-                    raise ValueError(f"predict_proposals: image {i + j} must be [3, H, W], got "
-                                     f"{tuple(im.shape)}")
+                    raise ValueError(
+                        f"predict_proposals: image {i + j} must be [3, H, W], got {tuple(im.shape)}"
+                    )
             batch, image_sizes = batch_images(chunk)  # [b, 3, H', W']
             batch = batch.to(device)
             proposals, _ = rpn(batch, image_sizes, backbone(batch))

@@ -68,8 +68,14 @@ from .distributed import (
     world_size,
 )
 
-__all__ = ["Callback", "NonFiniteLossError", "TrainResult", "TrainingOutOfMemoryError",
-           "read_metrics_csv", "train"]
+__all__ = [
+    "Callback",
+    "NonFiniteLossError",
+    "TrainResult",
+    "TrainingOutOfMemoryError",
+    "read_metrics_csv",
+    "train",
+]
 
 _SMOOTH = 20  # the progress bar shows losses averaged over this many recent steps
 
@@ -91,7 +97,8 @@ class NonFiniteLossError(FloatingPointError):
         super().__init__(
             f"train: non-finite {values} at step {step}, batch image ids {self.image_ids}. The "
             f"parameters are left as after step {step - 1}. Try a lower learning rate, a longer "
-            "warm-up or grad_clip, and check these images' annotations (e.g. degenerate boxes).")
+            "warm-up or grad_clip, and check these images' annotations (e.g. degenerate boxes)."
+        )
 
 
 class TrainingOutOfMemoryError(RuntimeError):
@@ -163,8 +170,12 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
     writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: ("" if v is None else repr(v) if isinstance(v, float) else v)
-                         for k, v in row.items()})
+        writer.writerow(
+            {
+                k: ("" if v is None else repr(v) if isinstance(v, float) else v)
+                for k, v in row.items()
+            }
+        )
     atomic_write(path, lambda f: f.write(buf.getvalue().encode("utf-8")))
 
 
@@ -200,33 +211,46 @@ def read_metrics_csv(path: str | Path) -> list[dict]:
 def _unpack(batch, step: int, device: torch.device) -> tuple[list, list, list]:
     """``(images, targets)`` from the loader -> on ``device``, plus the batch's image ids."""
     if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
-        raise TypeError(f"train: step {step}: a batch must be an (images, targets) pair (use "
-                        f"collate_fn=mrcnn_edu.transforms.collate_fn), got {type(batch).__name__}")
+        raise TypeError(
+            f"train: step {step}: a batch must be an (images, targets) pair (use "
+            f"collate_fn=mrcnn_edu.transforms.collate_fn), got {type(batch).__name__}"
+        )
     images, targets = batch
     if isinstance(images, torch.Tensor):
         images = list(images)  # [B, 3, H, W] -> B x [3, H, W]
     if not isinstance(targets, (list, tuple)) or len(targets) != len(images):
         n = len(targets) if isinstance(targets, (list, tuple)) else type(targets).__name__
-        raise TypeError(f"train: step {step}: expected one target dict per image, got "
-                        f"{len(images)} images and {n} targets")
+        raise TypeError(
+            f"train: step {step}: expected one target dict per image, got "
+            f"{len(images)} images and {n} targets"
+        )
     image_ids = []
     for t in targets:
         iid = t.get("image_id") if isinstance(t, dict) else None
         image_ids.append(int(iid) if iid is not None else None)
     images = [im.to(device, non_blocking=True) for im in images]
-    targets = [{k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
-                for k, v in t.items()} for t in targets]
+    targets = [
+        {
+            k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
+            for k, v in t.items()
+        }
+        for t in targets
+    ]
     return images, targets, image_ids
 
 
 def _losses_of(out, step: int) -> dict[str, torch.Tensor]:
     if not (isinstance(out, (tuple, list)) and len(out) == 2 and isinstance(out[1], dict)):
-        raise TypeError(f"train: step {step}: model(images, targets) must return (detections, "
-                        f"losses dict), got {type(out).__name__}")
+        raise TypeError(
+            f"train: step {step}: model(images, targets) must return (detections, "
+            f"losses dict), got {type(out).__name__}"
+        )
     losses = out[1]
     if not losses:
-        raise ValueError(f"train: step {step}: the model returned no losses (is it in train "
-                         "mode, and were targets passed?)")
+        raise ValueError(
+            f"train: step {step}: the model returned no losses (is it in train "
+            "mode, and were targets passed?)"
+        )
     for k, v in losses.items():
         if not isinstance(v, torch.Tensor) or v.numel() != 1:
             what = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
@@ -239,26 +263,36 @@ def _rank_state(ckpt: dict, path: Path, data) -> dict:
     ``extra["ranks"]`` when the checkpoint was written by a run of this world size, else the
     checkpoint's main states (rank 0's, or the single process's) with the data continuing at
     the start of the next epoch (not exact: the shards changed with the world size)."""
-    main = {"rng": ckpt["rng"], "data": ckpt.get("data_state"),
-            "generators": ckpt.get("generators") or {}}
+    main = {
+        "rng": ckpt["rng"],
+        "data": ckpt.get("data_state"),
+        "generators": ckpt.get("generators") or {},
+    }
     per_rank = ckpt["extra"].get("ranks")
     saved_world = len(per_rank) if per_rank else 1
     if saved_world == world_size():
         return per_rank[rank()] if per_rank else main
-    warnings.warn(f"train: {path} was written by {saved_world} process(es), this run has "
-                  f"{world_size()}: the data order restarts at the next epoch and every rank "
-                  "takes the saved main random states, so the run continues but not bit for bit "
-                  "as it would have with the same number of processes", stacklevel=3)
+    warnings.warn(
+        f"train: {path} was written by {saved_world} process(es), this run has "
+        f"{world_size()}: the data order restarts at the next epoch and every rank "
+        "takes the saved main random states, so the run continues but not bit for bit "
+        "as it would have with the same number of processes",
+        stacklevel=3,
+    )
     if main["data"] is not None:
-        main["data"] = {**data.state_dict(), "epoch": int(main["data"]["epoch"]) + 1,
-                        "batches_in_epoch": 0}
+        main["data"] = {
+            **data.state_dict(),
+            "epoch": int(main["data"]["epoch"]) + 1,
+            "batches_in_epoch": 0,
+        }
     return main
 
 
 def _is_oom(err: BaseException) -> bool:
     oom_type = getattr(torch, "OutOfMemoryError", None)
     return (oom_type is not None and isinstance(err, oom_type)) or (
-        isinstance(err, RuntimeError) and "out of memory" in str(err).lower())
+        isinstance(err, RuntimeError) and "out of memory" in str(err).lower()
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -367,13 +401,16 @@ def train(
         DistributedError: another rank died or hung (this rank lost contact with it).
     """
     if steps < 0 or start_step < 0:
-        raise ValueError(f"train: steps and start_step must be >= 0, got steps={steps}, "
-                         f"start_step={start_step}")
+        raise ValueError(
+            f"train: steps and start_step must be >= 0, got steps={steps}, start_step={start_step}"
+        )
     if amp not in (None, "bf16", "fp16"):
         raise ValueError(f"train: amp must be None, 'bf16' or 'fp16', got {amp!r}")
     if log_every < 1 or checkpoint_every < 0 or eval_every < 0:
-        raise ValueError(f"train: log_every must be >= 1 and checkpoint_every, eval_every >= 0, "
-                         f"got {log_every}, {checkpoint_every}, {eval_every}")
+        raise ValueError(
+            f"train: log_every must be >= 1 and checkpoint_every, eval_every >= 0, "
+            f"got {log_every}, {checkpoint_every}, {eval_every}"
+        )
     if (checkpoint_every or resume is True) and checkpoint_dir is None:
         raise ValueError("train: checkpoint_every and resume=True need a checkpoint_dir")
     if eval_every and eval_fn is None:
@@ -381,9 +418,11 @@ def train(
     device = torch.device(device)
     dist_on, main = is_distributed(), is_main_process()
     if dist_on and not isinstance(model, nn.parallel.DistributedDataParallel):
-        raise ValueError(f"train: running distributed ({world_size()} processes) but the model "
-                         "is not wrapped in DistributedDataParallel, so the ranks' gradients "
-                         "would not be averaged; use mrcnn_edu.engine.distributed.wrap_model")
+        raise ValueError(
+            f"train: running distributed ({world_size()} processes) but the model "
+            "is not wrapped in DistributedDataParallel, so the ranks' gradients "
+            "would not be averaged; use mrcnn_edu.engine.distributed.wrap_model"
+        )
     callbacks = list(callbacks) if main else []  # rank 0 reports; the others only compute
     progress = progress and main
     ckdir = None if checkpoint_dir is None else Path(checkpoint_dir)
@@ -406,13 +445,21 @@ def train(
     elif resume:
         resume_path = Path(resume)
     elif ckdir is not None and ((ckdir / "last.pt").exists() or checkpoint_files(ckdir)):
-        raise FileExistsError(f"train: {ckdir} already holds checkpoints; pass resume=True to "
-                              "continue that run, or use another checkpoint_dir")
+        raise FileExistsError(
+            f"train: {ckdir} already holds checkpoints; pass resume=True to "
+            "continue that run, or use another checkpoint_dir"
+        )
     step, elapsed_before = start_step, 0.0
     if resume_path is not None:
-        ckpt = load_checkpoint(resume_path, model=unwrap_model(model), optimizer=optimizer,
-                               scheduler=scheduler, scaler=scaler, restore_rng=False,
-                               config=config)
+        ckpt = load_checkpoint(
+            resume_path,
+            model=unwrap_model(model),
+            optimizer=optimizer,
+            scheduler=scheduler,
+            scaler=scaler,
+            restore_rng=False,
+            config=config,
+        )
         step = int(ckpt["step"])
         elapsed_before = float(ckpt["extra"].get("elapsed_s", 0.0))
         own = _rank_state(ckpt, resume_path, data)  # this rank's states (all ranks: one file)
@@ -421,8 +468,10 @@ def train(
         saved_gens = own["generators"]
         for name, gen in gens.items():
             if name not in saved_gens:
-                raise ValueError(f"train: {resume_path} holds no state for generator {name!r} "
-                                 f"(it has {sorted(saved_gens) or 'none'})")
+                raise ValueError(
+                    f"train: {resume_path} holds no state for generator {name!r} "
+                    f"(it has {sorted(saved_gens) or 'none'})"
+                )
             gen.set_state(saved_gens[name])
         set_rng_state(own["rng"])
     csv_rows: list[dict] = []
@@ -432,8 +481,11 @@ def train(
     # --- the loop ---------------------------------------------------------------------------
     def snapshot() -> dict:
         """Everything random about "after this step", for a checkpoint taken later."""
-        return {"rng": get_rng_state(), "data": data.state_dict(),
-                "generators": {k: g.get_state() for k, g in gens.items()}}
+        return {
+            "rng": get_rng_state(),
+            "data": data.state_dict(),
+            "generators": {k: g.get_state() for k, g in gens.items()},
+        }
 
     def save(state: dict, at_step: int) -> Path:
         extra = {"elapsed_s": elapsed_before + time.perf_counter() - t0}
@@ -441,10 +493,20 @@ def train(
             extra["ranks"] = all_gather_object(state)
         path = None
         if main:
-            path = save_checkpoint(ckdir, model=model, optimizer=optimizer, scheduler=scheduler,
-                                   scaler=scaler, step=at_step, config=config, extra=extra,
-                                   data_state=state["data"], generators=state["generators"],
-                                   rng_state=state["rng"], keep_last=keep_last)
+            path = save_checkpoint(
+                ckdir,
+                model=model,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                scaler=scaler,
+                step=at_step,
+                config=config,
+                extra=extra,
+                data_state=state["data"],
+                generators=state["generators"],
+                rng_state=state["rng"],
+                keep_last=keep_last,
+            )
         path = broadcast_object(path)  # the others go on once the file is written
         _dispatch(callbacks, "on_checkpoint", at_step, path)
         return path
@@ -459,8 +521,13 @@ def train(
     window: list[dict] = []
     window_start = t0 = time.perf_counter()
     state = snapshot()
-    bar = tqdm(total=steps, initial=min(step, steps), desc="train", disable=not progress,
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=steps,
+        initial=min(step, steps),
+        desc="train",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
 
     def log_row() -> None:
         nonlocal window, window_start
@@ -482,7 +549,8 @@ def train(
     try:
         while step < steps:
             if max_minutes is not None and any_rank(  # all ranks stop at the same step
-                    time.perf_counter() - t0 >= 60.0 * max_minutes):
+                time.perf_counter() - t0 >= 60.0 * max_minutes
+            ):
                 stopped_early = True
                 break
             n = step + 1  # the step being taken
@@ -515,8 +583,9 @@ def train(
                     if grad_clip is not None:
                         grad_norm = float(nn.utils.clip_grad_norm_(params, grad_clip))
                         if not math.isfinite(grad_norm):
-                            raise NonFiniteLossError(n, {**values, "grad_norm": grad_norm},
-                                                     image_ids)
+                            raise NonFiniteLossError(
+                                n, {**values, "grad_norm": grad_norm}, image_ids
+                            )
                     optimizer.step()
                 if scheduler is not None:
                     scheduler.step()
@@ -529,11 +598,18 @@ def train(
                     f"train: out of memory on {device} at step {n} (a batch of {len(images)} "
                     f"images, sizes {sizes}). Use a smaller batch size or smaller images "
                     f"(min_size / max_size), or amp='bf16'. ({type(err).__name__}: "
-                    f"{str(err).splitlines()[0] if str(err) else ''})") from err
+                    f"{str(err).splitlines()[0] if str(err) else ''})"
+                ) from err
             state = snapshot()
 
-            row = {"step": step, "epoch": data.epoch, "lr": lr, **values,
-                   "loss": sum(values.values()), "images": num_images}
+            row = {
+                "step": step,
+                "epoch": data.epoch,
+                "lr": lr,
+                **values,
+                "loss": sum(values.values()),
+                "images": num_images,
+            }
             if grad_norm is not None:
                 row["grad_norm"] = grad_norm
             recent.append(row)
@@ -544,8 +620,10 @@ def train(
                 expected = step + int((60.0 * max_minutes - spent) * (step - first_step) / spent)
                 bar.total = max(step, min(steps, expected))
             if progress:
-                shown = {k.removeprefix("loss_"): f"{sum(r[k] for r in recent) / len(recent):.3f}"
-                         for k in (*values, "loss")}
+                shown = {
+                    k.removeprefix("loss_"): f"{sum(r[k] for r in recent) / len(recent):.3f}"
+                    for k in (*values, "loss")
+                }
                 span = max(time.perf_counter() - window_start, 1e-9)
                 shown["img/s"] = f"{sum(r['images'] for r in window) / span:.1f}"
                 bar.set_postfix(shown, refresh=False)
@@ -559,8 +637,11 @@ def train(
                 finally:
                     set_rng_state(rng)
                     model.train()
-                evals.append({"step": step, **metrics} if isinstance(metrics, dict)
-                             else {"step": step, "result": metrics})
+                evals.append(
+                    {"step": step, **metrics}
+                    if isinstance(metrics, dict)
+                    else {"step": step, "result": metrics}
+                )
                 _dispatch(callbacks, "on_eval", step, metrics)
             if ckdir is not None and checkpoint_every and step % checkpoint_every == 0:
                 last_checkpoint, saved_step = save(state, step), step
@@ -580,5 +661,11 @@ def train(
     finally:
         bar.close()
         model.train(was_training)
-    return TrainResult(steps_done=step - first_step, history=history, stopped_early=stopped_early,
-                       last_checkpoint=last_checkpoint, step=step, evals=evals)
+    return TrainResult(
+        steps_done=step - first_step,
+        history=history,
+        stopped_early=stopped_early,
+        last_checkpoint=last_checkpoint,
+        step=step,
+        evals=evals,
+    )

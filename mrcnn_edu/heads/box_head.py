@@ -171,8 +171,10 @@ class ConvFCHead(nn.Sequential):
     def forward(self, x: Tensor) -> Tensor:
         """``[K, C, r, r]`` pooled features -> ``[K, fc_dims[-1]]``."""
         r = self.resolution
-        if not isinstance(x, Tensor) or x.dim() != 4 or tuple(x.shape[1:]) != (
-            self.in_channels, r, r
+        if (
+            not isinstance(x, Tensor)
+            or x.dim() != 4
+            or tuple(x.shape[1:]) != (self.in_channels, r, r)
         ):
             raise ValueError(
                 f"ConvFCHead: expected [K, {self.in_channels}, {r}, {r}] features, got {_shape(x)}"
@@ -185,8 +187,15 @@ def _conv_norm_relu(in_ch: int, out_ch: int, dilation: int, norm: str | None) ->
     torchvision's ``Conv2dNormActivation``: ``0`` conv, ``1`` BatchNorm (if any), then ReLU.
     The conv has a bias only without a norm (BatchNorm's own bias makes it redundant)."""
     layers: list[nn.Module] = [
-        nn.Conv2d(in_ch, out_ch, kernel_size=3, stride=1, padding=dilation, dilation=dilation,
-                  bias=norm is None)
+        nn.Conv2d(
+            in_ch,
+            out_ch,
+            kernel_size=3,
+            stride=1,
+            padding=dilation,
+            dilation=dilation,
+            bias=norm is None,
+        )
     ]
     if norm == "bn":
         layers.append(nn.BatchNorm2d(out_ch))
@@ -289,8 +298,9 @@ def _check_targets(proposals, gt_boxes, gt_labels, fn: str) -> None:
     for i, (p, b, lab) in enumerate(zip(proposals, gt_boxes, gt_labels)):
         for name, t in (("proposals", p), ("gt_boxes", b)):
             if not isinstance(t, Tensor) or t.dim() != 2 or t.shape[1] != 4:
-                raise ValueError(f"{fn}: {name}[{i}] must be [N, 4] (x1, y1, x2, y2), got "
-                                 f"{_shape(t)}")
+                raise ValueError(
+                    f"{fn}: {name}[{i}] must be [N, 4] (x1, y1, x2, y2), got {_shape(t)}"
+                )
             if not t.is_floating_point():
                 raise TypeError(f"{fn}: {name}[{i}] must be floating point, got {t.dtype}")
         if not isinstance(lab, Tensor) or lab.dim() != 1 or lab.shape[0] != b.shape[0]:
@@ -365,7 +375,9 @@ def sample_proposals(
     for i, (pos, neg) in enumerate(zip(pos_masks, neg_masks)):
         keep = torch.where(pos | neg)[0]  # sampled indices, increasing
         proposals[i], labels[i], matched_idxs[i] = (
-            proposals[i][keep], labels[i][keep], matched_idxs[i][keep]
+            proposals[i][keep],
+            labels[i][keep],
+            matched_idxs[i][keep],
         )
         boxes_i = gt_boxes[i]
         if boxes_i.shape[0] == 0:  # no gt: index 0 of a single zero box
@@ -434,12 +446,15 @@ def box_loss(
     pos = torch.where(labels > 0)[0]  # [K_pos]
     labels_pos = labels[pos]
     box_regression = box_regression.reshape(K, num_classes, 4)  # [K, 4(C+1)] -> [K, C+1, 4]
-    loss_box_reg = F.smooth_l1_loss(
-        box_regression[pos, labels_pos],  # each positive's deltas for its gt class: [K_pos, 4]
-        regression_targets[pos],
-        beta=1 / 9,
-        reduction="sum",
-    ) / labels.numel()
+    loss_box_reg = (
+        F.smooth_l1_loss(
+            box_regression[pos, labels_pos],  # each positive's deltas for its gt class: [K_pos, 4]
+            regression_targets[pos],
+            beta=1 / 9,
+            reduction="sum",
+        )
+        / labels.numel()
+    )
     return loss_classifier, loss_box_reg
 
 
@@ -491,7 +506,8 @@ def postprocess_detections(
             f"{fn}: class_logits has {K} rows but the proposals hold {sum(boxes_per_image)} boxes"
         )
     if not isinstance(box_regression, Tensor) or tuple(box_regression.shape) != (
-        K, 4 * num_classes
+        K,
+        4 * num_classes,
     ):
         raise ValueError(
             f"{fn}: box_regression must be {(K, 4 * num_classes)}, got {_shape(box_regression)}"

@@ -121,7 +121,10 @@ class KeypointPredictor(nn.Module):
             )
         deconv_kernel = 4
         self.kps_score_lowres = nn.ConvTranspose2d(
-            int(in_channels), int(num_keypoints), deconv_kernel, stride=2,
+            int(in_channels),
+            int(num_keypoints),
+            deconv_kernel,
+            stride=2,
             padding=deconv_kernel // 2 - 1,
         )
         nn.init.kaiming_normal_(self.kps_score_lowres.weight, mode="fan_out", nonlinearity="relu")
@@ -139,7 +142,10 @@ class KeypointPredictor(nn.Module):
             )
         x = self.kps_score_lowres(x)  # [P, C, h, w] -> [P, K, 2h, 2w]
         return F.interpolate(  # [P, K, 2h, 2w] -> [P, K, 4h, 4w]
-            x, scale_factor=float(self.up_scale), mode="bilinear", align_corners=False,
+            x,
+            scale_factor=float(self.up_scale),
+            mode="bilinear",
+            align_corners=False,
             recompute_scale_factor=False,
         )
 
@@ -185,8 +191,12 @@ def keypoint_targets(
     fn = "keypoint_targets"
     _check_boxes(rois, fn, "rois")
     P = rois.shape[0]
-    if not isinstance(keypoints, Tensor) or keypoints.dim() != 3 or keypoints.shape[2] != 3 \
-            or keypoints.shape[0] != P:
+    if (
+        not isinstance(keypoints, Tensor)
+        or keypoints.dim() != 3
+        or keypoints.shape[2] != 3
+        or keypoints.shape[0] != P
+    ):
         raise ValueError(
             f"{fn}: keypoints must be [P, K, 3] = [{P}, K, 3] (x, y, visibility), one row per "
             f"RoI, got {_shape(keypoints)}"
@@ -201,8 +211,9 @@ def keypoint_targets(
     bad = ~((widths > 0) & (heights > 0))
     if bad.any():
         j = int(bad.nonzero()[0])
-        raise ValueError(f"{fn}: rois[{j}] = {rois[j].tolist()} is degenerate (needs x2 > x1 and "
-                         f"y2 > y1)")
+        raise ValueError(
+            f"{fn}: rois[{j}] = {rois[j].tolist()} is degenerate (needs x2 > x1 and y2 > y1)"
+        )
 
     scale_x = (m / widths)[:, None]  # [P] -> [P, 1]: grid cells per pixel
     scale_y = (m / heights)[:, None]
@@ -236,8 +247,9 @@ def one_hot_heatmaps(index: Tensor, valid: Tensor, heatmap_size: int = 56) -> Te
     if not isinstance(index, Tensor) or index.dim() != 2:
         raise ValueError(f"{fn}: index must be [P, K], got {_shape(index)}")
     if not isinstance(valid, Tensor) or valid.shape != index.shape:
-        raise ValueError(f"{fn}: valid must have index's shape {tuple(index.shape)}, got "
-                         f"{_shape(valid)}")
+        raise ValueError(
+            f"{fn}: valid must have index's shape {tuple(index.shape)}, got {_shape(valid)}"
+        )
     m = int(heatmap_size)
     P, K = index.shape
     flat = torch.zeros(P, K, m * m, dtype=torch.float32, device=index.device)
@@ -273,19 +285,27 @@ def keypoint_loss(
     """
     fn = "keypoint_loss"
     if not isinstance(keypoint_logits, Tensor) or keypoint_logits.dim() != 4:
-        raise ValueError(f"{fn}: keypoint_logits must be [P, K, m, m], got "
-                         f"{_shape(keypoint_logits)}")
+        raise ValueError(
+            f"{fn}: keypoint_logits must be [P, K, m, m], got {_shape(keypoint_logits)}"
+        )
     if not keypoint_logits.is_floating_point():
-        raise TypeError(f"{fn}: keypoint_logits must be floating point, got "
-                        f"{keypoint_logits.dtype}")
+        raise TypeError(
+            f"{fn}: keypoint_logits must be floating point, got {keypoint_logits.dtype}"
+        )
     P, K, H, W = keypoint_logits.shape
     if H != W:
-        raise ValueError(f"{fn}: keypoint_logits must be square [P, K, m, m], got "
-                         f"{tuple(keypoint_logits.shape)}")
-    if isinstance(proposals, Tensor) or isinstance(gt_keypoints, Tensor) \
-            or isinstance(keypoint_matched_idxs, Tensor):
-        raise TypeError(f"{fn}: proposals, gt_keypoints and keypoint_matched_idxs must be lists "
-                        "with one tensor per image")
+        raise ValueError(
+            f"{fn}: keypoint_logits must be square [P, K, m, m], got {tuple(keypoint_logits.shape)}"
+        )
+    if (
+        isinstance(proposals, Tensor)
+        or isinstance(gt_keypoints, Tensor)
+        or isinstance(keypoint_matched_idxs, Tensor)
+    ):
+        raise TypeError(
+            f"{fn}: proposals, gt_keypoints and keypoint_matched_idxs must be lists "
+            "with one tensor per image"
+        )
     if not (len(proposals) == len(gt_keypoints) == len(keypoint_matched_idxs)):
         raise ValueError(
             f"{fn}: got {len(proposals)} images of proposals, {len(gt_keypoints)} of "
@@ -297,21 +317,27 @@ def keypoint_loss(
         n = boxes.shape[0]
         total += n
         if not isinstance(kps, Tensor) or kps.dim() != 3 or kps.shape[1:] != (K, 3):
-            raise ValueError(f"{fn}: gt_keypoints[{i}] must be [G, K, 3] = [G, {K}, 3] (K from "
-                             f"keypoint_logits), got {_shape(kps)}")
+            raise ValueError(
+                f"{fn}: gt_keypoints[{i}] must be [G, K, 3] = [G, {K}, 3] (K from "
+                f"keypoint_logits), got {_shape(kps)}"
+            )
         if not isinstance(idx, Tensor) or tuple(idx.shape) != (n,):
-            raise ValueError(f"{fn}: keypoint_matched_idxs[{i}] must be [{n}] (one per "
-                             f"proposal), got {_shape(idx)}")
+            raise ValueError(
+                f"{fn}: keypoint_matched_idxs[{i}] must be [{n}] (one per "
+                f"proposal), got {_shape(idx)}"
+            )
         if idx.is_floating_point() or idx.dtype == torch.bool:
-            raise TypeError(f"{fn}: keypoint_matched_idxs[{i}] must be an integer tensor, got "
-                            f"{idx.dtype}")
+            raise TypeError(
+                f"{fn}: keypoint_matched_idxs[{i}] must be an integer tensor, got {idx.dtype}"
+            )
         if n and (int(idx.min()) < 0 or int(idx.max()) >= kps.shape[0]):
-            raise ValueError(f"{fn}: keypoint_matched_idxs[{i}] must lie in [0, "
-                             f"{kps.shape[0]}) (gt objects of image {i}), got range "
-                             f"[{int(idx.min())}, {int(idx.max())}]")
+            raise ValueError(
+                f"{fn}: keypoint_matched_idxs[{i}] must lie in [0, "
+                f"{kps.shape[0]}) (gt objects of image {i}), got range "
+                f"[{int(idx.min())}, {int(idx.max())}]"
+            )
     if total != P:
-        raise ValueError(f"{fn}: keypoint_logits has {P} rows but the proposals hold {total} "
-                         "RoIs")
+        raise ValueError(f"{fn}: keypoint_logits has {P} rows but the proposals hold {total} RoIs")
 
     index, valid = [], []
     for boxes, kps, idx in zip(proposals, gt_keypoints, keypoint_matched_idxs):
@@ -377,8 +403,12 @@ def heatmaps_to_keypoints(maps: Tensor, rois: Tensor) -> tuple[Tensor, Tensor]:
         width_correction = widths[i] / roi_map_width  # image pixels per resized-map pixel
         height_correction = heights[i] / roi_map_height
         # [K, m, m] -> [K, 1, m, m] -> bicubic -> [K, 1, Hr, Wr] -> [K, Hr, Wr]
-        roi_map = F.interpolate(maps[i][:, None], size=(roi_map_height, roi_map_width),
-                                mode="bicubic", align_corners=False)[:, 0]
+        roi_map = F.interpolate(
+            maps[i][:, None],
+            size=(roi_map_height, roi_map_width),
+            mode="bicubic",
+            align_corners=False,
+        )[:, 0]
         w = roi_map.shape[2]
         pos = roi_map.reshape(K, -1).argmax(dim=1)  # [K, Hr, Wr] -> [K, Hr*Wr] -> [K]
         x_int = pos % w
@@ -408,16 +438,19 @@ def keypoint_inference(
     """
     fn = "keypoint_inference"
     if not isinstance(keypoint_logits, Tensor) or keypoint_logits.dim() != 4:
-        raise ValueError(f"{fn}: keypoint_logits must be [D, K, m, m], got "
-                         f"{_shape(keypoint_logits)}")
+        raise ValueError(
+            f"{fn}: keypoint_logits must be [D, K, m, m], got {_shape(keypoint_logits)}"
+        )
     if isinstance(boxes, Tensor):
         raise TypeError(f"{fn}: boxes must be a list of [D_i, 4] tensors, one per image")
     for i, b in enumerate(boxes):
         _check_boxes(b, fn, f"boxes[{i}]")
     counts = [int(b.shape[0]) for b in boxes]
     if sum(counts) != keypoint_logits.shape[0]:
-        raise ValueError(f"{fn}: keypoint_logits has {keypoint_logits.shape[0]} rows but boxes "
-                         f"hold {sum(counts)}")
+        raise ValueError(
+            f"{fn}: keypoint_logits has {keypoint_logits.shape[0]} rows but boxes "
+            f"hold {sum(counts)}"
+        )
     keypoints, scores = [], []
     for maps, b in zip(keypoint_logits.split(counts, dim=0), boxes):
         kps, sc = heatmaps_to_keypoints(maps, b)

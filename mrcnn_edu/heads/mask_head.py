@@ -208,8 +208,9 @@ def mask_targets(
     # (P,) + (P, 4) -> rois (P, 5): the batch index is the matched gt mask
     rois = torch.cat([matched_idxs.to(boxes)[:, None], boxes], dim=1)
     masks = gt_masks[:, None].to(rois)  # [G, H, W] -> [G, 1, H, W] float
-    out = roi_align(masks, rois, (int(M), int(M)), 1.0, sampling_ratio=-1, aligned=False,
-                    backend=backend)  # [P, 1, M, M]
+    out = roi_align(
+        masks, rois, (int(M), int(M)), 1.0, sampling_ratio=-1, aligned=False, backend=backend
+    )  # [P, 1, M, M]
     return out[:, 0]  # [P, 1, M, M] -> [P, M, M]
 
 
@@ -223,13 +224,16 @@ def _check_mask_logits(mask_logits, mode: str, fn: str) -> None:
     if not isinstance(mask_logits, Tensor) or mask_logits.dim() != 4:
         raise ValueError(f"{fn}: mask_logits must be [P, C, M, M], got {_shape(mask_logits)}")
     if mask_logits.shape[2] != mask_logits.shape[3]:
-        raise ValueError(f"{fn}: mask_logits must be square [P, C, M, M], got "
-                         f"{tuple(mask_logits.shape)}")
+        raise ValueError(
+            f"{fn}: mask_logits must be square [P, C, M, M], got {tuple(mask_logits.shape)}"
+        )
     if not mask_logits.is_floating_point():
         raise TypeError(f"{fn}: mask_logits must be floating point, got {mask_logits.dtype}")
     if mode == "agnostic" and mask_logits.shape[1] != 1:
-        raise ValueError(f"{fn}: mode='agnostic' needs one mask channel, [P, 1, M, M], got "
-                         f"{tuple(mask_logits.shape)}")
+        raise ValueError(
+            f"{fn}: mode='agnostic' needs one mask channel, [P, 1, M, M], got "
+            f"{tuple(mask_logits.shape)}"
+        )
 
 
 def _check_label_range(labels: Tensor, C: int, mode: str, fn: str) -> None:
@@ -448,7 +452,5 @@ def paste_masks_in_image(
 
     masks, scale = expand_masks(masks, int(padding))  # [N, 1, M+2p, M+2p]
     int_boxes = expand_boxes(boxes, scale).to(torch.int64)  # truncation toward zero
-    pasted = [
-        paste_mask_in_image(m[0], b, im_h, im_w) for m, b in zip(masks, int_boxes.tolist())
-    ]
+    pasted = [paste_mask_in_image(m[0], b, im_h, im_w) for m, b in zip(masks, int_boxes.tolist())]
     return torch.stack(pasted, dim=0)[:, None]  # N x [h, w] -> [N, 1, h, w]

@@ -60,6 +60,9 @@ def check_finite(x: torch.Tensor, name: str, op: str) -> None:
     if x.is_floating_point() and x.numel() > 0:
         bad = ~torch.isfinite(x)
         if bool(bad.any()):
-            row = int(bad.reshape(x.shape[0], -1).any(dim=1).nonzero()[0]) if x.dim() > 1 else int(
-                bad.nonzero()[0])
+            row = (
+                int(bad.reshape(x.shape[0], -1).any(dim=1).nonzero()[0])
+                if x.dim() > 1
+                else int(bad.nonzero()[0])
+            )
             raise ValueError(f"{op}: {name} contains NaN or infinite values (first at row {row})")

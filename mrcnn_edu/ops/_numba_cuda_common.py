@@ -26,16 +26,20 @@ from ._common import cuda_simulator_enabled
 def _numba_cuda_problem() -> str | None:
     """Why ``numba.cuda`` cannot run kernels on a real GPU here, or ``None`` when it can."""
     if cuda_simulator_enabled():
-        return ("NUMBA_ENABLE_CUDASIM=1 is set, so numba.cuda is Numba's CPU simulator, which "
-                "cannot read CUDA tensors; unset it, or pass CPU tensors to run on the simulator")
+        return (
+            "NUMBA_ENABLE_CUDASIM=1 is set, so numba.cuda is Numba's CPU simulator, which "
+            "cannot read CUDA tensors; unset it, or pass CPU tensors to run on the simulator"
+        )
     try:
         if cuda.is_available():
             return None
         detail = "numba.cuda.is_available() is False"
     except Exception as exc:  # noqa: BLE001 - any driver/toolkit failure: report it clearly
         detail = f"{type(exc).__name__}: {exc}"
-    return (f"Numba cannot use this machine's GPU ({detail}). Install a numba-cuda build that "
-            "matches the CUDA driver (pip install numba-cuda), or pass backend='torchvision'")
+    return (
+        f"Numba cannot use this machine's GPU ({detail}). Install a numba-cuda build that "
+        "matches the CUDA driver (pip install numba-cuda), or pass backend='torchvision'"
+    )
 
 
 @contextlib.contextmanager

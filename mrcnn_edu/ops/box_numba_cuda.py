@@ -155,7 +155,8 @@ def box_iou_cuda(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
     if _on_gpu(boxes1):
         with gpu_launch(boxes1.device, "box_iou") as stream:  # the boxes' GPU, torch's stream
             box_iou_kernel[grid, block, stream](
-                _device_view(boxes1), _device_view(boxes2), _device_view(out))
+                _device_view(boxes1), _device_view(boxes2), _device_view(out)
+            )
     else:  # CUDA simulator: numpy views share memory with the tensors
         box_iou_kernel[grid, block](boxes1.numpy(), boxes2.numpy(), out.numpy())
     return out
@@ -181,14 +182,17 @@ def nms_cuda(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) ->
             mask_d = _device_view(mask).view(np.uint64)  # same memory, seen as unsigned words
             removed_d = _device_view(removed).view(np.uint64)
             nms_mask_kernel[grid, BLOCK, stream](
-                _device_view(sorted_boxes), n, col_blocks, thr, mask_d)
+                _device_view(sorted_boxes), n, col_blocks, thr, mask_d
+            )
             _nms_reduce_kernel[1, REDUCE_THREADS_GPU, stream](
-                mask_d, n, col_blocks, removed_d, _device_view(keep_flags))
+                mask_d, n, col_blocks, removed_d, _device_view(keep_flags)
+            )
     else:  # CUDA simulator: numpy views share memory with the tensors
         mask_h = mask.numpy().view(np.uint64)
         removed_h = removed.numpy().view(np.uint64)
         nms_mask_kernel[grid, BLOCK](sorted_boxes.numpy(), n, col_blocks, thr, mask_h)
         _nms_reduce_kernel[1, REDUCE_THREADS_SIM](
-            mask_h, n, col_blocks, removed_h, keep_flags.numpy())
+            mask_h, n, col_blocks, removed_h, keep_flags.numpy()
+        )
     kept_positions = keep_flags.nonzero().squeeze(1)  # ascending = decreasing score
     return order[kept_positions]

@@ -45,17 +45,19 @@ def _check_boxes(boxes, name: str, op: str, index_shape=None) -> None:
     """
     check_tensor(boxes, name, op, ndim=2)
     if boxes.shape[1] != 4:
-        raise ValueError(f"{op}: {name} must have shape [N, 4] (x1, y1, x2, y2), "
-                         f"got {tuple(boxes.shape)}")
+        raise ValueError(
+            f"{op}: {name} must have shape [N, 4] (x1, y1, x2, y2), got {tuple(boxes.shape)}"
+        )
     if boxes.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"{op}: {name} must be float32 or float64, got dtype {boxes.dtype}")
     if boxes.shape[0] == 0:
         return
     if boxes.device.type == "cpu":  # one compiled pass (the torch ops below cost ~50 us)
         from .box_numba_cpu import first_invalid_box
+
         row, kind = first_invalid_box(boxes.detach().numpy())
     else:
-        bad = ~torch.isfinite(boxes).all(dim=1)                          # [N] bool
+        bad = ~torch.isfinite(boxes).all(dim=1)  # [N] bool
         kind = 1 if bool(bad.any()) else 2
         if kind == 2:
             bad = (boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])  # [N] bool
@@ -66,23 +68,26 @@ def _check_boxes(boxes, name: str, op: str, index_shape=None) -> None:
     if kind == 1 and row >= 0:
         raise ValueError(f"{op}: {name} contains NaN or infinite values (first at row {where})")
     if row >= 0:
-        raise ValueError(f"{op}: {name} row {where} is not a valid (x1, y1, x2, y2) box, "
-                         f"x2 < x1 or y2 < y1: {boxes[row].tolist()}")
+        raise ValueError(
+            f"{op}: {name} row {where} is not a valid (x1, y1, x2, y2) box, "
+            f"x2 < x1 or y2 < y1: {boxes[row].tolist()}"
+        )
 
 
 def _check_scores(scores, boxes: torch.Tensor, op: str) -> None:
     """``scores`` must be a finite ``[N]`` tensor of the boxes' dtype and device."""
     check_tensor(scores, "scores", op, ndim=1, floating=True)
     if scores.shape[0] != boxes.shape[0]:
-        raise ValueError(f"{op}: scores has {scores.shape[0]} entries but boxes has "
-                         f"{boxes.shape[0]} rows")
+        raise ValueError(
+            f"{op}: scores has {scores.shape[0]} entries but boxes has {boxes.shape[0]} rows"
+        )
     if scores.device != boxes.device:
         raise ValueError(f"{op}: scores is on {scores.device} but boxes is on {boxes.device}")
     if scores.dtype != boxes.dtype:
-        raise TypeError(f"{op}: scores dtype {scores.dtype} differs from boxes dtype "
-                        f"{boxes.dtype}")
+        raise TypeError(f"{op}: scores dtype {scores.dtype} differs from boxes dtype {boxes.dtype}")
     if scores.device.type == "cpu" and scores.shape[0]:
         from .box_numba_cpu import first_non_finite
+
         row = first_non_finite(scores.detach().numpy())
         if row >= 0:
             raise ValueError(f"{op}: scores contains NaN or infinite values (first at row {row})")
@@ -92,8 +97,9 @@ def _check_scores(scores, boxes: torch.Tensor, op: str) -> None:
 
 def _check_threshold(iou_threshold, op: str) -> float:
     if isinstance(iou_threshold, bool) or not isinstance(iou_threshold, numbers.Real):
-        raise TypeError(f"{op}: iou_threshold must be a real number, got "
-                        f"{type(iou_threshold).__name__}")
+        raise TypeError(
+            f"{op}: iou_threshold must be a real number, got {type(iou_threshold).__name__}"
+        )
     iou_threshold = float(iou_threshold)
     if not math.isfinite(iou_threshold):
         raise ValueError(f"{op}: iou_threshold must be finite, got {iou_threshold}")
@@ -131,20 +137,23 @@ def box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor, backend: str = "auto") -
     if boxes2.device != boxes1.device:
         raise ValueError(f"{op}: boxes2 is on {boxes2.device} but boxes1 is on {boxes1.device}")
     if boxes2.dtype != boxes1.dtype:
-        raise TypeError(f"{op}: boxes2 dtype {boxes2.dtype} differs from boxes1 dtype "
-                        f"{boxes1.dtype}")
+        raise TypeError(
+            f"{op}: boxes2 dtype {boxes2.dtype} differs from boxes1 dtype {boxes1.dtype}"
+        )
     try:
         batch = torch.broadcast_shapes(boxes1.shape[:-2], boxes2.shape[:-2])
     except RuntimeError:
-        raise ValueError(f"{op}: the batch dimensions of boxes1 {tuple(boxes1.shape)} and boxes2 "
-                         f"{tuple(boxes2.shape)} do not broadcast") from None
+        raise ValueError(
+            f"{op}: the batch dimensions of boxes1 {tuple(boxes1.shape)} and boxes2 "
+            f"{tuple(boxes2.shape)} do not broadcast"
+        ) from None
     backend = resolve_backend(backend, boxes1.device, op)
     # compute dtype and result dtype (torchvision: _upcast, then inter / union)
     if boxes1.dtype in _FLOAT_DTYPES:
         compute, result = boxes1.dtype, boxes1.dtype
-    elif boxes1.is_floating_point():      # float16, bfloat16
+    elif boxes1.is_floating_point():  # float16, bfloat16
         compute, result = torch.float32, torch.float32
-    else:                                 # integers: exact in float64 up to 2^26 pixels
+    else:  # integers: exact in float64 up to 2^26 pixels
         compute, result = torch.float64, torch.get_default_dtype()
     b1, b2 = boxes1.detach().to(compute), boxes2.detach().to(compute)
     N, M = b1.shape[-2], b2.shape[-2]
@@ -159,20 +168,22 @@ def box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor, backend: str = "auto") -
         b1, b2 = b1 * scale, b2 * scale
     iou_fn = _box_iou_backend(backend)
     if B == 1:
-        out = iou_fn(b1[0], b2[0])[None]                                   # (1, N, M)
+        out = iou_fn(b1[0], b2[0])[None]  # (1, N, M)
     elif B == 0:
         out = b1.new_zeros((0, N, M))
     else:
-        out = torch.stack([iou_fn(x, y) for x, y in zip(b1, b2)])         # (B, N, M)
-    return out.reshape(*batch, N, M).to(result)                           # (..., N, M)
+        out = torch.stack([iou_fn(x, y) for x, y in zip(b1, b2)])  # (B, N, M)
+    return out.reshape(*batch, N, M).to(result)  # (..., N, M)
 
 
 def _check_iou_input(boxes, name: str, op: str) -> None:
     """A tensor of at least 2 dimensions ``[..., N, 4]``, of a real dtype (not bool/complex)."""
     check_tensor(boxes, name, op)
     if boxes.dim() < 2 or boxes.shape[-1] != 4:
-        raise ValueError(f"{op}: {name} must have shape [N, 4] or [..., N, 4] "
-                         f"(x1, y1, x2, y2), got {tuple(boxes.shape)}")
+        raise ValueError(
+            f"{op}: {name} must have shape [N, 4] or [..., N, 4] "
+            f"(x1, y1, x2, y2), got {tuple(boxes.shape)}"
+        )
     if boxes.dtype == torch.bool or boxes.is_complex():
         raise TypeError(f"{op}: {name} must hold real numbers, got dtype {boxes.dtype}")
 
@@ -196,19 +207,24 @@ def _box_iou_backend(backend: str):
     """The ``[N, 4] x [M, 4] -> [N, M]`` function of a resolved backend (checked inputs)."""
     if backend == "reference":
         from .box_reference import box_iou_reference
+
         return box_iou_reference
     if backend == "numba":
         from .box_numba_cpu import box_iou_numba
+
         return box_iou_numba
     if backend == "cuda":
         from .box_numba_cuda import box_iou_cuda
+
         return box_iou_cuda
     import torchvision
+
     return torchvision.ops.box_iou
 
 
-def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float,
-        backend: str = "auto") -> torch.Tensor:
+def nms(
+    boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float, backend: str = "auto"
+) -> torch.Tensor:
     """Greedy non-maximum suppression.
 
     Visits the boxes by decreasing score (equal scores: lower index first), keeps a box unless
@@ -231,8 +247,13 @@ def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float,
     return _nms_dispatch(boxes, scores, iou_threshold, resolve_backend(backend, boxes.device, op))
 
 
-def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Tensor,
-                iou_threshold: float, backend: str = "auto") -> torch.Tensor:
+def batched_nms(
+    boxes: torch.Tensor,
+    scores: torch.Tensor,
+    idxs: torch.Tensor,
+    iou_threshold: float,
+    backend: str = "auto",
+) -> torch.Tensor:
     """NMS done independently per category: boxes of different ``idxs`` never suppress each other.
 
     Uses the coordinate-offset trick, as ``torchvision.ops.batched_nms`` does for small
@@ -258,8 +279,9 @@ def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Tensor,
     if idxs.dtype not in _INT_DTYPES:
         raise TypeError(f"{op}: idxs must be an integer tensor, got dtype {idxs.dtype}")
     if idxs.shape[0] != boxes.shape[0]:
-        raise ValueError(f"{op}: idxs has {idxs.shape[0]} entries but boxes has "
-                         f"{boxes.shape[0]} rows")
+        raise ValueError(
+            f"{op}: idxs has {idxs.shape[0]} entries but boxes has {boxes.shape[0]} rows"
+        )
     if idxs.device != boxes.device:
         raise ValueError(f"{op}: idxs is on {idxs.device} but boxes is on {boxes.device}")
     iou_threshold = _check_threshold(iou_threshold, op)
@@ -281,17 +303,22 @@ def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Tensor,
     return keep
 
 
-def _nms_dispatch(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float,
-                  backend: str) -> torch.Tensor:
+def _nms_dispatch(
+    boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float, backend: str
+) -> torch.Tensor:
     """Run NMS on checked inputs with a resolved backend."""
     if backend == "reference":
         from .box_reference import nms_reference
+
         return nms_reference(boxes, scores, iou_threshold)
     if backend == "numba":
         from .box_numba_cpu import nms_numba
+
         return nms_numba(boxes, scores, iou_threshold)
     if backend == "cuda":
         from .box_numba_cuda import nms_cuda
+
         return nms_cuda(boxes, scores, iou_threshold)
     import torchvision
+
     return torchvision.ops.nms(boxes, scores, iou_threshold)

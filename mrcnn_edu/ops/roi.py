@@ -58,23 +58,31 @@ def boxes_to_rois(boxes_list) -> torch.Tensor:
             [1., 1., 1., 2., 3.]])
     """
     if not isinstance(boxes_list, (list, tuple)):
-        raise TypeError(f"boxes_to_rois: expected a list of [K_i, 4] tensors, got "
-                        f"{type(boxes_list).__name__}")
+        raise TypeError(
+            f"boxes_to_rois: expected a list of [K_i, 4] tensors, got {type(boxes_list).__name__}"
+        )
     if len(boxes_list) == 0:
         return torch.zeros((0, 5))
     first = None
     for i, b in enumerate(boxes_list):
         check_tensor(b, f"boxes[{i}]", "boxes_to_rois", ndim=2, floating=True)
         if b.shape[1] != 4:
-            raise ValueError(f"boxes_to_rois: boxes[{i}] must have shape [K, 4], got "
-                             f"{tuple(b.shape)}")
+            raise ValueError(
+                f"boxes_to_rois: boxes[{i}] must have shape [K, 4], got {tuple(b.shape)}"
+            )
         if first is None:
             first = b
         elif b.dtype != first.dtype or b.device != first.device:
-            raise TypeError(f"boxes_to_rois: boxes[{i}] is {b.dtype} on {b.device} but boxes[0] "
-                            f"is {first.dtype} on {first.device}")
-    index = torch.cat([torch.full((b.shape[0], 1), i, dtype=b.dtype, device=b.device)
-                       for i, b in enumerate(boxes_list)])                 # (K, 1)
+            raise TypeError(
+                f"boxes_to_rois: boxes[{i}] is {b.dtype} on {b.device} but boxes[0] "
+                f"is {first.dtype} on {first.device}"
+            )
+    index = torch.cat(
+        [
+            torch.full((b.shape[0], 1), i, dtype=b.dtype, device=b.device)
+            for i, b in enumerate(boxes_list)
+        ]
+    )  # (K, 1)
     # (K, 1) + (K, 4) -> (K, 5)
     return torch.cat([index, torch.cat(list(boxes_list))], dim=1)
 
@@ -82,13 +90,16 @@ def boxes_to_rois(boxes_list) -> torch.Tensor:
 def _pair(output_size, op: str) -> tuple[int, int]:
     if isinstance(output_size, numbers.Integral) and not isinstance(output_size, bool):
         size = (int(output_size), int(output_size))
-    elif (isinstance(output_size, (tuple, list)) and len(output_size) == 2
-          and all(isinstance(s, numbers.Integral) and not isinstance(s, bool)
-                  for s in output_size)):
+    elif (
+        isinstance(output_size, (tuple, list))
+        and len(output_size) == 2
+        and all(isinstance(s, numbers.Integral) and not isinstance(s, bool) for s in output_size)
+    ):
         size = (int(output_size[0]), int(output_size[1]))
     else:
-        raise TypeError(f"{op}: output_size must be an int or a pair of ints (h, w), got "
-                        f"{output_size!r}")
+        raise TypeError(
+            f"{op}: output_size must be an int or a pair of ints (h, w), got {output_size!r}"
+        )
     if size[0] <= 0 or size[1] <= 0:
         raise ValueError(f"{op}: output_size must be positive, got {size}")
     return size
@@ -98,15 +109,18 @@ def _check_inputs(op: str, input, rois, output_size, spatial_scale):
     """Validate and normalise the arguments; returns ``(rois [K, 5], (oh, ow))``."""
     check_tensor(input, "input", op, floating=True)
     if input.dim() != 4:
-        raise ValueError(f"{op}: input must be [N, C, H, W] (4 dimensions), got shape "
-                         f"{tuple(input.shape)}")
+        raise ValueError(
+            f"{op}: input must be [N, C, H, W] (4 dimensions), got shape {tuple(input.shape)}"
+        )
     N = input.shape[0]
     if isinstance(rois, (list, tuple)):
         rois = boxes_to_rois(rois) if len(rois) else input.new_zeros((0, 5))
     check_tensor(rois, "rois", op, floating=True)
     if rois.dim() != 2 or rois.shape[1] != 5:
-        raise ValueError(f"{op}: rois must be [K, 5] (batch_index, x1, y1, x2, y2) or a list of "
-                         f"[K_i, 4] boxes, got shape {tuple(rois.shape)}")
+        raise ValueError(
+            f"{op}: rois must be [K, 5] (batch_index, x1, y1, x2, y2) or a list of "
+            f"[K_i, 4] boxes, got shape {tuple(rois.shape)}"
+        )
     if rois.dtype != input.dtype and input.dtype not in _LOW_PRECISION:
         raise TypeError(f"{op}: rois dtype {rois.dtype} differs from input dtype {input.dtype}")
     if rois.device != input.device:
@@ -117,22 +131,30 @@ def _check_inputs(op: str, input, rois, output_size, spatial_scale):
         bad = (idx < 0) | (idx >= N) | (idx != idx.floor())
         if bool(bad.any()):
             row = int(bad.nonzero()[0])
-            raise ValueError(f"{op}: rois[{row}, 0] = {float(idx[row])} is not a batch index in "
-                             f"[0, {N}) (input has N={N} images)")
-    if not isinstance(spatial_scale, numbers.Real) or not spatial_scale > 0 \
-            or spatial_scale == float("inf"):
-        raise ValueError(f"{op}: spatial_scale must be a positive finite number, got "
-                         f"{spatial_scale!r}")
+            raise ValueError(
+                f"{op}: rois[{row}, 0] = {float(idx[row])} is not a batch index in "
+                f"[0, {N}) (input has N={N} images)"
+            )
+    if (
+        not isinstance(spatial_scale, numbers.Real)
+        or not spatial_scale > 0
+        or spatial_scale == float("inf")
+    ):
+        raise ValueError(
+            f"{op}: spatial_scale must be a positive finite number, got {spatial_scale!r}"
+        )
     if rois.shape[0]:
         # the kernels compute x * spatial_scale in the compute dtype: it must stay finite
         limit = torch.finfo(_compute_dtype(input.dtype)).max
         biggest = float(rois[:, 1:].detach().abs().max()) * float(spatial_scale)
         if not biggest <= limit:
             row = int(rois[:, 1:].detach().abs().amax(dim=1).argmax())
-            raise ValueError(f"{op}: rois[{row}] = {rois[row].tolist()} times spatial_scale="
-                             f"{spatial_scale!r} overflows {_compute_dtype(input.dtype)}; "
-                             "check spatial_scale (feature-map pixels per image pixel, e.g. "
-                             "1/4) and the boxes")
+            raise ValueError(
+                f"{op}: rois[{row}] = {rois[row].tolist()} times spatial_scale="
+                f"{spatial_scale!r} overflows {_compute_dtype(input.dtype)}; "
+                "check spatial_scale (feature-map pixels per image pixel, e.g. "
+                "1/4) and the boxes"
+            )
     return rois, _pair(output_size, op)
 
 
@@ -144,13 +166,21 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 def _check_aligned(op: str, aligned) -> bool:
     # a string such as "no" would otherwise be truthy and silently mean True
     if not isinstance(aligned, (bool, np.bool_)):
-        raise TypeError(f"{op}: aligned must be a bool (True: half-pixel shift), got "
-                        f"{aligned!r} of type {type(aligned).__name__}")
+        raise TypeError(
+            f"{op}: aligned must be a bool (True: half-pixel shift), got "
+            f"{aligned!r} of type {type(aligned).__name__}"
+        )
     return bool(aligned)
 
 
-def _check_sampling_grid(op: str, rois: torch.Tensor, size: tuple[int, int],
-                         spatial_scale: float, sampling_ratio: int, aligned: bool) -> None:
+def _check_sampling_grid(
+    op: str,
+    rois: torch.Tensor,
+    size: tuple[int, int],
+    spatial_scale: float,
+    sampling_ratio: int,
+    aligned: bool,
+) -> None:
     """Refuse a sampling grid of more than :data:`MAX_SAMPLES_PER_ROI` points for one RoI.
 
     With ``sampling_ratio <= 0`` a bin gets ``ceil(roi_size / output_size)`` samples per axis,
@@ -162,7 +192,7 @@ def _check_sampling_grid(op: str, rois: torch.Tensor, size: tuple[int, int],
         return
     oh, ow = size
     r = rois.detach().to(torch.float64)
-    roi_w = (r[:, 3] - r[:, 1]) * spatial_scale                          # (K,)
+    roi_w = (r[:, 3] - r[:, 1]) * spatial_scale  # (K,)
     roi_h = (r[:, 4] - r[:, 2]) * spatial_scale
     if not aligned:  # the kernels clamp legacy RoIs to at least 1 x 1
         roi_w, roi_h = roi_w.clamp(min=1.0), roi_h.clamp(min=1.0)
@@ -171,11 +201,14 @@ def _check_sampling_grid(op: str, rois: torch.Tensor, size: tuple[int, int],
     else:
         grid_h = torch.ceil(roi_h / oh).clamp(min=1.0)
         grid_w = torch.ceil(roi_w / ow).clamp(min=1.0)
-    points = (oh * grid_h) * (ow * grid_w)                               # (K,) samples per RoI
+    points = (oh * grid_h) * (ow * grid_w)  # (K,) samples per RoI
     row = int(points.argmax())
     if float(points[row]) > MAX_SAMPLES_PER_ROI:
-        how = (f"sampling_ratio={sampling_ratio}" if sampling_ratio > 0 else
-               f"sampling_ratio={sampling_ratio} (adaptive: ceil(roi_size / output_size))")
+        how = (
+            f"sampling_ratio={sampling_ratio}"
+            if sampling_ratio > 0
+            else f"sampling_ratio={sampling_ratio} (adaptive: ceil(roi_size / output_size))"
+        )
         raise ValueError(
             f"{op}: rois[{row}] = {rois[row].tolist()} at spatial_scale={spatial_scale!r} spans "
             f"{float(roi_h[row]):.4g} x {float(roi_w[row]):.4g} (height x width) feature-map "
@@ -183,17 +216,20 @@ def _check_sampling_grid(op: str, rois: torch.Tensor, size: tuple[int, int],
             f"samples per bin, {float(points[row]):.4g} per RoI; at most {MAX_SAMPLES_PER_ROI} "
             "are allowed. "
             "Check spatial_scale (feature-map pixels per image pixel, e.g. 1/4) and the boxes, "
-            "or pass a small positive sampling_ratio")
+            "or pass a small positive sampling_ratio"
+        )
 
 
 def _kernel_dtype_check(op: str, backend: str, input: torch.Tensor) -> None:
     if input.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"{op}: backend={backend!r} supports float32 and float64 input, got "
-                        f"{input.dtype}")
+        raise TypeError(
+            f"{op}: backend={backend!r} supports float32 and float64 input, got {input.dtype}"
+        )
 
 
 def _cuda_kernels():
     from . import roi_numba_cuda  # imported lazily: numba.cuda is slow to import
+
     return roi_numba_cuda
 
 
@@ -205,16 +241,18 @@ class _RoIAlignFunction(torch.autograd.Function):
     def forward(ctx, input, rois, output_size, spatial_scale, sampling_ratio, aligned, kernels):
         ctx.save_for_backward(rois)
         ctx.conf = (tuple(input.shape), spatial_scale, sampling_ratio, aligned, kernels)
-        return kernels.roi_align_forward(input, rois, output_size, spatial_scale,
-                                         sampling_ratio, aligned)
+        return kernels.roi_align_forward(
+            input, rois, output_size, spatial_scale, sampling_ratio, aligned
+        )
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output):
         (rois,) = ctx.saved_tensors
         input_shape, spatial_scale, sampling_ratio, aligned, kernels = ctx.conf
-        grad_input = kernels.roi_align_backward(grad_output, rois, input_shape, spatial_scale,
-                                                sampling_ratio, aligned)
+        grad_input = kernels.roi_align_backward(
+            grad_output, rois, input_shape, spatial_scale, sampling_ratio, aligned
+        )
         return grad_input, None, None, None, None, None, None
 
 
@@ -239,9 +277,15 @@ class _RoIPoolFunction(torch.autograd.Function):
 # ---------------------------------------------------------------------------------------------
 # Public operators
 # ---------------------------------------------------------------------------------------------
-def roi_align(input: torch.Tensor, rois, output_size, spatial_scale: float = 1.0,
-              sampling_ratio: int = -1, aligned: bool = False,
-              backend: str = "auto") -> torch.Tensor:
+def roi_align(
+    input: torch.Tensor,
+    rois,
+    output_size,
+    spatial_scale: float = 1.0,
+    sampling_ratio: int = -1,
+    aligned: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor:
     """RoIAlign (Mask R-CNN section 3): average of bilinear samples in each of ``oh x ow`` bins.
 
     Args:
@@ -274,21 +318,25 @@ def roi_align(input: torch.Tensor, rois, output_size, spatial_scale: float = 1.0
     spatial_scale, sampling_ratio = float(spatial_scale), int(sampling_ratio)
     _check_sampling_grid(op, rois, size, spatial_scale, sampling_ratio, aligned)
     if input.dtype in _LOW_PRECISION:  # float32 inside, the input's dtype out (autocast's way)
-        return roi_align(input.float(), rois.float(), size, spatial_scale, sampling_ratio,
-                         aligned, backend).to(input.dtype)
+        return roi_align(
+            input.float(), rois.float(), size, spatial_scale, sampling_ratio, aligned, backend
+        ).to(input.dtype)
     if backend == "torchvision":
         return torchvision.ops.roi_align(input, rois, size, spatial_scale, sampling_ratio, aligned)
     if backend == "reference":
-        return roi_reference.roi_align_reference(input, rois, size, spatial_scale,
-                                                 sampling_ratio, aligned)
+        return roi_reference.roi_align_reference(
+            input, rois, size, spatial_scale, sampling_ratio, aligned
+        )
     _kernel_dtype_check(op, backend, input)
     kernels = roi_numba_cpu if backend == "numba" else _cuda_kernels()
-    return _RoIAlignFunction.apply(input, rois.detach(), size, spatial_scale, sampling_ratio,
-                                   aligned, kernels)
+    return _RoIAlignFunction.apply(
+        input, rois.detach(), size, spatial_scale, sampling_ratio, aligned, kernels
+    )
 
 
-def roi_pool(input: torch.Tensor, rois, output_size, spatial_scale: float = 1.0,
-             backend: str = "auto") -> torch.Tensor:
+def roi_pool(
+    input: torch.Tensor, rois, output_size, spatial_scale: float = 1.0, backend: str = "auto"
+) -> torch.Tensor:
     """RoIPool (Fast R-CNN section 2.1): max over quantized bins of the rounded RoI.
 
     Box coordinates are scaled and rounded (halves away from zero); bin ``p`` covers rows

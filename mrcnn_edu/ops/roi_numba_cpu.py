@@ -90,8 +90,11 @@ def _align_geometry(rois, k, spatial_scale, oh, ow, sampling_ratio, aligned):
 @njit(cache=True)
 def _sample_coordinate(start, p, i, bin_size, grid):
     """Coordinate of sample ``i`` of bin ``p``: ``start + p * bin + (i + 0.5) * bin / grid``."""
-    return (start + cast_like(p, start) * bin_size
-            + cast_like(i + 0.5, start) * bin_size / cast_like(grid, start))
+    return (
+        start
+        + cast_like(p, start) * bin_size
+        + cast_like(i + 0.5, start) * bin_size / cast_like(grid, start)
+    )
 
 
 @njit(cache=True)
@@ -121,8 +124,7 @@ def _bilinear_axis(coord, size):
 # RoIAlign kernels
 # ---------------------------------------------------------------------------------------------
 @njit(parallel=True, cache=True)
-def roi_align_forward_kernel(feat, rois, spatial_scale, oh, ow, sampling_ratio, aligned, acc,
-                             out):
+def roi_align_forward_kernel(feat, rois, spatial_scale, oh, ow, sampling_ratio, aligned, acc, out):
     """out[k, :, ph, pw] = mean over the bin's samples of bilinear(feat[n], y, x).
 
     feat ``[N, H, W, C]`` (channels last, contiguous), rois ``[K, 5]``, out ``[K, C, oh, ow]``
@@ -133,7 +135,8 @@ def roi_align_forward_kernel(feat, rois, spatial_scale, oh, ow, sampling_ratio, 
     K = rois.shape[0]
     for k in prange(K):
         n, start_h, start_w, bin_h, bin_w, grid_h, grid_w, count = _align_geometry(
-            rois, k, spatial_scale, oh, ow, sampling_ratio, aligned)
+            rois, k, spatial_scale, oh, ow, sampling_ratio, aligned
+        )
         for ph in range(oh):
             for pw in range(ow):
                 for c in range(C):
@@ -153,17 +156,33 @@ def roi_align_forward_kernel(feat, rois, spatial_scale, oh, ow, sampling_ratio, 
                         w3 = ly * hx
                         w4 = ly * lx
                         for c in range(C):  # contiguous in memory: vectorised
-                            acc[k, c] += (w1 * feat[n, y_lo, x_lo, c]
-                                          + w2 * feat[n, y_lo, x_hi, c]
-                                          + w3 * feat[n, y_hi, x_lo, c]
-                                          + w4 * feat[n, y_hi, x_hi, c])
+                            acc[k, c] += (
+                                w1 * feat[n, y_lo, x_lo, c]
+                                + w2 * feat[n, y_lo, x_hi, c]
+                                + w3 * feat[n, y_hi, x_lo, c]
+                                + w4 * feat[n, y_hi, x_hi, c]
+                            )
                 for c in range(C):
                     out[k, c, ph, pw] = acc[k, c] / count
 
 
 @njit(parallel=True, cache=True)
-def roi_align_tables(rois, spatial_scale, oh, ow, sampling_ratio, aligned, H, W,
-                     y_index, y_weight, x_index, x_weight, grids, counts):
+def roi_align_tables(
+    rois,
+    spatial_scale,
+    oh,
+    ow,
+    sampling_ratio,
+    aligned,
+    H,
+    W,
+    y_index,
+    y_weight,
+    x_index,
+    x_weight,
+    grids,
+    counts,
+):
     """Sample geometry of every RoI, computed once and shared by all channels in the backward.
 
     Writes ``y_index`` / ``y_weight`` ``[K, oh, Gh, 2]`` (low and high row of sample ``iy`` of
@@ -174,14 +193,16 @@ def roi_align_tables(rois, spatial_scale, oh, ow, sampling_ratio, aligned, H, W,
     K = rois.shape[0]
     for k in prange(K):
         _n, start_h, start_w, bin_h, bin_w, grid_h, grid_w, count = _align_geometry(
-            rois, k, spatial_scale, oh, ow, sampling_ratio, aligned)
+            rois, k, spatial_scale, oh, ow, sampling_ratio, aligned
+        )
         grids[k, 0] = max(grid_h, 0)
         grids[k, 1] = max(grid_w, 0)
         counts[k] = count
         for ph in range(oh):
             for iy in range(grid_h):
                 _valid, lo, hi, w_lo, w_hi = _bilinear_axis(
-                    _sample_coordinate(start_h, ph, iy, bin_h, grid_h), H)
+                    _sample_coordinate(start_h, ph, iy, bin_h, grid_h), H
+                )
                 y_index[k, ph, iy, 0] = lo
                 y_index[k, ph, iy, 1] = hi
                 y_weight[k, ph, iy, 0] = w_lo  # zero when not valid
@@ -189,7 +210,8 @@ def roi_align_tables(rois, spatial_scale, oh, ow, sampling_ratio, aligned, H, W,
         for pw in range(ow):
             for ix in range(grid_w):
                 _valid, lo, hi, w_lo, w_hi = _bilinear_axis(
-                    _sample_coordinate(start_w, pw, ix, bin_w, grid_w), W)
+                    _sample_coordinate(start_w, pw, ix, bin_w, grid_w), W
+                )
                 x_index[k, pw, ix, 0] = lo
                 x_index[k, pw, ix, 1] = hi
                 x_weight[k, pw, ix, 0] = w_lo
@@ -208,8 +230,9 @@ def max_grids(rois, spatial_scale, oh, ow, sampling_ratio, aligned):
 
 
 @njit(parallel=True, cache=True)
-def roi_align_backward_kernel(grad_out, rois, y_index, y_weight, x_index, x_weight, grids, counts,
-                              grad_in):
+def roi_align_backward_kernel(
+    grad_out, rois, y_index, y_weight, x_index, x_weight, grids, counts, grad_in
+):
     """grad_in[n, c, h, w] += grad_out[k, c, ph, pw] * w / count over all samples (NCHW).
 
     grad_out ``[K, C, oh, ow]``, grad_in ``[N, C, H, W]`` (zeroed by the caller), tables from
@@ -334,8 +357,14 @@ def _channels_last(x: torch.Tensor) -> np.ndarray:
     return _np(x.permute(0, 2, 3, 1))
 
 
-def roi_align_forward(input: torch.Tensor, rois: torch.Tensor, output_size: tuple[int, int],
-                      spatial_scale: float, sampling_ratio: int, aligned: bool) -> torch.Tensor:
+def roi_align_forward(
+    input: torch.Tensor,
+    rois: torch.Tensor,
+    output_size: tuple[int, int],
+    spatial_scale: float,
+    sampling_ratio: int,
+    aligned: bool,
+) -> torch.Tensor:
     """RoIAlign forward: input ``[N, C, H, W]`` float32/64 on the CPU, rois ``[K, 5]``.
 
     Returns ``[K, C, oh, ow]`` (contiguous).
@@ -346,16 +375,30 @@ def roi_align_forward(input: torch.Tensor, rois: torch.Tensor, output_size: tupl
     out = torch.empty((K, C, oh, ow), dtype=input.dtype)
     if K and C:
         acc = np.empty((K, C), dtype=out.numpy().dtype)
-        roi_align_forward_kernel(_channels_last(input), _np(rois),
-                                 _scale(spatial_scale, input.dtype), oh, ow, int(sampling_ratio),
-                                 bool(aligned), acc, out.numpy())
+        roi_align_forward_kernel(
+            _channels_last(input),
+            _np(rois),
+            _scale(spatial_scale, input.dtype),
+            oh,
+            ow,
+            int(sampling_ratio),
+            bool(aligned),
+            acc,
+            out.numpy(),
+        )
     else:
         out.zero_()
     return out
 
 
-def roi_align_backward(grad_output: torch.Tensor, rois: torch.Tensor, input_shape,
-                       spatial_scale: float, sampling_ratio: int, aligned: bool) -> torch.Tensor:
+def roi_align_backward(
+    grad_output: torch.Tensor,
+    rois: torch.Tensor,
+    input_shape,
+    spatial_scale: float,
+    sampling_ratio: int,
+    aligned: bool,
+) -> torch.Tensor:
     """RoIAlign backward: grad_output ``[K, C, oh, ow]`` -> grad_input ``[N, C, H, W]``."""
     C, H, W = input_shape[1:]
     K, _, oh, ow = grad_output.shape
@@ -373,13 +416,15 @@ def roi_align_backward(grad_output: torch.Tensor, rois: torch.Tensor, input_shap
     grids = np.zeros((K, 2), dtype=np.int64)
     counts = np.zeros(K, dtype=r.dtype)
     roi_align_tables(r, *args, H, W, y_index, y_weight, x_index, x_weight, grids, counts)
-    roi_align_backward_kernel(_np(grad_output), r, y_index, y_weight, x_index,
-                              x_weight, grids, counts, grad_input.numpy())
+    roi_align_backward_kernel(
+        _np(grad_output), r, y_index, y_weight, x_index, x_weight, grids, counts, grad_input.numpy()
+    )
     return grad_input
 
 
-def roi_pool_forward(input: torch.Tensor, rois: torch.Tensor, output_size: tuple[int, int],
-                     spatial_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def roi_pool_forward(
+    input: torch.Tensor, rois: torch.Tensor, output_size: tuple[int, int], spatial_scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """RoIPool forward -> (output ``[K, C, oh, ow]``, argmax ``[K, oh, ow, C]`` int32).
 
     ``argmax`` stays channels last (it only feeds :func:`roi_pool_backward`).
@@ -390,17 +435,23 @@ def roi_pool_forward(input: torch.Tensor, rois: torch.Tensor, output_size: tuple
     out = torch.zeros((K, oh, ow, C), dtype=input.dtype)
     argmax = torch.full((K, oh, ow, C), -1, dtype=torch.int32)
     if K and C:
-        roi_pool_forward_kernel(_channels_last(input), _np(rois),
-                                _scale(spatial_scale, input.dtype), oh, ow, out.numpy(),
-                                argmax.numpy())
+        roi_pool_forward_kernel(
+            _channels_last(input),
+            _np(rois),
+            _scale(spatial_scale, input.dtype),
+            oh,
+            ow,
+            out.numpy(),
+            argmax.numpy(),
+        )
     return out.permute(0, 3, 1, 2).contiguous(), argmax  # (K, oh, ow, C) -> (K, C, oh, ow)
 
 
-def roi_pool_backward(grad_output: torch.Tensor, rois: torch.Tensor, argmax: torch.Tensor,
-                      input_shape) -> torch.Tensor:
+def roi_pool_backward(
+    grad_output: torch.Tensor, rois: torch.Tensor, argmax: torch.Tensor, input_shape
+) -> torch.Tensor:
     """RoIPool backward: grad_output ``[K, C, oh, ow]`` -> grad_input ``[N, C, H, W]``."""
     grad_input = torch.zeros(input_shape, dtype=grad_output.dtype)
     if grad_output.numel():
-        roi_pool_backward_kernel(_np(grad_output), _np(rois),
-                                 argmax.numpy(), grad_input.numpy())
+        roi_pool_backward_kernel(_np(grad_output), _np(rois), argmax.numpy(), grad_input.numpy())
     return grad_input

@@ -89,12 +89,13 @@ def _kernels(T):
         index = cuda.grid(1)
         if index >= out.size:
             return
-        pw = index % ow                       # index = ((k * C + c) * oh + ph) * ow + pw
+        pw = index % ow  # index = ((k * C + c) * oh + ph) * ow + pw
         ph = (index // ow) % oh
         c = (index // (ow * oh)) % C
         k = index // (ow * oh * C)
         n, start_h, start_w, bin_h, bin_w, grid_h, grid_w, count = geometry(
-            rois, k, spatial_scale, oh, ow, sampling_ratio, aligned)
+            rois, k, spatial_scale, oh, ow, sampling_ratio, aligned
+        )
         acc = T(0.0)
         for iy in range(grid_h):
             y = start_h + T(ph) * bin_h + T(iy + 0.5) * bin_h / T(grid_h)
@@ -106,8 +107,12 @@ def _kernels(T):
                 vx, x_lo, x_hi, hx, lx = bilinear_axis(x, W)
                 if not vx:
                     continue
-                acc += (hy * hx * feat[n, c, y_lo, x_lo] + hy * lx * feat[n, c, y_lo, x_hi]
-                        + ly * hx * feat[n, c, y_hi, x_lo] + ly * lx * feat[n, c, y_hi, x_hi])
+                acc += (
+                    hy * hx * feat[n, c, y_lo, x_lo]
+                    + hy * lx * feat[n, c, y_lo, x_hi]
+                    + ly * hx * feat[n, c, y_hi, x_lo]
+                    + ly * lx * feat[n, c, y_hi, x_hi]
+                )
         out[k, c, ph, pw] = acc / count
 
     @cuda.jit
@@ -124,7 +129,8 @@ def _kernels(T):
         c = (index // (ow * oh)) % C
         k = index // (ow * oh * C)
         n, start_h, start_w, bin_h, bin_w, grid_h, grid_w, count = geometry(
-            rois, k, spatial_scale, oh, ow, sampling_ratio, aligned)
+            rois, k, spatial_scale, oh, ow, sampling_ratio, aligned
+        )
         g = grad_out[k, c, ph, pw]
         for iy in range(grid_h):
             y = start_h + T(ph) * bin_h + T(iy + 0.5) * bin_h / T(grid_h)
@@ -274,9 +280,18 @@ def roi_align_forward(input, rois, output_size, spatial_scale, sampling_ratio, a
     if out.numel() == 0:  # K = 0: nothing to launch (and no views of empty tensors)
         return out
     with _Launch(input.device, "roi_align") as launch:
-        launch.run(_kernels(T)[0], out.numel(), launch.view(input), launch.view(rois),
-                   T(spatial_scale), oh, ow, int(sampling_ratio), bool(aligned),
-                   launch.view(out, output=True))
+        launch.run(
+            _kernels(T)[0],
+            out.numel(),
+            launch.view(input),
+            launch.view(rois),
+            T(spatial_scale),
+            oh,
+            ow,
+            int(sampling_ratio),
+            bool(aligned),
+            launch.view(out, output=True),
+        )
     return out
 
 
@@ -288,9 +303,18 @@ def roi_align_backward(grad_output, rois, input_shape, spatial_scale, sampling_r
     if grad_output.numel() == 0:
         return grad_input
     with _Launch(grad_output.device, "roi_align backward") as launch:
-        launch.run(_kernels(T)[1], grad_output.numel(), launch.view(grad_output),
-                   launch.view(rois), T(spatial_scale), oh, ow, int(sampling_ratio),
-                   bool(aligned), launch.view(grad_input, output=True))
+        launch.run(
+            _kernels(T)[1],
+            grad_output.numel(),
+            launch.view(grad_output),
+            launch.view(rois),
+            T(spatial_scale),
+            oh,
+            ow,
+            int(sampling_ratio),
+            bool(aligned),
+            launch.view(grad_input, output=True),
+        )
     return grad_input
 
 
@@ -305,9 +329,17 @@ def roi_pool_forward(input, rois, output_size, spatial_scale):
     if out.numel() == 0:
         return out, argmax
     with _Launch(input.device, "roi_pool") as launch:
-        launch.run(_kernels(T)[2], out.numel(), launch.view(input), launch.view(rois),
-                   T(spatial_scale), oh, ow, launch.view(out, output=True),
-                   launch.view(argmax, output=True))
+        launch.run(
+            _kernels(T)[2],
+            out.numel(),
+            launch.view(input),
+            launch.view(rois),
+            T(spatial_scale),
+            oh,
+            ow,
+            launch.view(out, output=True),
+            launch.view(argmax, output=True),
+        )
     return out, argmax
 
 
@@ -318,6 +350,12 @@ def roi_pool_backward(grad_output, rois, argmax, input_shape):
     if grad_output.numel() == 0:
         return grad_input
     with _Launch(grad_output.device, "roi_pool backward") as launch:
-        launch.run(_kernels(T)[3], grad_output.numel(), launch.view(grad_output),
-                   launch.view(rois), launch.view(argmax), launch.view(grad_input, output=True))
+        launch.run(
+            _kernels(T)[3],
+            grad_output.numel(),
+            launch.view(grad_output),
+            launch.view(rois),
+            launch.view(argmax),
+            launch.view(grad_input, output=True),
+        )
     return grad_input

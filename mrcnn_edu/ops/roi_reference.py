@@ -50,8 +50,13 @@ FLT_MAX = 3.4028234663852886e38  # torchvision starts every RoIPool bin at -FLT_
 # ---------------------------------------------------------------------------------------------
 # RoIAlign
 # ---------------------------------------------------------------------------------------------
-def roi_align_geometry(rois: torch.Tensor, output_size: tuple[int, int], spatial_scale: float,
-                       sampling_ratio: int, aligned: bool) -> dict[str, torch.Tensor]:
+def roi_align_geometry(
+    rois: torch.Tensor,
+    output_size: tuple[int, int],
+    spatial_scale: float,
+    sampling_ratio: int,
+    aligned: bool,
+) -> dict[str, torch.Tensor]:
     """Where each RoI starts, how big its bins are and how many samples each bin gets.
 
     Args:
@@ -83,12 +88,22 @@ def roi_align_geometry(rois: torch.Tensor, output_size: tuple[int, int], spatial
         grid_h = torch.ceil(roi_h / oh).to(torch.int64)
         grid_w = torch.ceil(roi_w / ow).to(torch.int64)
     count = (grid_h * grid_w).clamp(min=1).to(rois.dtype)
-    return {"start_h": start_h, "start_w": start_w, "roi_h": roi_h, "roi_w": roi_w,
-            "bin_h": bin_h, "bin_w": bin_w, "grid_h": grid_h, "grid_w": grid_w, "count": count}
+    return {
+        "start_h": start_h,
+        "start_w": start_w,
+        "roi_h": roi_h,
+        "roi_w": roi_w,
+        "bin_h": bin_h,
+        "bin_w": bin_w,
+        "grid_h": grid_h,
+        "grid_w": grid_w,
+        "count": count,
+    }
 
 
-def sample_coordinates(start: torch.Tensor, bin_size: torch.Tensor, grid: torch.Tensor,
-                       num_bins: int, max_grid: int) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_coordinates(
+    start: torch.Tensor, bin_size: torch.Tensor, grid: torch.Tensor, num_bins: int, max_grid: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample-point coordinates along one axis, for every RoI, bin and sample.
 
     The ``i``-th sample of bin ``p`` sits at ``start + p * bin + (i + 0.5) * bin / grid``: the
@@ -103,11 +118,14 @@ def sample_coordinates(start: torch.Tensor, bin_size: torch.Tensor, grid: torch.
         (False for the padding samples ``i >= grid`` of RoIs with a smaller grid).
     """
     dtype = start.dtype
-    p = torch.arange(num_bins, dtype=dtype, device=start.device)        # bin index   (num_bins,)
-    i = torch.arange(max_grid, dtype=dtype, device=start.device)        # sample index (max_grid,)
-    g = grid.clamp(min=1).to(dtype)                          # no 0-division in padding samples
-    coords = (start[:, None, None] + p[None, :, None] * bin_size[:, None, None]
-              + (i + 0.5)[None, None, :] * bin_size[:, None, None] / g[:, None, None])
+    p = torch.arange(num_bins, dtype=dtype, device=start.device)  # bin index   (num_bins,)
+    i = torch.arange(max_grid, dtype=dtype, device=start.device)  # sample index (max_grid,)
+    g = grid.clamp(min=1).to(dtype)  # no 0-division in padding samples
+    coords = (
+        start[:, None, None]
+        + p[None, :, None] * bin_size[:, None, None]
+        + (i + 0.5)[None, None, :] * bin_size[:, None, None] / g[:, None, None]
+    )
     in_grid = torch.arange(max_grid, device=start.device)[None, None, :] < grid[:, None, None]
     return coords, in_grid
 
@@ -127,21 +145,25 @@ def bilinear_axis(coords: torch.Tensor, size: int, keep: torch.Tensor):
         "empty" samples ``coord < -1`` or ``coord > size`` and where ``keep`` is False).
     """
     empty = (coords < -1.0) | (coords > size) | ~keep
-    c = torch.where(empty, torch.zeros_like(coords), coords).clamp(min=0.0)   # y <= 0 -> 0
-    low = c.to(torch.int64)                                            # floor, since c >= 0
-    at_edge = low >= size - 1                                          # past the last row/column:
-    low = torch.where(at_edge, torch.full_like(low, size - 1), low)    # read the last one
+    c = torch.where(empty, torch.zeros_like(coords), coords).clamp(min=0.0)  # y <= 0 -> 0
+    low = c.to(torch.int64)  # floor, since c >= 0
+    at_edge = low >= size - 1  # past the last row/column:
+    low = torch.where(at_edge, torch.full_like(low, size - 1), low)  # read the last one
     high = torch.where(at_edge, low, low + 1)
     c = torch.where(at_edge, low.to(c.dtype), c)
-    w_high = c - low.to(c.dtype)                                       # l
-    w_low = 1.0 - w_high                                               # h = 1 - l
+    w_high = c - low.to(c.dtype)  # l
+    w_low = 1.0 - w_high  # h = 1 - l
     zero = torch.zeros_like(w_low)
     return low, high, torch.where(empty, zero, w_low), torch.where(empty, zero, w_high)
 
 
-def roi_align_sampling_points(rois: torch.Tensor, output_size: tuple[int, int],
-                              spatial_scale: float = 1.0, sampling_ratio: int = -1,
-                              aligned: bool = False) -> dict[str, torch.Tensor]:
+def roi_align_sampling_points(
+    rois: torch.Tensor,
+    output_size: tuple[int, int],
+    spatial_scale: float = 1.0,
+    sampling_ratio: int = -1,
+    aligned: bool = False,
+) -> dict[str, torch.Tensor]:
     """Where RoIAlign reads the feature map: every RoI's sample points, in the map's index frame.
 
     The index frame puts the value ``f[i, j]`` at the point ``(x=j, y=i)``. The grid is
@@ -163,15 +185,21 @@ def roi_align_sampling_points(rois: torch.Tensor, output_size: tuple[int, int],
     oh, ow = output_size
     K = rois.shape[0]
     geo = roi_align_geometry(rois, output_size, spatial_scale, sampling_ratio, aligned)
-    gh = max(int(geo["grid_h"].max()), 1) if K else 1                  # pad grids to the largest
+    gh = max(int(geo["grid_h"].max()), 1) if K else 1  # pad grids to the largest
     gw = max(int(geo["grid_w"].max()), 1) if K else 1
     y, y_valid = sample_coordinates(geo["start_h"], geo["bin_h"], geo["grid_h"], oh, gh)
     x, x_valid = sample_coordinates(geo["start_w"], geo["bin_w"], geo["grid_w"], ow, gw)
     return {**geo, "y": y, "x": x, "y_valid": y_valid, "x_valid": x_valid}
 
 
-def _roi_align_chunk(feat: torch.Tensor, rois: torch.Tensor, output_size: tuple[int, int],
-                     spatial_scale: float, sampling_ratio: int, aligned: bool) -> torch.Tensor:
+def _roi_align_chunk(
+    feat: torch.Tensor,
+    rois: torch.Tensor,
+    output_size: tuple[int, int],
+    spatial_scale: float,
+    sampling_ratio: int,
+    aligned: bool,
+) -> torch.Tensor:
     """RoIAlign of a chunk of RoIs. feat ``[N, H, W, C]`` (channels last), rois ``[K, 5]``.
 
     Returns ``[K, oh, ow, C]``.
@@ -183,8 +211,8 @@ def _roi_align_chunk(feat: torch.Tensor, rois: torch.Tensor, output_size: tuple[
     y, y_in, x, x_in = geo["y"], geo["y_valid"], geo["x"], geo["x_valid"]
 
     # 2. bilinear weights, one axis at a time
-    y_lo, y_hi, wy_lo, wy_hi = bilinear_axis(y, H, y_in)               # each (K, oh, gh)
-    x_lo, x_hi, wx_lo, wx_hi = bilinear_axis(x, W, x_in)               # each (K, ow, gw)
+    y_lo, y_hi, wy_lo, wy_hi = bilinear_axis(y, H, y_in)  # each (K, oh, gh)
+    x_lo, x_hi, wx_lo, wx_hi = bilinear_axis(x, W, x_in)  # each (K, ow, gw)
 
     # Broadcast to (K, oh, gh, ow, gw): y varies along dims 1-2, x along dims 3-4.
     n = rois[:, 0].to(torch.int64)[:, None, None, None, None]
@@ -195,21 +223,28 @@ def _roi_align_chunk(feat: torch.Tensor, rois: torch.Tensor, output_size: tuple[
     def X(t):  # (K, ow, gw) -> (K, 1, 1, ow, gw)
         return t[:, None, None, :, :]
 
-    def corner(yi, xi, weight):                                         # -> (K, oh, gh, ow, gw, C)
-        return weight[..., None] * feat[n, yi, xi]           # feat[n, y, x] is a C-vector
+    def corner(yi, xi, weight):  # -> (K, oh, gh, ow, gw, C)
+        return weight[..., None] * feat[n, yi, xi]  # feat[n, y, x] is a C-vector
 
-    samples = (corner(Y(y_lo), X(x_lo), Y(wy_lo) * X(wx_lo))            # w1 = hy * hx
-               + corner(Y(y_lo), X(x_hi), Y(wy_lo) * X(wx_hi))          # w2 = hy * lx
-               + corner(Y(y_hi), X(x_lo), Y(wy_hi) * X(wx_lo))          # w3 = ly * hx
-               + corner(Y(y_hi), X(x_hi), Y(wy_hi) * X(wx_hi)))         # w4 = ly * lx
+    samples = (
+        corner(Y(y_lo), X(x_lo), Y(wy_lo) * X(wx_lo))  # w1 = hy * hx
+        + corner(Y(y_lo), X(x_hi), Y(wy_lo) * X(wx_hi))  # w2 = hy * lx
+        + corner(Y(y_hi), X(x_lo), Y(wy_hi) * X(wx_lo))  # w3 = ly * hx
+        + corner(Y(y_hi), X(x_hi), Y(wy_hi) * X(wx_hi))
+    )  # w4 = ly * lx
 
     # 3. mean over the samples of each bin: (K, oh, gh, ow, gw, C) -> (K, oh, ow, C)
     return samples.sum(dim=(2, 4)) / geo["count"][:, None, None, None]
 
 
-def roi_align_reference(input: torch.Tensor, rois: torch.Tensor, output_size: tuple[int, int],
-                        spatial_scale: float = 1.0, sampling_ratio: int = -1,
-                        aligned: bool = False) -> torch.Tensor:
+def roi_align_reference(
+    input: torch.Tensor,
+    rois: torch.Tensor,
+    output_size: tuple[int, int],
+    spatial_scale: float = 1.0,
+    sampling_ratio: int = -1,
+    aligned: bool = False,
+) -> torch.Tensor:
     """RoIAlign in plain PyTorch (Mask R-CNN section 3); autograd provides the backward.
 
     Args:
@@ -228,13 +263,18 @@ def roi_align_reference(input: torch.Tensor, rois: torch.Tensor, output_size: tu
     # (N, C, H, W) -> (N, H, W, C), contiguous: feat[n, y, x] is then one contiguous C-vector
     feat = input.permute(0, 2, 3, 1).contiguous()
     geo = roi_align_geometry(rois, output_size, spatial_scale, sampling_ratio, aligned)
-    per_roi = C * oh * ow * max(int(geo["grid_h"].max()), 1) * max(int(geo["grid_w"].max()), 1) \
-        if rois.shape[0] else 1
+    per_roi = (
+        C * oh * ow * max(int(geo["grid_h"].max()), 1) * max(int(geo["grid_w"].max()), 1)
+        if rois.shape[0]
+        else 1
+    )
     chunk = max(1, _MAX_GATHER // per_roi)
-    parts = [_roi_align_chunk(feat, r, output_size, spatial_scale, sampling_ratio, aligned)
-             for r in (rois.split(chunk) if rois.shape[0] else [rois])]
-    out = torch.cat(parts) if len(parts) > 1 else parts[0]               # (K, oh, ow, C)
-    return out.permute(0, 3, 1, 2).contiguous()                         # -> (K, C, oh, ow)
+    parts = [
+        _roi_align_chunk(feat, r, output_size, spatial_scale, sampling_ratio, aligned)
+        for r in (rois.split(chunk) if rois.shape[0] else [rois])
+    ]
+    out = torch.cat(parts) if len(parts) > 1 else parts[0]  # (K, oh, ow, C)
+    return out.permute(0, 3, 1, 2).contiguous()  # -> (K, C, oh, ow)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,8 +288,13 @@ def round_half_away(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x < 0, -r, r)
 
 
-def roi_pool_bins(rois: torch.Tensor, output_size: tuple[int, int], spatial_scale: float,
-                  height: int | None, width: int | None):
+def roi_pool_bins(
+    rois: torch.Tensor,
+    output_size: tuple[int, int],
+    spatial_scale: float,
+    height: int | None,
+    width: int | None,
+):
     """Integer bin edges of RoIPool (Fast R-CNN section 2.1): quantize the RoI, then each bin.
 
     Quantization 1: the scaled RoI is rounded to whole cells (C's ``round``) and spans
@@ -262,11 +307,12 @@ def roi_pool_bins(rois: torch.Tensor, output_size: tuple[int, int], spatial_scal
     """
     oh, ow = output_size
     dtype = rois.dtype
-    x1, y1, x2, y2 = (round_half_away(rois[:, i] * spatial_scale).to(torch.int64)
-                      for i in range(1, 5))
-    roi_w = (x2 - x1 + 1).clamp(min=1)                                  # malformed RoIs -> 1x1
+    x1, y1, x2, y2 = (
+        round_half_away(rois[:, i] * spatial_scale).to(torch.int64) for i in range(1, 5)
+    )
+    roi_w = (x2 - x1 + 1).clamp(min=1)  # malformed RoIs -> 1x1
     roi_h = (y2 - y1 + 1).clamp(min=1)
-    bin_h = roi_h.to(dtype) / oh                                        # (K,)
+    bin_h = roi_h.to(dtype) / oh  # (K,)
     bin_w = roi_w.to(dtype) / ow
 
     def edges(start, bin_size, num_bins, size):
@@ -275,15 +321,19 @@ def roi_pool_bins(rois: torch.Tensor, output_size: tuple[int, int], spatial_scal
         hi = torch.ceil((p + 1) * bin_size[:, None]).to(torch.int64) + start[:, None]
         if size is None:
             return lo, hi
-        return lo.clamp(0, size), hi.clamp(0, size)                       # (K, num_bins) each
+        return lo.clamp(0, size), hi.clamp(0, size)  # (K, num_bins) each
 
     hstart, hend = edges(y1, bin_h, oh, height)
     wstart, wend = edges(x1, bin_w, ow, width)
     return hstart, hend, wstart, wend
 
 
-def roi_pool_reference(input: torch.Tensor, rois: torch.Tensor, output_size: tuple[int, int],
-                       spatial_scale: float = 1.0) -> torch.Tensor:
+def roi_pool_reference(
+    input: torch.Tensor,
+    rois: torch.Tensor,
+    output_size: tuple[int, int],
+    spatial_scale: float = 1.0,
+) -> torch.Tensor:
     """RoIPool in plain PyTorch: max over quantized bins; empty bins give 0.
 
     Args as :func:`roi_align_reference`. Returns ``[K, C, oh, ow]``; the gradient goes to the
@@ -293,21 +343,22 @@ def roi_pool_reference(input: torch.Tensor, rois: torch.Tensor, output_size: tup
     oh, ow = output_size
     rois = rois.detach()
     K = rois.shape[0]
-    feat = input.permute(0, 2, 3, 1)                         # (N, C, H, W) -> (N, H, W, C)
+    feat = input.permute(0, 2, 3, 1)  # (N, C, H, W) -> (N, H, W, C)
     hstart, hend, wstart, wend = roi_pool_bins(rois, output_size, spatial_scale, H, W)
     # Pad every bin to the largest bin, and mask the padding.
     lh = max(int((hend - hstart).max()), 1) if K else 1
     lw = max(int((wend - wstart).max()), 1) if K else 1
-    hs = hstart[:, :, None] + torch.arange(lh, device=rois.device)      # (K, oh, lh)
-    ws = wstart[:, :, None] + torch.arange(lw, device=rois.device)      # (K, ow, lw)
+    hs = hstart[:, :, None] + torch.arange(lh, device=rois.device)  # (K, oh, lh)
+    ws = wstart[:, :, None] + torch.arange(lw, device=rois.device)  # (K, ow, lw)
     inside = (hs < hend[:, :, None])[:, :, :, None, None] & (ws < wend[:, :, None])[:, None, None]
     n = rois[:, 0].to(torch.int64)[:, None, None, None, None]
-    vals = feat[n, hs.clamp(max=H - 1)[:, :, :, None, None],
-                ws.clamp(max=W - 1)[:, None, None, :, :]]                # (K, oh, lh, ow, lw, C)
+    vals = feat[
+        n, hs.clamp(max=H - 1)[:, :, :, None, None], ws.clamp(max=W - 1)[:, None, None, :, :]
+    ]  # (K, oh, lh, ow, lw, C)
     vals = vals.masked_fill(~inside[..., None], float("-inf"))
     # (K, oh, lh, ow, lw, C) -> (K, oh, ow, lh * lw, C): the window of each bin, row-major
     vals = vals.permute(0, 1, 3, 2, 4, 5).reshape(K, oh, ow, lh * lw, C)
-    best = vals.max(dim=3).values                                       # (K, oh, ow, C)
+    best = vals.max(dim=3).values  # (K, oh, ow, C)
     empty = ((hend <= hstart)[:, :, None] | (wend <= wstart)[:, None, :])[..., None]
     out = torch.where(empty, torch.zeros_like(best), best)
-    return out.permute(0, 3, 1, 2).contiguous()                         # -> (K, C, oh, ow)
+    return out.permute(0, 3, 1, 2).contiguous()  # -> (K, C, oh, ow)

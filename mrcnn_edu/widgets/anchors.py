@@ -27,9 +27,12 @@ from mrcnn_edu.viz import (  # noqa: F401  (re-exported)
 )
 
 
-def anchor_explorer(image, sizes: Sequence[int] = (16, 32, 64, 128, 256),
-                    aspect_ratios: Sequence[float] = (0.25, 0.5, 1.0, 2.0, 4.0),
-                    strides: Sequence[int] = (4, 8, 16, 32, 64)) -> widgets.VBox:
+def anchor_explorer(
+    image,
+    sizes: Sequence[int] = (16, 32, 64, 128, 256),
+    aspect_ratios: Sequence[float] = (0.25, 0.5, 1.0, 2.0, 4.0),
+    strides: Sequence[int] = (4, 8, 16, 32, 64),
+) -> widgets.VBox:
     """Interactive anchors: pick sizes, aspect ratios, the stride and a feature-map location.
 
     Args:
@@ -43,11 +46,18 @@ def anchor_explorer(image, sizes: Sequence[int] = (16, 32, 64, 128, 256),
     """
     img = image_for_display(image, "anchor_explorer")
     H, W = img.shape[:2]
-    size_w = widgets.SelectMultiple(options=list(sizes), value=tuple(s for s in sizes[1:4]),
-                                    description="sizes", rows=len(sizes))
-    ratio_w = widgets.SelectMultiple(options=list(aspect_ratios),
-                                     value=tuple(r for r in aspect_ratios if r in (0.5, 1.0, 2.0)),
-                                     description="h / w", rows=len(aspect_ratios))
+    size_w = widgets.SelectMultiple(
+        options=list(sizes),
+        value=tuple(s for s in sizes[1:4]),
+        description="sizes",
+        rows=len(sizes),
+    )
+    ratio_w = widgets.SelectMultiple(
+        options=list(aspect_ratios),
+        value=tuple(r for r in aspect_ratios if r in (0.5, 1.0, 2.0)),
+        description="h / w",
+        rows=len(aspect_ratios),
+    )
     default_stride = 16 if 16 in strides else strides[len(strides) // 2]
     stride_w = widgets.Dropdown(options=list(strides), value=default_stride, description="stride")
     x_w = widgets.IntSlider(description="cell x", continuous_update=False)
@@ -67,8 +77,15 @@ def anchor_explorer(image, sizes: Sequence[int] = (16, 32, 64, 128, 256),
     def redraw(*_) -> None:
         with out:
             out.clear_output(wait=True)
-            fig = plot_anchors_at(img, sorted(size_w.value), sorted(ratio_w.value), stride_w.value,
-                                  x_w.value, y_w.value, show_grid=grid_w.value)
+            fig = plot_anchors_at(
+                img,
+                sorted(size_w.value),
+                sorted(ratio_w.value),
+                stride_w.value,
+                x_w.value,
+                y_w.value,
+                show_grid=grid_w.value,
+            )
             plt.show()
             plt.close(fig)
 
@@ -86,8 +103,9 @@ def anchor_explorer(image, sizes: Sequence[int] = (16, 32, 64, 128, 256),
     for w_ in (size_w, ratio_w, x_w, y_w, grid_w):
         w_.observe(redraw, names="value")
     redraw()
-    controls = widgets.HBox([widgets.VBox([size_w, ratio_w]),
-                             widgets.VBox([stride_w, x_w, y_w, grid_w])])
+    controls = widgets.HBox(
+        [widgets.VBox([size_w, ratio_w]), widgets.VBox([stride_w, x_w, y_w, grid_w])]
+    )
     return widgets.VBox([controls, out])
 
 

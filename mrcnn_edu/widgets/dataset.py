@@ -31,9 +31,13 @@ def dataset_browser(dataset, index: int = 0, size: float = 5.0) -> widgets.VBox:
     if len(dataset) == 0:
         raise ValueError("dataset_browser: the dataset is empty")
     controls = {
-        "index": widgets.IntSlider(value=min(max(index, 0), len(dataset) - 1), min=0,
-                                   max=len(dataset) - 1, description="index",
-                                   continuous_update=False),
+        "index": widgets.IntSlider(
+            value=min(max(index, 0), len(dataset) - 1),
+            min=0,
+            max=len(dataset) - 1,
+            description="index",
+            continuous_update=False,
+        ),
         "masks": widgets.Checkbox(value=True, description="masks"),
         "boxes": widgets.Checkbox(value=True, description="boxes"),
         "keypoints": widgets.Checkbox(value=True, description="keypoints"),
@@ -46,8 +50,15 @@ def dataset_browser(dataset, index: int = 0, size: float = 5.0) -> widgets.VBox:
         with out:
             out.clear_output(wait=True)
             fig, ax = plt.subplots(figsize=(size, size))
-            draw_sample(dataset, c["index"], show_masks=c["masks"], show_boxes=c["boxes"],
-                        show_keypoints=c["keypoints"], show_crowd=c["crowd"], ax=ax)
+            draw_sample(
+                dataset,
+                c["index"],
+                show_masks=c["masks"],
+                show_boxes=c["boxes"],
+                show_keypoints=c["keypoints"],
+                show_crowd=c["crowd"],
+                ax=ax,
+            )
             display(fig)
             plt.close(fig)
 

@@ -32,15 +32,24 @@ def _figure_png(fig: Figure) -> dict:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
     png = base64.b64encode(buf.getvalue()).decode("ascii")
-    return {"output_type": "display_data", "metadata": {},
-            "data": {"image/png": png, "text/plain": "<FPN level figure>"}}
+    return {
+        "output_type": "display_data",
+        "metadata": {},
+        "data": {"image/png": png, "text/plain": "<FPN level figure>"},
+    }
 
 
-def fpn_level_explorer(size: float = 150.0, aspect: float = 1.0, *,
-                       image_size: tuple[int, int] = (800, 800), k_min: int = 2, k_max: int = 5,
-                       size_range: tuple[float, float] = (8.0, 800.0),
-                       aspect_range: tuple[float, float] = (0.25, 4.0),
-                       output_size: int = 7) -> widgets.VBox:
+def fpn_level_explorer(
+    size: float = 150.0,
+    aspect: float = 1.0,
+    *,
+    image_size: tuple[int, int] = (800, 800),
+    k_min: int = 2,
+    k_max: int = 5,
+    size_range: tuple[float, float] = (8.0, 800.0),
+    aspect_range: tuple[float, float] = (0.25, 4.0),
+    output_size: int = 7,
+) -> widgets.VBox:
     """Sliders for an RoI's size and aspect ratio; each change redraws its pyramid level.
 
     Args:
@@ -61,20 +70,35 @@ def fpn_level_explorer(size: float = 150.0, aspect: float = 1.0, *,
     lo, hi = (float(v) for v in size_range)
     alo, ahi = (float(v) for v in aspect_range)
     if not 0 < lo < hi or not 0 < alo < ahi:
-        raise ValueError(f"{fn}: size_range and aspect_range must be 0 < low < high, got "
-                         f"{size_range}, {aspect_range}")
+        raise ValueError(
+            f"{fn}: size_range and aspect_range must be 0 < low < high, got "
+            f"{size_range}, {aspect_range}"
+        )
     if not (lo <= size <= hi and alo <= aspect <= ahi):
-        raise ValueError(f"{fn}: size {size} and aspect {aspect} must lie in {size_range} and "
-                         f"{aspect_range}")
+        raise ValueError(
+            f"{fn}: size {size} and aspect {aspect} must lie in {size_range} and {aspect_range}"
+        )
     controls = {
-        "size": widgets.FloatLogSlider(value=float(size), base=2, min=math.log2(lo),
-                                       max=math.log2(hi), step=0.05,
-                                       description="sqrt(w h)", readout_format=".0f",
-                                       continuous_update=False),
-        "aspect": widgets.FloatLogSlider(value=float(aspect), base=2, min=math.log2(alo),
-                                         max=math.log2(ahi), step=0.25,
-                                         description="h / w", readout_format=".2f",
-                                         continuous_update=False),
+        "size": widgets.FloatLogSlider(
+            value=float(size),
+            base=2,
+            min=math.log2(lo),
+            max=math.log2(hi),
+            step=0.05,
+            description="sqrt(w h)",
+            readout_format=".0f",
+            continuous_update=False,
+        ),
+        "aspect": widgets.FloatLogSlider(
+            value=float(aspect),
+            base=2,
+            min=math.log2(alo),
+            max=math.log2(ahi),
+            step=0.25,
+            description="h / w",
+            readout_format=".2f",
+            continuous_update=False,
+        ),
     }
     out = widgets.Output()
     explorer = widgets.VBox([widgets.HBox([controls["size"], controls["aspect"]]), out])
@@ -82,8 +106,14 @@ def fpn_level_explorer(size: float = 150.0, aspect: float = 1.0, *,
     def redraw(change=None) -> None:
         w, h = box_wh(controls["size"].value, controls["aspect"].value)
         fig = Figure(figsize=(13.5, 3.6))
-        draw_fpn_levels((w, h), image_size=image_size, k_min=k_min, k_max=k_max,
-                        output_size=output_size, fig=fig)
+        draw_fpn_levels(
+            (w, h),
+            image_size=image_size,
+            k_min=k_min,
+            k_max=k_max,
+            output_size=output_size,
+            fig=fig,
+        )
         explorer.level = fig.fpn_level
         out.outputs = (_figure_png(fig),)  # clear and show in one state update
 

@@ -25,9 +25,18 @@ from .mask_targets import _figure_png
 __all__ = ["keypoint_heatmap_explorer"]
 
 
-def keypoint_heatmap_explorer(image, boxes, heatmaps, *, scores=None,
-                              keypoint_names: Sequence[str] | None = None, gt_keypoints=None,
-                              skeleton=None, person: int = 0, keypoint: int = 0) -> widgets.VBox:
+def keypoint_heatmap_explorer(
+    image,
+    boxes,
+    heatmaps,
+    *,
+    scores=None,
+    keypoint_names: Sequence[str] | None = None,
+    gt_keypoints=None,
+    skeleton=None,
+    person: int = 0,
+    keypoint: int = 0,
+) -> widgets.VBox:
     """A choice of detection ("person") and of keypoint; each change redraws the heatmap figure.
 
     Args:
@@ -50,16 +59,20 @@ def keypoint_heatmap_explorer(image, boxes, heatmaps, *, scores=None,
     fn = "keypoint_heatmap_explorer"
     boxes = torch.as_tensor(boxes, dtype=torch.float32)
     if boxes.dim() != 2 or boxes.shape[1] != 4 or boxes.shape[0] == 0:
-        raise ValueError(f"{fn}: boxes must be [D, 4] with D >= 1 detections, got "
-                         f"{tuple(boxes.shape)}")
+        raise ValueError(
+            f"{fn}: boxes must be [D, 4] with D >= 1 detections, got {tuple(boxes.shape)}"
+        )
     D = boxes.shape[0]
     heatmaps = torch.as_tensor(heatmaps)
     if heatmaps.dim() != 4 or heatmaps.shape[0] != D or heatmaps.shape[2] != heatmaps.shape[3]:
-        raise ValueError(f"{fn}: heatmaps must be [D, K, m, m] with D = {D} (one per box), got "
-                         f"{tuple(heatmaps.shape)}")
+        raise ValueError(
+            f"{fn}: heatmaps must be [D, K, m, m] with D = {D} (one per box), got "
+            f"{tuple(heatmaps.shape)}"
+        )
     K = heatmaps.shape[1]
-    names = list(keypoint_names) if keypoint_names is not None else [f"keypoint {k}"
-                                                                      for k in range(K)]
+    names = (
+        list(keypoint_names) if keypoint_names is not None else [f"keypoint {k}" for k in range(K)]
+    )
     if len(names) != K:
         raise ValueError(f"{fn}: keypoint_names has {len(names)} names for {K} heatmaps")
     if scores is not None:
@@ -69,26 +82,41 @@ def keypoint_heatmap_explorer(image, boxes, heatmaps, *, scores=None,
     if gt_keypoints is not None:
         gt_keypoints = torch.as_tensor(gt_keypoints, dtype=torch.float32)
         if tuple(gt_keypoints.shape) != (D, K, 3):
-            raise ValueError(f"{fn}: gt_keypoints must be [{D}, {K}, 3] (one gt pose per "
-                             f"detection), got {tuple(gt_keypoints.shape)}")
+            raise ValueError(
+                f"{fn}: gt_keypoints must be [{D}, {K}, 3] (one gt pose per "
+                f"detection), got {tuple(gt_keypoints.shape)}"
+            )
     if not (0 <= int(person) < D and 0 <= int(keypoint) < K):
-        raise ValueError(f"{fn}: person must lie in [0, {D}) and keypoint in [0, {K}), got "
-                         f"{person}, {keypoint}")
-    people = [(f"person {i}" + (f" (score {float(scores[i]):.2f})" if scores is not None
-                                else ""), i) for i in range(D)]
+        raise ValueError(
+            f"{fn}: person must lie in [0, {D}) and keypoint in [0, {K}), got {person}, {keypoint}"
+        )
+    people = [
+        (f"person {i}" + (f" (score {float(scores[i]):.2f})" if scores is not None else ""), i)
+        for i in range(D)
+    ]
     controls = {
         "person": widgets.Dropdown(options=people, value=int(person), description="person"),
-        "keypoint": widgets.Dropdown(options=[(n, k) for k, n in enumerate(names)],
-                                     value=int(keypoint), description="keypoint"),
+        "keypoint": widgets.Dropdown(
+            options=[(n, k) for k, n in enumerate(names)],
+            value=int(keypoint),
+            description="keypoint",
+        ),
     }
     out = widgets.Output()
 
     def redraw(change=None) -> None:
         i, k = controls["person"].value, controls["keypoint"].value
         fig = Figure(figsize=(12, 4.2))
-        draw_keypoint_heatmap(image, boxes[i], heatmaps[i], k, keypoint_names=names,
-                              gt_keypoint=None if gt_keypoints is None else gt_keypoints[i, k],
-                              skeleton=skeleton, fig=fig)
+        draw_keypoint_heatmap(
+            image,
+            boxes[i],
+            heatmaps[i],
+            k,
+            keypoint_names=names,
+            gt_keypoint=None if gt_keypoints is None else gt_keypoints[i, k],
+            skeleton=skeleton,
+            fig=fig,
+        )
         out.outputs = (_figure_png(fig),)  # clear and show in one state update
 
     for w in controls.values():

@@ -29,13 +29,25 @@ def _figure_png(fig: Figure) -> dict:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
     png = base64.b64encode(buf.getvalue()).decode("ascii")
-    return {"output_type": "display_data", "metadata": {},
-            "data": {"image/png": png, "text/plain": "<mask target figure>"}}
+    return {
+        "output_type": "display_data",
+        "metadata": {},
+        "data": {"image/png": png, "text/plain": "<mask target figure>"},
+    }
 
 
-def mask_target_explorer(image, gt_masks, rois, matched_idxs, *, labels=None, gt_boxes=None,
-                         class_names: Sequence[str] | None = None, M: int = 28,
-                         resolutions: Sequence[int] = (14, 28, 56)) -> widgets.VBox:
+def mask_target_explorer(
+    image,
+    gt_masks,
+    rois,
+    matched_idxs,
+    *,
+    labels=None,
+    gt_boxes=None,
+    class_names: Sequence[str] | None = None,
+    M: int = 28,
+    resolutions: Sequence[int] = (14, 28, 56),
+) -> widgets.VBox:
     """A slider over the RoIs and a choice of ``M``; each change redraws the target figure.
 
     Args:
@@ -66,8 +78,9 @@ def mask_target_explorer(image, gt_masks, rois, matched_idxs, *, labels=None, gt
             raise ValueError(f"{fn}: labels has {labels.shape[0]} entries for {P} rois")
     choices = sorted({int(r) for r in resolutions} | {int(M)})
     controls = {
-        "roi": widgets.IntSlider(value=0, min=0, max=P - 1, description="RoI",
-                                 continuous_update=False),
+        "roi": widgets.IntSlider(
+            value=0, min=0, max=P - 1, description="RoI", continuous_update=False
+        ),
         "M": widgets.Dropdown(options=choices, value=int(M), description="M"),
     }
     out = widgets.Output()
@@ -75,10 +88,17 @@ def mask_target_explorer(image, gt_masks, rois, matched_idxs, *, labels=None, gt
     def redraw(change=None) -> None:
         k = controls["roi"].value
         fig = Figure(figsize=(11, 3.8))
-        draw_mask_target(image, gt_masks, rois[k], int(matched_idxs[k]), M=controls["M"].value,
-                         gt_boxes=gt_boxes,
-                         label=None if labels is None else int(labels[k]),
-                         class_names=class_names, fig=fig)
+        draw_mask_target(
+            image,
+            gt_masks,
+            rois[k],
+            int(matched_idxs[k]),
+            M=controls["M"].value,
+            gt_boxes=gt_boxes,
+            label=None if labels is None else int(labels[k]),
+            class_names=class_names,
+            fig=fig,
+        )
         out.outputs = (_figure_png(fig),)  # clear and show in one state update
 
     for w in controls.values():

@@ -32,18 +32,28 @@ def _box4(box) -> tuple[float, float, float, float]:
 # Explorer (the widget pattern shared by all explorers: controls + Output, redraw on change)
 # ----------------------------------------------------------------------------------------------
 
+
 def _figure_png(fig: Figure) -> dict:
     """A Jupyter ``display_data`` output holding ``fig`` as a PNG."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
     png = base64.b64encode(buf.getvalue()).decode("ascii")
-    return {"output_type": "display_data", "metadata": {},
-            "data": {"image/png": png, "text/plain": "<RoI sampling figure>"}}
+    return {
+        "output_type": "display_data",
+        "metadata": {},
+        "data": {"image/png": png, "text/plain": "<RoI sampling figure>"},
+    }
 
 
-def roi_explorer(feature_hw=(8, 8), box=(1.3, 1.2, 5.7, 6.4), output_size: int = 2,
-                 sampling_ratio: int = 2, aligned: bool = False, method: str = "align",
-                 values=None) -> widgets.VBox:
+def roi_explorer(
+    feature_hw=(8, 8),
+    box=(1.3, 1.2, 5.7, 6.4),
+    output_size: int = 2,
+    sampling_ratio: int = 2,
+    aligned: bool = False,
+    method: str = "align",
+    values=None,
+) -> widgets.VBox:
     """Sliders for the box ``x1, y1, w, h``, output size, sampling ratio, aligned and method.
 
     Every change replaces the figure in the ``Output`` (clear + a new PNG, in one step by
@@ -58,18 +68,39 @@ def roi_explorer(feature_hw=(8, 8), box=(1.3, 1.2, 5.7, 6.4), output_size: int =
     controls = {
         "x1": widgets.FloatSlider(value=x1, max=float(W), description="x1", **fs),
         "y1": widgets.FloatSlider(value=y1, max=float(H), description="y1", **fs),
-        "w": widgets.FloatSlider(value=x2 - x1, min=0.0, max=float(W), step=0.1,
-                                 description="w", continuous_update=False, readout_format=".1f"),
-        "h": widgets.FloatSlider(value=y2 - y1, min=0.0, max=float(H), step=0.1,
-                                 description="h", continuous_update=False, readout_format=".1f"),
-        "output_size": widgets.IntSlider(value=int(output_size), min=1, max=7,
-                                         description="output", continuous_update=False),
-        "sampling_ratio": widgets.IntSlider(value=max(int(sampling_ratio), 0), min=0, max=4,
-                                            description="samples", continuous_update=False,
-                                            tooltip="0 = adaptive ceil(roi / bins)"),
+        "w": widgets.FloatSlider(
+            value=x2 - x1,
+            min=0.0,
+            max=float(W),
+            step=0.1,
+            description="w",
+            continuous_update=False,
+            readout_format=".1f",
+        ),
+        "h": widgets.FloatSlider(
+            value=y2 - y1,
+            min=0.0,
+            max=float(H),
+            step=0.1,
+            description="h",
+            continuous_update=False,
+            readout_format=".1f",
+        ),
+        "output_size": widgets.IntSlider(
+            value=int(output_size), min=1, max=7, description="output", continuous_update=False
+        ),
+        "sampling_ratio": widgets.IntSlider(
+            value=max(int(sampling_ratio), 0),
+            min=0,
+            max=4,
+            description="samples",
+            continuous_update=False,
+            tooltip="0 = adaptive ceil(roi / bins)",
+        ),
         "aligned": widgets.Checkbox(value=bool(aligned), description="aligned"),
-        "method": widgets.ToggleButtons(options=["align", "pool"], value=method,
-                                        description="method"),
+        "method": widgets.ToggleButtons(
+            options=["align", "pool"], value=method, description="method"
+        ),
     }
     out = widgets.Output()
 
@@ -78,17 +109,27 @@ def roi_explorer(feature_hw=(8, 8), box=(1.3, 1.2, 5.7, 6.4), output_size: int =
         fig = Figure(figsize=(5, 5))
         ax = fig.add_subplot()
         bx = (c["x1"], c["y1"], c["x1"] + c["w"], c["y1"] + c["h"])
-        draw_roi_sampling(ax, (H, W), bx, c["output_size"], c["sampling_ratio"] or -1,
-                          c["aligned"], c["method"], values=values)
+        draw_roi_sampling(
+            ax,
+            (H, W),
+            bx,
+            c["output_size"],
+            c["sampling_ratio"] or -1,
+            c["aligned"],
+            c["method"],
+            values=values,
+        )
         # clear and show the new image in one state update (no flicker, testable without kernel)
         out.outputs = (_figure_png(fig),)
 
     for w in controls.values():
         w.observe(redraw, names="value")
-    rows = [widgets.HBox([controls["x1"], controls["y1"]]),
-            widgets.HBox([controls["w"], controls["h"]]),
-            widgets.HBox([controls["output_size"], controls["sampling_ratio"]]),
-            widgets.HBox([controls["aligned"], controls["method"]])]
+    rows = [
+        widgets.HBox([controls["x1"], controls["y1"]]),
+        widgets.HBox([controls["w"], controls["h"]]),
+        widgets.HBox([controls["output_size"], controls["sampling_ratio"]]),
+        widgets.HBox([controls["aligned"], controls["method"]]),
+    ]
     explorer = widgets.VBox([*rows, out])
     explorer.controls, explorer.output, explorer.redraw = controls, out, redraw
     redraw()

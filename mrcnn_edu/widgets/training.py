@@ -52,9 +52,16 @@ class LiveLossPlot:
         png: the latest picture as PNG bytes.
     """
 
-    def __init__(self, *, title: str | None = None, min_interval_s: float = 2.0,
-                 log_y: bool = True, figsize: Sequence[float] = (7.5, 3.8), dpi: int = 80,
-                 display=None):
+    def __init__(
+        self,
+        *,
+        title: str | None = None,
+        min_interval_s: float = 2.0,
+        log_y: bool = True,
+        figsize: Sequence[float] = (7.5, 3.8),
+        dpi: int = 80,
+        display=None,
+    ):
         if min_interval_s < 0:
             raise ValueError(f"LiveLossPlot: min_interval_s must be >= 0, got {min_interval_s}")
         self.title = title
@@ -74,8 +81,10 @@ class LiveLossPlot:
     def on_log(self, step: int, row: dict) -> None:
         """Keep ``row``; redraw if ``min_interval_s`` has passed since the last picture."""
         if "step" not in row:
-            raise KeyError(f"LiveLossPlot.on_log: row of step {step} has no 'step' "
-                           f"(keys {sorted(row)}); pass the rows mrcnn_edu.engine.train logs")
+            raise KeyError(
+                f"LiveLossPlot.on_log: row of step {step} has no 'step' "
+                f"(keys {sorted(row)}); pass the rows mrcnn_edu.engine.train logs"
+            )
         self.rows.append(dict(row))
         if time.perf_counter() - self._last_draw >= self.min_interval_s:
             self.redraw()
