@@ -1,4 +1,4 @@
-"""Benchmark cases for RoIAlign (Mask R-CNN section 3) and RoIPool, read by ``benchmarks/bench_ops.py``.
+"""Benchmark cases for RoIAlign (Mask R-CNN section 3) and RoIPool, for ``benchmarks/bench_ops.py``.
 
 Two workloads of a Mask R-CNN head on one FPN level (stride 4) of a 2-image batch:
 

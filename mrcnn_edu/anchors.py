@@ -48,12 +48,13 @@ def generate_cell_anchors(sizes: Sequence[float], aspect_ratios: Sequence[float]
     ratios = torch.as_tensor(aspect_ratios, dtype=torch.float32)  # [R]
     if scales.dim() != 1 or ratios.dim() != 1 or scales.numel() == 0 or ratios.numel() == 0:
         raise ValueError(
-            f"generate_cell_anchors: sizes and aspect_ratios must be non-empty sequences of numbers, "
-            f"got {sizes!r} and {aspect_ratios!r}"
+            "generate_cell_anchors: sizes and aspect_ratios must be non-empty sequences of "
+            f"numbers, got {sizes!r} and {aspect_ratios!r}"
         )
     if bool((scales <= 0).any()) or bool((ratios <= 0).any()):
         raise ValueError(
-            f"generate_cell_anchors: sizes and aspect_ratios must be positive, got {sizes!r}, {aspect_ratios!r}"
+            "generate_cell_anchors: sizes and aspect_ratios must be positive, "
+            f"got {sizes!r}, {aspect_ratios!r}"
         )
     h_ratios = torch.sqrt(ratios)  # h = s * sqrt(r)
     w_ratios = 1 / h_ratios  # w = s / sqrt(r)
@@ -93,8 +94,8 @@ class AnchorGenerator:
             aspect_ratios = (tuple(aspect_ratios),) * len(sizes)
         if len(sizes) != len(aspect_ratios):
             raise ValueError(
-                f"AnchorGenerator: got {len(sizes)} levels of sizes but {len(aspect_ratios)} levels "
-                "of aspect_ratios; give one tuple of each per feature level"
+                f"AnchorGenerator: got {len(sizes)} levels of sizes but {len(aspect_ratios)} "
+                "levels of aspect_ratios; give one tuple of each per feature level"
             )
         self.sizes = tuple(tuple(s) for s in sizes)
         self.aspect_ratios = tuple(tuple(a) for a in aspect_ratios)

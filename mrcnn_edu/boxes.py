@@ -108,8 +108,8 @@ class BoxCoder:
         _check_boxes(anchors, "anchors", "BoxCoder.encode")
         if matched_gt_boxes.dim() != 2 or matched_gt_boxes.shape != anchors.shape:
             raise ValueError(
-                "BoxCoder.encode: matched_gt_boxes and anchors must both be [N, 4] with the same N, got "
-                f"{tuple(matched_gt_boxes.shape)} and {tuple(anchors.shape)}"
+                "BoxCoder.encode: matched_gt_boxes and anchors must both be [N, 4] with the same "
+                f"N, got {tuple(matched_gt_boxes.shape)} and {tuple(anchors.shape)}"
             )
         wx, wy, ww, wh = self.weights
         anchors = anchors.to(matched_gt_boxes.dtype)

@@ -11,7 +11,8 @@ status. A new job (train, eval, ...) adds one such pair and one line in ``_SUBCO
 ``train`` and ``eval`` also run under PyTorch's launcher, one process per GPU (or CPU process
 with gloo), on one machine or several (``scripts/slurm_train.sh``)::
 
-    torchrun --nproc_per_node=8 -m mrcnn_edu.cli train --preset coco-r50-fpn-1x --data COCO --out RUN
+    torchrun --nproc_per_node=8 -m mrcnn_edu.cli train --preset coco-r50-fpn-1x --data COCO
+                                                       --out RUN
 """
 
 from __future__ import annotations
@@ -379,7 +380,7 @@ def _run_predict(args: argparse.Namespace) -> int:
         names = list(exp.data.class_names) or None
         args.out.mkdir(parents=True, exist_ok=True)
         all_dets = []
-        for i, path in enumerate(args.images):
+        for path in args.images:
             if not path.is_file():
                 raise FileNotFoundError(f"no image file {path}")
             try:

@@ -128,7 +128,8 @@ def maskrcnn_r50_fpn() -> ModelConfig:
 
 def maskrcnn_r50_fpn_v2() -> ModelConfig:
     """torchvision's ``maskrcnn_resnet50_fpn_v2`` (Li et al. 2021 "Benchmarking detection
-    transfer learning with ViTs"): BN in FPN, a 2-conv RPN head, 4conv+1fc box head, BN mask head."""
+    transfer learning with ViTs"): BN in FPN, a 2-conv RPN head, 4conv+1fc box head, BN mask
+    head."""
     cfg = ModelConfig()
     cfg.backbone.norm = "bn"
     cfg.backbone.fpn_norm = "bn"

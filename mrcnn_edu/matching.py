@@ -75,7 +75,8 @@ class Matcher:
     ) -> None:
         if low_threshold > high_threshold:
             raise ValueError(
-                f"Matcher: low_threshold ({low_threshold}) must be <= high_threshold ({high_threshold})"
+                f"Matcher: low_threshold ({low_threshold}) must be <= "
+                f"high_threshold ({high_threshold})"
             )
         self.high_threshold = float(high_threshold)
         self.low_threshold = float(low_threshold)
@@ -216,7 +217,8 @@ class BalancedSampler:
         """
         if isinstance(labels, Tensor):
             raise TypeError(
-                "BalancedSampler: labels must be a list of [N_i] tensors, one per image, not a tensor"
+                "BalancedSampler: labels must be a list of [N_i] tensors, one per image, "
+                "not a tensor"
             )
         pos_masks, neg_masks = [], []
         for i, labels_i in enumerate(labels):
@@ -293,6 +295,7 @@ def add_gt_proposals(proposals: Sequence[Tensor], gt_boxes: Sequence[Tensor]) ->
     """
     if len(proposals) != len(gt_boxes):
         raise ValueError(
-            f"add_gt_proposals: {len(proposals)} images of proposals but {len(gt_boxes)} of gt boxes"
+            f"add_gt_proposals: {len(proposals)} images of proposals but {len(gt_boxes)} "
+            "of gt boxes"
         )
     return [torch.cat((p, g.to(p.dtype))) for p, g in zip(proposals, gt_boxes)]

@@ -74,7 +74,8 @@ class RPNHead(nn.Module):
                 f"RPNHead: need in_channels > 0, num_anchors > 0, conv_depth >= 0; got "
                 f"{in_channels}, {num_anchors}, {conv_depth}"
             )
-        # conv.<i> is (Conv2d, ReLU) like torchvision's Conv2dNormActivation without norm: conv.<i>.0.*
+        # conv.<i> is (Conv2d, ReLU) like torchvision's Conv2dNormActivation without norm:
+        # conv.<i>.0.*
         self.conv = nn.Sequential(
             *[
                 nn.Sequential(
@@ -151,7 +152,8 @@ def concat_box_prediction_layers(
     """
     if len(objectness) != len(deltas):
         raise ValueError(
-            f"concat_box_prediction_layers: {len(objectness)} objectness levels but {len(deltas)} deltas levels"
+            f"concat_box_prediction_layers: {len(objectness)} objectness levels but "
+            f"{len(deltas)} deltas levels"
         )
     flat_obj, flat_deltas = [], []
     for obj, reg in zip(objectness, deltas):
@@ -322,7 +324,8 @@ def filter_proposals(
         )
     if sum(num_anchors_per_level) != R:
         raise ValueError(
-            f"filter_proposals: num_anchors_per_level sums to {sum(num_anchors_per_level)}, not R={R}"
+            "filter_proposals: num_anchors_per_level sums to "
+            f"{sum(num_anchors_per_level)}, not R={R}"
         )
     device = proposals.device
     objectness = objectness.detach().reshape(B, R)  # [B*R] -> [B, R]
@@ -387,8 +390,9 @@ def select_proposals(
     num_anchors_per_level = [o.shape[1] * o.shape[2] * o.shape[3] for o in objectness]
     if sum(num_anchors_per_level) != anchors.shape[0]:
         raise ValueError(
-            f"select_proposals: the head predicts {sum(num_anchors_per_level)} anchors per image but "
-            f"anchors has {anchors.shape[0]} rows (check sizes/aspect ratios against num_anchors)"
+            f"select_proposals: the head predicts {sum(num_anchors_per_level)} anchors per image "
+            f"but anchors has {anchors.shape[0]} rows (check sizes/aspect ratios against "
+            "num_anchors)"
         )
     obj, reg = concat_box_prediction_layers(objectness, deltas)  # [B*R], [B*R, 4]
     # the same anchors for every image: [R, 4] -> [B*R, 4]
@@ -432,7 +436,8 @@ class RegionProposalNetwork(nn.Module):
         for name, d in (("pre_nms_top_n", pre_nms_top_n), ("post_nms_top_n", post_nms_top_n)):
             if set(d) != {"training", "testing"}:
                 raise ValueError(
-                    f"RegionProposalNetwork: {name} needs keys 'training' and 'testing', got {sorted(d)}"
+                    f"RegionProposalNetwork: {name} needs keys 'training' and 'testing', "
+                    f"got {sorted(d)}"
                 )
         self.anchor_generator = anchor_generator
         self.head = head
@@ -469,13 +474,15 @@ class RegionProposalNetwork(nn.Module):
             anchors = [anchors] * len(targets)
         if len(anchors) != len(targets):
             raise ValueError(
-                f"assign_targets_to_anchors: {len(anchors)} images of anchors but {len(targets)} targets"
+                f"assign_targets_to_anchors: {len(anchors)} images of anchors but "
+                f"{len(targets)} targets"
             )
         labels, matched = [], []
         for i, (anchors_i, target) in enumerate(zip(anchors, targets)):
             if "boxes" not in target:
                 raise KeyError(
-                    f"RegionProposalNetwork: targets[{i}] has no 'boxes' field (keys: {sorted(target)})"
+                    f"RegionProposalNetwork: targets[{i}] has no 'boxes' field "
+                    f"(keys: {sorted(target)})"
                 )
             lab, gt = label_anchors(anchors_i, target["boxes"], self.proposal_matcher)
             labels.append(lab)
@@ -518,13 +525,14 @@ class RegionProposalNetwork(nn.Module):
             )
         if len(features) != self.anchor_generator.num_levels:
             raise ValueError(
-                f"RegionProposalNetwork: {len(features)} feature levels but the anchor generator has "
-                f"{self.anchor_generator.num_levels}"
+                f"RegionProposalNetwork: {len(features)} feature levels but the anchor generator "
+                f"has {self.anchor_generator.num_levels}"
             )
         for level, f in enumerate(features):
             if f.dim() != 4 or f.shape[0] != B:
                 raise ValueError(
-                    f"RegionProposalNetwork: features[{level}] must be [B={B}, C, h, w], got {tuple(f.shape)}"
+                    f"RegionProposalNetwork: features[{level}] must be [B={B}, C, h, w], "
+                    f"got {tuple(f.shape)}"
                 )
         if targets is not None and len(targets) != B:
             raise ValueError(
@@ -541,8 +549,8 @@ class RegionProposalNetwork(nn.Module):
         num_anchors_per_level = [o.shape[1] * o.shape[2] * o.shape[3] for o in objectness]
         if sum(num_anchors_per_level) != anchors.shape[0]:
             raise ValueError(
-                f"RegionProposalNetwork: the head predicts {sum(num_anchors_per_level)} anchors per image "
-                f"but the generator made {anchors.shape[0]}; head.num_anchors must equal "
+                f"RegionProposalNetwork: the head predicts {sum(num_anchors_per_level)} anchors "
+                f"per image but the generator made {anchors.shape[0]}; head.num_anchors must equal "
                 f"{self.anchor_generator.num_anchors_per_location()}"
             )
         objectness, deltas = concat_box_prediction_layers(objectness, deltas)  # [B*R], [B*R, 4]

@@ -120,7 +120,8 @@ class Instances:
 
     # ---------------------------------------------------------------- selection
     def __getitem__(self, item) -> Instances:
-        """Index every field the same way: ``inst[mask]``, ``inst[idx]``, ``inst[2:5]``, ``inst[0]``."""
+        """Index every field the same way: ``inst[mask]``, ``inst[idx]``, ``inst[2:5]``,
+        ``inst[0]``."""
         if isinstance(item, int):
             n = len(self)
             if not -n <= item < n:

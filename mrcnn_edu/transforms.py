@@ -163,10 +163,12 @@ def check_sample(image: torch.Tensor, target: Target | None, where: str = "check
 
 
 def resize_scale(height: int, width: int, min_size: float, max_size: float) -> float:
-    """The scale factor of section 3.1: shorter side to ``min_size`` unless the longer exceeds ``max_size``.
+    """The scale factor of section 3.1: shorter side to ``min_size``, unless the longer side
+    would then exceed ``max_size``.
 
     ``scale = min(min_size / short, max_size / long)``, computed in Python floats exactly as
-    torchvision's ``_resize_image_and_masks`` does. ``resize_scale(480, 640, 800, 1333) == 800/480``.
+    torchvision's ``_resize_image_and_masks`` does.
+    ``resize_scale(480, 640, 800, 1333) == 800/480``.
     """
     short, long = min(height, width), max(height, width)
     return min(min_size / short, max_size / long)
@@ -187,7 +189,8 @@ def _ratios(
 def resize_boxes(
     boxes: torch.Tensor, from_size: Sequence[int], to_size: Sequence[int]
 ) -> torch.Tensor:
-    """Scale ``boxes [N, 4]`` float (x1, y1, x2, y2) from an image of ``from_size (h, w)`` to ``to_size``.
+    """Scale ``boxes [N, 4]`` float (x1, y1, x2, y2) from an image of ``from_size (h, w)`` to
+    ``to_size``.
 
     x is multiplied by ``w_new / w_old`` and y by ``h_new / h_old`` (ratios of the integer sizes
     actually produced, not the requested scale). Returns a new ``[N, 4]`` tensor.
@@ -230,7 +233,8 @@ def postprocess_keypoints(
 
 
 def flip_boxes(boxes: torch.Tensor, width: int) -> torch.Tensor:
-    """Mirror ``boxes [N, 4]`` (x1, y1, x2, y2) in an image of ``width``: ``x1' = W - x2``, ``x2' = W - x1``."""
+    """Mirror ``boxes [N, 4]`` (x1, y1, x2, y2) in an image of ``width``:
+    ``x1' = W - x2``, ``x2' = W - x1``."""
     x1, y1, x2, y2 = boxes.unbind(1)
     return torch.stack((width - x2, y1, width - x1, y2), dim=1)
 
@@ -517,7 +521,8 @@ def collate_fn(batch: Sequence[tuple]) -> tuple[list, list]:
     for i, sample in enumerate(batch):
         if not isinstance(sample, (tuple, list)) or len(sample) != 2:
             raise ValueError(
-                f"collate_fn: sample {i} must be an (image, target) pair, got {type(sample).__name__}"
+                f"collate_fn: sample {i} must be an (image, target) pair, "
+                f"got {type(sample).__name__}"
             )
     images, targets = zip(*batch)
     return list(images), list(targets)

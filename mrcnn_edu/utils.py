@@ -13,7 +13,7 @@ import torch
 
 
 def quick_mode() -> bool:
-    """True when ``MRCNN_EDU_QUICK=1``: notebooks and benchmarks then use tiny sizes (CI runs so)."""
+    """True when ``MRCNN_EDU_QUICK=1``: notebooks and benchmarks then use tiny sizes (as in CI)."""
     return os.environ.get("MRCNN_EDU_QUICK", "0") not in ("", "0")
 
 

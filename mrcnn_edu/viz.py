@@ -42,13 +42,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from matplotlib.axes import Axes
+from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
-from matplotlib.patches import FancyBboxPatch, Rectangle
+from matplotlib.patches import Circle, FancyBboxPatch, Rectangle
 
 __all__ = [
     "CROWD_COLOR",
@@ -144,7 +146,8 @@ def image_to_numpy(image) -> np.ndarray:
     if isinstance(image, torch.Tensor):
         if image.dim() != 3 or image.shape[0] != 3:
             raise ValueError(
-                f"draw_instances: a tensor image must have shape [3, H, W], got {tuple(image.shape)}"
+                "draw_instances: a tensor image must have shape [3, H, W], "
+                f"got {tuple(image.shape)}"
             )
         arr = image.detach().cpu().permute(1, 2, 0).numpy()  # [3, H, W] -> [H, W, 3]
     elif isinstance(image, np.ndarray):
@@ -165,7 +168,8 @@ def image_to_numpy(image) -> np.ndarray:
     arr = arr.astype(np.float32)
     if arr.size and (arr.min() < -0.01 or arr.max() > 1.01):
         raise ValueError(
-            f"draw_instances: float image values must be in 0..1, got {arr.min():.3g}..{arr.max():.3g}"
+            "draw_instances: float image values must be in 0..1, "
+            f"got {arr.min():.3g}..{arr.max():.3g}"
             " (a normalized image? use mrcnn_edu.transforms.Normalize().inverse(image))"
         )
     return np.clip(arr, 0.0, 1.0)
@@ -192,7 +196,8 @@ def draw_boxes(
     linewidth: float = 1.5,
     linestyle: str = "-",
 ) -> None:
-    """Draw ``boxes [N, 4]`` (x1, y1, x2, y2) in pixels as rectangles on ``ax`` (anchors, proposals).
+    """Draw ``boxes [N, 4]`` (x1, y1, x2, y2) in pixels as rectangles on ``ax`` (anchors,
+    proposals).
 
     ``colors``: one colour per box or ``None`` (all orange). A pixel-edge box ``[0, 0, W, H]``
     covers the whole image: ``imshow`` puts pixel centres at integers, hence the ``-0.5`` shift.
@@ -275,7 +280,8 @@ def draw_instances(
             masks = masks[:, 0]  # [N, 1, H, W] -> [N, H, W]
         if masks.ndim != 3:
             raise ValueError(
-                f"draw_instances: masks must have shape [N, H, W] or [N, 1, H, W], got {masks.shape}"
+                "draw_instances: masks must have shape [N, H, W] or [N, 1, H, W], "
+                f"got {masks.shape}"
             )
         if masks.shape[1:] != (H, W):
             raise ValueError(
@@ -3258,8 +3264,6 @@ __all__ += [
 # gallery of matches, false positives and missed objects sorted by mask IoU (notebook 08)
 # --------------------------------------------------------------------------------------------
 
-from dataclasses import dataclass  # this section's own import (viz.py grows by appending)
-
 __all__ += [
     "GalleryEntry",
     "box_pair_iou",
@@ -3794,9 +3798,6 @@ def draw_gallery(
 # against a per-pixel sigmoid, predicted heatmaps over their RoI, skeletons on predictions, and
 # COCO's object keypoint similarity (OKS) with its tolerance circles
 # --------------------------------------------------------------------------------------------
-
-from matplotlib.colors import LogNorm  # this section's own imports (viz.py grows by appending)
-from matplotlib.patches import Circle
 
 __all__ += [
     "draw_keypoint_heatmap",

@@ -224,7 +224,7 @@ def test_perfect_detections_give_ap_one(coco_set: CocoDetection, tmp_path: Path)
     dt = coco_set.coco.loadRes(json.loads(out.read_text()))
     assert len(dt.getAnnIds()) == 4
     by_ann = {(r["image_id"], tuple(r["bbox"])): r for r in results}
-    for a, i, c, x, y, w, h in RECTS:
+    for _a, i, c, x, y, w, h in RECTS:
         r = by_ann[(i, (float(x), float(y), float(w), float(h)))]
         assert r["category_id"] == c
         assert isinstance(r["segmentation"]["counts"], str)

@@ -1,4 +1,4 @@
-"""Keypoint head against torchvision 0.29 (keypoint_rcnn.py, roi_heads.py), by hand and by gradcheck.
+"""Keypoint head against torchvision 0.29 (keypoint_rcnn.py, roi_heads.py), by hand, by gradcheck.
 
 Layers: state_dict keys, same-seed init and outputs of ``KeypointRCNNHeads`` /
 ``KeypointRCNNPredictor``. Targets: ``keypoints_to_heatmap`` on random keypoints and on
@@ -39,7 +39,7 @@ def test_keypoint_head_keys_init_and_outputs_equal_torchvision():
         == ["0.weight", "0.bias", "2.weight", "2.bias", "4.weight", "4.bias"]
     )
     # the same seed gives the same weights: convs created first, then re-initialised in order
-    for (ka, a), (kb, b) in zip(ours.state_dict().items(), tv.state_dict().items()):
+    for (ka, a), (_kb, b) in zip(ours.state_dict().items(), tv.state_dict().items()):
         assert torch.equal(a, b), ka
     fresh = KeypointHead(6, layers=(5, 4, 3))
     fresh.load_state_dict(tv.state_dict())

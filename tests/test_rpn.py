@@ -85,8 +85,11 @@ def test_rpn_loss_hand_computed_and_empty():
     pos = [torch.tensor([True, False]), torch.tensor([False, True])]
     neg = [torch.tensor([False, True]), torch.tensor([False, False])]
     lo, lb = rpn_loss(logits, deltas, labels, targets, pos, neg)
+
     # 3 sampled: BCE = mean(softplus(-2), softplus(-1), softplus(-3))
-    sp = lambda x: math.log1p(math.exp(x))
+    def sp(x: float) -> float:  # softplus
+        return math.log1p(math.exp(x))
+
     assert lo.item() == pytest.approx((sp(-2.0) + sp(-1.0) + sp(-3.0)) / 3, rel=1e-6)
     # smooth L1, beta = 1/9: |0.1| < 1/9 -> 0.5 * 0.01 * 9 = 0.045; |1| -> 1 - 1/18; / 3 sampled
     assert lb.item() == pytest.approx((0.045 + 1 - 1 / 18) / 3, rel=1e-6)

@@ -1,4 +1,4 @@
-"""Tests for mrcnn_edu.viz: render figures to pixel arrays and check the colours where they belong."""
+"""Tests for mrcnn_edu.viz: render figures to pixel arrays, check the colours where they belong."""
 
 from __future__ import annotations
 

@@ -500,7 +500,9 @@ class CocoDetection(torch.utils.data.Dataset):
         keypoint_names, skeleton: from the first category that has them (else None).
         num_dropped_boxes: annotations dropped for a zero-area box.
 
-    >>> ds = CocoDetection("data/shapes/val", "data/shapes/annotations/instances_val.json")  # doctest: +SKIP
+    >>> ds = CocoDetection(
+    ...     "data/shapes/val", "data/shapes/annotations/instances_val.json"
+    ... )  # doctest: +SKIP
     >>> image, target = ds[0]  # doctest: +SKIP
     """
 

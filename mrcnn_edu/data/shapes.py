@@ -437,7 +437,7 @@ def generate_image(
 
     # paint back to front
     full_masks = []
-    for cat, polys, _, _ in items:
+    for _cat, polys, _, _ in items:
         m = polygons_to_mask(polys, size, size)
         full_masks.append(m)
         img[m.astype(bool)] = _contrasting_color(rng, img, m)

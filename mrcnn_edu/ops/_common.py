@@ -46,7 +46,8 @@ def resolve_backend(backend: str, device: torch.device, op: str) -> str:
 
 
 def check_tensor(x, name: str, op: str, ndim: int | None = None, floating: bool = False) -> None:
-    """Raise ``TypeError``/``ValueError`` naming ``op`` and ``name`` if ``x`` is not a suitable tensor."""
+    """Raise ``TypeError``/``ValueError`` naming ``op`` and ``name`` if ``x`` is not a suitable
+    tensor."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(x).__name__}")
     if ndim is not None and x.dim() != ndim:
@@ -56,7 +57,8 @@ def check_tensor(x, name: str, op: str, ndim: int | None = None, floating: bool 
 
 
 def check_finite(x: torch.Tensor, name: str, op: str) -> None:
-    """Raise ``ValueError`` if ``x`` holds NaN or infinite values (names ``op``, ``name`` and a row)."""
+    """Raise ``ValueError`` if ``x`` holds NaN or infinite values (names ``op``, ``name`` and a
+    row)."""
     if x.is_floating_point() and x.numel() > 0:
         bad = ~torch.isfinite(x)
         if bool(bad.any()):

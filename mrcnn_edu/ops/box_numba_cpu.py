@@ -29,7 +29,7 @@ from numba import njit, prange
 
 @njit(cache=True, parallel=True, error_model="numpy")
 def _box_iou_kernel(boxes1, boxes2, out):
-    """IoU of ``boxes1`` ``[N, 4]`` vs ``boxes2`` ``[M, 4]`` into ``out`` ``[N, M]`` (same dtype)."""
+    """IoU of ``boxes1`` ``[N, 4]`` vs ``boxes2`` ``[M, 4]`` into ``out`` ``[N, M]``, same dtype."""
     n = boxes1.shape[0]
     m = boxes2.shape[0]
     zero = out.dtype.type(0)

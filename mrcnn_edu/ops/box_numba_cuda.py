@@ -143,7 +143,7 @@ def _on_gpu(x: torch.Tensor) -> bool:
 
 
 def box_iou_cuda(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
-    """IoU ``[N, M]`` of float32/float64 ``boxes1`` ``[N, 4]``, ``boxes2`` ``[M, 4]`` (validated)."""
+    """IoU ``[N, M]`` of float32/float64 ``boxes1`` ``[N, 4]``, ``boxes2`` ``[M, 4]``, validated."""
     boxes1, boxes2 = boxes1.detach().contiguous(), boxes2.detach().contiguous()
     n, m = boxes1.shape[0], boxes2.shape[0]
     out = torch.empty((n, m), dtype=boxes1.dtype, device=boxes1.device)

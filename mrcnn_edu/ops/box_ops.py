@@ -258,8 +258,9 @@ def batched_nms(
 
     Uses the coordinate-offset trick, as ``torchvision.ops.batched_nms`` does for small
     inputs (for large ones it loops over categories; the kept set is the same, and equal scores
-    are then ordered as that loop orders them): every box is shifted by ``idxs * (boxes.max() + 1)``, which moves each category
-    into its own region where it cannot overlap another, and one NMS runs over all boxes.
+    are then ordered as that loop orders them): every box is shifted by
+    ``idxs * (boxes.max() + 1)``, which moves each category into its own region where it cannot
+    overlap another, and one NMS runs over all boxes.
     (Like torchvision, this assumes ``boxes.max() + 1 > 0``, i.e. not all coordinates below -1.)
 
     Args:

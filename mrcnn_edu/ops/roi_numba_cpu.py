@@ -116,8 +116,8 @@ def _bilinear_axis(coord, size):
         coord = cast_like(low, coord)
     else:
         high = low + 1
-    l = coord - cast_like(low, coord)
-    return True, low, high, cast_like(1.0 - l, coord), l
+    frac = coord - cast_like(low, coord)  # distance past ``low``: the weight of ``high``
+    return True, low, high, cast_like(1.0 - frac, coord), frac
 
 
 # ---------------------------------------------------------------------------------------------

@@ -54,8 +54,8 @@ def _kernels(T):
             coord = T(low)
         else:
             high = low + 1
-        l = coord - T(low)
-        return True, low, high, T(1.0 - l), l
+        frac = coord - T(low)  # distance past ``low``: the weight of ``high``
+        return True, low, high, T(1.0 - frac), frac
 
     @cuda.jit(device=True)
     def geometry(rois, k, spatial_scale, oh, ow, sampling_ratio, aligned):

@@ -3,7 +3,8 @@
 Mask R-CNN (He et al. 2017, section 3.1 "Training") minimises the sum of five losses: the RPN's
 objectness and box terms and the heads' classification, box and mask terms. Watching them fall,
 each on its own, is how one sees a run work (or not) while it runs. The training loop reports
-each logged row through its callbacks (``on_log(step, row)``) and never draws (docs/ARCHITECTURE.md);
+each logged row through its callbacks (``on_log(step, row)``) and never draws
+(docs/ARCHITECTURE.md);
 :class:`LiveLossPlot` is such a callback: it redraws :func:`mrcnn_edu.viz.plot_loss_curves` into
 one display slot of the notebook, replaced in place (``IPython.display`` with a display id),
 so the cell shows one picture that grows, not one picture per redraw.

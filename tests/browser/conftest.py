@@ -19,8 +19,9 @@ ROOT = HERE.parents[1]
 if str(HERE) not in sys.path:  # the helper modules beside this file, whatever the import mode
     sys.path.insert(0, str(HERE))
 
-from fixture_notebooks import write_fixture_notebooks
-from lab_server import LabServer
+# these helpers live beside this file: importable only after the sys.path line above
+from fixture_notebooks import write_fixture_notebooks  # noqa: E402
+from lab_server import LabServer  # noqa: E402
 
 SKIP_REASON = "browser tests run with `make test-browser` (it sets MRCNN_EDU_BROWSER=1)"
 NOTEBOOKS_DIR = ROOT / "notebooks"

@@ -143,7 +143,8 @@ class LabServer:
         return json.loads(body) if body else None
 
     def kernel_states(self) -> list[str]:
-        """``execution_state`` of every running kernel (``"idle"``, ``"busy"``, ``"starting"``...)."""
+        """``execution_state`` of every running kernel (``"idle"``, ``"busy"``, ``"starting"``,
+        ...)."""
         return [k.get("execution_state", "unknown") for k in self.api("api/kernels")]
 
     def shutdown_sessions(self) -> None:
