@@ -30,8 +30,9 @@ demo: $(STAMP)
 demo-keypoints: $(STAMP)
 	$(BIN)/mrcnn-edu demo --preset stick-figures --data data/shapes_keypoints --out build/demo-keypoints --minutes 15
 
-test: $(STAMP)
-	MRCNN_EDU_QUICK=1 $(BIN)/python -m pytest -q -m "not slow" tests
+# lint first, then the tests and the doctests of mrcnn_edu (pyproject: --doctest-modules)
+test: $(STAMP) lint
+	MRCNN_EDU_QUICK=1 $(BIN)/python -m pytest -q -m "not slow" tests mrcnn_edu
 
 test-full: $(STAMP)
 	MRCNN_EDU_FULL=1 $(BIN)/python -m pytest -q -m slow tests/test_notebooks.py
@@ -46,8 +47,11 @@ lab: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_ops.py --plot build/bench_ops.png
 
+LINT_PATHS := mrcnn_edu tests benchmarks scripts
+
 lint: $(STAMP)
-	$(BIN)/ruff check mrcnn_edu tests benchmarks
+	$(BIN)/ruff check $(LINT_PATHS)
+	$(BIN)/ruff format --check $(LINT_PATHS)
 
 clean:
 	rm -rf build .pytest_cache
