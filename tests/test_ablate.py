@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from pycocotools import mask as mask_utils
 
 from mrcnn_edu.cli import main
 from mrcnn_edu.config import flat_keys
@@ -36,9 +37,11 @@ from mrcnn_edu.engine.ablate import (
     mean_std,
     plan_steps,
     run_study,
+    select_predictions,
     summarize,
 )
-from mrcnn_edu.engine.recipe import get_experiment, list_experiments
+from mrcnn_edu.engine.evaluate import evaluate
+from mrcnn_edu.engine.recipe import build_datasets, get_experiment, list_experiments, load_model
 from mrcnn_edu.model import build_model
 from mrcnn_edu.viz import draw_ablation_bars, plot_ablation_study
 
@@ -285,6 +288,7 @@ def test_fit_schedule_keeps_every_run_to_the_same_steps():
 # ------------------------------------------------------------------------- end to end
 def test_two_step_study_end_to_end_and_resume(tmp_path, monkeypatch):
     study = _tiny_study("roi-pool", ("c5-pool", "c5-align"))
+    study = dataclasses.replace(study, data=dataclasses.replace(study.data, val=3))
     kw = {
         "seeds": 1,
         "minutes": None,
@@ -294,6 +298,9 @@ def test_two_step_study_end_to_end_and_resume(tmp_path, monkeypatch):
         "steps": 2,
         "overrides": TINY,
         "work_dir": tmp_path / "work",
+        # keep 2 of the 3 val images; every detection (a 2-step model scores low)
+        "prediction_images": 2,
+        "prediction_min_score": 0.0,
     }
     calls = []
     real = ablate.run_training
@@ -324,6 +331,35 @@ def test_two_step_study_end_to_end_and_resume(tmp_path, monkeypatch):
         assert all(len(rec["stats"][t]) == 12 for t in ("bbox", "segm"))  # full COCOeval stats
         assert rec["data"]["options"] == {"small": True} and rec["command"] == "pytest"
     assert (tmp_path / "work/roi-pool/c5-pool/seed0/last.pt").is_file()  # first seed kept
+
+    # each run keeps its detections on the val images of smallest id, beside its JSON
+    for v in study.variants:
+        rec = json.loads((out / f"roi-pool_{v.name}_seed0.json").read_text())
+        path = out / f"roi-pool_{v.name}_seed0.predictions.json"
+        assert path == ablate.predictions_file(out, "roi-pool", v.name, 0) and path.is_file()
+        assert rec["predictions"]["file"] == path.name and rec["predictions"]["image_ids"] == [1, 2]
+        assert rec["data"]["evaluated_images"] == 3
+        preds = ablate.load_predictions(path)
+        assert len(preds) == rec["predictions"]["num_detections"] > 0
+        assert {p["image_id"] for p in preds} <= {1, 2}  # image 3 was evaluated, not kept
+        for p in preds:
+            mask = mask_utils.decode(p["segmentation"])
+            assert mask.shape == (64, 64) and mask.dtype == np.uint8  # the val image's size
+            assert p["category_id"] in (1, 3, 5)  # COCO category ids, not training labels
+        assert not (tmp_path / f"work/roi-pool/{v.name}/seed0/eval_results.json").exists()
+        assert path.stat().st_size < 64 * 1024
+    # against an evaluation of the kept checkpoint: the same detections on images 1 and 2
+    model, exp = load_model(tmp_path / "work/roi-pool/c5-pool/seed0/last.pt")
+    _, val = build_datasets(exp, tmp_path / "data" / "shapes_small", train=False)
+    evaluate(model, val, iou_types=("bbox", "segm"), progress=False, results_file=tmp_path / "r")
+    full = [r for r in json.loads((tmp_path / "r").read_text()) if r["image_id"] in (1, 2)]
+    kept = ablate.load_predictions(out / "roi-pool_c5-pool_seed0.predictions.json")
+    assert len(kept) == len(full)
+    full.sort(key=lambda r: (r["image_id"], -r["score"]))
+    for a, b in zip(full, kept):
+        assert a["segmentation"] == b["segmentation"] and a["category_id"] == b["category_id"]
+        assert a["score"] == pytest.approx(b["score"], abs=1e-6)
+        assert a["bbox"] == pytest.approx(b["bbox"], abs=1e-3)
     plan = json.loads((out / "plan.json").read_text())
     assert plan["roi-pool/c5"]["steps"] == 2 and plan["roi-pool/c5"]["how"] == "given"
     text = (out / "results.md").read_text()
@@ -387,6 +423,33 @@ def _fake(study: str, variant: str, seed: int, segm: dict, bbox_ap: float = 0.5)
         "machine": {"platform": "Linux", "cpu_count": 2, "torch": "2.x", "device": "cpu"},
         "command": "mrcnn-edu ablate --study mask-loss --seeds 3 --minutes 2",
     }
+
+
+def test_select_predictions_keeps_the_smallest_ids_and_high_scores():
+    def det(image_id: int, score: float) -> dict:
+        return {
+            "image_id": image_id,
+            "category_id": 3,
+            "score": score,
+            "bbox": [0.0, 0.0, 1.0, 1.0],
+            "segmentation": {"size": [4, 4], "counts": "04"},
+        }
+
+    results = [det(9, 0.9), det(4, 0.2), det(4, 0.35), det(2, 0.3), det(7, 0.99), det(2, 0.8)]
+    kept, chosen = select_predictions(results, [9, 7, 4, 2, 11], num_images=3, min_score=0.3)
+    assert kept == [2, 4, 7]  # by id, not by the order evaluated
+    # score >= 0.3 (0.3 itself kept, 0.2 dropped), image 9 not kept; by image, then score
+    assert [(r["image_id"], r["score"]) for r in chosen] == [
+        (2, 0.8),
+        (2, 0.3),
+        (4, 0.35),
+        (7, 0.99),
+    ]
+    assert select_predictions(results, [4, 2])[0] == [2, 4]  # fewer images than num_images
+    with pytest.raises(ValueError, match="prediction images must be >= 1"):
+        select_predictions(results, [1], num_images=0)
+    with pytest.raises(ValueError, match="lacks \\['segmentation'\\]"):
+        select_predictions([{k: v for k, v in det(1, 0.5).items() if k != "segmentation"}], [1])
 
 
 def test_mean_std_by_hand():

@@ -57,6 +57,27 @@ def test_presets_and_overrides():
         get_experiment("shapez")
 
 
+def test_single_map_recipes_for_the_roi_pool_ablation():
+    """shapes-c4 / shapes-c5 are recipes of engine.recipe itself (no import of engine.ablate
+    needed): the shapes recipe on one stride-16 / stride-32 map, every anchor at that level."""
+    from mrcnn_edu.engine import recipe
+
+    assert recipe._EXPERIMENTS["shapes-c4"] is recipe.shapes_c4_recipe
+    assert recipe._EXPERIMENTS["shapes-c5"] is recipe.shapes_c5_recipe
+    base = get_experiment("shapes")
+    for name, kind in (("shapes-c4", "resnet_c4"), ("shapes-c5", "resnet_c5")):
+        exp = get_experiment(name)
+        assert exp.model.backbone.kind == kind
+        assert exp.model.rpn.anchor_sizes == ((16, 32, 64, 128, 256),)  # 5 sizes x 3 ratios
+        assert exp.model.rpn.aspect_ratios == ((0.5, 1.0, 2.0),)
+        assert (exp.model.rpn.pre_nms_top_n_train, exp.model.rpn.pre_nms_top_n_test) == (
+            2000,
+            1000,
+        )
+        assert exp.train == base.train and exp.data == base.data
+        assert exp.model.roi_heads == base.model.roi_heads  # the switches ablate varies
+
+
 def test_layout_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing: .*train/ \\(images\\)"):
         build_datasets(get_experiment("shapes"), tmp_path)

@@ -28,7 +28,7 @@ standard deviation over seeds beside the paper's numbers, and a verdict per comp
 
 * ``roi-pool`` (Table 2c/2d): RoIPool vs RoIAlign vs RoIAlign aligned, on a stride-16 (C4-style)
   and a stride-32 (C5-style) ResNet-18 with small heads (CPU recipes ``shapes-c4`` and
-  ``shapes-c5``, registered here), on smaller objects (``data/shapes_small``): rounding an RoI
+  ``shapes-c5`` of ``engine.recipe``), on smaller objects (``data/shapes_small``): rounding an RoI
   to cells of 16 or 32 px moves its mask edges by a large fraction of a 16..64 px object.
 * ``mask-loss`` (Table 2b): sigmoid vs softmax vs class-agnostic masks on the ``shapes``
   FPN recipe, on dense scenes where objects of different classes overlap
@@ -42,6 +42,11 @@ variants, from the *slowest* variant's timed step, and stored in ``plan.json``, 
 study trains its missing runs exactly like the finished ones. Shared ``overrides`` apply to every
 variant alike and may not touch the switch a study varies. Runs resume: a run whose JSON exists
 is skipped, and an interrupted run continues from its last checkpoint.
+
+Each run also keeps its detections (score >= 0.3, RLE masks) on the same 8 val images, the
+ones of smallest id, in ``{run file stem}.predictions.json`` (:func:`predictions_file`, a few
+tens of KB), so masks of RoIPool and RoIAlign models, or of softmax and sigmoid models, can be
+drawn side by side without keeping the checkpoints.
 
 ``mrcnn-edu ablate`` is the command-line wrapper (charts come from ``mrcnn_edu.viz``); notebook
 ``08b_ablations.ipynb`` reads the committed results. Nothing here prints or plots.
@@ -70,15 +75,15 @@ from mrcnn_edu.model import build_model
 from mrcnn_edu.utils import atomic_write
 
 from .check_data import check_data
-from .evaluate import evaluate
+from .evaluate import evaluate, unwrap_coco_dataset
 from .recipe import (
     Experiment,
     _fit_num_classes,
     build_datasets,
     get_experiment,
-    register_experiment,
     run_training,
-    shapes_recipe,
+    shapes_c4_recipe,
+    shapes_c5_recipe,
     time_train_step,
 )
 
@@ -93,10 +98,13 @@ __all__ = [
     "format_results",
     "get_study",
     "list_studies",
+    "load_predictions",
     "load_runs",
     "mean_std",
     "plan_steps",
+    "predictions_file",
     "run_study",
+    "select_predictions",
     "shapes_c4_recipe",
     "shapes_c5_recipe",
     "summarize",
@@ -112,46 +120,9 @@ METRICS: tuple[tuple[str, str, str, str], ...] = (
 )
 FIT = 0.85  # fraction of the budget planned for training steps (as run_training's fit_budget)
 MIN_STEPS = 20  # fewest steps a budget plans (as run_training's fit_budget)
+PREDICTION_IMAGES = 8  # val images (smallest ids) whose detections each run keeps
+PREDICTION_MIN_SCORE = 0.3  # detections kept from this score up (what a figure would draw)
 _RUN_FILE = re.compile(r"^(?P<study>[a-z0-9-]+)_(?P<variant>[a-z0-9-]+)_seed(?P<seed>\d+)\.json$")
-
-
-# ------------------------------------------------------------------------------- CPU recipes
-def _single_level(exp: Experiment) -> Experiment:
-    """One feature map: the ``shapes`` anchor sizes of all FPN levels at that one level (15
-    anchors per location, as the paper's C4 RPN), and more pre-NMS proposals for it."""
-    r = exp.model.rpn
-    r.anchor_sizes = (tuple(s for sizes in r.anchor_sizes for s in sizes),)  # ((16, ..., 256),)
-    r.aspect_ratios = (r.aspect_ratios[0],)
-    r.pre_nms_top_n_train = 2000  # one level holds every anchor (C4: 16x16x15 at 256 px)
-    r.pre_nms_top_n_test = 1000
-    return exp
-
-
-def shapes_c4_recipe() -> Experiment:
-    """The ``shapes`` recipe on a C4-style backbone: ResNet-18 ``conv1 .. layer3``, one
-    stride-16 map (256 channels) that the RPN and both RoI poolers read.
-
-    Unlike the paper's ResNet-50-C4 (res5 run on every 14 x 14 pooled RoI, figure 4 left) the
-    heads are the small ``shapes`` heads of figure 4 (right): res5 per RoI would cost about
-    twenty times the whole backbone at 256 px on a CPU. What Table 2c varies, the stride of
-    the map the RoIs are pooled from, is kept. ``--set model.roi_heads.box_head=res5 --set
-    model.roi_heads.box_resolution=14`` restores the paper's head."""
-    exp = _single_level(shapes_recipe())
-    exp.model.backbone.kind = "resnet_c4"
-    return exp
-
-
-def shapes_c5_recipe() -> Experiment:
-    """The ``shapes`` recipe on a C5-style backbone (Table 2d): ResNet-18 ``conv1 .. layer4``,
-    one stride-32 map (512 channels), the small ``shapes`` heads (as the paper's C5 rows, which
-    use figure 4's right head)."""
-    exp = _single_level(shapes_recipe())
-    exp.model.backbone.kind = "resnet_c5"
-    return exp
-
-
-register_experiment("shapes-c4", shapes_c4_recipe)
-register_experiment("shapes-c5", shapes_c5_recipe)
 
 
 # ------------------------------------------------------------------------- study definitions
@@ -532,6 +503,72 @@ def run_file(out_dir: str | Path, study: str, variant: str, seed: int) -> Path:
     return Path(out_dir) / f"{study}_{variant}_seed{seed}.json"
 
 
+def predictions_file(out_dir: str | Path, study: str, variant: str, seed: int) -> Path:
+    """Where one run's kept detections go (:func:`select_predictions`), beside its JSON:
+    ``out_dir/{study}_{variant}_seed{seed}.predictions.json``."""
+    return Path(out_dir) / f"{study}_{variant}_seed{seed}.predictions.json"
+
+
+def select_predictions(
+    results: Sequence[Mapping],
+    image_ids: Iterable[int],
+    *,
+    num_images: int = PREDICTION_IMAGES,
+    min_score: float = PREDICTION_MIN_SCORE,
+) -> tuple[list[int], list[dict]]:
+    """The detections a run keeps so that its masks can be drawn without its checkpoint.
+
+    Args:
+        results: COCO result dicts (``engine.evaluate.coco_results``: ``image_id``,
+            ``category_id``, ``score``, ``bbox`` [x, y, w, h], ``segmentation`` RLE).
+        image_ids: the images that were evaluated (any order).
+        num_images: how many images to keep: the ``num_images`` smallest ids, so every variant
+            and seed of a study (same data, same evaluated images) keeps the same images.
+        min_score: keep detections with ``score >= min_score``.
+
+    Returns:
+        ``(kept image ids in increasing order, their results with score >= min_score, sorted
+        by image id, then by decreasing score)``; the results are the given dicts, not copies.
+    """
+    if num_images < 1:
+        raise ValueError(f"ablate: prediction images must be >= 1, got {num_images}")
+    if not 0.0 <= min_score <= 1.0:
+        raise ValueError(f"ablate: prediction min_score must be in [0, 1], got {min_score}")
+    kept = sorted({int(i) for i in image_ids})[:num_images]
+    keep = set(kept)
+    for j, r in enumerate(results):
+        missing = {"image_id", "category_id", "score", "bbox", "segmentation"} - set(r)
+        if missing:
+            raise ValueError(
+                f"ablate: result {j} (image id {r.get('image_id')}) lacks {sorted(missing)}; "
+                "select_predictions needs COCO box and mask results"
+            )
+    chosen = [r for r in results if int(r["image_id"]) in keep and r["score"] >= min_score]
+    chosen.sort(key=lambda r: (int(r["image_id"]), -float(r["score"])))
+    return kept, chosen
+
+
+def load_predictions(path: str | Path) -> list[dict]:
+    """The COCO results of a predictions file (:func:`predictions_file`): a list of dicts with
+    ``image_id``, ``category_id``, ``score``, ``bbox`` [x, y, w, h] and ``segmentation``
+    (compressed RLE, ``pycocotools.mask.decode`` gives the [H, W] uint8 mask). A missing
+    file is a ``FileNotFoundError``; anything that is not such a list a ``ValueError``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"ablate: no predictions file {path}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ValueError(f"ablate: cannot read predictions file {path} ({err})") from None
+    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+        raise ValueError(f"ablate: {path} is not a list of COCO result dicts")
+    for j, r in enumerate(data):
+        missing = {"image_id", "category_id", "score", "bbox", "segmentation"} - set(r)
+        if missing:
+            raise ValueError(f"ablate: {path}: result {j} lacks {sorted(missing)}")
+    return data
+
+
 def _seeds(seeds: int | Iterable[int]) -> list[int]:
     if isinstance(seeds, int):
         if seeds < 1:
@@ -555,9 +592,15 @@ def _train_and_evaluate(
     device: str | torch.device,
     progress: bool,
     val_images: int | None,
+    predictions_path: Path | None = None,
+    prediction_images: int = PREDICTION_IMAGES,
+    prediction_min_score: float = PREDICTION_MIN_SCORE,
 ) -> dict:
     """Train one (variant, seed) for ``steps`` steps (continuing from ``run_dir/last.pt`` if an
-    earlier call was interrupted), evaluate it and return its record."""
+    earlier call was interrupted), evaluate it and return its record. With
+    ``predictions_path`` its detections on ``prediction_images`` val images
+    (:func:`select_predictions`) are written there: ``evaluate`` writes every detection to
+    ``run_dir/eval_results.json``, which is filtered and then deleted."""
     exp = variant.experiment(seed, overrides)
     fit_schedule(exp, steps)
     t0 = time.perf_counter()
@@ -574,6 +617,7 @@ def _train_and_evaluate(
     train_minutes = (time.perf_counter() - t0) / 60
     t0 = time.perf_counter()
     _, val = build_datasets(exp, data_dir, train=False)
+    full = run_dir / "eval_results.json"  # every detection on every evaluated image
     res = evaluate(
         model,
         val,
@@ -581,8 +625,28 @@ def _train_and_evaluate(
         max_images=val_images,
         progress=progress,
         device=device,
+        results_file=full if predictions_path is not None else None,
     )
     eval_minutes = (time.perf_counter() - t0) / 60
+    predictions = None
+    if predictions_path is not None:
+        evaluated = unwrap_coco_dataset(val)[1][: res.num_images]  # evaluate's first images
+        kept, chosen = select_predictions(
+            json.loads(full.read_text(encoding="utf-8")),
+            evaluated,
+            num_images=prediction_images,
+            min_score=prediction_min_score,
+        )
+        text = json.dumps(chosen, separators=(",", ":")).encode("utf-8")
+        atomic_write(predictions_path, lambda f: f.write(text))
+        full.unlink()
+        predictions = {
+            "file": predictions_path.name,
+            "image_ids": kept,
+            "min_score": prediction_min_score,
+            "num_detections": len(chosen),
+            "mask_threshold": 0.5,  # evaluate's: a pixel is in the mask from this probability
+        }
     manifest = json.loads((data_dir / MANIFEST_NAME).read_text(encoding="utf-8"))
     return {
         "study": study.name,
@@ -612,6 +676,7 @@ def _train_and_evaluate(
             t: {k: _finite(v) for k, v in res.metrics[t].items()} for t in ("bbox", "segm")
         },
         "val_losses": {k: _finite(v) for k, v in res.val_losses.items()},
+        "predictions": predictions,
         "config": dataclasses.asdict(exp),
         "git": git_commit(),
         "machine": machine_info(device),
@@ -635,6 +700,8 @@ def run_study(
     keep: str = "first-seed",
     command: str | None = None,
     on_run: Callable[[dict, bool], None] | None = None,
+    prediction_images: int = PREDICTION_IMAGES,
+    prediction_min_score: float = PREDICTION_MIN_SCORE,
 ) -> list[dict]:
     """Train and evaluate every (variant, seed) of ``study``; returns their records.
 
@@ -646,8 +713,10 @@ def run_study(
             of variants by timing them (:func:`plan_steps`); ignored when ``steps`` is given.
         data_root: the folder holding the study's set (``data_root / study.data.name``),
             written there by :meth:`ShapesData.ensure` when absent.
-        out_dir: one JSON per run (:func:`run_file`), ``plan.json`` (the steps per group) and
-            ``results.md`` (:func:`write_results`, over every run in the folder).
+        out_dir: one JSON per run (:func:`run_file`), its detections on a few val images
+            (:func:`predictions_file`, a few tens of KB: the notebook draws masks from them
+            without the checkpoints), ``plan.json`` (the steps per group) and ``results.md``
+            (:func:`write_results`, over every run in the folder).
         progress: tqdm bars while training and evaluating.
         steps: optimizer steps per run (instead of a budget).
         overrides: dotted config overrides applied to every variant alike (e.g. tiny widths).
@@ -660,6 +729,9 @@ def run_study(
         command: the command that made the runs, recorded in each JSON and in ``results.md``.
         on_run: called after each run as ``on_run(record, skipped)`` (``skipped``: its JSON was
             already there).
+        prediction_images, prediction_min_score: each run keeps its detections with a score
+            from ``prediction_min_score`` on the ``prediction_images`` evaluated val images of
+            smallest id (:func:`select_predictions`), the same images for every run.
 
     A run whose JSON exists is skipped (its record is read back), so an interrupted study
     re-runs only what is missing. The same data, seeds and steps for every variant.
@@ -669,6 +741,8 @@ def run_study(
     if keep not in ("first-seed", "all", "none"):
         raise ValueError(f"ablate: keep must be 'first-seed', 'all' or 'none', got {keep!r}")
     seed_list = _seeds(seeds)
+    # bad prediction settings fail before anything is trained
+    select_predictions([], [], num_images=prediction_images, min_score=prediction_min_score)
     overrides = dict(overrides or {})
     for v in study.variants:  # bad overrides fail before anything is written or trained
         v.experiment(seed_list[0], overrides)
@@ -735,6 +809,9 @@ def run_study(
                 device=device,
                 progress=progress,
                 val_images=val_images,
+                predictions_path=predictions_file(out_dir, study.name, v.name, s),
+                prediction_images=prediction_images,
+                prediction_min_score=prediction_min_score,
             )
             record["command"] = command
             _write_json(path, record)

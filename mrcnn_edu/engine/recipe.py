@@ -7,6 +7,8 @@ schedule; Detectron's and torchvision's "1x" schedule is 90k iterations with dec
 trains a small model from scratch on the synthetic set on a 2-core CPU in minutes (``make demo``);
 ``stick-figures`` does the same for Keypoint R-CNN on the stick-figure set (``make
 demo-keypoints``) and ``coco-keypoints-r50-fpn`` is the paper's COCO keypoint recipe (sec. 5).
+``shapes-c4`` and ``shapes-c5`` put the ``shapes`` heads on a single stride-16 or stride-32
+ResNet-18 map, for the RoIPool vs RoIAlign ablation (Table 2c/2d, ``engine.ablate``).
 
 ``run_training(experiment, data_root, out_dir)`` builds the data sets, checks them
 (``check_data``), builds the model, the optimizer and the schedule, and runs
@@ -171,12 +173,48 @@ def coco_keypoints_r50_fpn() -> Experiment:
     return exp
 
 
+def _single_level(exp: Experiment) -> Experiment:
+    """One feature map: the ``shapes`` anchor sizes of all FPN levels at that one level (15
+    anchors per location, as the paper's C4 RPN), and more pre-NMS proposals for it."""
+    r = exp.model.rpn
+    r.anchor_sizes = (tuple(s for sizes in r.anchor_sizes for s in sizes),)  # ((16, ..., 256),)
+    r.aspect_ratios = (r.aspect_ratios[0],)
+    r.pre_nms_top_n_train = 2000  # one level holds every anchor (C4: 16x16x15 at 256 px)
+    r.pre_nms_top_n_test = 1000
+    return exp
+
+
+def shapes_c4_recipe() -> Experiment:
+    """The ``shapes`` recipe on a C4-style backbone: ResNet-18 ``conv1 .. layer3``, one
+    stride-16 map (256 channels) that the RPN and both RoI poolers read.
+
+    Unlike the paper's ResNet-50-C4 (res5 run on every 14 x 14 pooled RoI, figure 4 left) the
+    heads are the small ``shapes`` heads of figure 4 (right): res5 per RoI would cost about
+    twenty times the whole backbone at 256 px on a CPU. What Table 2c varies, the stride of
+    the map the RoIs are pooled from, is kept. ``--set model.roi_heads.box_head=res5 --set
+    model.roi_heads.box_resolution=14`` restores the paper's head."""
+    exp = _single_level(shapes_recipe())
+    exp.model.backbone.kind = "resnet_c4"
+    return exp
+
+
+def shapes_c5_recipe() -> Experiment:
+    """The ``shapes`` recipe on a C5-style backbone (Table 2d): ResNet-18 ``conv1 .. layer4``,
+    one stride-32 map (512 channels), the small ``shapes`` heads (as the paper's C5 rows, which
+    use figure 4's right head)."""
+    exp = _single_level(shapes_recipe())
+    exp.model.backbone.kind = "resnet_c5"
+    return exp
+
+
 _EXPERIMENTS = {
     "shapes": shapes_recipe,
     "stick-figures": stick_figures_recipe,
     "coco-keypoints-r50-fpn": coco_keypoints_r50_fpn,
     "coco-r50-fpn-1x": coco_r50_fpn_1x,
     "coco-r50-fpn-3x": coco_r50_fpn_3x,
+    "shapes-c4": shapes_c4_recipe,  # the Table 2c/2d ablations (engine.ablate)
+    "shapes-c5": shapes_c5_recipe,
 }
 
 
