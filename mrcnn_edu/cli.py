@@ -7,6 +7,7 @@ status. A new job (train, eval, ...) adds one such pair and one line in ``_SUBCO
     mrcnn-edu make-shapes --out data/shapes --train 2000 --val 300 --size 256 --seed 0 [--keypoints]
                           [--overlap] [--small] [--overwrite]
     mrcnn-edu ablate --study roi-pool|mask-loss|all --seeds 3 --minutes 2 --out results/ablations
+    mrcnn-edu check-data --coco data/coco [--split val2017] [--sample 500]
 
 ``train`` and ``eval`` also run under PyTorch's launcher, one process per GPU (or CPU process
 with gloo), on one machine or several (``scripts/slurm_train.sh``)::
@@ -413,21 +414,70 @@ def _run_predict(args: argparse.Namespace) -> int:
 def _add_check_data(subparsers) -> None:
     p = subparsers.add_parser(
         "check-data",
-        help="name every bad annotation of a data root",
-        description="Check a data root's splits for degenerate or out-of-image boxes, labels "
-        "outside 1..C, empty masks, masks that disagree with their box, and images "
-        "whose size differs from the annotation file.",
+        help="name every bad annotation of a data root, or check a COCO 2017 layout",
+        description="--data ROOT: check a data root's splits for degenerate or out-of-image "
+        "boxes, labels outside 1..C, empty masks, masks that disagree with their box, and "
+        "images whose size differs from the annotation file. --coco ROOT: check that ROOT "
+        "holds COCO 2017 in its official layout (folders, annotation files, image counts, a "
+        "sample of image sizes) and say what is missing and where to download it.",
     )
-    p.add_argument("--data", required=True, type=Path, help="data root")
-    p.add_argument("--layout", choices=("shapes", "coco"), default="shapes")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data", type=Path, help="data root: check every annotation")
+    src.add_argument(
+        "--coco",
+        type=Path,
+        metavar="ROOT",
+        help="COCO 2017 root: check ROOT/{train2017,val2017}/ and ROOT/annotations/",
+    )
+    p.add_argument("--layout", choices=("shapes", "coco"), default="shapes", help="with --data")
+    p.add_argument(
+        "--split",
+        action="append",
+        choices=("train2017", "val2017"),
+        help="with --coco: check only this split (repeatable; default both)",
+    )
+    p.add_argument(
+        "--sample",
+        type=int,
+        default=None,
+        help="with --coco: image sizes checked per annotation file (default 500; 0: all)",
+    )
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_run_check_data)
+
+
+def _run_check_coco(args: argparse.Namespace) -> int:
+    from mrcnn_edu.engine.check_data import SIZE_SAMPLE, check_coco_layout
+
+    sample = SIZE_SAMPLE if args.sample is None else (args.sample or None)
+    try:
+        report = check_coco_layout(
+            args.coco,
+            splits=tuple(dict.fromkeys(args.split or ("train2017", "val2017"))),
+            sample=sample,
+            log=None if args.no_progress else lambda line: print(line, file=sys.stderr),
+        )
+    except (ValueError, OSError) as err:
+        return _fail("check-data", err)
+    print(report)
+    if report.ok:
+        return 0
+    print(
+        f"mrcnn-edu check-data: error: {len(report.problems)} problem(s) in the COCO 2017 layout "
+        f"of {args.coco}, listed above",
+        file=sys.stderr,
+    )
+    return 1
 
 
 def _run_check_data(args: argparse.Namespace) -> int:
     from mrcnn_edu.engine.check_data import check_data
     from mrcnn_edu.engine.recipe import build_datasets, get_experiment
 
+    if args.coco is not None:
+        return _run_check_coco(args)
+    if args.split or args.sample is not None:
+        return _fail("check-data", ValueError("--split and --sample go with --coco, not --data"))
     try:
         exp = get_experiment("shapes" if args.layout == "shapes" else "coco-r50-fpn-1x")
         train_set, val_set = build_datasets(exp, args.data)

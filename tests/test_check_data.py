@@ -1,8 +1,13 @@
 """check_data: a clean shapes set passes; each bad target written into a copy of its annotation
-file (or its image folder) is reported once, with its image id, annotation id and field."""
+file (or its image folder) is reported once, with its image id, annotation id and field.
+
+check_coco_layout (``mrcnn-edu check-data --coco ROOT``): the shapes set laid out like COCO 2017
+passes with a note on its counts; each missing folder or file, image missing on disk, image of
+the wrong size and malformed annotation file is a problem naming the path."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import shutil
 import warnings
@@ -19,13 +24,19 @@ from mrcnn_edu.data import CocoDetection, shapes_dataset, write_shapes_dataset
 from mrcnn_edu.data.coco import ann_to_mask
 from mrcnn_edu.data.shapes import mask_to_rle
 from mrcnn_edu.engine.check_data import (
+    COCO2017_URLS,
     MAX_LISTED,
+    CocoLayoutReport,
     DataError,
     DataReport,
     Problem,
+    check_coco_layout,
     check_data,
     rle_counts,
 )
+
+# the module (``mrcnn_edu.engine.check_data`` the attribute is the function of that name)
+check_module = importlib.import_module("mrcnn_edu.engine.check_data")
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
@@ -213,3 +224,254 @@ def test_rle_counts_match_pycocotools() -> None:
         assert rle_counts(compressed) == mask_to_rle(mask, compressed=False)["counts"]
     with pytest.raises(ValueError, match="not an RLE character"):
         rle_counts("ab\x7f")
+
+
+# ---------------------------------------------------------------------------------------------
+# check_coco_layout / `mrcnn-edu check-data --coco ROOT`: on the shapes set laid out like COCO
+# 2017 (as tests/test_keypoint_training.py builds it: train2017/, val2017/ and
+# annotations/instances_{train,val}2017.json).
+# ---------------------------------------------------------------------------------------------
+COCO_TRAIN, COCO_VAL = 3, 5
+
+
+@pytest.fixture(scope="module")
+def shapes_for_coco(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("shapes_for_coco")
+    write_shapes_dataset(root, train=COCO_TRAIN, val=COCO_VAL, size=SIZE, progress=False)
+    return root
+
+
+@pytest.fixture
+def coco_root(shapes_for_coco: Path, tmp_path: Path) -> Path:
+    """A fresh copy of the shapes set laid out like COCO 2017, for a test to damage."""
+    root = tmp_path / "coco"
+    (root / "annotations").mkdir(parents=True)
+    for split in ("train", "val"):
+        shutil.copytree(shapes_for_coco / split, root / f"{split}2017")
+        shutil.copy(
+            shapes_for_coco / "annotations" / f"instances_{split}.json",
+            root / "annotations" / f"instances_{split}2017.json",
+        )
+    return root
+
+
+def _problems(report: CocoLayoutReport) -> list[tuple[str, str]]:
+    return [(p.path, p.message) for p in report.problems]
+
+
+def test_coco_layout_of_the_shapes_set_passes_with_a_note(coco_root: Path) -> None:
+    report = check_coco_layout(coco_root)
+    assert report.ok, str(report)
+    assert report.fetch == [] and report.how_to_get() == ""
+    for summary, split, n in zip(
+        report.splits, ("train2017", "val2017"), (COCO_TRAIN, COCO_VAL), strict=True
+    ):
+        data = json.loads((coco_root / "annotations" / f"instances_{split}.json").read_text())
+        assert summary.split == split
+        assert summary.num_images == n == len(list((coco_root / split).iterdir()))
+        assert summary.num_image_files == n and summary.num_missing == 0
+        assert summary.num_annotations == len(data["annotations"])
+        assert summary.num_categories == 3
+        assert summary.num_sizes_checked == n  # fewer than SIZE_SAMPLE: every image
+    text = str(report)
+    assert text.startswith(f"COCO 2017 layout of {coco_root}: no problems found")
+    assert f"instances_val2017.json: {COCO_VAL} images, " in text
+    assert "not COCO 2017's 5000, 36781, 80" in text and "not COCO 2017's 118287" in text
+    assert "no person_keypoints_train2017.json or person_keypoints_val2017.json" in text
+    report.raise_if_bad()  # nothing to raise
+
+
+def test_real_coco_counts_give_no_count_note(coco_root: Path, monkeypatch) -> None:
+    """The note compares with COCO 2017's counts: a set with those counts gets none."""
+    counts = {}
+    for split in ("train2017", "val2017"):
+        data = json.loads((coco_root / "annotations" / f"instances_{split}.json").read_text())
+        counts[split] = (len(data["images"]), len(data["annotations"]))
+    monkeypatch.setattr(check_module, "COCO2017_IMAGES", {k: v[0] for k, v in counts.items()})
+    monkeypatch.setattr(check_module, "COCO2017_ANNOTATIONS", {k: v[1] for k, v in counts.items()})
+    monkeypatch.setattr(check_module, "COCO2017_CATEGORIES", 3)
+    report = check_coco_layout(coco_root)
+    assert report.ok and not any("not COCO 2017" in n for n in report.notes), report.notes
+
+
+@pytest.mark.parametrize(
+    "remove, archive",
+    [
+        ("val2017", "val2017"),
+        ("train2017", "train2017"),
+        ("annotations/instances_val2017.json", "annotations"),
+        ("annotations", "annotations"),
+    ],
+)
+def test_a_missing_folder_or_file_is_named_with_its_archive(
+    coco_root: Path, remove: str, archive: str
+) -> None:
+    target = coco_root / remove
+    shutil.rmtree(target) if target.is_dir() else target.unlink()
+    report = check_coco_layout(coco_root)
+    assert not report.ok
+    named = [p for p in report.problems if p.path == str(target)]
+    assert len(named) == 1, str(report)
+    assert "not found" in named[0].message and COCO2017_URLS[archive] in named[0].message
+    assert report.fetch == [archive]
+    text = str(report)
+    assert f"wget -c {COCO2017_URLS[archive]}" in text
+    assert f"unzip -q {Path(COCO2017_URLS[archive]).name}" in text
+    with pytest.raises(DataError, match=str(target)):
+        report.raise_if_bad()
+    if remove == "annotations":  # both annotation files go with it: one problem, one archive
+        assert len(report.problems) == 1 and report.splits == []
+
+
+def test_an_archive_that_is_not_unzipped_is_pointed_out(coco_root: Path) -> None:
+    shutil.rmtree(coco_root / "val2017")
+    (coco_root / "val2017.zip").write_bytes(b"PK")
+    report = check_coco_layout(coco_root)
+    assert _problems(report) == [
+        (
+            str(coco_root / "val2017"),
+            f"the image folder val2017/ not found; val2017.zip is in {coco_root} but not "
+            f"unzipped: cd {coco_root} && unzip -q val2017.zip",
+        )
+    ]
+    assert report.fetch == []  # nothing to download
+
+
+def test_a_missing_root(tmp_path: Path) -> None:
+    report = check_coco_layout(tmp_path / "nowhere")
+    assert _problems(report) == [(str(tmp_path / "nowhere"), "the data root does not exist")]
+    assert report.fetch == ["train2017", "val2017", "annotations"]
+    report = check_coco_layout(tmp_path / "nowhere", splits=("val2017",))
+    assert report.fetch == ["val2017", "annotations"]
+
+
+def test_an_image_listed_but_not_on_disk(coco_root: Path) -> None:
+    missing = coco_root / "val2017" / "000000000003.png"
+    missing.unlink()
+    report = check_coco_layout(coco_root)
+    assert _problems(report) == [
+        (str(missing), f"image id 3 of instances_val2017.json is not in {coco_root / 'val2017'}/")
+    ]
+    val = report.splits[1]
+    assert (val.num_images, val.num_image_files, val.num_missing) == (COCO_VAL, COCO_VAL - 1, 1)
+    assert val.num_sizes_checked == COCO_VAL - 1
+
+
+def test_an_image_whose_size_disagrees_with_the_json(coco_root: Path) -> None:
+    path = coco_root / "train2017" / "000000000002.png"
+    with Image.open(path) as im:
+        im.resize((SIZE - 4, SIZE)).save(path)
+    report = check_coco_layout(coco_root)
+    assert _problems(report) == [
+        (
+            str(path),
+            "image id 2 is 60x64 (width x height) but instances_train2017.json says 64x64",
+        )
+    ]
+    path.write_bytes(b"not a png")
+    (problem,) = check_coco_layout(coco_root).problems
+    assert problem.path == str(path) and "image id 2: cannot be read as an image" in problem.message
+
+
+def test_the_size_check_reads_a_seeded_sample(coco_root: Path) -> None:
+    """A bounded sample (fast on 118k images) reads ``sample`` headers per annotation file,
+    the same ones for the same seed; ``sample=None`` reads all."""
+    for name in [f"{i:012d}.png" for i in range(1, COCO_VAL + 1)]:
+        path = coco_root / "val2017" / name
+        with Image.open(path) as im:
+            im.resize((SIZE, SIZE + 1)).save(path)  # every val image is wrong
+    full = check_coco_layout(coco_root, sample=None)
+    assert len(full.problems) == COCO_VAL and full.splits[1].num_sizes_checked == COCO_VAL
+    small = check_coco_layout(coco_root, sample=2, seed=5)
+    assert [s.num_sizes_checked for s in small.splits] == [2, 2]
+    assert len(small.problems) == 2
+    assert {p.path for p in small.problems} < {p.path for p in full.problems}
+    assert _problems(check_coco_layout(coco_root, sample=2, seed=5)) == _problems(small)
+    assert check_coco_layout(coco_root, sample=0).splits[1].num_sizes_checked == 0
+    with pytest.raises(ValueError, match="sample must be a non-negative int"):
+        check_coco_layout(coco_root, sample=-1)
+    with pytest.raises(ValueError, match="splits must be some of"):
+        check_coco_layout(coco_root, splits=("test2017",))
+
+
+def test_malformed_annotation_files(coco_root: Path) -> None:
+    ann = coco_root / "annotations" / "instances_val2017.json"
+    ann.write_text("{")
+    (problem,) = check_coco_layout(coco_root).problems
+    assert problem.path == str(ann) and problem.message.startswith("cannot be read as JSON")
+    ann.write_text(json.dumps({"images": []}))
+    (problem,) = check_coco_layout(coco_root).problems
+    assert problem.message == "not a COCO annotation file: no list 'annotations', 'categories'"
+    data = json.loads((coco_root / "annotations" / "instances_train2017.json").read_text())
+    data["images"][0]["width"] = 0
+    data["images"][1]["file_name"] = None
+    ann.write_text(json.dumps(data))
+    found = _problems(check_coco_layout(coco_root, splits=("val2017",)))
+    assert found == [
+        (
+            str(ann),
+            "image id 1 (000000000001.png): width 0 and height 64 must be positive integers",
+        ),
+        (str(ann), "images[1] needs an int 'id' and a 'file_name', got id 2, file_name None"),
+    ]
+
+
+def test_notes_for_unlisted_files_and_a_root_one_level_too_high(coco_root: Path) -> None:
+    (coco_root / "val2017" / "extra.png").write_bytes(b"")
+    report = check_coco_layout(coco_root)
+    assert report.ok
+    assert any("1 file(s) in" in n and "extra.png" in n for n in report.notes), report.notes
+    report = check_coco_layout(coco_root.parent)
+    assert not report.ok
+    assert f"{coco_root} looks like a COCO root: did you mean --coco {coco_root}?" in report.notes
+
+
+def test_the_keypoint_files_are_checked_too(coco_root: Path) -> None:
+    kp = coco_root / "annotations" / "person_keypoints_val2017.json"
+    data = json.loads((coco_root / "annotations" / "instances_val2017.json").read_text())
+    data["images"].append(dict(data["images"][0], id=99, file_name="gone.png"))
+    kp.write_text(json.dumps(data))
+    report = check_coco_layout(coco_root, splits=("val2017",))
+    assert _problems(report) == [
+        (
+            str(coco_root / "val2017" / "gone.png"),
+            f"image id 99 of person_keypoints_val2017.json is not in {coco_root / 'val2017'}/",
+        )
+    ]
+    assert [Path(s.annotation_file).name for s in report.splits] == [
+        "instances_val2017.json",
+        "person_keypoints_val2017.json",
+    ]
+    assert not any("person_keypoints" in n for n in report.notes)
+
+
+def test_cli_check_data_coco(coco_root: Path, capsys) -> None:
+    from mrcnn_edu.cli import main
+
+    assert main(["check-data", "--coco", str(coco_root), "--no-progress"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith(f"COCO 2017 layout of {coco_root}: no problems found")
+    assert "not COCO 2017's 5000" in out and err == ""
+
+    missing = coco_root / "val2017" / "000000000004.png"
+    missing.unlink()
+    assert main(["check-data", "--coco", str(coco_root)]) == 1
+    out, err = capsys.readouterr()
+    assert f"{missing}: image id 4 of instances_val2017.json is not in" in out
+    assert f"reading {coco_root / 'annotations' / 'instances_val2017.json'}" in err  # progress
+    assert err.rstrip().endswith(
+        f"mrcnn-edu check-data: error: 1 problem(s) in the COCO 2017 layout of {coco_root}, "
+        "listed above"
+    )
+    # only the training split: the damaged val2017 is not looked at
+    assert main(["check-data", "--coco", str(coco_root), "--split", "train2017"]) == 0
+    shutil.rmtree(coco_root / "train2017")
+    assert main(["check-data", "--coco", str(coco_root), "--sample", "0"]) == 1
+    out, _ = capsys.readouterr()
+    assert f"wget -c {COCO2017_URLS['train2017']}" in out
+    assert main(["check-data", "--coco", str(coco_root), "--sample", "-1"]) == 2
+    assert "error: check_coco_layout: sample must be" in capsys.readouterr().err
+    assert main(["check-data", "--data", str(coco_root), "--sample", "3"]) == 2
+    assert "--split and --sample go with --coco" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["check-data", "--coco", str(coco_root), "--data", str(coco_root)])
