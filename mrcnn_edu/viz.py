@@ -4566,3 +4566,201 @@ def plot_ablation_study(panels, *, paper=None, title: str | None = None) -> Figu
 
 
 __all__ += ["draw_ablation_bars", "plot_ablation_study"]
+
+
+# =============================================================================================
+# 08b: the same images through the variants of an ablation (masks from the runs' predictions)
+# =============================================================================================
+#: Pixels a model's masks claim for a class that the ground truth does not (magenta), and
+#: pixels of a ground-truth object that no mask of its class covers (white).
+EXTRA_COLOR = (0.85, 0.0, 0.85)
+MISSED_COLOR = (1.0, 1.0, 1.0)
+
+
+def _label_masks(masks, labels, name: str, fn: str, hw: tuple[int, int] | None = None):
+    """``[N, H, W]`` bool masks (``[N, 1, H, W]`` probabilities thresholded at 0.5) and ``[N]``
+    int labels as numpy, with the shapes checked."""
+    m = _to_numpy(masks, f"{name} masks")
+    if m.ndim == 4 and m.shape[1] == 1:
+        m = m[:, 0]  # (N, 1, H, W) -> (N, H, W)
+    if m.ndim != 3:
+        raise ValueError(f"{fn}: {name} masks must be [N, H, W] or [N, 1, H, W], got {m.shape}")
+    if hw is not None and tuple(m.shape[1:]) != tuple(hw):
+        raise ValueError(f"{fn}: {name} masks are {m.shape[1:]} (H, W), the image is {hw}")
+    lab = _to_numpy(labels, f"{name} labels").reshape(-1).astype(np.int64)
+    if len(lab) != len(m):
+        raise ValueError(f"{fn}: {len(m)} {name} masks but {len(lab)} {name} labels")
+    return m >= 0.5, lab
+
+
+def best_mask_ious(gt_masks, gt_labels, masks, labels) -> np.ndarray:
+    """For each ground-truth object, the best mask IoU of a predicted mask of its class.
+
+    Args:
+        gt_masks: ``[G, H, W]`` 0/1; gt_labels: ``[G]`` int.
+        masks: ``[N, H, W]`` 0/1 (or ``[N, 1, H, W]`` probabilities, thresholded at 0.5);
+            labels: ``[N]`` int.
+
+    Returns:
+        ``[G]`` float64: ``max`` over the predictions of the same class of |m & g| / |m | g|,
+        0 where no prediction has that class (a missed object).
+    """
+    fn = "best_mask_ious"
+    g, gl = _label_masks(gt_masks, gt_labels, "gt", fn)
+    p, pl = _label_masks(masks, labels, "predicted", fn, hw=g.shape[1:])
+    H, W = g.shape[1:]
+    gf = g.reshape(len(g), H * W).astype(np.float64)  # (G, H, W) -> (G, H*W)
+    pf = p.reshape(len(p), H * W).astype(np.float64)  # (N, H, W) -> (N, H*W)
+    inter = gf @ pf.T  # [G, N]
+    union = gf.sum(1)[:, None] + pf.sum(1)[None, :] - inter
+    iou = np.where(union > 0, inter / np.maximum(union, 1), 0.0)
+    iou = np.where(gl[:, None] == pl[None, :], iou, 0.0)  # only the object's own class counts
+    return iou.max(axis=1) if len(p) else np.zeros(len(g))  # [G]
+
+
+def pick_overlapping_pair(boxes, labels) -> tuple[int, int] | None:
+    """The two objects of *different* classes whose boxes overlap most (box IoU), as
+    ``(i, j)`` with ``i < j``; ``None`` when no two such boxes overlap. ``boxes`` ``[G, 4]``
+    (x1, y1, x2, y2), ``labels`` ``[G]``. Where a softmax over classes must split the pixels
+    of one RoI between two classes (Table 2b)."""
+    b = _as_boxes(boxes, "boxes", fn="pick_overlapping_pair")
+    lab = _to_numpy(labels, "labels").reshape(-1)
+    if len(lab) != len(b):
+        raise ValueError(f"pick_overlapping_pair: {len(b)} boxes but {len(lab)} labels")
+    best, pair = 0.0, None
+    for i in range(len(b)):
+        for j in range(i + 1, len(b)):
+            if lab[i] != lab[j]:
+                iou = box_pair_iou(b[i], b[j])
+                if iou > best:
+                    best, pair = iou, (i, j)
+    return pair
+
+
+def _class_layers(gt, gl, pred, pl) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+    """Per class c: ``both[c]`` = pred_c & gt_c; and one RGBA error layer: pred_c & ~gt_c
+    (EXTRA_COLOR) and gt_c & ~pred_c (MISSED_COLOR), pred_c / gt_c the unions of class c."""
+    H, W = gt.shape[1:]
+    rgba = np.zeros((H, W, 4), np.float32)
+    both = {}
+    for c in sorted(set(gl.tolist()) | set(pl.tolist())):
+        g = gt[gl == c].any(axis=0) if (gl == c).any() else np.zeros((H, W), bool)
+        p = pred[pl == c].any(axis=0) if (pl == c).any() else np.zeros((H, W), bool)
+        rgba[g & ~p] = (*MISSED_COLOR, 0.7)
+        rgba[p & ~g] = (*EXTRA_COLOR, 0.65)
+        both[c] = p & g
+    return rgba, both
+
+
+def draw_mask_comparison(
+    images: Sequence,
+    targets: Sequence[dict],
+    detections,
+    *,
+    score_threshold: float = 0.5,
+    class_names: Sequence[str] | None = None,
+    zooms: Sequence | None = None,
+    row_titles: Sequence[str] | None = None,
+    panel_size: float = 3.2,
+) -> Figure:
+    """The same images through several models, one row per image: the ground truth, then each
+    model's masks against it, so that masks placed off the object's edges show.
+
+    In a model's panel, per class: pixels its masks and the object share are filled in the
+    class colour, pixels its masks add are magenta (:data:`EXTRA_COLOR`), pixels of the object
+    they miss are white (:data:`MISSED_COLOR`); the ground truth's outline is dashed black and
+    each mask's outline solid in its class colour. The title gives the mean over the objects
+    of :func:`best_mask_ious` (each object's best mask IoU with a mask of its class, 0 when
+    none), the mask-AP-like number of that panel.
+
+    Args:
+        images: ``[3, H, W]`` (or ``[H, W, 3]``) images, one per row.
+        targets: per image ``masks`` ``[G, H, W]`` 0/1 and ``labels`` ``[G]``.
+        detections: ``{model title: [per image a dict with masks [N, H, W] 0/1 or [N, 1, H,
+            W] probabilities, labels [N], scores [N]]}``, in column order.
+        score_threshold: detections scoring less are not drawn (nor counted in the IoU).
+        class_names: ``class_names[label]`` for the legend of the ground-truth panel.
+        zooms: per row ``None`` (the whole image) or a box ``(x1, y1, x2, y2)`` to show.
+        row_titles: text per row, prefixed to the ground truth's title.
+
+    Each error layer carries ``gid="errors:<row>:<model title>"`` (an RGBA image of the
+    image's size); the titles hold the mean IoUs. Returns the figure.
+    """
+    fn = "draw_mask_comparison"
+    if not hasattr(detections, "items") or not detections:
+        raise ValueError(f"{fn}: detections must be a non-empty mapping {{title: [dicts]}}")
+    n = len(images)
+    if n == 0 or len(targets) != n:
+        raise ValueError(f"{fn}: need one target per image, got {n} images, {len(targets)} targets")
+    for title, dets in detections.items():
+        if len(dets) != n:
+            raise ValueError(f"{fn}: detections[{title!r}] has {len(dets)} entries for {n} images")
+    for name, seq in (("zooms", zooms), ("row_titles", row_titles)):
+        if seq is not None and len(seq) != n:
+            raise ValueError(f"{fn}: {name} must have one entry per image ({n}), got {len(seq)}")
+    models = list(detections)
+    ncols = 1 + len(models)
+    fig, axes = plt.subplots(
+        n, ncols, figsize=(panel_size * ncols, panel_size * n + 0.3), squeeze=False
+    )
+    for r in range(n):
+        img = image_to_numpy(images[r])
+        H, W = img.shape[:2]
+        gt, gl = _label_masks(targets[r]["masks"], targets[r]["labels"], "gt", fn, hw=(H, W))
+        head = f"{row_titles[r]}: " if row_titles is not None else ""
+        ax = axes[r][0]
+        draw_instances(
+            img,
+            targets[r].get("boxes"),
+            gl,
+            masks=gt.astype(np.uint8),
+            class_names=class_names,
+            ax=ax,
+            title=f"{head}ground truth ({len(gl)} objects)",
+        )
+        for k, title in enumerate(models):
+            det = detections[title][r]
+            scores = _to_numpy(det["scores"], "scores").reshape(-1)
+            pred, pl = _label_masks(det["masks"], det["labels"], "predicted", fn, hw=(H, W))
+            if len(scores) != len(pred):
+                raise ValueError(
+                    f"{fn}: detections[{title!r}][{r}] has {len(pred)} masks, {len(scores)} scores"
+                )
+            keep = scores >= score_threshold
+            pred, pl = pred[keep], pl[keep]
+            ax = axes[r][1 + k]
+            ax.imshow(img, extent=(0, W, H, 0), interpolation="nearest")
+            ax.imshow(np.ones((H, W, 4)) * (1, 1, 1, 0.35), extent=(0, W, H, 0), zorder=1)
+            errors, both = _class_layers(gt, gl, pred, pl)
+            fill = np.zeros((H, W, 4), np.float32)
+            for c, m in both.items():
+                fill[m] = (*class_color(c), 0.6)
+            ax.imshow(fill, extent=(0, W, H, 0), interpolation="nearest", zorder=2)
+            layer = ax.imshow(errors, extent=(0, W, H, 0), interpolation="nearest", zorder=3)
+            layer.set_gid(f"errors:{r}:{title}")
+            for m, c in zip(pred, pl):
+                _contour(ax, m, colors=[class_color(c)], linewidths=1.2, zorder=4)
+            for m in gt:
+                _contour(ax, m, colors=["black"], linewidths=1.0, linestyles="--", zorder=5)
+            ious = best_mask_ious(gt, gl, pred, pl)
+            mean = f"{ious.mean():.2f}" if len(ious) else "n/a"
+            ax.set_title(f"{title}\nmean best mask IoU {mean}", fontsize=9)
+            ax.set_xlim(0, W)
+            ax.set_ylim(H, 0)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        zoom = zooms[r] if zooms is not None else None
+        if zoom is not None:
+            for ax in axes[r]:
+                _zoom(ax, zoom, H, W)
+    fig.tight_layout()
+    return fig
+
+
+__all__ += [
+    "EXTRA_COLOR",
+    "MISSED_COLOR",
+    "best_mask_ious",
+    "draw_mask_comparison",
+    "pick_overlapping_pair",
+]

@@ -452,6 +452,35 @@ def test_select_predictions_keeps_the_smallest_ids_and_high_scores():
         select_predictions([{k: v for k, v in det(1, 0.5).items() if k != "segmentation"}], [1])
 
 
+def test_decode_predictions_round_trip():
+    """coco_results (what evaluate writes) -> decode_predictions: the masks, boxes, scores and
+    training labels come back."""
+    from mrcnn_edu.engine.evaluate import coco_results
+
+    g = torch.Generator().manual_seed(0)
+    masks = (torch.rand(3, 1, 20, 24, generator=g) > 0.5).float()  # [N, 1, H, W]
+    det = {
+        "boxes": torch.tensor([[1.0, 2.0, 10.5, 12.0], [0.0, 0.0, 24.0, 20.0], [3, 4, 5, 6.0]]),
+        "labels": torch.tensor([2, 1, 3]),
+        "scores": torch.tensor([0.9, 0.5, 0.25]),
+        "masks": masks,
+    }
+    to_cat = {1: 1, 2: 3, 3: 5}
+    results = coco_results([det, det], [4, 7], label_to_cat_id=to_cat)
+    out = ablate.decode_predictions(results, 7, (20, 24), {c: k for k, c in to_cat.items()})
+    assert torch.equal(out["masks"], masks[:, 0].to(torch.uint8))
+    assert out["masks"].dtype == torch.uint8 and out["labels"].tolist() == [2, 1, 3]
+    torch.testing.assert_close(out["boxes"], det["boxes"])
+    torch.testing.assert_close(out["scores"], det["scores"])
+    assert ablate.decode_predictions(results, 7, (20, 24))["labels"].tolist() == [3, 1, 5]
+    empty = ablate.decode_predictions(results, 99, (20, 24))
+    assert empty["masks"].shape == (0, 20, 24) and empty["boxes"].shape == (0, 4)
+    with pytest.raises(ValueError, match="mask of size \\[20, 24\\], but the image is"):
+        ablate.decode_predictions(results, 7, (24, 20))
+    with pytest.raises(ValueError, match="category id 3, which maps to no label"):
+        ablate.decode_predictions(results, 7, (20, 24), {1: 1, 5: 3})
+
+
 def test_mean_std_by_hand():
     mean, std, n = mean_std([1.0, 2.0, 4.0])
     assert n == 3 and mean == pytest.approx(7 / 3)

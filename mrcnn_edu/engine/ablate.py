@@ -67,6 +67,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from mrcnn_edu.data.sampler import make_train_loader
@@ -95,6 +96,7 @@ __all__ = [
     "Variant",
     "VariantSummary",
     "compare",
+    "decode_predictions",
     "format_results",
     "get_study",
     "list_studies",
@@ -567,6 +569,57 @@ def load_predictions(path: str | Path) -> list[dict]:
         if missing:
             raise ValueError(f"ablate: {path}: result {j} lacks {sorted(missing)}")
     return data
+
+
+def decode_predictions(
+    results: Sequence[Mapping],
+    image_id: int,
+    image_size: tuple[int, int],
+    cat_id_to_label: Mapping[int, int] | None = None,
+) -> dict[str, torch.Tensor]:
+    """One image's detections, decoded from COCO results (a predictions file), in the layout
+    the model returns them (what ``mrcnn_edu.viz`` draws).
+
+    Args:
+        results: COCO result dicts (:func:`load_predictions`); those of other images are skipped.
+        image_id: the COCO image id.
+        image_size: ``(H, W)`` of the image; every mask must have this size.
+        cat_id_to_label: COCO category id -> training label (``CocoDetection.cat_id_to_label``);
+            ``None``: labels are the category ids.
+
+    Returns:
+        ``boxes`` [N, 4] float32 (x1, y1, x2, y2), ``labels`` [N] int64, ``scores`` [N] float32,
+        ``masks`` [N, H, W] uint8 0/1 (the RLE decoded), in the order of ``results``.
+    """
+    from pycocotools import mask as mask_utils
+
+    H, W = (int(v) for v in image_size)
+    mine = [r for r in results if int(r["image_id"]) == int(image_id)]
+    masks = np.zeros((len(mine), H, W), np.uint8)
+    labels = []
+    for j, r in enumerate(mine):
+        size = [int(v) for v in r["segmentation"]["size"]]
+        if size != [H, W]:
+            raise ValueError(
+                f"decode_predictions: result {j} of image {image_id} has a mask of size {size}, "
+                f"but the image is {[H, W]} (H, W)"
+            )
+        masks[j] = mask_utils.decode(r["segmentation"])  # [H, W] uint8
+        cat = int(r["category_id"])
+        if cat_id_to_label is not None and cat not in cat_id_to_label:
+            raise ValueError(
+                f"decode_predictions: result {j} of image {image_id} has category id {cat}, "
+                f"which maps to no label; known {sorted(cat_id_to_label)}"
+            )
+        labels.append(cat if cat_id_to_label is None else int(cat_id_to_label[cat]))
+    boxes = torch.tensor([r["bbox"] for r in mine], dtype=torch.float32).reshape(-1, 4)
+    boxes[:, 2:] += boxes[:, :2]  # (x, y, w, h) -> (x1, y1, x2, y2)
+    return {
+        "boxes": boxes,
+        "labels": torch.tensor(labels, dtype=torch.int64),
+        "scores": torch.tensor([float(r["score"]) for r in mine], dtype=torch.float32),
+        "masks": torch.from_numpy(masks),
+    }
 
 
 def _seeds(seeds: int | Iterable[int]) -> list[int]:
