@@ -47,7 +47,7 @@ lab: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_ops.py --plot build/bench_ops.png
 
-LINT_PATHS := mrcnn_edu tests benchmarks scripts
+LINT_PATHS := mrcnn_edu tests benchmarks scripts conftest.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check $(LINT_PATHS)
