@@ -10,8 +10,11 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 help:
 	@echo "make demo          set up .venv, train on the shapes set for 10 minutes, evaluate, draw"
 	@echo "make demo-keypoints  the same for Keypoint R-CNN on the stick figures (15 minutes)"
-	@echo "make test          set up .venv and run the test suite (notebooks in quick mode)"
-	@echo "make test-browser  run notebooks 00-04 in JupyterLab in headless Chromium"
+	@echo "make test          set up .venv, lint (ruff), run the tests and doctests (notebooks in quick mode)"
+	@echo "make test-full     the same with the slow tests (notebooks in full mode)"
+	@echo "make test-browser  run the notebooks in JupyterLab in headless Chromium"
+	@echo "make lint          ruff check and ruff format --check"
+	@echo "make bench         the operator benchmarks (benchmarks/RESULTS.md)"
 	@echo "make lab           open JupyterLab on notebooks/"
 
 $(STAMP): pyproject.toml Makefile
