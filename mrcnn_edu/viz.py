@@ -4764,3 +4764,206 @@ __all__ += [
     "draw_mask_comparison",
     "pick_overlapping_pair",
 ]
+
+
+# =============================================================================================
+# 09: the 1x COCO schedule, and one step of DistributedDataParallel (engine.distributed)
+# =============================================================================================
+def plot_lr_schedule(
+    steps,
+    lrs,
+    *,
+    milestones: Sequence[int] = (),
+    warmup_steps: int = 0,
+    ax: Axes | None = None,
+    title: str | None = None,
+) -> Axes:
+    """The learning rate of every step of a schedule, on a log scale, its decays marked.
+
+    Args:
+        steps: ``[S]`` increasing step numbers (0-based, as the scheduler counts them).
+        lrs: ``[S]`` the learning rate of each of those steps (positive), e.g.
+            ``base_lr * scheduler.lr_lambdas[0](s)`` for the scheduler ``build_optimization``
+            builds.
+        milestones: steps at which the rate is decayed; each gets a dashed line
+            (``gid="milestone:<step>"``) and its decay factor, read from ``lrs`` (the rate just
+            after the milestone over the rate just before it), written beside it.
+        warmup_steps: > 0 adds an inset (``gid="warmup"``) with the first ``2 x warmup_steps``
+            steps on a linear scale, where the linear warm-up shows.
+
+    The schedule is the line ``gid="lr"``. Returns ``ax``.
+    """
+    fn = "plot_lr_schedule"
+    x = np.asarray(steps, dtype=float).reshape(-1)
+    y = np.asarray(lrs, dtype=float).reshape(-1)
+    if x.size == 0 or x.size != y.size:
+        raise ValueError(
+            f"{fn}: steps and lrs must be non-empty and of one length, got {x.size} and {y.size}"
+        )
+    if not (np.isfinite(x).all() and np.isfinite(y).all()) or (y <= 0).any():
+        raise ValueError(f"{fn}: steps must be finite and lrs finite and positive (log scale)")
+    if (np.diff(x) <= 0).any():
+        raise ValueError(f"{fn}: steps must be increasing")
+    if ax is None:
+        _, ax = plt.subplots(figsize=(8, 3.6))
+    (line,) = ax.plot(x, y, color=PALETTE[5], lw=2)
+    line.set_gid("lr")
+    ax.set_yscale("log")
+    for m in milestones:
+        before, after = y[x < m], y[x >= m]
+        if before.size == 0 or after.size == 0:
+            raise ValueError(f"{fn}: milestone {m} lies outside the steps {x[0]:g}..{x[-1]:g}")
+        ax.axvline(m, color="0.3", ls="--", lw=1).set_gid(f"milestone:{m}")
+        ax.annotate(
+            f"step {m:,}: x{after[0] / before[-1]:.3g}",
+            (m, after[0]),
+            xytext=(4, 6),
+            textcoords="offset points",
+            fontsize=8,
+            color="0.2",
+        )
+    ax.set_xlabel("step")
+    ax.set_ylabel("learning rate")
+    ax.grid(alpha=0.3, which="both")
+    if warmup_steps > 0:
+        inset = ax.inset_axes((0.24, 0.1, 0.34, 0.45))
+        inset.set_gid("warmup")
+        near = x <= 2 * warmup_steps
+        inset.plot(x[near], y[near], color=PALETTE[5], lw=1.5)
+        inset.axvline(warmup_steps, color="0.3", ls=":", lw=1)
+        inset.set_title(f"warm-up: the first {warmup_steps:,} steps", fontsize=7)
+        inset.tick_params(labelsize=6)
+        inset.set_ylim(0, float(y[near].max()) * 1.1)
+    if title is not None:
+        ax.set_title(title)
+    return ax
+
+
+def _box(ax: Axes, x: float, y: float, w: float, h: float, text: str, color, gid: str) -> None:
+    patch = FancyBboxPatch(
+        (x - w / 2, y - h / 2),
+        w,
+        h,
+        boxstyle="round,pad=0.02,rounding_size=0.08",
+        facecolor=color,
+        edgecolor="0.2",
+        alpha=0.9,
+    )
+    patch.set_gid(gid)
+    ax.add_patch(patch)
+    ax.text(x, y, text, ha="center", va="center", fontsize=8)
+
+
+def _arrow(ax: Axes, a: tuple[float, float], b: tuple[float, float]) -> None:
+    ax.annotate("", b, xytext=a, arrowprops={"arrowstyle": "->", "lw": 1.2, "color": "0.25"})
+
+
+def draw_ddp_step(
+    shards: Sequence[Sequence[int]],
+    *,
+    rank_seeds: Sequence[int] | None = None,
+    ax: Axes | None = None,
+    title: str | None = None,
+) -> Axes:
+    """One training step of ``DistributedDataParallel`` over ``W = len(shards)`` ranks.
+
+    Each row is a rank (one process, one GPU): its own images (``shards[r]``, indices into the
+    data set: this rank's batch, drawn from its shard of the epoch), its own replica of the
+    model running forward and backward on them, its gradient ``g_r``; the all-reduce in the
+    middle averages the gradients, ``g = (g_0 + ... + g_{W-1}) / W``, and every rank applies
+    the same update to the same parameters, so the replicas stay identical.
+
+    Args:
+        shards: ``[W][B_r]`` the data set indices of each rank's batch.
+        rank_seeds: optional ``[W]`` per-rank seeds (``engine.distributed.rank_seed``) of the
+            random choices that must differ between ranks (flips, RoI sampling), written under
+            each replica.
+
+    Patches carry gids ``image:<r>:<i>``, ``replica:<r>``, ``grad:<r>``, ``allreduce`` and
+    ``update:<r>``. Returns ``ax``.
+    """
+    fn = "draw_ddp_step"
+    if isinstance(shards, (str, bytes)) or not isinstance(shards, Sequence) or not shards:
+        raise ValueError(f"{fn}: shards must be a non-empty list of index lists, one per rank")
+    rows = []
+    for r, shard in enumerate(shards):
+        try:
+            idx = [int(i) for i in shard]
+        except (TypeError, ValueError):
+            raise ValueError(f"{fn}: shards[{r}] must be a list of image indices") from None
+        if not idx:
+            raise ValueError(f"{fn}: shards[{r}] is empty: every rank needs images")
+        rows.append(idx)
+    W = len(rows)
+    if rank_seeds is not None and len(rank_seeds) != W:
+        raise ValueError(f"{fn}: {len(rank_seeds)} rank_seeds for {W} ranks")
+    B = max(len(r) for r in rows)
+    if ax is None:
+        _, ax = plt.subplots(figsize=(10, 1.3 + 1.25 * W))
+    img_w = 0.55
+    x_rep = B * (img_w + 0.1) + 1.1
+    x_grad, x_red, x_upd = x_rep + 2.0, x_rep + 3.6, x_rep + 5.6
+    ys = [W - 1 - r for r in range(W)]  # rank 0 on top
+    for r, (idx, y) in enumerate(zip(rows, ys)):
+        ax.text(-0.15, y, f"rank {r}", ha="right", va="center", fontsize=9, weight="bold")
+        for i, k in enumerate(idx):
+            _box(
+                ax,
+                0.3 + i * (img_w + 0.1),
+                y,
+                img_w,
+                0.55,
+                f"#{k}",
+                class_color(r + 1),
+                f"image:{r}:{i}",
+            )
+        _arrow(ax, (0.3 + (len(idx) - 0.5) * (img_w + 0.1), y), (x_rep - 0.95, y))
+        seed = f"\nseed {int(rank_seeds[r])}" if rank_seeds is not None else ""
+        _box(
+            ax,
+            x_rep,
+            y,
+            1.8,
+            0.75,
+            f"replica {r}\nforward + backward{seed}",
+            "0.92",
+            f"replica:{r}",
+        )
+        _arrow(ax, (x_rep + 0.9, y), (x_grad - 0.35, y))
+        _box(ax, x_grad, y, 0.6, 0.5, f"$g_{{{r}}}$", class_color(r + 1), f"grad:{r}")
+        _arrow(ax, (x_grad + 0.3, y), (x_red - 0.55, y))
+        _arrow(ax, (x_red + 0.55, y), (x_upd - 0.8, y))
+        _box(
+            ax,
+            x_upd,
+            y,
+            1.6,
+            0.55,
+            r"$\theta \leftarrow \theta - \eta\,\bar g$",
+            "white",
+            f"update:{r}",
+        )
+    _box(
+        ax,
+        x_red,
+        (W - 1) / 2,
+        1.1,
+        max(0.9, W - 0.3),
+        "all-reduce\n" + r"$\bar g = \frac{1}{W}\sum_r g_r$" + f"\n(W = {W})",
+        (0.98, 0.93, 0.75),
+        "allreduce",
+    )
+    ax.set_xlim(-1.0, x_upd + 1.0)
+    ax.set_ylim(-0.7, W - 0.3 + 0.2)
+    ax.set_aspect("auto")
+    ax.axis("off")
+    ax.set_title(
+        title
+        if title is not None
+        else f"one DDP step: {W} ranks, {sum(len(r) for r in rows)} images in all",
+        fontsize=10,
+    )
+    return ax
+
+
+__all__ += ["draw_ddp_step", "plot_lr_schedule"]
