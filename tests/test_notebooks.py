@@ -16,7 +16,7 @@ import nbformat
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]*_*.ipynb"))  # 08b_ablations too
 
 #: Longest single wait on a kernel channel (seconds) before the socket is looked at again.
 CHANNEL_POLL_S = 0.25
