@@ -648,7 +648,7 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 
 def _add_ablate(subparsers) -> None:
-    from mrcnn_edu.engine.ablate import list_studies  # also registers shapes-c4 / shapes-c5
+    from mrcnn_edu.engine.ablate import list_studies
 
     p = subparsers.add_parser(
         "ablate",
@@ -657,7 +657,8 @@ def _add_ablate(subparsers) -> None:
         "RoIAlign vs RoIAlign aligned on stride-16 and stride-32 backbones; "
         "mask-loss: sigmoid vs softmax vs class-agnostic masks) with the same "
         "data, seeds and number of steps. Writes OUT/<study>_<variant>_seed<n>.json "
-        "per run, OUT/results.md (mean and spread over seeds beside the paper's "
+        "per run (and .predictions.json beside it: the run's detections on 8 val "
+        "images, for notebook 08b), OUT/results.md (mean and spread over seeds beside the paper's "
         "numbers, a verdict per comparison) and OUT/<study>.png. Runs whose JSON "
         "exists are skipped, so an interrupted study resumes.",
     )
