@@ -32,6 +32,8 @@ NOTEBOOKS: list[Notebook] = [
     Notebook("07_fpn_full_model.ipynb", limit_s=200.0),  # the FPN level explorer
     # trains a few steps and evaluates: slower; the live loss plot is a picture, not an explorer
     Notebook("08_training.ipynb", limit_s=200.0, explorers=0),
+    # trains four two-step runs and evaluates them: slower; figures only
+    Notebook("08b_ablations.ipynb", limit_s=240.0, explorers=0),
     # trains a few steps, evaluates, builds a ResNet-50 model: slower; the heatmap explorer
     Notebook("10_keypoints.ipynb", limit_s=200.0),
 ]
