@@ -165,6 +165,12 @@ def main(argv=None) -> int:
         default=0.0,
         help="also train both for this many minutes and compare AP",
     )
+    p.add_argument(
+        "--only",
+        choices=("mrcnn_edu", "torchvision"),
+        default=None,
+        help="with --minutes: train only this side (to split the side-by-side in two runs)",
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
@@ -197,6 +203,8 @@ def main(argv=None) -> int:
         report.update(ours_step_s=a, tv_step_s=b, ratio=a / b, ours_eval_ips=ea, tv_eval_ips=eb)
         if args.minutes:
             for name in ("mrcnn_edu", "torchvision"):
+                if args.only and name != args.only:
+                    continue
                 torch.manual_seed(exp.train.seed)
                 model = build_model(exp.model)  # the same initial weights for both
                 if name == "torchvision":
