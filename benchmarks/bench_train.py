@@ -3,7 +3,7 @@
 Usage::
 
     python benchmarks/bench_train.py [--preset shapes] [--steps 5] [--minutes M]
-                                     [--data data/shapes] [--json FILE]
+                                     [--data data/shapes] [--only SIDE] [--json FILE]
 
 * Step time: the preset's model and torchvision's own ``MaskRCNN`` built with the same widths
   (``benchmarks/twins.py``) and the same weights, timed on the same batches, alternating the
