@@ -34,6 +34,8 @@ NOTEBOOKS: list[Notebook] = [
     Notebook("08_training.ipynb", limit_s=200.0, explorers=0),
     # trains four two-step runs and evaluates them: slower; figures only
     Notebook("08b_ablations.ipynb", limit_s=240.0, explorers=0),
+    # starts torchrun (2 gloo processes) four times, trains and evaluates: slower; figures only
+    Notebook("09_coco_training.ipynb", limit_s=240.0, explorers=0),
     # trains a few steps, evaluates, builds a ResNet-50 model: slower; the heatmap explorer
     Notebook("10_keypoints.ipynb", limit_s=200.0),
 ]
