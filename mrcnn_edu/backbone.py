@@ -17,10 +17,13 @@ be matched to it. This file holds:
   :class:`Res5Head`) and "C5" (one stride-32 map, :class:`ResNetC5Backbone`).
 
 The ResNets are torchvision's own classes (``torchvision.models.resnet``; the paper does not
-change ResNet), built with ``weights=None``, so every parameter keeps torchvision's name
-(``conv1.weight``, ``bn1.weight``, ``layer1.0.conv1.weight``, ...) and torchvision's detection
-checkpoints (``backbone.body.*``) load with a prefix change only. The FPN is written out here,
-readably; its parameter names map onto torchvision's ``FeaturePyramidNetwork`` as::
+change ResNet), so every parameter keeps torchvision's name (``conv1.weight``, ``bn1.weight``,
+``layer1.0.conv1.weight``, ...) and torchvision's detection checkpoints (``backbone.body.*``)
+load with a prefix change only. They start random (``weights=None``) or from pre-trained weights
+(``weights="ResNet50_Weights.IMAGENET1K_V1"`` or a local ``.pth``: the paper's "ImageNet-
+pretrained" start, sec. 3.1; :func:`resnet_state_dict`, :func:`load_resnet_weights`).
+The FPN is written out here, readably; its parameter names map onto torchvision's
+``FeaturePyramidNetwork`` as::
 
     norm=None:   inner_blocks.{i}.0.{weight,bias}  ->  lateral_convs.{i}.{weight,bias}
                  layer_blocks.{i}.0.{weight,bias}  ->  output_convs.{i}.{weight,bias}
@@ -31,9 +34,11 @@ readably; its parameter names map onto torchvision's ``FeaturePyramidNetwork`` a
 from __future__ import annotations
 
 import math
+import re
 from collections import OrderedDict
 from collections.abc import Mapping
 from functools import partial
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -50,9 +55,11 @@ __all__ = [
     "ResNetC5Backbone",
     "TinyBackbone",
     "freeze_resnet",
+    "load_resnet_weights",
     "norm_layer",
     "resnet_body",
     "resnet_fpn_backbone",
+    "resnet_state_dict",
     "torchvision_resnet",
 ]
 
@@ -279,19 +286,211 @@ def freeze_resnet(resnet: nn.Module, trainable_layers: int) -> None:
             parameter.requires_grad_(False)
 
 
+# ---------------------------------------------------------------------------- initial weights
+# Mask R-CNN sec. 3.1: the backbone starts from ImageNet pre-training. ``weights`` (the config's
+# ``backbone.weights``) names that start: a torchvision weights enum name (downloaded once into
+# torch's hub cache by torchvision's own weights API) or the path of a local ``.pth`` file
+# holding a torchvision ResNet state dict (for machines without internet).
+RESNET_TOP_LEVEL = ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4", "fc")
+_ENUM_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*_Weights\.[A-Za-z0-9_]+$")  # ResNet50_Weights.X
+
+
+def _weights_enum(name: str, who: str):
+    """The torchvision ``WeightsEnum`` member called ``name`` (e.g.
+    ``"ResNet50_Weights.IMAGENET1K_V1"``), or a ``ValueError`` that lists the members of that
+    enum (or says it does not exist)."""
+    import torchvision.models
+
+    enum_name, member = name.split(".", 1)
+    enum_cls = getattr(torchvision.models, enum_name, None)
+    if enum_cls is None or not hasattr(enum_cls, "__members__"):
+        raise ValueError(
+            f"{who}: torchvision has no weights enum {enum_name!r} (from {name!r}); ResNet "
+            f"weights are e.g. 'ResNet50_Weights.IMAGENET1K_V1' or 'ResNet18_Weights.IMAGENET1K_V1'"
+        )
+    try:
+        return torchvision.models.get_weight(name)
+    except (KeyError, ValueError):
+        members = ", ".join(f"{enum_name}.{m}" for m in enum_cls.__members__)
+        raise ValueError(
+            f"{who}: torchvision's {enum_name} has no member {member!r}; it has {members}"
+        ) from None
+
+
+def _download_enum(name: str, who: str) -> dict[str, torch.Tensor]:
+    """``get_weight(name).get_state_dict(...)``: torchvision's download into torch's hub cache
+    (read from there when it is already present), with an error that says what to do offline."""
+    import http.client
+
+    weights = _weights_enum(name, who)
+    try:
+        return dict(weights.get_state_dict(progress=True, check_hash=True))
+    except (OSError, http.client.HTTPException) as err:  # URLError, timeouts, refused, DNS ...
+        filename = weights.url.rsplit("/", 1)[-1]
+        cache = Path(torch.hub.get_dir()) / "checkpoints" / filename
+        raise FileNotFoundError(
+            f"{who}: cannot download torchvision's {name} ({type(err).__name__}: {err}). "
+            f"Without internet: download {weights.url} on a machine that has it, then either "
+            f"copy it to {cache} (torch's hub cache, where torchvision looks first) or put it "
+            f"anywhere and pass its path: `mrcnn-edu train ... --set "
+            f"model.backbone.weights=/path/to/{filename}` (see data/README.md)"
+        ) from err
+
+
+def _unwrap_state_dict(sd: Mapping, what: str, who: str) -> dict[str, torch.Tensor]:
+    """``sd`` itself, or the state dict it wraps under ``"state_dict"`` / ``"model"``."""
+    if not any(isinstance(v, torch.Tensor) for v in sd.values()):
+        inner = next(
+            (sd[k] for k in ("state_dict", "model") if isinstance(sd.get(k), Mapping)), None
+        )
+        if inner is None:
+            raise ValueError(
+                f"{who}: {what} holds no tensors (keys {sorted(map(str, sd))[:8]}); expected "
+                f"a torchvision ResNet state dict such as torchvision's resnet50-0676ba61.pth"
+            )
+        sd = inner
+    return dict(sd)
+
+
+def resnet_state_dict(weights, who: str = "resnet_state_dict") -> dict[str, torch.Tensor]:
+    """The torchvision ResNet state dict that ``weights`` names (``BackboneConfig.weights``).
+
+    Args:
+        weights: one of
+            * a torchvision weights enum name, e.g. ``"ResNet50_Weights.IMAGENET1K_V1"`` (what
+              ``maskrcnn_resnet50_fpn`` starts from): loaded through torchvision's weights API,
+              ``get_weight(name).get_state_dict(progress=True, check_hash=True)``, which
+              downloads once into torch's hub cache (``torch.hub.get_dir()/checkpoints``);
+            * the path of a local ``.pth`` / ``.pt`` file holding a torchvision ResNet state
+              dict (``conv1.weight``, ``bn1.running_mean``, ``layer1.0.conv1.weight``, ...;
+              a dict that wraps it under ``"state_dict"`` or ``"model"`` also works);
+            * a state dict (a mapping of tensors), returned as a plain dict;
+            * a torchvision weights enum member (``ResNet50_Weights.IMAGENET1K_V1``).
+
+    Returns:
+        ``dict`` name -> tensor (on the CPU).
+
+    Raises:
+        ValueError: an unknown enum or member name (the error lists the enum's members), a
+            string that is neither an existing file nor an enum name, or a file that holds no
+            state dict.
+        FileNotFoundError: no file at the path, or the download failed (the error names the
+            URL to fetch and where to put the file).
+    """
+    if isinstance(weights, Mapping):
+        return _unwrap_state_dict(weights, "the state dict", who)
+    if hasattr(weights, "get_state_dict") and hasattr(weights, "url"):  # a WeightsEnum member
+        return _download_enum(f"{type(weights).__name__}.{weights.name}", who)
+    if not isinstance(weights, (str, Path)):
+        raise TypeError(
+            f"{who}: weights must be an enum name, a file path or a state dict, got "
+            f"{type(weights).__name__}"
+        )
+    text = str(weights)
+    path = Path(text).expanduser()
+    if path.is_file():
+        from .utils import load_torch_dict
+
+        return _unwrap_state_dict(load_torch_dict(path, "ResNet weights file"), str(path), who)
+    if _ENUM_NAME.match(text):
+        return _download_enum(text, who)
+    if "/" in text or "\\" in text or path.suffix in (".pth", ".pt", ".pkl", ".bin"):
+        raise FileNotFoundError(f"{who}: no ResNet weights file at {path}")
+    raise ValueError(
+        f"{who}: weights {text!r} is neither an existing file nor a torchvision weights name "
+        f"such as 'ResNet50_Weights.IMAGENET1K_V1'"
+    )
+
+
+def load_resnet_weights(
+    module: nn.Module, weights, *, who: str = "load_resnet_weights", what: str | None = None
+) -> None:
+    """Load torchvision ResNet weights into ``module``, strictly, by torchvision's names.
+
+    ``module`` holds torchvision's ResNet modules under their names: a torchvision ``ResNet``
+    (see :func:`torchvision_resnet`), a :class:`ResNetBody` or a :class:`Res5Head`. Entries of
+    the file for the parts of a ResNet that ``module`` does not hold (``fc`` of a body, the
+    stages after the last returned one, the stem and ``layer1..3`` of a ``Res5Head``) are
+    skipped; every other key must match both ways, with equal shapes. A frozen BatchNorm
+    (:class:`FrozenBatchNorm2d`) takes the file's ``weight``, ``bias``, ``running_mean`` and
+    ``running_var`` (its ``num_batches_tracked`` is dropped), so it applies ImageNet's
+    statistics, as in Detectron and torchvision.
+
+    Args:
+        module: the receiving module.
+        weights: anything :func:`resnet_state_dict` accepts (an enum name, a path, a state dict).
+        who, what: names used in error messages.
+
+    Raises:
+        ValueError: keys missing from the file, keys the module does not have, or shape
+            mismatches (e.g. a ResNet-18 file for a ResNet-50 body), each listed by name.
+    """
+    state_dict = resnet_state_dict(weights, who)
+    what = what or (str(weights) if isinstance(weights, (str, Path)) else "the state dict")
+    own = module.state_dict()
+    children = {name for name, _ in module.named_children()}
+    take = {
+        k: v
+        for k, v in state_dict.items()
+        if not (k.split(".")[0] in RESNET_TOP_LEVEL and k.split(".")[0] not in children)
+        and not (k.endswith("num_batches_tracked") and k not in own)  # frozen BN: no counter
+    }
+    missing = [k for k in own if k not in take and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in take if k not in own]
+    shapes = [
+        f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        for k, v in take.items()
+        if k in own and isinstance(v, torch.Tensor) and tuple(v.shape) != tuple(own[k].shape)
+    ]
+    if missing or unexpected or shapes:
+
+        def head(keys):
+            return ", ".join(keys[:8]) + (f" ... ({len(keys)} in all)" if len(keys) > 8 else "")
+
+        parts = [f"{who}: {what} does not fit the {type(module).__name__}"]
+        if missing:
+            parts.append(f"missing keys: {head(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {head(unexpected)}")
+        if shapes:
+            parts.append(f"shape mismatches: {head(shapes)}")
+        hints = []
+        if any(k.startswith(("backbone.", "module.")) for k in unexpected):
+            hints.append(
+                "its keys carry a prefix: a detection checkpoint loads with "
+                "mrcnn_edu.weights.from_torchvision, a DDP one after stripping 'module.'"
+            )
+        if any(k.endswith(("running_mean", "running_var")) for k in unexpected):
+            hints.append("the file has BatchNorm statistics this model's norm lacks (norm='gn'?)")
+        blocks = {".".join(k.split(".")[:2]) for k in take}  # "layer1.0", ... in the file
+        if shapes or any(".".join(k.split(".")[:2]) not in blocks for k in missing):
+            hints.append("is it a ResNet of another depth?")  # whole blocks absent, or resized
+        raise ValueError("; ".join(parts) + (f" ({'; '.join(hints)})" if hints else ""))
+    for k in own:  # counters the file lacks keep their value
+        take.setdefault(k, own[k])
+    module.load_state_dict(take, strict=True)
+
+
 def torchvision_resnet(
     depth: int = 50,
     norm: str = "frozen_bn",
     trainable_layers: int = 3,
     generator: torch.Generator | None = None,
+    weights=None,
 ) -> resnet_models.ResNet:
-    """A torchvision ``ResNet`` (``weights=None``) with the chosen norm layer, partly frozen.
+    """A torchvision ``ResNet`` with the chosen norm layer, optionally pre-trained, partly frozen.
 
     Without ``generator`` the weights are drawn from torch's global RNG exactly as
     ``torchvision.models.resnet{depth}(weights=None, norm_layer=...)`` draws them, so a seed gives
     torchvision's numbers; with one, every conv is re-drawn from it with torchvision's init
     (Kaiming normal, ``fan_out``, ReLU). The classifier ``fc`` is left as built (no backbone
     uses it).
+
+    ``weights`` (``None``: random, as above) names initial weights, loaded as torchvision's
+    ``resnet{depth}(weights=..., norm_layer=FrozenBatchNorm2d)`` loads them, after the random
+    init and before freezing: an enum name such as ``"ResNet50_Weights.IMAGENET1K_V1"``, a
+    ``.pth`` path or a state dict (:func:`resnet_state_dict`, :func:`load_resnet_weights`).
+    Frozen BatchNorm then applies the file's ImageNet statistics.
     """
     who = "torchvision_resnet"
     _check_depth(depth, who)
@@ -305,6 +504,8 @@ def torchvision_resnet(
                     nn.init.kaiming_normal_(
                         m.weight, mode="fan_out", nonlinearity="relu", generator=generator
                     )
+    if weights is not None:
+        load_resnet_weights(resnet, weights, who=f"{who} (ResNet-{depth})")
     freeze_resnet(resnet, trainable_layers)
     return resnet
 
@@ -378,6 +579,7 @@ def resnet_body(
     trainable_layers: int = 3,
     returned=STAGES,
     generator: torch.Generator | None = None,
+    weights=None,
 ) -> ResNetBody:
     """A ResNet-``depth`` trunk (18, 34, 50 or 101) returning the ``returned`` stages.
 
@@ -388,11 +590,14 @@ def resnet_body(
         trainable_layers: 0..5 stages left trainable, last first (see :func:`freeze_resnet`).
         returned: stage names to return, e.g. ``("layer1", "layer2", "layer3", "layer4")``.
         generator: optional ``torch.Generator`` for the init (see :func:`torchvision_resnet`).
+        weights: ``None`` (random) or initial weights: a torchvision enum name such as
+            ``"ResNet50_Weights.IMAGENET1K_V1"``, a ``.pth`` path or a state dict (see
+            :func:`resnet_state_dict`); loaded before the layers are frozen.
 
     Returns:
         a :class:`ResNetBody`; ``forward(images [B, 3, H, W]) -> OrderedDict`` of the stages.
     """
-    resnet = torchvision_resnet(depth, norm, trainable_layers, generator)
+    resnet = torchvision_resnet(depth, norm, trainable_layers, generator, weights)
     return ResNetBody(resnet, returned)
 
 
@@ -566,6 +771,7 @@ def resnet_fpn_backbone(
     trainable_layers: int = 3,
     returned_layers=(1, 2, 3, 4),
     generator: torch.Generator | None = None,
+    weights=None,
 ) -> BackboneWithFPN:
     """ResNet-``depth`` + FPN, as torchvision's ``resnet_fpn_backbone`` (Mask R-CNN's backbone).
 
@@ -578,6 +784,8 @@ def resnet_fpn_backbone(
         returned_layers: stages feeding the FPN, numbers in 1..4, increasing.
         generator: optional ``torch.Generator`` for the init; without it a seed gives
             torchvision's weights (the ResNet's draws, then the FPN's).
+        weights: the ResNet's initial weights (``None``: random; see :func:`resnet_body`). The
+            FPN always starts random, as in the paper and torchvision.
 
     Returns:
         :class:`BackboneWithFPN` with ``strides`` ``(4, 8, 16, 32, 64)`` for the default layers.
@@ -592,7 +800,9 @@ def resnet_fpn_backbone(
             f"resnet_fpn_backbone: returned_layers must be increasing ints in 1..4, "
             f"got {returned_layers!r}"
         )
-    body = resnet_body(depth, norm, trainable_layers, tuple(f"layer{k}" for k in layers), generator)
+    body = resnet_body(
+        depth, norm, trainable_layers, tuple(f"layer{k}" for k in layers), generator, weights
+    )
     fpn = FPN(
         body.out_channels_list, out_channels, norm=fpn_norm, extra="maxpool", generator=generator
     )
@@ -624,9 +834,10 @@ class ResNetC4Backbone(nn.Module):
         norm: str = "frozen_bn",
         trainable_layers: int = 3,
         generator: torch.Generator | None = None,
+        weights=None,
     ) -> None:
         super().__init__()
-        self.body = resnet_body(depth, norm, trainable_layers, ("layer3",), generator)
+        self.body = resnet_body(depth, norm, trainable_layers, ("layer3",), generator, weights)
         self.out_channels = self.body.out_channels_list[0]
         self.strides = self.body.strides
 
@@ -660,9 +871,10 @@ class Res5Head(nn.Module):
         norm: str = "frozen_bn",
         trainable_layers: int = 3,
         generator: torch.Generator | None = None,
+        weights=None,
     ) -> None:
         super().__init__()
-        resnet = torchvision_resnet(depth, norm, trainable_layers, generator)
+        resnet = torchvision_resnet(depth, norm, trainable_layers, generator, weights)
         self.layer4 = resnet.layer4
         self.in_channels = _stage_out_channels(resnet.layer3)
         self.out_channels = _stage_out_channels(resnet.layer4)
@@ -691,9 +903,10 @@ class ResNetC5Backbone(nn.Module):
         norm: str = "frozen_bn",
         trainable_layers: int = 3,
         generator: torch.Generator | None = None,
+        weights=None,
     ) -> None:
         super().__init__()
-        self.body = resnet_body(depth, norm, trainable_layers, ("layer4",), generator)
+        self.body = resnet_body(depth, norm, trainable_layers, ("layer4",), generator, weights)
         self.out_channels = self.body.out_channels_list[0]
         self.strides = self.body.strides
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +47,13 @@ class BackboneConfig:
     fpn_channels: int = 256  # FPN output channels (every level)
     fpn_norm: str | None = None  # None (v1) or "bn" (torchvision's v2 models)
     returned_layers: tuple[int, ...] = (1, 2, 3, 4)  # ResNet stages fed to the FPN (C2..C5)
+    # The body's initial weights (sec. 3.1: "ImageNet-pretrained"): None = random (the shapes
+    # presets train from scratch), a torchvision weights name ("ResNet50_Weights.IMAGENET1K_V1",
+    # downloaded once into torch's hub cache) or the path of a local .pth holding a torchvision
+    # ResNet state dict (offline). run_training (`mrcnn-edu train`) loads it when a run starts;
+    # build_model does not (so building a model never downloads). The model presets keep None;
+    # the coco-* training recipes set torchvision's ImageNet weights (engine/recipe.py).
+    weights: str | None = None
 
 
 @dataclass
@@ -280,10 +288,13 @@ def flat_keys(cfg: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _coerce(value: Any, current: Any, key: str) -> Any:
-    """Turn a ``--set`` string into the type of the field's current value."""
+def _coerce(value: Any, current: Any, key: str, hint: Any = None) -> Any:
+    """Turn a ``--set`` string into the type of the field's current value (a field annotated
+    ``str | None`` takes any string as is, e.g. a path ``./resnet50.pth``; ``none`` is None)."""
     if not isinstance(value, str):
         return value
+    if hint == (str | None):
+        return None if value in ("None", "none", "null") else value
     import ast
 
     if isinstance(current, bool):
@@ -329,7 +340,11 @@ def override(cfg: Any, changes: dict[str, Any]) -> Any:
         node = cfg
         for p in path:
             node = getattr(node, p)
-        setattr(node, leaf, _coerce(value, getattr(node, leaf), key))
+        try:
+            hint = typing.get_type_hints(type(node)).get(leaf)
+        except (NameError, TypeError):  # an annotation that does not evaluate: go by the value
+            hint = None
+        setattr(node, leaf, _coerce(value, getattr(node, leaf), key, hint))
     return cfg
 
 
@@ -337,8 +352,6 @@ def from_dict(cls, values: dict):
     """Rebuild a config dataclass ``cls`` from ``dataclasses.asdict`` output (e.g. the config
     stored in a checkpoint): nested dataclasses are rebuilt, lists become tuples again, and a
     key the dataclass does not have is an error naming it."""
-    import typing
-
     if not isinstance(values, dict):
         raise TypeError(f"from_dict({cls.__name__}): expected a dict, got {type(values).__name__}")
     hints = typing.get_type_hints(cls)

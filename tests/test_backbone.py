@@ -31,6 +31,7 @@ from mrcnn_edu.backbone import (
     TinyBackbone,
     resnet_body,
     resnet_fpn_backbone,
+    resnet_state_dict,
 )
 
 IMAGE_SIZES = [(96, 128), (75, 101)]  # the second is not a multiple of 32: ceil at every stride
@@ -368,3 +369,169 @@ def test_tiny_backbone_unchanged():
     )
     out = tiny(torch.zeros(1, 3, 64, 64))
     assert list(out) == ["0", "1"] and out["1"].shape == (1, 8, 4, 4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Initial weights (BackboneConfig.weights): a local .pth or a torchvision weights enum name
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def r18_file(tmp_path_factory):
+    """A seeded torchvision resnet18 (BatchNorm statistics and counters made non-trivial, as
+    after ImageNet training) in eval mode, and its state dict saved as a .pth file."""
+    torch.manual_seed(5)
+    tv = randomise_(torchvision.models.resnet18(weights=None), 11)
+    for m in tv.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.num_batches_tracked.fill_(123)
+    path = tmp_path_factory.mktemp("weights") / "resnet18-seeded.pth"
+    torch.save(tv.state_dict(), path)
+    return tv.eval(), path
+
+
+def _tv_stages(tv, x):
+    """torchvision's own forward through the stages: {"layer1": ..., "layer4": ...}."""
+    out, x = {}, tv.maxpool(tv.relu(tv.bn1(tv.conv1(x))))
+    for name in ("layer1", "layer2", "layer3", "layer4"):
+        x = out[name] = getattr(tv, name)(x)
+    return out
+
+
+@pytest.mark.parametrize("norm", ["frozen_bn", "bn"])
+def test_local_pth_loads_into_the_body_exactly(r18_file, norm):
+    tv, path = r18_file
+    tv_sd = tv.state_dict()
+    body = resnet_fpn_backbone(depth=18, norm=norm, weights=str(path)).body
+    sd = body.state_dict()
+    if norm == "frozen_bn":  # FrozenBatchNorm2d has no counter; the classifier fc is dropped
+        assert set(sd) == {
+            k for k in tv_sd if not k.startswith("fc.") and not k.endswith("num_batches_tracked")
+        }
+    else:
+        assert set(sd) == {k for k in tv_sd if not k.startswith("fc.")}
+    for k, v in sd.items():
+        assert torch.equal(v, tv_sd[k]), k  # parameters, BN statistics, counters: all exact
+    if norm == "frozen_bn":  # the frozen BN applies the file's running statistics
+        assert isinstance(body.layer3[1].bn2, FrozenBatchNorm2d)
+        assert torch.equal(body.layer3[1].bn2.running_mean, tv.layer3[1].bn2.running_mean)
+        assert torch.equal(body.bn1.running_var, tv.bn1.running_var)
+    # freezing happens after loading, exactly as without weights (stem and layer1 frozen)
+    assert trainable(body) == trainable(resnet_fpn_backbone(depth=18, norm=norm).body)
+    assert not any(n.startswith(("conv1", "bn1", "layer1")) for n in trainable(body))
+    # same numbers as torchvision's resnet18 in eval mode (frozen BN: in train mode too)
+    x = images((64, 96))
+    body.train(norm == "frozen_bn")
+    with torch.no_grad():
+        ours, ref = body(x), _tv_stages(tv, x)
+    for k in ref:
+        torch.testing.assert_close(ours[k], ref[k], **TOL)
+
+
+def test_single_map_bodies_and_res5_head_take_their_part_of_the_file(r18_file):
+    tv, path = r18_file
+    c4 = ResNetC4Backbone(18, weights=path)  # conv1 .. layer3: the file's layer4 and fc skipped
+    assert not hasattr(c4.body, "layer4")
+    assert torch.equal(c4.body.layer3[0].conv1.weight, tv.layer3[0].conv1.weight)
+    head = Res5Head(18, weights=path)  # layer4 only: the stem and layer1..3 skipped
+    for k, v in head.state_dict().items():
+        assert torch.equal(v, tv.state_dict()[k]), k
+    c5 = ResNetC5Backbone(18, weights={"state_dict": tv.state_dict()})  # a wrapped dict works
+    assert torch.equal(c5.body.layer4[1].bn2.running_var, tv.layer4[1].bn2.running_var)
+
+
+def test_weights_enum_name_goes_through_torchvisions_weights_api(r18_file, monkeypatch):
+    """The enum path without the network: torchvision's ``WeightsEnum.get_state_dict`` (its
+    download into the hub cache) replaced by one that returns the seeded state dict."""
+    from torchvision.models import ResNet18_Weights
+    from torchvision.models._api import WeightsEnum
+
+    tv, _ = r18_file
+    calls = []
+
+    def fake_get_state_dict(self, *args, **kwargs):
+        calls.append((self, kwargs))
+        return tv.state_dict()
+
+    monkeypatch.setattr(WeightsEnum, "get_state_dict", fake_get_state_dict)
+    body = resnet_body(18, weights="ResNet18_Weights.IMAGENET1K_V1")
+    assert calls == [(ResNet18_Weights.IMAGENET1K_V1, {"progress": True, "check_hash": True})]
+    assert torch.equal(
+        body.layer2[0].downsample[1].running_mean, tv.layer2[0].downsample[1].running_mean
+    )
+    assert torch.equal(
+        resnet_body(18, weights=ResNet18_Weights.IMAGENET1K_V1).conv1.weight, tv.conv1.weight
+    )
+
+
+def test_offline_error_names_the_file_to_download_and_where_to_put_it(monkeypatch):
+    import urllib.error
+    from pathlib import Path
+
+    from torchvision.models import get_weight
+    from torchvision.models._api import WeightsEnum
+
+    def offline(self, *args, **kwargs):
+        raise urllib.error.URLError(OSError(-3, "Temporary failure in name resolution"))
+
+    monkeypatch.setattr(WeightsEnum, "get_state_dict", offline)
+    url = get_weight("ResNet50_Weights.IMAGENET1K_V1").url  # torchvision's own
+    filename = url.rsplit("/", 1)[-1]
+    with pytest.raises(FileNotFoundError) as info:
+        resnet_state_dict("ResNet50_Weights.IMAGENET1K_V1")
+    message = str(info.value)
+    assert "cannot download torchvision's ResNet50_Weights.IMAGENET1K_V1" in message
+    assert "Temporary failure in name resolution" in message
+    assert f"download {url}" in message
+    assert str(Path(torch.hub.get_dir()) / "checkpoints" / filename) in message
+    assert f"--set model.backbone.weights=/path/to/{filename}" in message
+
+
+def test_wrong_files_name_the_mismatched_keys(r18_file, tmp_path):
+    tv, path = r18_file
+    sd = tv.state_dict()
+    # a ResNet-18 file for a ResNet-50 body: Bottleneck keys missing, 3x3 vs 1x1 convs
+    with pytest.raises(ValueError) as info:
+        resnet_body(50, weights=path)
+    message = str(info.value)
+    assert "torchvision_resnet (ResNet-50)" in message and str(path) in message
+    assert "missing keys: layer1.0.conv3.weight" in message
+    assert "layer1.0.conv1.weight: file (64, 64, 3, 3) vs model (64, 64, 1, 1)" in message
+    assert "another depth" in message
+    # one statistic short: named exactly
+    short = tmp_path / "short.pth"
+    torch.save({k: v for k, v in sd.items() if k != "layer4.1.bn2.running_var"}, short)
+    with pytest.raises(ValueError, match=r"missing keys: layer4\.1\.bn2\.running_var$"):
+        resnet_body(18, weights=short)
+    # a detection checkpoint's names: every key unexpected, with the hint
+    prefixed = tmp_path / "prefixed.pth"
+    torch.save({"backbone.body." + k: v for k, v in sd.items()}, prefixed)
+    with pytest.raises(ValueError) as info:
+        resnet_body(18, weights=prefixed)
+    message = str(info.value)
+    assert "missing keys: conv1.weight, bn1.weight" in message
+    assert "unexpected keys: backbone.body.conv1.weight" in message
+    assert "mrcnn_edu.weights.from_torchvision" in message
+    # GroupNorm has no running statistics
+    with pytest.raises(ValueError, match=r"unexpected keys: bn1\.running_mean.*norm='gn'"):
+        resnet_body(18, norm="gn", weights=path)
+    # not a state dict at all
+    junk = tmp_path / "junk.pth"
+    torch.save({"step": 3, "name": "x"}, junk)
+    with pytest.raises(ValueError, match="holds no tensors"):
+        resnet_state_dict(junk)
+
+
+def test_unknown_weights_names_give_clear_errors():
+    with pytest.raises(
+        ValueError,
+        match=r"ResNet50_Weights has no member 'IMAGENET1K_V9'; it has "
+        r"ResNet50_Weights\.IMAGENET1K_V1, ResNet50_Weights\.IMAGENET1K_V2",
+    ):
+        resnet_body(18, weights="ResNet50_Weights.IMAGENET1K_V9")
+    with pytest.raises(ValueError, match="torchvision has no weights enum 'ResNet51_Weights'"):
+        resnet_state_dict("ResNet51_Weights.IMAGENET1K_V1")
+    with pytest.raises(ValueError, match="neither an existing file nor a torchvision weights"):
+        resnet_state_dict("resnet50")
+    with pytest.raises(FileNotFoundError, match="no ResNet weights file at /nonexistent/r50.pth"):
+        resnet_state_dict("/nonexistent/r50.pth")
+    with pytest.raises(TypeError, match="got int"):
+        resnet_state_dict(50)
