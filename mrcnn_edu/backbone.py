@@ -20,8 +20,8 @@ The ResNets are torchvision's own classes (``torchvision.models.resnet``; the pa
 change ResNet), so every parameter keeps torchvision's name (``conv1.weight``, ``bn1.weight``,
 ``layer1.0.conv1.weight``, ...) and torchvision's detection checkpoints (``backbone.body.*``)
 load with a prefix change only. They start random (``weights=None``) or from pre-trained weights
-(``weights="ResNet50_Weights.IMAGENET1K_V1"`` or a local ``.pth``: the paper's "ImageNet-
-pretrained" start, sec. 3.1; :func:`resnet_state_dict`, :func:`load_resnet_weights`).
+(``weights="ResNet50_Weights.IMAGENET1K_V1"`` or a local ``.pth``: the ImageNet pre-training
+the paper fine-tunes from; :func:`resnet_state_dict`, :func:`load_resnet_weights`).
 The FPN is written out here, readably; its parameter names map onto torchvision's
 ``FeaturePyramidNetwork`` as::
 

@@ -47,7 +47,7 @@ class BackboneConfig:
     fpn_channels: int = 256  # FPN output channels (every level)
     fpn_norm: str | None = None  # None (v1) or "bn" (torchvision's v2 models)
     returned_layers: tuple[int, ...] = (1, 2, 3, 4)  # ResNet stages fed to the FPN (C2..C5)
-    # The body's initial weights (sec. 3.1: "ImageNet-pretrained"): None = random (the shapes
+    # The body's initial weights (the paper fine-tunes ImageNet ones): None = random (the shapes
     # presets train from scratch), a torchvision weights name ("ResNet50_Weights.IMAGENET1K_V1",
     # downloaded once into torch's hub cache) or the path of a local .pth holding a torchvision
     # ResNet state dict (offline). run_training (`mrcnn-edu train`) loads it when a run starts;

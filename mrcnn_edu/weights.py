@@ -12,6 +12,10 @@ a torchvision model, or a torchvision weights enum (``MaskRCNN_ResNet50_FPN_Weig
 which downloads where the network allows).
 
 Notebook ``07_fpn_full_model.ipynb`` runs the equivalence check live.
+
+:func:`load_backbone_weights` gives a freshly built model its ResNet's ImageNet start (the
+config's ``backbone.weights``: a torchvision enum name or a local ``.pth``), as
+``run_training`` does when a run of a ``coco-*`` recipe starts (notebook ``09_coco_training``).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from .backbone import Res5Head, ResNetBody, load_resnet_weights, resnet_state_dict
 from .config import ModelConfig, get_preset
 from .model import MaskRCNN, build_model
 from .utils import load_torch_dict
@@ -31,6 +36,7 @@ __all__ = [
     "ARCHS",
     "KEY_TABLE",
     "from_torchvision",
+    "load_backbone_weights",
     "load_torchvision_state_dict",
     "map_torchvision_key",
     "map_torchvision_state_dict",
@@ -231,3 +237,40 @@ def from_torchvision(
     model = build_model(cfg)
     load_torchvision_state_dict(model, state_dict, what=f"{what} (as {arch})")
     return model.eval()
+
+
+def load_backbone_weights(model: nn.Module, weights: Any = None) -> nn.Module:
+    """Load a ResNet's initial weights (e.g. ImageNet's) into every ResNet part of ``model``.
+
+    The parts are the :class:`~mrcnn_edu.backbone.ResNetBody` of the backbone and, in the C4
+    design, the :class:`~mrcnn_edu.backbone.Res5Head` that runs ``layer4`` per RoI; each takes
+    the entries of the file under its torchvision names, strictly (a file of another depth, or
+    with foreign keys, raises ``ValueError`` naming them). Frozen BatchNorm takes the file's
+    statistics. Nothing else changes: the FPN and the heads keep their initialisation, and no
+    random number is drawn, so a seeded run differs from one without weights only in the body.
+
+    Args:
+        model: a model from :func:`~mrcnn_edu.model.build_model`.
+        weights: what :func:`~mrcnn_edu.backbone.resnet_state_dict` accepts (a torchvision enum
+            name such as ``"ResNet50_Weights.IMAGENET1K_V1"``, a ``.pth`` path, a state dict);
+            default ``model.config.backbone.weights``. ``None`` there too: nothing is loaded.
+
+    Returns:
+        ``model`` (loaded in place).
+    """
+    if weights is None:
+        config = getattr(model, "config", None)
+        weights = getattr(getattr(config, "backbone", None), "weights", None)
+        if weights is None:
+            return model
+    parts = [m for m in model.modules() if isinstance(m, (ResNetBody, Res5Head))]
+    if not parts:
+        raise ValueError(
+            f"load_backbone_weights: {type(model).__name__} holds no ResNet body to load "
+            f"{weights!r} into"
+        )
+    what = str(weights) if isinstance(weights, (str, Path)) else "the state dict"
+    state_dict = resnet_state_dict(weights, "load_backbone_weights")  # read (or fetch) once
+    for part in parts:  # (modules() yields a Res5Head shared by the box and mask heads once)
+        load_resnet_weights(part, state_dict, who="load_backbone_weights", what=what)
+    return model

@@ -113,3 +113,120 @@ def test_load_model_errors(tmp_path):
     torch.save({"step": 1}, tmp_path / "noconf.pt")
     with pytest.raises(ValueError, match="holds no mrcnn_edu training config"):
         load_model(tmp_path / "noconf.pt")
+
+
+# ------------------------------------------------------------------ initial backbone weights
+def test_coco_recipes_start_from_torchvisions_imagenet_weights():
+    """The coco recipes name the weights torchvision's own builders start their ResNet-50 from
+    (their default ``weights_backbone``, read from torchvision); nothing else sets weights."""
+    import inspect
+
+    from torchvision.models import get_weight
+    from torchvision.models.detection import keypointrcnn_resnet50_fpn, maskrcnn_resnet50_fpn
+
+    from mrcnn_edu.config import get_preset, list_presets
+
+    builders = {
+        "coco-r50-fpn-1x": maskrcnn_resnet50_fpn,
+        "coco-r50-fpn-3x": maskrcnn_resnet50_fpn,
+        "coco-keypoints-r50-fpn": keypointrcnn_resnet50_fpn,
+    }
+    for name, builder in builders.items():
+        default = inspect.signature(builder).parameters["weights_backbone"].default
+        assert default is not None, builder.__name__
+        weights = get_experiment(name).model.backbone.weights
+        assert weights == f"{type(default).__name__}.{default.name}", name
+        assert get_weight(weights) is default  # the enum member itself, through the API
+    for name in set(list_experiments()) - set(builders):  # shapes, stick-figures, ablations
+        assert get_experiment(name).model.backbone.weights is None, name
+    for name in list_presets():  # model presets: building a model never downloads
+        assert get_preset(name).backbone.weights is None, name
+
+
+def test_weights_set_from_the_command_line():
+    exp = get_experiment("shapes", {"model.backbone.weights": "./resnet18.pth"})
+    assert exp.model.backbone.weights == "./resnet18.pth"  # a relative path stays a string
+    exp = get_experiment("coco-r50-fpn-1x", {"model.backbone.weights": "/data/resnet50.pth"})
+    assert exp.model.backbone.weights == "/data/resnet50.pth"
+    assert (
+        get_experiment("coco-r50-fpn-1x", {"model.backbone.weights": "none"}).model.backbone.weights
+        is None
+    )
+
+
+@pytest.fixture(scope="module")
+def r18_file(tmp_path_factory):
+    import torchvision
+
+    torch.manual_seed(5)
+    tv = torchvision.models.resnet18(weights=None)
+    g = torch.Generator().manual_seed(6)
+    with torch.no_grad():  # BN statistics unlike a fresh model's (0 / 1)
+        for m in tv.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.copy_(0.1 * torch.randn(m.running_mean.shape, generator=g))
+                m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=g))
+    path = tmp_path_factory.mktemp("weights") / "resnet18-seeded.pth"
+    torch.save(tv.state_dict(), path)
+    return tv.state_dict(), path
+
+
+def test_load_backbone_weights_fills_every_resnet_part_and_nothing_else(r18_file):
+    from mrcnn_edu.backbone import Res5Head
+    from mrcnn_edu.model import build_model
+    from mrcnn_edu.weights import load_backbone_weights
+
+    sd, path = r18_file
+    # C4 with the paper's res5 head: conv1..layer3 in the backbone, layer4 in the RoI head
+    cfg = get_experiment(
+        "shapes-c4",
+        {"model.roi_heads.box_head": "res5", "model.roi_heads.box_resolution": "14"},
+    ).model
+    torch.manual_seed(0)
+    plain = build_model(cfg)
+    cfg.backbone.weights = str(path)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    assert load_backbone_weights(model) is model  # from model.config.backbone.weights
+    loaded = model.state_dict()
+    res5 = tuple(  # the box head's res5 and the mask head (the same module, two names)
+        name + "."
+        for name, m in model.named_modules(remove_duplicate=False)
+        if isinstance(m, Res5Head)
+    )
+    assert len(res5) == 2
+    for k, v in plain.state_dict().items():
+        if k.startswith("backbone.body."):
+            assert torch.equal(loaded[k], sd[k.removeprefix("backbone.body.")]), k
+        elif k.startswith(res5):
+            assert torch.equal(loaded[k], sd[k[k.index("layer4.") :]]), k
+        else:  # RPN, heads: the same init (loading draws no random number)
+            assert torch.equal(loaded[k], v), k
+    with pytest.raises(ValueError, match="missing keys: layer1.0.conv3.weight"):
+        load_backbone_weights(build_model(get_experiment("coco-r50-fpn-1x").model), path)
+
+
+def test_run_training_loads_the_weights_and_resume_does_not(
+    tiny_set, tmp_path, r18_file, monkeypatch
+):
+    from mrcnn_edu.engine import recipe
+
+    sd, path = r18_file
+    sets = {
+        "model.backbone.weights": str(path),
+        "model.backbone.norm": "frozen_bn",  # with nothing trained, the body stays the file's
+        "model.backbone.trainable_layers": "0",
+    }
+    exp = _tiny(get_experiment("shapes", sets))
+    model, _ = run_training(exp, tiny_set, tmp_path / "run", progress=False)
+    body = model.backbone.body.state_dict()
+    assert body and all(torch.equal(v, sd[k]) for k, v in body.items())
+
+    def no_reload(*args, **kwargs):
+        raise AssertionError("a resumed run must take its weights from the checkpoint")
+
+    monkeypatch.setattr(recipe, "load_backbone_weights", no_reload)
+    exp = _tiny(get_experiment("shapes", sets))
+    exp.train.steps = 3
+    _, result = run_training(exp, tiny_set, tmp_path / "run", progress=False, resume=True)
+    assert result.step == 3

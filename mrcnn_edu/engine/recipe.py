@@ -3,7 +3,9 @@
 Mask R-CNN's COCO recipe (He et al. 2017, section 3.1 "Training"): 16 images per mini-batch
 (8 GPUs x 2), learning rate 0.02 for 160k iterations decreased by 10 at 120k (the paper's
 schedule; Detectron's and torchvision's "1x" schedule is 90k iterations with decays at 60k and
-80k), weight decay 1e-4, momentum 0.9, shorter side 800, horizontal flips. The ``shapes`` recipe
+80k), weight decay 1e-4, momentum 0.9, shorter side 800, horizontal flips, a ResNet-50 that
+starts from ImageNet weights (torchvision's ``ResNet50_Weights.IMAGENET1K_V1``, as its
+``maskrcnn_resnet50_fpn``; ``model.backbone.weights``). The ``shapes`` recipe
 trains a small model from scratch on the synthetic set on a 2-core CPU in minutes (``make demo``);
 ``stick-figures`` does the same for Keypoint R-CNN on the stick-figure set (``make
 demo-keypoints``) and ``coco-keypoints-r50-fpn`` is the paper's COCO keypoint recipe (sec. 5).
@@ -39,6 +41,7 @@ from mrcnn_edu.data.sampler import make_train_loader, transform_generators
 from mrcnn_edu.data.shapes import flip_index
 from mrcnn_edu.model import MaskRCNN, build_model
 from mrcnn_edu.transforms import RandomHorizontalFlip
+from mrcnn_edu.weights import load_backbone_weights
 
 from . import distributed as dist_utils
 from .check_data import check_data
@@ -103,10 +106,18 @@ class Experiment:
 
 
 # ------------------------------------------------------------------------------------ presets
+# The ImageNet weights torchvision's maskrcnn_resnet50_fpn and keypointrcnn_resnet50_fpn start
+# their ResNet-50 from (their default ``weights_backbone``; the paper fine-tunes ImageNet ones).
+IMAGENET_R50 = "ResNet50_Weights.IMAGENET1K_V1"
+
+
 def coco_r50_fpn_1x() -> Experiment:
-    """torchvision's and Detectron's "1x": R50-FPN, 16 images/step, lr 0.02, 90k steps, decays
-    at 60k and 80k, 1000 warm-up steps, shorter side 800. Expected: box AP ~37.9, mask AP ~34.6."""
-    return Experiment(model=get_preset("maskrcnn-r50-fpn"), train=TrainConfig(), data=DataConfig())
+    """torchvision's and Detectron's "1x": R50-FPN from ImageNet weights (``IMAGENET_R50``,
+    loaded by :func:`run_training`), 16 images/step, lr 0.02, 90k steps, decays at 60k and 80k,
+    1000 warm-up steps, shorter side 800. Expected: box AP ~37.9, mask AP ~34.6."""
+    model = get_preset("maskrcnn-r50-fpn")
+    model.backbone.weights = IMAGENET_R50
+    return Experiment(model=model, train=TrainConfig(), data=DataConfig())
 
 
 def coco_r50_fpn_3x() -> Experiment:
@@ -170,6 +181,7 @@ def coco_keypoints_r50_fpn() -> Experiment:
     3.7k steps, decays at epochs 36 and 43.)"""
     exp = coco_r50_fpn_1x()
     exp.model = get_preset("keypointrcnn-r50-fpn")
+    exp.model.backbone.weights = IMAGENET_R50  # keypointrcnn_resnet50_fpn's weights_backbone
     return exp
 
 
@@ -433,6 +445,13 @@ def run_training(
     draw from per-rank seeds. Rank 0 writes the checkpoints and ``metrics.csv``; ``resume``
     reads ``out_dir/last.pt`` on every rank. The returned model is the unwrapped one.
 
+    Initial weights: the model is built from the seed, then, when
+    ``exp.model.backbone.weights`` is set (the ``coco-*`` recipes: torchvision's ImageNet
+    ResNet-50, downloaded once into torch's hub cache; offline, a local copy passed with
+    ``--set model.backbone.weights=/path/resnet50-0676ba61.pth``), its ResNet body is loaded
+    from them (:func:`mrcnn_edu.weights.load_backbone_weights`). A run that resumes from
+    ``out_dir/last.pt`` skips this: the checkpoint holds its weights.
+
     The number of classes comes from the data (background + its categories). ``check`` runs
     :func:`~mrcnn_edu.engine.check_data.check_data` first and refuses a set with bad targets
     (listing them). ``resume`` continues from ``out_dir/last.pt``.
@@ -455,7 +474,10 @@ def run_training(
         check_data(train_set, progress=progress).raise_if_bad()
     _fit_num_classes(exp, train_set)
     torch.manual_seed(t.seed)
-    model = build_model(exp.model).to(device)
+    model = build_model(exp.model)
+    if exp.model.backbone.weights is not None and not (resume and (out_dir / "last.pt").is_file()):
+        load_backbone_weights(model)  # the ImageNet start (a resumed run has its own weights)
+    model = model.to(device)
     if distributed:
         loader = dist_utils.make_distributed_train_loader(
             train_set,
