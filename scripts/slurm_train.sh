@@ -19,8 +19,18 @@
 # (Goyal et al. 2017). The number of steps is not scaled: with batch 32, set train.steps=45000
 # and train.milestones="(30000, 40000)" to see the same number of images as the 1x schedule.
 #
-# Time: the 1x schedule (90k steps of 16 images) takes about 5.3 h on 8 V100s (detectron2's
-# 0.21 s/iter); with twice the GPUs (and the same global batch) expect a little over half.
+# Time: the 1x schedule (90k steps of 16 images) takes about 6.5 h on 8 V100s (detectron2's
+# Mask R-CNN R50-FPN 1x: 0.261 s/iter; the often-quoted 0.21 s/iter, 5.3 h, is its Faster R-CNN
+# without the mask branch); with twice the GPUs (and the same global batch) expect a little over
+# half.
+#
+# ImageNet weights: the coco-* presets start the ResNet-50 from torchvision's
+# ResNet50_Weights.IMAGENET1K_V1, which every rank reads from torch's hub cache
+# (${TORCH_HOME:-~/.cache/torch}/hub/checkpoints/resnet50-0676ba61.pth, downloaded on first
+# use). Compute nodes
+# without internet: download https://download.pytorch.org/models/resnet50-0676ba61.pth once to a
+# shared path and add `--set model.backbone.weights=/shared/resnet50-0676ba61.pth`
+# (data/README.md).
 #
 # Requeueing: RUN must be on a file system every node sees (rank 0 writes the checkpoints, every
 # rank reads RUN/last.pt on --resume). --resume starts afresh when RUN holds no checkpoint, so the
