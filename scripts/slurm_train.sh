@@ -27,10 +27,9 @@
 # ImageNet weights: the coco-* presets start the ResNet-50 from torchvision's
 # ResNet50_Weights.IMAGENET1K_V1, which every rank reads from torch's hub cache
 # (${TORCH_HOME:-~/.cache/torch}/hub/checkpoints/resnet50-0676ba61.pth, downloaded on first
-# use). Compute nodes
-# without internet: download https://download.pytorch.org/models/resnet50-0676ba61.pth once to a
-# shared path and add `--set model.backbone.weights=/shared/resnet50-0676ba61.pth`
-# (data/README.md).
+# use). Compute nodes without internet: download
+# https://download.pytorch.org/models/resnet50-0676ba61.pth once to a shared path and add
+# `--set model.backbone.weights=/shared/resnet50-0676ba61.pth` (data/README.md).
 #
 # Requeueing: RUN must be on a file system every node sees (rank 0 writes the checkpoints, every
 # rank reads RUN/last.pt on --resume). --resume starts afresh when RUN holds no checkpoint, so the
