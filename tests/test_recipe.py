@@ -225,8 +225,17 @@ def test_run_training_loads_the_weights_and_resume_does_not(
     def no_reload(*args, **kwargs):
         raise AssertionError("a resumed run must take its weights from the checkpoint")
 
+    monkeypatch.setattr(recipe, "resnet_state_dict", no_reload)
     monkeypatch.setattr(recipe, "load_backbone_weights", no_reload)
     exp = _tiny(get_experiment("shapes", sets))
     exp.train.steps = 3
     _, result = run_training(exp, tiny_set, tmp_path / "run", progress=False, resume=True)
     assert result.step == 3
+
+
+def test_a_bad_weights_setting_fails_before_the_data_is_read(tmp_path):
+    exp = get_experiment("coco-r50-fpn-1x", {"model.backbone.weights": str(tmp_path / "r50.pth")})
+    with pytest.raises(
+        FileNotFoundError, match=r"run_training: no ResNet weights file at .*r50\.pth"
+    ):
+        run_training(exp, tmp_path / "no-coco-here", tmp_path / "run", progress=False)

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from mrcnn_edu.backbone import resnet_state_dict
 from mrcnn_edu.config import (
     ModelConfig,
     from_dict,
@@ -449,8 +450,9 @@ def run_training(
     ``exp.model.backbone.weights`` is set (the ``coco-*`` recipes: torchvision's ImageNet
     ResNet-50, downloaded once into torch's hub cache; offline, a local copy passed with
     ``--set model.backbone.weights=/path/resnet50-0676ba61.pth``), its ResNet body is loaded
-    from them (:func:`mrcnn_edu.weights.load_backbone_weights`). A run that resumes from
-    ``out_dir/last.pt`` skips this: the checkpoint holds its weights.
+    from them (:func:`mrcnn_edu.weights.load_backbone_weights`). They are read first, before
+    the data check, so a wrong name or path, or no network, fails at once. A run that resumes
+    from ``out_dir/last.pt`` skips this: the checkpoint holds its weights.
 
     The number of classes comes from the data (background + its categories). ``check`` runs
     :func:`~mrcnn_edu.engine.check_data.check_data` first and refuses a set with bad targets
@@ -469,14 +471,17 @@ def run_training(
     progress = progress and dist_utils.is_main_process()
     t = exp.train
     out_dir = Path(out_dir)
+    initial = None  # the ResNet's start, read (or downloaded) before the long data check
+    if exp.model.backbone.weights is not None and not (resume and (out_dir / "last.pt").is_file()):
+        initial = resnet_state_dict(exp.model.backbone.weights, "run_training")
     train_set, _ = build_datasets(exp, data_root, val=False)
     if check:
         check_data(train_set, progress=progress).raise_if_bad()
     _fit_num_classes(exp, train_set)
     torch.manual_seed(t.seed)
     model = build_model(exp.model)
-    if exp.model.backbone.weights is not None and not (resume and (out_dir / "last.pt").is_file()):
-        load_backbone_weights(model)  # the ImageNet start (a resumed run has its own weights)
+    if initial is not None:  # the ImageNet start (a resumed run has its own weights)
+        load_backbone_weights(model, initial)
     model = model.to(device)
     if distributed:
         loader = dist_utils.make_distributed_train_loader(
