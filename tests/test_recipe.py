@@ -239,3 +239,28 @@ def test_a_bad_weights_setting_fails_before_the_data_is_read(tmp_path):
         FileNotFoundError, match=r"run_training: no ResNet weights file at .*r50\.pth"
     ):
         run_training(exp, tmp_path / "no-coco-here", tmp_path / "run", progress=False)
+
+
+def test_at_image_size_rescales_transform_and_anchors():
+    from mrcnn_edu.engine.recipe import at_image_size
+
+    exp = get_experiment("shapes")
+    assert exp.model.transform.min_size == (256,)
+    at_image_size(exp, 128)
+    assert exp.model.transform.min_size == (128,) and exp.model.transform.max_size == 128
+    assert exp.model.rpn.anchor_sizes == ((8,), (16,), (32,), (64,), (128,))
+    c4 = at_image_size(get_experiment("shapes-c4"), 128)
+    assert c4.model.rpn.anchor_sizes == ((8, 16, 32, 64, 128),)
+    with pytest.raises(ValueError, match="size"):
+        at_image_size(get_experiment("shapes"), 0)
+
+
+def test_ablation_variants_train_at_the_study_image_size():
+    from mrcnn_edu.engine import ablate
+
+    for name in ablate.list_studies():
+        study = ablate.get_study(name)
+        for v in study.variants:
+            exp = v.experiment(0)
+            assert exp.model.transform.min_size == (study.data.size,), v.name
+            assert max(max(lvl) for lvl in exp.model.rpn.anchor_sizes) == study.data.size

@@ -29,11 +29,18 @@ standard deviation over seeds beside the paper's numbers, and a verdict per comp
 * ``roi-pool`` (Table 2c/2d): RoIPool vs RoIAlign vs RoIAlign aligned, on a stride-16 (C4-style)
   and a stride-32 (C5-style) ResNet-18 with small heads (CPU recipes ``shapes-c4`` and
   ``shapes-c5`` of ``engine.recipe``), on smaller objects (``data/shapes_small``): rounding an RoI
-  to cells of 16 or 32 px moves its mask edges by a large fraction of a 16..64 px object.
+  to cells of 16 or 32 px moves its mask edges by a large fraction of an 8..32 px object.
 * ``mask-loss`` (Table 2b): sigmoid vs softmax vs class-agnostic masks on the ``shapes``
   FPN recipe, on dense scenes where objects of different classes overlap
   (``data/shapes_overlap``): inside one RoI the softmax must call another class's pixels
   background, while elsewhere it must call the same pixels that class.
+
+Size: both studies train on 128 px sets (:data:`IMAGE_SIZE`; the recipes made for 256 px are
+rescaled by :func:`~mrcnn_edu.engine.recipe.at_image_size`: transform and anchor sizes halved).
+A quarter of the pixels makes a step about three times cheaper on a CPU, which buys the steps
+that three seeds of nine variants need within the 90 minutes of a 2-core machine; the
+mechanisms the studies test depend on object size relative to the stride, which 8..32 px
+objects on stride 16 and 32 make only sharper.
 
 Fairness: every variant of a comparison gets the same data, the same seeds (data order, flips,
 initialisation, RoI sampling) and the same number of optimizer steps (the paper compares equal
@@ -70,6 +77,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mrcnn_edu.config import override
 from mrcnn_edu.data.sampler import make_train_loader
 from mrcnn_edu.data.shapes import MANIFEST_NAME, write_shapes_dataset
 from mrcnn_edu.model import build_model
@@ -80,6 +88,7 @@ from .evaluate import evaluate, unwrap_coco_dataset
 from .recipe import (
     Experiment,
     _fit_num_classes,
+    at_image_size,
     build_datasets,
     get_experiment,
     run_training,
@@ -120,6 +129,7 @@ METRICS: tuple[tuple[str, str, str, str], ...] = (
     ("segm AP75", "segm", "AP75", "mask AP75"),
     ("bbox AP", "bbox", "AP", "box AP"),
 )
+IMAGE_SIZE = 128  # the studies' image side: 256 px recipes rescaled (a quarter of the pixels)
 FIT = 0.85  # fraction of the budget planned for training steps (as run_training's fit_budget)
 MIN_STEPS = 20  # fewest steps a budget plans (as run_training's fit_budget)
 PREDICTION_IMAGES = 8  # val images (smallest ids) whose detections each run keeps
@@ -185,6 +195,7 @@ class Variant:
     recipe: str  # an engine.recipe experiment name
     overrides: Mapping[str, object] = field(default_factory=dict)  # the switch(es)
     paper: Mapping[str, float] = field(default_factory=dict)  # METRICS key -> paper's value (%)
+    image_size: int | None = None  # rescale the recipe to images of this side (at_image_size)
 
     def experiment(self, seed: int, overrides: Mapping[str, object] | None = None) -> Experiment:
         """A fresh :class:`Experiment`: the recipe, the shared ``overrides``, then this
@@ -197,7 +208,10 @@ class Variant:
                 f"ablate: shared overrides may not set {', '.join(clash)} (variant "
                 f"{self.name!r} varies it, or run_study's seeds set it)"
             )
-        exp = get_experiment(self.recipe, {**shared, **self.overrides})
+        exp = get_experiment(self.recipe)
+        if self.image_size is not None:
+            at_image_size(exp, self.image_size)
+        override(exp, {**shared, **self.overrides})
         exp.train.seed = int(seed)
         return exp
 
@@ -249,9 +263,11 @@ def _roi_pool_study() -> Study:
         ("c5", "shapes-c5", _T2D_POOL, _T2D_ALIGN),
     ):
         variants += [
-            Variant(f"{group}-pool", "RoIPool", group, recipe, pool, p_pool),
-            Variant(f"{group}-align", "RoIAlign", group, recipe, align, p_align),
-            Variant(f"{group}-aligned", "RoIAlign, aligned", group, recipe, aligned),
+            Variant(f"{group}-pool", "RoIPool", group, recipe, pool, p_pool, IMAGE_SIZE),
+            Variant(f"{group}-align", "RoIAlign", group, recipe, align, p_align, IMAGE_SIZE),
+            Variant(
+                f"{group}-aligned", "RoIAlign, aligned", group, recipe, aligned, {}, IMAGE_SIZE
+            ),
         ]
 
     def comps(group: str, paper: str) -> tuple[Comparison, ...]:
@@ -271,10 +287,10 @@ def _roi_pool_study() -> Study:
         why="RoIPool rounds each RoI and each of its bins to whole cells of the feature map, so "
         "the features it pools sit up to half a cell (8 px at stride 16, 16 px at stride 32) "
         "away from the object; RoIAlign samples the map bilinearly at the exact positions. "
-        "On objects of 16..64 px (data/shapes_small) that shift is a large part of the "
-        "object, and it grows with the stride: the paper's gap is 3.4 mask AP at stride 16 "
-        "and 7.3 at stride 32, largest at AP75 (tight masks).",
-        data=ShapesData("shapes_small", small=True),
+        "On objects of 8..32 px (data/shapes_small, 128 px images) that shift is a large "
+        "part of the object, and it grows with the stride: the paper's gap is 3.4 mask AP "
+        "at stride 16 and 7.3 at stride 32, largest at AP75 (tight masks).",
+        data=ShapesData("shapes_small", size=IMAGE_SIZE, small=True),
         groups={
             "c4": "C4-style: ResNet-18 to res4, one stride-16 map (recipe shapes-c4)",
             "c5": "C5-style: ResNet-18 to res5, one stride-32 map (recipe shapes-c5)",
@@ -290,7 +306,9 @@ def _roi_pool_study() -> Study:
 
 def _mask_loss_study() -> Study:
     def v(mode: str, label: str, paper: dict) -> Variant:
-        return Variant(mode, label, "fpn", "shapes", {"model.roi_heads.mask_loss": mode}, paper)
+        return Variant(
+            mode, label, "fpn", "shapes", {"model.roi_heads.mask_loss": mode}, paper, IMAGE_SIZE
+        )
 
     return Study(
         name="mask-loss",
@@ -302,7 +320,7 @@ def _mask_loss_study() -> Study:
         "of two classes: the softmax must call the other class's pixels background there, "
         "and that class elsewhere. A single class-agnostic mask should be nearly as good "
         "as the per-class masks (the classification is the box head's job).",
-        data=ShapesData("shapes_overlap", overlap=True),
+        data=ShapesData("shapes_overlap", size=IMAGE_SIZE, overlap=True),
         groups={"fpn": "ResNet-18-FPN (recipe shapes; the paper used ResNet-50-C4)"},
         short={"fpn": "R18-FPN"},
         variants=(

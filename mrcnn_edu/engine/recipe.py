@@ -197,6 +197,23 @@ def _single_level(exp: Experiment) -> Experiment:
     return exp
 
 
+def at_image_size(exp: Experiment, size: int) -> Experiment:
+    """Rescale a recipe made for square images of side ``max(transform.min_size)`` (256 px for
+    the ``shapes`` recipes) to images of side ``size``, in place: the transform's sizes become
+    ``size`` and every anchor size is scaled by the same factor (rounded, at least 1 px), so
+    the anchors cover the same fraction of the image. Used by the ablations
+    (:mod:`mrcnn_edu.engine.ablate`), which train on 128 px sets to afford three seeds."""
+    if size < 1:
+        raise ValueError(f"at_image_size: size must be >= 1, got {size}")
+    t = exp.model.transform
+    ratio = size / max(t.min_size)
+    t.min_size = (int(size),)
+    t.max_size = int(size)
+    r = exp.model.rpn
+    r.anchor_sizes = tuple(tuple(max(1, round(a * ratio)) for a in lvl) for lvl in r.anchor_sizes)
+    return exp
+
+
 def shapes_c4_recipe() -> Experiment:
     """The ``shapes`` recipe on a C4-style backbone: ResNet-18 ``conv1 .. layer3``, one
     stride-16 map (256 channels) that the RPN and both RoI poolers read.
