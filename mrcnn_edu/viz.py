@@ -28,7 +28,9 @@ widgets; the explorers in ``mrcnn_edu.widgets`` only wire controls to them):
 * 08 and ``make demo``: :func:`plot_loss_curves`, :func:`draw_predictions_vs_truth`,
   :func:`draw_iou_match`, :func:`draw_ap_thresholds`, :func:`draw_gallery`,
   :func:`save_figure` (PNG written atomically);
-* ablations: :func:`draw_ablation_bars`, :func:`plot_ablation_study`;
+* 08b (ablations): :func:`draw_ablation_bars`, :func:`plot_ablation_study`,
+  :func:`draw_mask_comparison`, :func:`best_mask_ious`, :func:`pick_overlapping_pair`;
+* 09: :func:`plot_lr_schedule`, :func:`draw_ddp_step`;
 * 10: :func:`draw_keypoint_targets`, :func:`draw_softmax_vs_sigmoid`,
   :func:`draw_keypoint_heatmaps`, :func:`draw_oks_circles`.
 
