@@ -22,6 +22,9 @@ produce infinite boxes.
 Conventions: boxes are ``[N, 4] (x1, y1, x2, y2)`` float tensors in pixels; widths are
 ``x2 - x1`` (no ``+ 1``), as in torchvision and detectron2. The arithmetic is ordered as in
 torchvision's ``det_utils.BoxCoder`` so both give the same float32 bits (``tests/test_boxes.py``).
+Mixed precision: :class:`BoxCoder` codes in float32 even under ``torch.autocast``, with float16 /
+bfloat16 inputs upcast (``mrcnn_edu.utils.full_precision``): bfloat16 keeps 8 significant bits,
+so a decoded corner near x = 600 would move in steps of 4 pixels.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+
+from .utils import full_precision
 
 __all__ = [
     "BoxCoder",
@@ -94,6 +99,7 @@ class BoxCoder:
         return f"BoxCoder(weights={self.weights}, bbox_xform_clip={self.bbox_xform_clip:.4f})"
 
     # ----------------------------------------------------------------------------------- encode
+    @full_precision
     def encode(self, matched_gt_boxes: Tensor, anchors: Tensor) -> Tensor:
         """Regression targets of ``matched_gt_boxes`` relative to ``anchors`` (eqns. (6)-(9)).
 
@@ -102,7 +108,8 @@ class BoxCoder:
             anchors: ``[N, 4]`` float, the reference boxes (anchors or proposals), positive size.
 
         Returns:
-            deltas: ``[N, 4]`` (t_x, t_y, t_w, t_h), dtype of ``matched_gt_boxes``.
+            deltas: ``[N, 4]`` (t_x, t_y, t_w, t_h), dtype of ``matched_gt_boxes`` (float32
+            for float16 / bfloat16 inputs, which are upcast; autocast is off inside).
         """
         _check_boxes(matched_gt_boxes, "matched_gt_boxes", "BoxCoder.encode")
         _check_boxes(anchors, "anchors", "BoxCoder.encode")
@@ -131,6 +138,7 @@ class BoxCoder:
         t_h = wh * torch.log(g_h / p_h)  # eqn. (9)
         return torch.stack((t_x, t_y, t_w, t_h), dim=1)  # 4 x [N] -> [N, 4]
 
+    @full_precision
     def encode_batch(
         self, matched_gt_boxes: Sequence[Tensor], anchors: Sequence[Tensor]
     ) -> tuple[Tensor, ...]:
@@ -155,6 +163,7 @@ class BoxCoder:
         return deltas.split(counts, dim=0)
 
     # ----------------------------------------------------------------------------------- decode
+    @full_precision
     def decode(self, deltas: Tensor, boxes: Tensor) -> Tensor:
         """Apply ``deltas`` to reference ``boxes`` (eqns. (1)-(4)); the inverse of :meth:`encode`.
 
@@ -164,8 +173,9 @@ class BoxCoder:
             boxes: ``[N, 4]`` float reference boxes (anchors or proposals).
 
         Returns:
-            ``[N, 4 * k]`` decoded boxes (x1, y1, x2, y2), dtype of ``deltas``. ``t_w, t_h`` are
-            clamped to ``bbox_xform_clip`` before ``exp``.
+            ``[N, 4 * k]`` decoded boxes (x1, y1, x2, y2), dtype of ``deltas`` (float32 for
+            float16 / bfloat16 deltas, which are upcast; autocast is off inside). ``t_w, t_h``
+            are clamped to ``bbox_xform_clip`` before ``exp``.
         """
         _check_boxes(deltas, "deltas", "BoxCoder.decode", multiple=True)
         _check_boxes(boxes, "boxes", "BoxCoder.decode")
@@ -205,6 +215,7 @@ class BoxCoder:
         )  # [N, k, 4]
         return out.flatten(1)  # [N, k, 4] -> [N, 4k]
 
+    @full_precision
     def decode_batch(self, deltas: Tensor, boxes: Sequence[Tensor]) -> Tensor:
         """Per-image form of :meth:`decode` (torchvision's ``BoxCoder.decode``).
 

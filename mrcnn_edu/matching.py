@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from .ops import box_iou
+from .utils import full_precision
 
 __all__ = ["BalancedSampler", "Matcher", "add_gt_proposals", "match_targets"]
 
@@ -253,6 +254,7 @@ class BalancedSampler:
         return pos_masks, neg_masks
 
 
+@full_precision
 def match_targets(boxes: Tensor, gt_boxes: Tensor, matcher: Matcher) -> Tensor:
     """Match one image's boxes (anchors or proposals) to its ground-truth boxes.
 
@@ -268,6 +270,9 @@ def match_targets(boxes: Tensor, gt_boxes: Tensor, matcher: Matcher) -> Tensor:
         matched_idxs: ``[N]`` int64, a ground-truth index in ``[0, G)`` or one of the Matcher's
         codes ``BELOW_LOW_THRESHOLD`` (-1, background) / ``BETWEEN_THRESHOLDS`` (-2, ignored).
         ``G == 0`` gives all -1: an image without objects is all background.
+
+    The IoUs are float32 even under ``torch.autocast`` (float16 / bfloat16 boxes are upcast,
+    autocast is off inside): an IoU of 0.4995 must not round to the threshold 0.5.
     """
     for name, b in (("boxes", boxes), ("gt_boxes", gt_boxes)):
         if not isinstance(b, Tensor) or b.dim() != 2 or b.shape[-1] != 4:

@@ -15,6 +15,14 @@ validation loss needs no mode switch), detections whenever the model is in eval 
 
 Given the same weights (``mrcnn_edu.weights``) it computes what torchvision's
 ``maskrcnn_resnet50_fpn`` computes: ``tests/test_model_equivalence.py``.
+
+Mixed precision (``torch.autocast``, ``mrcnn_edu.engine.train(amp="bf16" | "fp16")``), as in
+torchvision and detectron2: the layers (convs, linears) run in bfloat16 / float16, the geometry
+in float32. The anchors are float32; box coding, IoU matching, NMS, RoI sampling, proposal
+filtering, the losses, the post-processing and the mask pasting upcast their inputs and run with
+autocast off (``mrcnn_edu.utils.full_precision``); the poolers take low-precision features with
+float32 boxes. So losses and detections are float32 (``tests/test_amp.py``), and without
+autocast nothing changes.
 """
 
 from __future__ import annotations
@@ -63,6 +71,7 @@ from .transforms import (
     resize_keypoints,
     resize_scale,
 )
+from .utils import full_precision
 
 __all__ = ["ImageTransform", "MaskRCNN", "Res5BoxHead", "RoIHeads", "build_model"]
 
@@ -602,6 +611,7 @@ class MaskRCNN(nn.Module):
         return stages
 
     @staticmethod
+    @full_precision
     def postprocess(inst: Instances, original_size: tuple[int, int]) -> dict[str, Tensor]:
         """Resized-image detections -> the output dict in the original image's pixels:
         ``boxes [N, 4]``, ``labels [N]``, ``scores [N]``, ``masks [N, 1, H, W]`` (the 28x28

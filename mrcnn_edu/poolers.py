@@ -31,6 +31,7 @@ from torch import nn
 from .ops import roi_align, roi_pool
 from .ops._common import BACKENDS
 from .ops.roi import boxes_to_rois
+from .utils import LOW_PRECISION, autocast_disabled
 
 __all__ = [
     "CANONICAL_LEVEL",
@@ -167,11 +168,14 @@ class MultiLevelRoIPooler(nn.Module):
     ``forward(features, proposals, image_sizes)``:
         features: mapping name -> ``[B, C, h_l, w_l]`` float (may hold extra maps).
         proposals: list of ``B`` tensors ``[K_i, 4]`` ``(x1, y1, x2, y2)`` in image pixels,
-            of the features' dtype and device.
+            of the features' dtype and device (float32 or float64 for float16 / bfloat16
+            features: the mixed-precision case, where the boxes stay float32).
         image_sizes: list of ``B`` ``(h, w)``: the images' sizes before padding; their
             maximum fixes the scales (:func:`infer_scales`), recomputed on every call (torchvision
             keeps those of its first call).
-        returns ``[sum K_i, C, oh, ow]``, rows in the order of the concatenated proposals.
+        returns ``[sum K_i, C, oh, ow]`` of the features' dtype, rows in the order of the
+        concatenated proposals. It runs with ``torch.autocast`` off: float16 / bfloat16
+        features are pooled in float32 by ``mrcnn_edu.ops`` and returned in their own dtype.
     """
 
     def __init__(
@@ -319,7 +323,12 @@ class MultiLevelRoIPooler(nn.Module):
             if not isinstance(p, torch.Tensor) or p.dim() != 2 or p.shape[1] != 4:
                 got = tuple(p.shape) if isinstance(p, torch.Tensor) else type(p).__name__
                 raise ValueError(f"{who}: proposals[{i}] must be a [K, 4] tensor, got {got}")
-            if p.dtype != first.dtype or p.device != first.device:
+            # under torch.autocast the features are float16 / bfloat16 while the boxes stay
+            # float32 (bfloat16 coordinates would be off by pixels): the ops take that pair
+            same = p.dtype == first.dtype or (
+                first.dtype in LOW_PRECISION and p.dtype in (torch.float32, torch.float64)
+            )
+            if not same or p.device != first.device:
                 raise TypeError(
                     f"{who}: proposals[{i}] is {p.dtype} on {p.device} but the "
                     f"features are {first.dtype} on {first.device}"
@@ -337,6 +346,12 @@ class MultiLevelRoIPooler(nn.Module):
         return maps
 
     def forward(self, features: Mapping[str, torch.Tensor], proposals, image_sizes) -> torch.Tensor:
+        # autocast off: the level assignment and the RoI ops compute in float32 (float16 /
+        # bfloat16 features are pooled in float32 and returned in their own dtype)
+        with autocast_disabled():
+            return self._forward(features, proposals, image_sizes)
+
+    def _forward(self, features, proposals, image_sizes) -> torch.Tensor:
         maps = self._check_inputs(features, proposals, image_sizes)
         B, C = maps[0].shape[:2]
         # torchvision's reference size: the largest height and width over the batch's images

@@ -24,6 +24,10 @@ Everything matches torchvision 0.29's ``RegionProposalNetwork`` given the same w
 (``tests/test_rpn.py``), and :class:`RPNHead`'s parameter names are torchvision's, so its
 ``state_dict`` loads directly. Unlike torchvision, :meth:`RegionProposalNetwork.forward` always
 returns proposals AND losses (losses whenever ``targets`` are given, in either mode).
+
+Mixed precision (``torch.autocast``): only the head's convs run in float16 / bfloat16. The
+anchors are float32, and box coding, matching, proposal filtering (NMS) and the loss run in
+float32 with autocast off (``mrcnn_edu.utils.full_precision``), as torchvision and detectron2.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from .anchors import AnchorGenerator
 from .boxes import BoxCoder, clip_boxes_to_image, remove_small_boxes
 from .matching import BalancedSampler, Matcher, match_targets
 from .ops import batched_nms
+from .utils import LOW_PRECISION, full_precision
 
 __all__ = [
     "RPNHead",
@@ -172,6 +177,7 @@ def concat_box_prediction_layers(
 
 
 # ------------------------------------------------------------------------------ training targets
+@full_precision
 def label_anchors(anchors: Tensor, gt_boxes: Tensor, matcher: Matcher) -> tuple[Tensor, Tensor]:
     """Label one image's anchors and pick the ground-truth box each anchor regresses to.
 
@@ -207,6 +213,7 @@ def label_anchors(anchors: Tensor, gt_boxes: Tensor, matcher: Matcher) -> tuple[
     return labels, matched_gt_boxes
 
 
+@full_precision
 def rpn_loss(
     objectness: Tensor,
     pred_deltas: Tensor,
@@ -285,6 +292,7 @@ def top_n_per_level(objectness: Tensor, num_anchors_per_level: Sequence[int], to
     return torch.cat(out, dim=1)
 
 
+@full_precision
 def filter_proposals(
     proposals: Tensor,
     objectness: Tensor,
@@ -363,6 +371,7 @@ def filter_proposals(
     return final_boxes, final_scores
 
 
+@full_precision
 def select_proposals(
     objectness: Sequence[Tensor],
     deltas: Sequence[Tensor],
@@ -540,10 +549,13 @@ class RegionProposalNetwork(nn.Module):
             )
 
         objectness, deltas = self.head(features)
+        # under torch.autocast the head's outputs are float16 / bfloat16, but the anchors, the
+        # decoded proposals, NMS and the loss are float32 (the functions below upcast)
+        dtype = features[0].dtype
         anchors = self.anchor_generator(
             tuple(images.shape[-2:]),
             [f.shape[-2:] for f in features],
-            dtype=features[0].dtype,
+            dtype=torch.float32 if dtype in LOW_PRECISION else dtype,
             device=features[0].device,
         )  # [R, 4], the same for every image
         num_anchors_per_level = [o.shape[1] * o.shape[2] * o.shape[3] for o in objectness]

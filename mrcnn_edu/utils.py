@@ -1,13 +1,16 @@
-"""Small helpers used everywhere: quick mode, a tensor summary, atomic file writes."""
+"""Small helpers used everywhere: quick mode, a tensor summary, atomic file writes, and the
+float32 islands of mixed precision (:func:`autocast_disabled`, :func:`full_precision`)."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import stat
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
 import torch
 
@@ -89,3 +92,85 @@ def load_torch_dict(path: str | Path, what: str = "checkpoint") -> dict:
     if not isinstance(obj, dict):
         raise ValueError(f"{path} holds a {type(obj).__name__}, not a {what}")  # noqa: TRY004
     return obj
+
+
+# ------------------------------------------------------------------------- mixed precision
+#: Dtypes that ``torch.autocast`` computes in and that geometry must not: bfloat16 keeps 8
+#: significant bits (a box corner near x = 600 moves in steps of 4 pixels), float16 11 bits and
+#: a largest value of 65504 (an area of 300 x 300 pixels overflows it).
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+# every device type torch knows an autocast for ("cpu", "cuda", ...), checked once
+_AUTOCAST_DEVICES = tuple(
+    d for d in ("cpu", "cuda", "xpu", "mps", "hpu") if torch.amp.is_autocast_available(d)
+)
+
+_Fn = TypeVar("_Fn", bound=Callable)
+
+
+@contextlib.contextmanager
+def autocast_disabled() -> Iterator[None]:
+    """Turn ``torch.autocast`` off, inside the block, on every device type where it is on.
+
+    Mixed precision as torchvision and detectron2 do it: the network's layers (convs, linears)
+    run in bfloat16 / float16 under ``torch.autocast``, while the geometry (anchors, box coding,
+    IoU matching, NMS, RoI sampling, proposal filtering, post-processing, mask pasting) and the
+    losses run in float32 inside this block. Outside autocast it enters nothing, so float32
+    code runs exactly as without it (same ops, same bits).
+
+    >>> with torch.autocast("cpu", dtype=torch.bfloat16):
+    ...     with autocast_disabled():
+    ...         (torch.ones(2, 2) @ torch.ones(2, 2)).dtype
+    torch.float32
+    """
+    with contextlib.ExitStack() as stack:
+        for device_type in _AUTOCAST_DEVICES:
+            if torch.is_autocast_enabled(device_type):
+                stack.enter_context(torch.autocast(device_type, enabled=False))
+        yield
+
+
+def upcast(x):
+    """float16 / bfloat16 tensors -> float32; every other value (float32 and float64 tensors
+    included) is returned as is, the same object. A list or tuple is upcast element by element
+    (one level deep). Differentiable: gradients flow back to the low-precision tensor.
+
+    >>> upcast(torch.ones(2, dtype=torch.bfloat16)).dtype, upcast(torch.ones(2)).dtype
+    (torch.float32, torch.float32)
+    >>> upcast([torch.ones(1, dtype=torch.float16), torch.ones(1, dtype=torch.float64)])[1].dtype
+    torch.float64
+    """
+    if isinstance(x, torch.Tensor):
+        return x.float() if x.dtype in LOW_PRECISION else x
+    if type(x) in (list, tuple) and any(
+        isinstance(t, torch.Tensor) and t.dtype in LOW_PRECISION for t in x
+    ):
+        return type(x)(upcast(t) for t in x)
+    return x
+
+
+def full_precision(fn: _Fn) -> _Fn:
+    """Decorator: run ``fn`` with autocast off (:func:`autocast_disabled`) and its float16 /
+    bfloat16 tensor arguments (also inside list or tuple arguments) cast to float32
+    (:func:`upcast`).
+
+    Put on the functions that do geometry or losses, so that under ``torch.autocast`` the
+    network's low-precision outputs (logits, deltas) enter them as float32 and what they return
+    (boxes, scores, losses) is float32. For float32 (and float64) inputs outside autocast it
+    changes nothing: the same tensors reach ``fn``, which runs as undecorated.
+
+    >>> @full_precision
+    ... def area(boxes):
+    ...     return (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    >>> area(torch.tensor([[0.0, 0.0, 300.0, 300.0]], dtype=torch.float16))  # float16: inf
+    tensor([90000.])
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        args = tuple(upcast(a) for a in args)
+        kwargs = {k: upcast(v) for k, v in kwargs.items()}
+        with autocast_disabled():
+            return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]

@@ -27,6 +27,11 @@ The pieces, in the order a notebook meets them:
 Every piece equals torchvision 0.29's (``roi_heads.py``, ``faster_rcnn.py``): same parameter
 names (so torchvision checkpoints load), same sampled RoIs after the same ``torch.manual_seed``,
 same losses and detections (``tests/test_box_head.py``).
+
+Mixed precision: under ``torch.autocast`` the layers run in float16 / bfloat16, while the targets
+(matching, sampling, encoding), the loss and the detections (decoding, softmax, NMS) run in float32
+with autocast off: they upcast their float16 / bfloat16 inputs (the logits included) with
+``mrcnn_edu.utils.full_precision``, so losses, boxes and scores are float32.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from torch import Tensor, nn
 from ..boxes import BoxCoder, clip_boxes_to_image, remove_small_boxes
 from ..matching import BalancedSampler, Matcher, add_gt_proposals, match_targets
 from ..ops import batched_nms
+from ..utils import full_precision
 
 __all__ = [
     "ConvFCHead",
@@ -257,6 +263,7 @@ class FastRCNNPredictor(nn.Module):
 
 
 # ------------------------------------------------------------------------- training targets
+@full_precision
 def label_proposals(
     proposals: Tensor, gt_boxes: Tensor, gt_labels: Tensor, matcher: Matcher
 ) -> tuple[Tensor, Tensor]:
@@ -312,6 +319,7 @@ def _check_targets(proposals, gt_boxes, gt_labels, fn: str) -> None:
             raise TypeError(f"{fn}: gt_labels[{i}] must be an integer tensor, got {lab.dtype}")
 
 
+@full_precision
 def sample_proposals(
     proposals: Sequence[Tensor],
     gt_boxes: Sequence[Tensor],
@@ -388,6 +396,7 @@ def sample_proposals(
 
 
 # -------------------------------------------------------------------------------------- loss
+@full_precision
 def box_loss(
     class_logits: Tensor,
     box_regression: Tensor,
@@ -459,6 +468,7 @@ def box_loss(
 
 
 # -------------------------------------------------------------------------------- detections
+@full_precision
 def postprocess_detections(
     class_logits: Tensor,
     box_regression: Tensor,

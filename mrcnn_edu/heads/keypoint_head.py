@@ -26,6 +26,11 @@ Every function equals torchvision 0.29's counterpart (``KeypointRCNNHeads``,
 ``KeypointRCNNPredictor``, ``keypoints_to_heatmap``, ``keypointrcnn_loss``,
 ``heatmaps_to_keypoints``, ``keypointrcnn_inference``) bit for bit on valid inputs, with clear
 errors on invalid ones; ``tests/test_keypoint_head.py`` checks it.
+
+Mixed precision: under ``torch.autocast`` the layers run in float16 / bfloat16, while the loss and
+the inference (heatmap resizing, argmax) run in float32 with autocast off: they upcast their
+float16 / bfloat16 inputs (the logits included) with ``mrcnn_edu.utils.full_precision``, so the
+loss, keypoints and scores are float32.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..utils import full_precision
 from .box_head import _shape
 
 __all__ = [
@@ -258,6 +264,7 @@ def one_hot_heatmaps(index: Tensor, valid: Tensor, heatmap_size: int = 56) -> Te
 
 
 # -------------------------------------------------------------------------------------- loss
+@full_precision
 def keypoint_loss(
     keypoint_logits: Tensor,
     proposals: Sequence[Tensor],
@@ -355,6 +362,7 @@ def keypoint_loss(
 
 
 # --------------------------------------------------------------------------------- inference
+@full_precision
 def heatmaps_to_keypoints(maps: Tensor, rois: Tensor) -> tuple[Tensor, Tensor]:
     """Keypoints in image pixels from each RoI's heatmaps (torchvision's, bit for bit).
 
@@ -422,6 +430,7 @@ def heatmaps_to_keypoints(maps: Tensor, rois: Tensor) -> tuple[Tensor, Tensor]:
     return xy_preds, end_scores
 
 
+@full_precision
 def keypoint_inference(
     keypoint_logits: Tensor, boxes: Sequence[Tensor]
 ) -> tuple[list[Tensor], list[Tensor]]:

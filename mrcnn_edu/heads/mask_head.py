@@ -23,6 +23,11 @@ The layers, :func:`mask_targets`, the sigmoid loss, the inference and the pastin
 torchvision 0.29's ``MaskRCNNHeads``, ``MaskRCNNPredictor``, ``project_masks_on_boxes``,
 ``maskrcnn_loss``, ``maskrcnn_inference`` and ``paste_masks_in_image`` (bit for bit where the
 test says so; ``tests/test_mask_head.py``).
+
+Mixed precision: under ``torch.autocast`` the layers run in float16 / bfloat16, while the targets,
+the losses, the inference (sigmoid / softmax) and the pasting run in float32 with autocast off:
+they upcast their float16 / bfloat16 inputs (the logits included) with
+``mrcnn_edu.utils.full_precision``, so losses and masks are float32.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops import roi_align
+from ..utils import full_precision
 from .box_head import _conv_norm_relu, _init_convs, _shape
 
 __all__ = [
@@ -162,6 +168,7 @@ class MaskPredictor(nn.Module):
 
 
 # ---------------------------------------------------------------------------------- targets
+@full_precision
 def mask_targets(
     gt_masks: Tensor, boxes: Tensor, matched_idxs: Tensor, M: int = 28, backend: str = "auto"
 ) -> Tensor:
@@ -247,6 +254,7 @@ def _check_label_range(labels: Tensor, C: int, mode: str, fn: str) -> None:
         )
 
 
+@full_precision
 def mask_loss(
     mask_logits: Tensor,
     proposals: Sequence[Tensor],
@@ -322,6 +330,7 @@ def mask_loss(
 
 
 # --------------------------------------------------------------------------------- inference
+@full_precision
 def mask_inference(
     mask_logits: Tensor, labels: Sequence[Tensor], mode: str = "sigmoid"
 ) -> list[Tensor]:
@@ -414,6 +423,7 @@ def paste_mask_in_image(mask: Tensor, box: Sequence[int], im_h: int, im_w: int) 
     return im_mask
 
 
+@full_precision
 def paste_masks_in_image(
     masks: Tensor, boxes: Tensor, image_size: tuple[int, int], padding: int = 1
 ) -> Tensor:
