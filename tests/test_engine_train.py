@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mrcnn_edu.config import get_preset, override
 from mrcnn_edu.data import shapes_dataset, write_shapes_dataset
 from mrcnn_edu.data.sampler import make_train_loader
 from mrcnn_edu.engine.checkpoint import checkpoint_files, load_checkpoint
@@ -33,6 +34,7 @@ from mrcnn_edu.engine.train import (
     read_metrics_csv,
     train,
 )
+from mrcnn_edu.model import build_model
 from mrcnn_edu.transforms import Compose, RandomHorizontalFlip, batch_images
 
 # the module (the package exports the function train under the same name)
@@ -336,6 +338,62 @@ def test_fp16_scaler_is_checkpointed(shapes_root, tmp_path):
     )
     ck = load_checkpoint(tmp_path, restore_rng=False)
     assert ck["scaler"] is not None and ck["scaler"]["scale"] > 0
+
+
+def _cpu_autocast_casts_to(dtype: torch.dtype) -> bool:
+    with torch.autocast("cpu", dtype=dtype):
+        x = torch.ones(2, 2)
+        return (x @ x).dtype == dtype
+
+
+@pytest.mark.parametrize(
+    "amp",
+    [
+        "bf16",
+        pytest.param(
+            "fp16",
+            marks=pytest.mark.skipif(
+                not _cpu_autocast_casts_to(torch.float16),
+                reason="this torch's CPU autocast has no float16",
+            ),
+        ),
+    ],
+)
+def test_amp_trains_the_real_shapes_model(shapes_root, tmp_path, amp):
+    """The real Mask R-CNN (the ``shapes`` preset at the set's 64 px), not the stand-in: its
+    box geometry must stay float32 under autocast (issues 13 and 15). Two steps run with finite
+    losses of every name; fp16 goes through the GradScaler (whose first steps may skip the
+    update while the scale comes down from 2^16), bf16 updates the weights."""
+    cfg = get_preset("shapes")
+    override(cfg, {"transform.min_size": (64,), "transform.max_size": 64})
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    loader = make_train_loader(shapes_dataset(shapes_root, "train"), 2, seed=3)
+    opt = build_optimizer(model, "sgd", lr=0.01, weight_decay=1e-4)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    r = train(
+        model,
+        loader,
+        opt,
+        None,
+        steps=2,
+        amp=amp,
+        log_every=1,
+        progress=False,
+        checkpoint_dir=tmp_path,
+    )
+    assert r.steps_done == 2 and len(r.history) == 2
+    names = {"loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg", "loss_mask"}
+    for row in r.history:
+        assert names <= set(row)
+        assert all(math.isfinite(row[k]) for k in names | {"loss"}), row
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    scaler = load_checkpoint(tmp_path, restore_rng=False)["scaler"]
+    if amp == "fp16":
+        assert scaler is not None and 0 < scaler["scale"] <= 2.0**16
+    else:
+        assert scaler is None
+        assert any(not torch.equal(before[n], p) for n, p in model.named_parameters())
 
 
 def test_grad_clip_logs_norm_before_clipping(shapes_root):
