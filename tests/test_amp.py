@@ -164,6 +164,37 @@ def test_full_precision_upcasts_and_turns_autocast_off():
         assert not torch.is_autocast_enabled("cpu")
 
 
+@pytest.mark.parametrize("op", ["align", "pool"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_pooler_takes_low_precision_features_with_float32_boxes(op, dtype):
+    """Under autocast the features are bf16 / fp16 and the boxes float32: the pooler pools in
+    float32 (``mrcnn_edu.ops``) and returns the features' dtype, exactly the float32 pooling of
+    the same (upcast) features rounded once; a float32 feature map with bfloat16 boxes is
+    still an error."""
+    from mrcnn_edu.poolers import MultiLevelRoIPooler
+
+    g = torch.Generator().manual_seed(0)
+    feats = {
+        str(i): torch.randn(2, 8, 64 >> i, 80 >> i, generator=g).to(dtype) for i in range(4)
+    }  # strides 4..32 of a 256 x 320 batch
+    boxes = [
+        torch.tensor([[3.3, 4.1, 40.7, 30.2], [10.0, 20.0, 250.5, 200.25]]),
+        torch.tensor([[100.6, 60.2, 160.9, 190.4]]),
+    ]
+    pooler = MultiLevelRoIPooler(list(feats), 7, 2, op=op)
+    with torch.autocast("cpu", dtype=dtype):
+        out = pooler(feats, boxes, [(256, 320), (250, 300)])
+    ref = pooler({k: v.float() for k, v in feats.items()}, boxes, [(256, 320), (250, 300)])
+    assert out.dtype == dtype and out.shape == (3, 8, 7, 7)
+    assert torch.equal(out, ref.to(dtype))
+    with pytest.raises(TypeError, match="proposals\\[0\\] is torch.bfloat16"):
+        pooler(
+            {k: v.float() for k, v in feats.items()},
+            [b.to(torch.bfloat16) for b in boxes],
+            [(256, 320), (250, 300)],
+        )
+
+
 # ----------------------------------------------------------------------------------- training
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_train_runs_layers_low_and_geometry_in_float32(train_runs, dtype):
