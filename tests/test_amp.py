@@ -54,8 +54,9 @@ DTYPES = [
 ]
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(scope="module", autouse=True)
 def one_thread():
+    """One thread for the module's shared runs too (a busy 2-core machine)."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
