@@ -6,6 +6,7 @@ backend runs on Numba's CUDA simulator when there is no GPU (conftest.py), so it
 """
 
 import itertools
+import os
 
 import pytest
 import torch
@@ -414,3 +415,29 @@ def test_cuda_backend_unusable_gpu_gives_clear_error(monkeypatch):
     if cuda_simulator_enabled():  # CUDA tensors on the simulator: a clear error, not garbage
         numba_cuda_common._numba_cuda_problem.cache_clear()
         assert "NUMBA_ENABLE_CUDASIM=1" in numba_cuda_common._numba_cuda_problem()
+
+
+def test_numba_kernels_leave_torch_thread_count_alone():
+    """Numba's OpenMP layer used to raise torch's thread count (1 -> 2 under
+    OMP_NUM_THREADS=1) at the first parallel kernel: torch ops after it summed in another order."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\n"
+        "from mrcnn_edu.ops import box_iou, nms, roi_align, roi_pool\n"
+        "before = torch.get_num_threads()\n"
+        "x = torch.rand(1, 4, 16, 16, requires_grad=True)\n"
+        "r = torch.tensor([[0, 1.0, 1, 9, 9]])\n"
+        "roi_align(x, r, (2, 2), 1.0, 2, True, backend='numba').sum().backward()\n"
+        "roi_pool(x, r, (2, 2), 1.0, backend='numba').sum().backward()\n"
+        "b = torch.tensor([[0, 0, 4, 4.0], [1, 1, 5, 5]])\n"
+        "nms(b, torch.tensor([0.9, 0.8]), 0.5, backend='numba')\n"
+        "box_iou(b, b, backend='numba')\n"
+        "print(before, torch.get_num_threads())\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.split() == ["1", "1"], out.stdout + out.stderr

@@ -12,6 +12,7 @@ Each operator (``roi_align``, ``roi_pool``, ``nms``, ``box_iou``) comes in sever
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -68,3 +69,28 @@ def check_finite(x: torch.Tensor, name: str, op: str) -> None:
                 else int(bad.nonzero()[0])
             )
             raise ValueError(f"{op}: {name} contains NaN or infinite values (first at row {row})")
+
+
+def keep_torch_threads(fn):
+    """Run a Numba parallel kernel wrapper with torch's thread count, and leave it unchanged.
+
+    Numba's OpenMP threading layer shares the OpenMP runtime with torch: launching a parallel
+    kernel sets the OpenMP thread count to Numba's (all cores), which silently changed
+    ``torch.get_num_threads()`` (1 -> 2 under ``OMP_NUM_THREADS=1``), so every torch op after
+    the first RoIAlign ran with another thread count (and its float sums in another order).
+    The wrapped call runs its kernels on ``min(torch threads, NUMBA_NUM_THREADS)`` threads and
+    restores torch's count afterwards."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        import numba
+
+        n = torch.get_num_threads()
+        numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            if torch.get_num_threads() != n:
+                torch.set_num_threads(n)
+
+    return wrapper

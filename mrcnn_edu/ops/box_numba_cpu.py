@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from numba import njit, prange
 
+from ._common import keep_torch_threads
+
 # error_model="numpy": 0 / 0 gives nan (two zero-area boxes), as in torch, instead of raising.
 
 
@@ -118,6 +120,7 @@ def first_non_finite(values):
 # ----------------------------------------------------------------------------- wrappers
 
 
+@keep_torch_threads
 def box_iou_numba(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
     """``[N, 4]`` x ``[M, 4]`` CPU float32/float64 boxes -> IoU ``[N, M]`` (validated inputs)."""
     b1 = boxes1.detach().contiguous().numpy()
@@ -128,6 +131,7 @@ def box_iou_numba(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
+@keep_torch_threads
 def nms_numba(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
     """Greedy NMS on CPU ``boxes`` ``[N, 4]``, ``scores`` ``[N]`` -> kept indices int64 ``[K]``."""
     if boxes.shape[0] == 0:

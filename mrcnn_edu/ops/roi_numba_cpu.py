@@ -32,6 +32,8 @@ import torch
 from numba import njit, prange, types
 from numba.extending import overload
 
+from ._common import keep_torch_threads
+
 FLT_MAX = np.float32(3.4028234663852886e38)  # torchvision starts RoIPool bins at -FLT_MAX
 
 
@@ -357,6 +359,7 @@ def _channels_last(x: torch.Tensor) -> np.ndarray:
     return _np(x.permute(0, 2, 3, 1))
 
 
+@keep_torch_threads
 def roi_align_forward(
     input: torch.Tensor,
     rois: torch.Tensor,
@@ -391,6 +394,7 @@ def roi_align_forward(
     return out
 
 
+@keep_torch_threads
 def roi_align_backward(
     grad_output: torch.Tensor,
     rois: torch.Tensor,
@@ -422,6 +426,7 @@ def roi_align_backward(
     return grad_input
 
 
+@keep_torch_threads
 def roi_pool_forward(
     input: torch.Tensor, rois: torch.Tensor, output_size: tuple[int, int], spatial_scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -447,6 +452,7 @@ def roi_pool_forward(
     return out.permute(0, 3, 1, 2).contiguous(), argmax  # (K, oh, ow, C) -> (K, C, oh, ow)
 
 
+@keep_torch_threads
 def roi_pool_backward(
     grad_output: torch.Tensor, rois: torch.Tensor, argmax: torch.Tensor, input_shape
 ) -> torch.Tensor:
