@@ -176,6 +176,12 @@ def _add_train(subparsers) -> None:
         help="stop cleanly after this many minutes (a checkpoint is written)",
     )
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument(
+        "--amp",
+        choices=("bf16", "fp16"),
+        default=None,
+        help="mixed precision (same as --set train.amp=...; fp16 with a gradient scaler)",
+    )
     p.add_argument("--eval", action="store_true", help="evaluate on the val split at the end")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_train)
@@ -195,7 +201,10 @@ def _run_train(args: argparse.Namespace) -> int:
     try:  # under torchrun every rank runs this; rank 0 prints
         try:
             device = dist_utils.init_distributed(_device(args.device))
-            exp = get_experiment(args.preset, _parse_sets(args.set))
+            sets = _parse_sets(args.set)
+            if args.amp:
+                sets["train.amp"] = args.amp
+            exp = get_experiment(args.preset, sets)
             model, result = run_training(
                 exp,
                 args.data,
@@ -226,6 +235,7 @@ def _run_train(args: argparse.Namespace) -> int:
                 val,
                 progress=not args.no_progress,
                 results_file=args.out / "val_results.json",
+                amp=exp.train.amp,
             )
             if main:
                 print(format_metrics_table(res))
@@ -282,6 +292,7 @@ def _add_eval(subparsers) -> None:
     p.add_argument("--max-images", type=int, default=None, help="evaluate the first N images")
     p.add_argument("--results", type=Path, default=None, help="write COCO results JSON here")
     p.add_argument("--device", default=None)
+    p.add_argument("--amp", choices=("bf16", "fp16"), default=None, help="mixed precision")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_run_eval)
 
@@ -335,6 +346,7 @@ def _run_eval(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
             results_file=args.results,
             device=device,
+            amp=args.amp,
         )
         main = dist_utils.is_main_process()
     except (KeyError, ValueError, FileNotFoundError, OSError, dist_utils.DistributedError) as err:

@@ -570,3 +570,22 @@ def test_mixed_set_is_detected(tmp_path: Path) -> None:
     ):
         shapes_dataset(old, "train", verify="full")
     assert len(shapes_dataset(old, "train", verify="none")) == 4
+
+
+def test_cli_amp_flag_reaches_the_recipe(monkeypatch, tmp_path):
+    """``train --amp bf16`` is ``--set train.amp=bf16``; an unknown precision is refused."""
+    import mrcnn_edu.engine.recipe as recipe
+    from mrcnn_edu.cli import main
+
+    seen = {}
+
+    def fake_run_training(exp, *args, **kwargs):
+        seen["amp"] = exp.train.amp
+        raise ValueError("stop here")  # the CLI prints it and returns 2
+
+    monkeypatch.setattr(recipe, "run_training", fake_run_training)
+    argv = ["train", "--preset", "shapes", "--data", str(tmp_path), "--out", str(tmp_path / "r")]
+    assert main([*argv, "--amp", "bf16"]) == 2 and seen["amp"] == "bf16"
+    assert main(argv) == 2 and seen["amp"] is None
+    with pytest.raises(SystemExit):
+        main([*argv, "--amp", "fp8"])

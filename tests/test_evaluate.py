@@ -425,3 +425,21 @@ def test_keypoints_need_sigmas_and_use_them(keypoint_root: Path, tmp_path: Path)
     _assert_matches_reference(moved, ann_file, out, ds2.ids, sigmas=sigmas)
     other = _reference_stats(ann_file, out, "keypoints", ds2.ids, sigmas=[0.1] * K)
     assert other.tolist() != moved.stats["keypoints"]
+
+
+def test_amp_runs_the_model_under_autocast(coco_set: CocoDetection) -> None:
+    class Probe(FakeModel):
+        def forward(self, images, targets=None):
+            self.autocast = torch.is_autocast_enabled("cpu")
+            self.dtype = torch.get_autocast_dtype("cpu")
+            return super().forward(images, targets)
+
+    model = Probe(coco_set)
+    plain = evaluate(model, coco_set, progress=False)
+    assert model.autocast is False
+    result = evaluate(model, coco_set, progress=False, amp="bf16")
+    assert model.autocast is True and model.dtype == torch.bfloat16
+    assert result.metrics == plain.metrics  # outputs are float32 whatever the layers ran in
+    assert not torch.is_autocast_enabled("cpu")  # switched off again after the pass
+    with pytest.raises(ValueError, match="amp must be None, 'bf16' or 'fp16', got 'fp8'"):
+        evaluate(model, coco_set, progress=False, amp="fp8")
