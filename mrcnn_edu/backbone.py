@@ -443,17 +443,11 @@ def load_resnet_weights(
         if k in own and isinstance(v, torch.Tensor) and tuple(v.shape) != tuple(own[k].shape)
     ]
     if missing or unexpected or shapes:
+        from .utils import describe_mismatch
 
-        def head(keys):
-            return ", ".join(keys[:8]) + (f" ... ({len(keys)} in all)" if len(keys) > 8 else "")
-
-        parts = [f"{who}: {what} does not fit the {type(module).__name__}"]
-        if missing:
-            parts.append(f"missing keys: {head(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys: {head(unexpected)}")
-        if shapes:
-            parts.append(f"shape mismatches: {head(shapes)}")
+        message = describe_mismatch(
+            f"{who}: {what} does not fit the {type(module).__name__}", missing, unexpected, shapes
+        )
         hints = []
         if any(k.startswith(("backbone.", "module.")) for k in unexpected):
             hints.append(
@@ -465,7 +459,7 @@ def load_resnet_weights(
         blocks = {".".join(k.split(".")[:2]) for k in take}  # "layer1.0", ... in the file
         if shapes or any(".".join(k.split(".")[:2]) not in blocks for k in missing):
             hints.append("is it a ResNet of another depth?")  # whole blocks absent, or resized
-        raise ValueError("; ".join(parts) + (f" ({'; '.join(hints)})" if hints else ""))
+        raise ValueError(message + (f" ({'; '.join(hints)})" if hints else ""))
     for k in own:  # counters the file lacks keep their value
         take.setdefault(k, own[k])
     module.load_state_dict(take, strict=True)

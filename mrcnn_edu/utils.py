@@ -174,3 +174,22 @@ def full_precision(fn: _Fn) -> _Fn:
             return fn(*args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
+
+
+def describe_mismatch(subject: str, missing, unexpected, shapes) -> str:
+    """``"<subject>; missing keys: ...; unexpected keys: ...; shape mismatches: ..."``: a
+    state dict that does not fit a module, each list cut to its first 8 entries."""
+
+    def head(keys):
+        keys = list(keys)
+        return ", ".join(keys[:8]) + (f" ... ({len(keys)} in all)" if len(keys) > 8 else "")
+
+    parts = [subject]
+    for name, keys in (
+        ("missing keys", missing),
+        ("unexpected keys", unexpected),
+        ("shape mismatches", shapes),
+    ):
+        if keys:
+            parts.append(f"{name}: {head(keys)}")
+    return "; ".join(parts)

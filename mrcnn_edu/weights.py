@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from .backbone import Res5Head, ResNetBody, load_resnet_weights, resnet_state_dict
 from .config import ModelConfig, get_preset
 from .model import MaskRCNN, build_model
-from .utils import load_torch_dict
+from .utils import describe_mismatch, load_torch_dict
 
 __all__ = [
     "ARCHS",
@@ -133,22 +133,6 @@ def to_torchvision_state_dict(model: nn.Module) -> dict[str, Tensor]:
     return inverse
 
 
-def _describe_mismatch(
-    missing: list[str], unexpected: list[str], shapes: list[str], what: str
-) -> str:
-    def head(keys):
-        return ", ".join(keys[:8]) + (f" ... ({len(keys)} in all)" if len(keys) > 8 else "")
-
-    parts = [f"{what} does not fit the model"]
-    if missing:
-        parts.append(f"missing keys: {head(missing)}")
-    if unexpected:
-        parts.append(f"unexpected keys: {head(unexpected)}")
-    if shapes:
-        parts.append(f"shape mismatches: {head(shapes)}")
-    return "; ".join(parts)
-
-
 def load_torchvision_state_dict(
     model: nn.Module, state_dict: Mapping[str, Tensor], *, what: str = "the checkpoint"
 ) -> None:
@@ -171,7 +155,9 @@ def load_torchvision_state_dict(
         if k in own and tuple(v.shape) != tuple(own[k].shape)
     ]
     if missing or unexpected or shapes:
-        raise ValueError(_describe_mismatch(missing, unexpected, shapes, what))
+        raise ValueError(
+            describe_mismatch(f"{what} does not fit the model", missing, unexpected, shapes)
+        )
     for k in own:  # counters the checkpoint lacks keep their value
         if k not in mapped:
             mapped[k] = own[k]

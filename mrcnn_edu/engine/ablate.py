@@ -37,10 +37,11 @@ standard deviation over seeds beside the paper's numbers, and a verdict per comp
 
 Size: both studies train on 128 px sets (:data:`IMAGE_SIZE`; the recipes made for 256 px are
 rescaled by :func:`~mrcnn_edu.engine.recipe.at_image_size`: transform and anchor sizes halved).
-A quarter of the pixels makes a step about three times cheaper on a CPU, which buys the steps
-that three seeds of nine variants need within the 90 minutes of a 2-core machine; the
-mechanisms the studies test depend on object size relative to the stride, which 8..32 px
-objects on stride 16 and 32 make only sharper.
+A quarter of the pixels makes the convolutions, most of a step on a CPU, four times cheaper
+(the RoI heads cost the same), to buy steps for three seeds of nine variants on a 2-core
+machine; the mechanisms the studies test depend on object size relative to the stride, which
+8..32 px objects on stride 16 and 32 make only sharper. (Not yet enough: 150 steps per run
+still left every model near AP 0, see issue 14's note.)
 
 Fairness: every variant of a comparison gets the same data, the same seeds (data order, flips,
 initialisation, RoI sampling) and the same number of optimizer steps (the paper compares equal
@@ -148,7 +149,7 @@ class ShapesData:
     size: int = 256  # image side (px)
     seed: int = 0  # the set's seed (the same for every run of a study)
     overlap: bool = False  # denser scenes, objects across objects of other classes
-    small: bool = False  # smaller objects (16..64 px at 256 px)
+    small: bool = False  # smaller objects (1/16 .. 1/4 of the side: 8..32 px at 128 px)
 
     def options(self) -> dict[str, bool]:
         """The generator options as the set's manifest records them (``{}``: the default set)."""

@@ -265,11 +265,6 @@ def get_experiment(name: str, overrides: dict | None = None) -> Experiment:
     return exp
 
 
-def register_experiment(name: str, fn) -> None:
-    """Add a recipe (e.g. an ablation variant)."""
-    _EXPERIMENTS[name] = fn
-
-
 # ---------------------------------------------------------------------------------------- data
 def build_datasets(
     exp: Experiment,
