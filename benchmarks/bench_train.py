@@ -2,16 +2,18 @@
 
 Usage::
 
-    python benchmarks/bench_train.py [--preset shapes] [--steps 5] [--minutes M]
+    python benchmarks/bench_train.py [--preset shapes|stick-figures] [--steps 5] [--minutes M]
                                      [--data data/shapes] [--only SIDE] [--json FILE]
 
 * Step time: the preset's model and torchvision's own ``MaskRCNN`` built with the same widths
   (``benchmarks/twins.py``) and the same weights, timed on the same batches, alternating the
   two so that the machine's load hits both; prints medians and ours / torchvision (goal for
-  ``shapes``: at most 0.8x). Evaluation images/s of both on the validation set.
+  ``shapes``: at most 0.8x). ``stick-figures`` compares with torchvision's ``KeypointRCNN``.
+  Evaluation images/s of both on the validation set.
 * ``--minutes M``: trains both for ``M`` minutes each with the preset's recipe (the same loop,
   data, seed and budget fitting), evaluates both with COCOeval and prints both APs: issue 13's
-  side-by-side comparison (``M = 10`` for the ``make demo`` budget).
+  side-by-side comparison (``M = 10`` for the ``make demo`` budget; ``M = 15`` with
+  ``--preset stick-figures`` for issue 16's keypoint one).
 * ``--preset coco-r50-fpn-1x``: seconds per iteration at COCO size (2 images of 800x1066 per
   device) and the projected time of the 90k-iteration 1x schedule on 8 such devices.
 """
@@ -119,14 +121,20 @@ def train_and_eval(exp, data, model, minutes, device):
     )
     seconds_per_step = (time.perf_counter() - start) / max(1, result.steps_done)
     res = evaluate(model, val_set, progress=False, device=device, with_losses=False)
-    return {
-        "steps": result.steps_done,
-        "seconds_per_step": seconds_per_step,
-        "bbox_AP": res.metrics["bbox"]["AP"],
-        "segm_AP": res.metrics["segm"]["AP"],
-        "segm_AP50": res.metrics["segm"]["AP50"],
-        "segm_AP75": res.metrics["segm"]["AP75"],
-    }
+    out = {"steps": result.steps_done, "seconds_per_step": seconds_per_step}
+    for iou_type, m in res.metrics.items():  # bbox, and segm or keypoints
+        for k in ("AP", "AP50", "AP75"):
+            out[f"{iou_type}_{k}"] = m[k]
+    return out
+
+
+def _summary(r: dict) -> str:
+    main = "segm" if "segm_AP" in r else "keypoints"
+    name = "mask" if main == "segm" else "keypoint"
+    return (
+        f"box AP {r['bbox_AP']:.3f}, {name} AP {r[f'{main}_AP']:.3f} (AP50 "
+        f"{r[f'{main}_AP50']:.3f}, AP75 {r[f'{main}_AP75']:.3f})"
+    )
 
 
 def coco_projection(device, repeat):
@@ -157,7 +165,12 @@ def coco_projection(device, repeat):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="shapes")
-    p.add_argument("--data", type=Path, default=Path("data/shapes"))
+    p.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="the data root (default: data/shapes, data/shapes_keypoints for stick-figures)",
+    )
     p.add_argument("--steps", type=int, default=5, help="timed steps per model")
     p.add_argument(
         "--minutes",
@@ -175,6 +188,9 @@ def main(argv=None) -> int:
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     device = torch.device(args.device)
+    if args.data is None:
+        kp = args.preset == "stick-figures"
+        args.data = Path("data/shapes_keypoints" if kp else "data/shapes")
     report = {
         "preset": args.preset,
         "device": str(device),
@@ -215,9 +231,8 @@ def main(argv=None) -> int:
                     get_experiment(args.preset), args.data, model.to(device), args.minutes, device
                 )
                 print(
-                    f"{name:12s} {r['steps']} steps in {args.minutes} min: box AP "
-                    f"{r['bbox_AP']:.3f}, mask AP {r['segm_AP']:.3f} (AP50 "
-                    f"{r['segm_AP50']:.3f}, AP75 {r['segm_AP75']:.3f})",
+                    f"{name:12s} {r['steps']} steps in {args.minutes} min "
+                    f"({r['seconds_per_step']:.2f} s/step): {_summary(r)}",
                     flush=True,
                 )
                 report[name] = r

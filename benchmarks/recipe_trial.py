@@ -47,8 +47,7 @@ def main(argv=None) -> int:
         "overrides": overrides,
         "steps": result.step,
         "train_s": round(train_s, 1),
-        "bbox": res.metrics["bbox"],
-        "segm": res.metrics["segm"],
+        **res.metrics,  # bbox, and segm or keypoints
     }
     text = json.dumps(report, indent=1)
     atomic_write(args.out / f"{args.name}.json", lambda f: f.write(text.encode()))

@@ -1,10 +1,10 @@
 """torchvision's own detection classes built with the same widths as an mrcnn_edu config.
 
 The speed and accuracy benchmarks compare ``mrcnn_edu`` with torchvision *on the same network*:
-:func:`torchvision_twin` builds torchvision's ``MaskRCNN`` / ``FasterRCNN`` from the same
-``ModelConfig`` (ResNet depth and norm, FPN channels, anchors, head widths, thresholds, image
-sizes), and :func:`copy_weights` loads the mrcnn_edu model's weights into it through
-``mrcnn_edu.weights``, so both compute the same function.
+:func:`torchvision_twin` builds torchvision's ``MaskRCNN`` / ``FasterRCNN`` / ``KeypointRCNN``
+from the same ``ModelConfig`` (ResNet depth and norm, FPN channels, anchors, head widths,
+thresholds, image sizes), and :func:`copy_weights` loads the mrcnn_edu model's weights into it
+through ``mrcnn_edu.weights``, so both compute the same function (``tests/test_twins.py``).
 """
 
 from __future__ import annotations
@@ -12,14 +12,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torchvision.models import resnet
-from torchvision.models.detection import FasterRCNN, MaskRCNN
+from torchvision.models.detection import FasterRCNN, KeypointRCNN, MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, TwoMLPHead
+from torchvision.models.detection.keypoint_rcnn import KeypointRCNNHeads, KeypointRCNNPredictor
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops import misc
 
+from mrcnn_edu.backbone import RESNET_SPECS
 from mrcnn_edu.config import ModelConfig
 from mrcnn_edu.weights import to_torchvision_state_dict
 
@@ -31,7 +33,8 @@ def torchvision_twin(cfg: ModelConfig) -> nn.Module:
     b, r, h, t = cfg.backbone, cfg.rpn, cfg.roi_heads, cfg.transform
     if b.kind != "resnet_fpn":
         raise ValueError("torchvision_twin: only resnet_fpn backbones have a torchvision twin")
-    body = getattr(resnet, f"resnet{b.depth}")(weights=None, norm_layer=_NORMS[b.norm])
+    block, blocks = RESNET_SPECS[b.depth]  # torchvision's resnet{depth} blocks (and ResNet-10)
+    body = resnet.ResNet(block, list(blocks), norm_layer=_NORMS[b.norm])
     # torchvision's _resnet_fpn_extractor, written out because it fixes 256 FPN channels
     layers = ["layer4", "layer3", "layer2", "layer1", "conv1"][: b.trainable_layers]
     if b.trainable_layers == 5:
@@ -94,6 +97,16 @@ def torchvision_twin(cfg: ModelConfig) -> nn.Module:
         box_positive_fraction=h.positive_fraction,
         bbox_reg_weights=h.bbox_reg_weights,
     )
+    if h.keypoint:
+        if h.mask:
+            raise ValueError("torchvision_twin: torchvision has no model with masks and keypoints")
+        return KeypointRCNN(
+            backbone,
+            keypoint_roi_pool=MultiScaleRoIAlign(names, h.keypoint_resolution, h.sampling_ratio),
+            keypoint_head=KeypointRCNNHeads(C, list(h.keypoint_layers)),
+            keypoint_predictor=KeypointRCNNPredictor(h.keypoint_layers[-1], h.num_keypoints),
+            **kwargs,
+        )
     if not h.mask:
         return FasterRCNN(backbone, **kwargs)
     mask_head = MaskRCNNHeads(

@@ -235,6 +235,9 @@ GN_GROUPS = 32  # GroupNorm groups (Wu & He 2018, and detectron2's default)
 STAGES = ("layer1", "layer2", "layer3", "layer4")  # ResNet stages C2..C5 in torchvision's names
 STAGE_STRIDES = {"layer1": 4, "layer2": 8, "layer3": 16, "layer4": 32}
 RESNET_SPECS = {  # depth -> (block class, blocks per stage), as torchvision.models.resnet{depth}
+    # ResNet-10: ResNet-18 with one BasicBlock per stage (torchvision's ResNet class, no builder
+    # or weights of its own); the CPU-sized ``shapes`` presets use it.
+    10: (resnet_models.BasicBlock, (1, 1, 1, 1)),
     18: (resnet_models.BasicBlock, (2, 2, 2, 2)),
     34: (resnet_models.BasicBlock, (3, 4, 6, 3)),
     50: (resnet_models.Bottleneck, (3, 4, 6, 3)),

@@ -182,9 +182,9 @@ def test_stick_figure_and_coco_keypoint_recipes() -> None:
     exp = get_experiment("stick-figures")
     m, t = exp.model, exp.train
     assert (m.backbone.depth, m.backbone.fpn_channels, m.roi_heads.representation_size) == (
-        18,
-        128,
-        512,
+        10,
+        64,
+        256,
     )
     assert m.roi_heads.keypoint_layers == (128,) * 4 and m.transform.min_size == (256,)
     assert (t.optimizer, t.lr, t.batch_size, t.schedule, t.max_minutes, t.hflip) == (

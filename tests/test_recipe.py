@@ -180,7 +180,11 @@ def test_load_backbone_weights_fills_every_resnet_part_and_nothing_else(r18_file
     # C4 with the paper's res5 head: conv1..layer3 in the backbone, layer4 in the RoI head
     cfg = get_experiment(
         "shapes-c4",
-        {"model.roi_heads.box_head": "res5", "model.roi_heads.box_resolution": "14"},
+        {
+            "model.backbone.depth": "18",  # the file's ResNet (shapes itself is a ResNet-10)
+            "model.roi_heads.box_head": "res5",
+            "model.roi_heads.box_resolution": "14",
+        },
     ).model
     torch.manual_seed(0)
     plain = build_model(cfg)
@@ -214,6 +218,7 @@ def test_run_training_loads_the_weights_and_resume_does_not(
     sd, path = r18_file
     sets = {
         "model.backbone.weights": str(path),
+        "model.backbone.depth": "18",
         "model.backbone.norm": "frozen_bn",  # with nothing trained, the body stays the file's
         "model.backbone.trainable_layers": "0",
     }

@@ -27,7 +27,7 @@ standard deviation over seeds beside the paper's numbers, and a verdict per comp
 "within the noise" when the difference of the means is smaller than the spread over seeds).
 
 * ``roi-pool`` (Table 2c/2d): RoIPool vs RoIAlign vs RoIAlign aligned, on a stride-16 (C4-style)
-  and a stride-32 (C5-style) ResNet-18 with small heads (CPU recipes ``shapes-c4`` and
+  and a stride-32 (C5-style) ResNet-10 with small heads (CPU recipes ``shapes-c4`` and
   ``shapes-c5`` of ``engine.recipe``), on smaller objects (``data/shapes_small``): rounding an RoI
   to cells of 16 or 32 px moves its mask edges by a large fraction of an 8..32 px object.
 * ``mask-loss`` (Table 2b): sigmoid vs softmax vs class-agnostic masks on the ``shapes``
@@ -233,7 +233,7 @@ class Study:
     title: str
     why: str  # the claim and how the data lets its mechanism show
     data: ShapesData
-    groups: Mapping[str, str]  # group -> title ("C4-style: ResNet-18 to res4, ...")
+    groups: Mapping[str, str]  # group -> title ("C4-style: ResNet-10 to res4, ...")
     short: Mapping[str, str]  # group -> short name for charts ("C4, stride 16")
     variants: tuple[Variant, ...]
     comparisons: Mapping[str, tuple[Comparison, ...]]  # group -> comparisons
@@ -293,8 +293,8 @@ def _roi_pool_study() -> Study:
         "at stride 16 and 7.3 at stride 32, largest at AP75 (tight masks).",
         data=ShapesData("shapes_small", size=IMAGE_SIZE, small=True),
         groups={
-            "c4": "C4-style: ResNet-18 to res4, one stride-16 map (recipe shapes-c4)",
-            "c5": "C5-style: ResNet-18 to res5, one stride-32 map (recipe shapes-c5)",
+            "c4": "C4-style: ResNet-10 to res4, one stride-16 map (recipe shapes-c4)",
+            "c5": "C5-style: ResNet-10 to res5, one stride-32 map (recipe shapes-c5)",
         },
         short={"c4": "C4, stride 16", "c5": "C5, stride 32"},
         variants=tuple(variants),
@@ -322,8 +322,8 @@ def _mask_loss_study() -> Study:
         "and that class elsewhere. A single class-agnostic mask should be nearly as good "
         "as the per-class masks (the classification is the box head's job).",
         data=ShapesData("shapes_overlap", size=IMAGE_SIZE, overlap=True),
-        groups={"fpn": "ResNet-18-FPN (recipe shapes; the paper used ResNet-50-C4)"},
-        short={"fpn": "R18-FPN"},
+        groups={"fpn": "ResNet-10-FPN (recipe shapes; the paper used ResNet-50-C4)"},
+        short={"fpn": "R10-FPN"},
         variants=(
             v(
                 "sigmoid",

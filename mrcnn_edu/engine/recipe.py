@@ -10,7 +10,7 @@ trains a small model from scratch on the synthetic set on a 2-core CPU in minute
 ``stick-figures`` does the same for Keypoint R-CNN on the stick-figure set (``make
 demo-keypoints``) and ``coco-keypoints-r50-fpn`` is the paper's COCO keypoint recipe (sec. 5).
 ``shapes-c4`` and ``shapes-c5`` put the ``shapes`` heads on a single stride-16 or stride-32
-ResNet-18 map, for the RoIPool vs RoIAlign ablation (Table 2c/2d, ``engine.ablate``).
+ResNet-10 map, for the RoIPool vs RoIAlign ablation (Table 2c/2d, ``engine.ablate``).
 
 ``run_training(experiment, data_root, out_dir)`` builds the data sets, checks them
 (``check_data``), builds the model, the optimizer and the schedule, and runs
@@ -215,7 +215,7 @@ def at_image_size(exp: Experiment, size: int) -> Experiment:
 
 
 def shapes_c4_recipe() -> Experiment:
-    """The ``shapes`` recipe on a C4-style backbone: ResNet-18 ``conv1 .. layer3``, one
+    """The ``shapes`` recipe on a C4-style backbone: ResNet-10 ``conv1 .. layer3``, one
     stride-16 map (256 channels) that the RPN and both RoI poolers read.
 
     Unlike the paper's ResNet-50-C4 (res5 run on every 14 x 14 pooled RoI, figure 4 left) the
@@ -229,7 +229,7 @@ def shapes_c4_recipe() -> Experiment:
 
 
 def shapes_c5_recipe() -> Experiment:
-    """The ``shapes`` recipe on a C5-style backbone (Table 2d): ResNet-18 ``conv1 .. layer4``,
+    """The ``shapes`` recipe on a C5-style backbone (Table 2d): ResNet-10 ``conv1 .. layer4``,
     one stride-32 map (512 channels), the small ``shapes`` heads (as the paper's C5 rows, which
     use figure 4's right head)."""
     exp = _single_level(shapes_recipe())
