@@ -203,14 +203,17 @@ def maskrcnn_r50_c5() -> ModelConfig:
 def shapes() -> ModelConfig:
     """A from-scratch model for the 256 px synthetic shapes set, small enough to train on a
     2-core CPU in minutes: ResNet-10 (ResNet-18's stages with one block each) with trainable
-    BN, a 64-channel FPN, a 256-d box head, a 64-channel mask head, anchors scaled to 256 px
-    images. Categories: background + the 3 shapes (``CocoDetection`` maps the generator's
-    gapped ids 1, 3, 5 to labels 1, 2, 3), so ``num_classes = 4``.
+    BN, a 64-channel FPN, a 256-d box head on 64 RoIs per image, a mask head of two 64-channel
+    convs, anchors scaled to 256 px images. Categories: background + the 3 shapes
+    (``CocoDetection`` maps the generator's gapped ids 1, 3, 5 to labels 1, 2, 3), so
+    ``num_classes = 4``.
 
     Why so small: a training step on a CPU is bound by convolution arithmetic, so AP within a
-    fixed wall-clock budget grows with steps per minute. This network takes 0.58 s per step
-    where ResNet-18 with a 128-channel FPN and heads took 1.59 s, and at equal minutes it
-    reaches a higher mask AP (``benchmarks/RESULTS.md``, "recipe trials")."""
+    fixed wall-clock budget grows with steps per minute. Once the RPN finds the objects, the
+    mask head runs on many positive RoIs per image and its convolutions cost as much as the
+    backbone's, so it is small too. A step of this network takes about 0.6 s where ResNet-18
+    with a 128-channel FPN and heads took 1.6 s (both on a trained model: more on a fresh one),
+    and at equal minutes it reaches a higher mask AP (``benchmarks/RESULTS.md``)."""
     cfg = ModelConfig(num_classes=4)
     cfg.backbone.depth = 10
     cfg.backbone.norm = "bn"
@@ -222,8 +225,8 @@ def shapes() -> ModelConfig:
     cfg.rpn.pre_nms_top_n_test = 300
     cfg.rpn.post_nms_top_n_test = 150
     cfg.roi_heads.representation_size = 256
-    cfg.roi_heads.batch_size_per_image = 128
-    cfg.roi_heads.mask_layers = (64, 64, 64, 64)
+    cfg.roi_heads.batch_size_per_image = 64  # the paper's C4 value; the positives feed the mask
+    cfg.roi_heads.mask_layers = (64, 64)  # head, whose convolutions dominate a trained step
     cfg.roi_heads.mask_dim_reduced = 64
     cfg.roi_heads.detections_per_img = 50
     cfg.transform.min_size = (256,)
@@ -234,9 +237,10 @@ def shapes() -> ModelConfig:
 def stick_figures() -> ModelConfig:
     """Keypoint R-CNN at a CPU's scale for the 256 px stick-figure set (``make-shapes
     --keypoints``): the ``shapes`` backbone (ResNet-10 with trainable BN, 64-channel FPN, anchors
-    16..256) and 256-d box head, no mask branch, a keypoint head of four 128-channel 3x3 convs
-    (the paper's: eight 512-d) predicting 11 heatmaps of 56 x 56. Classes: background + person.
-    At most 20 detections per image: COCO's keypoint AP reads no more (``maxDets=20``)."""
+    16..256) and 256-d box head on 64 RoIs per image, no mask branch, a keypoint head of four
+    128-channel 3x3 convs (the paper's: eight 512-d) predicting 11 heatmaps of 56 x 56.
+    Classes: background + person. At most 20 detections per image: COCO's keypoint AP reads
+    no more (``maxDets=20``)."""
     cfg = shapes()
     cfg.num_classes = 2
     cfg.roi_heads.mask = False
