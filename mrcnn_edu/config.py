@@ -211,9 +211,9 @@ def shapes() -> ModelConfig:
     Why so small: a training step on a CPU is bound by convolution arithmetic, so AP within a
     fixed wall-clock budget grows with steps per minute. Once the RPN finds the objects, the
     mask head runs on many positive RoIs per image and its convolutions cost as much as the
-    backbone's, so it is small too. A step of this network takes about 0.6 s where ResNet-18
-    with a 128-channel FPN and heads took 1.6 s (both on a trained model: more on a fresh one),
-    and at equal minutes it reaches a higher mask AP (``benchmarks/RESULTS.md``)."""
+    backbone's, so it is small too. A step of this network takes about 0.6 s once trained
+    (0.5 s fresh) where ResNet-18 with a 128-channel FPN and heads took 1.6 s fresh (more once
+    trained), and at equal minutes it reaches a higher mask AP (``benchmarks/RESULTS.md``)."""
     cfg = ModelConfig(num_classes=4)
     cfg.backbone.depth = 10
     cfg.backbone.norm = "bn"
