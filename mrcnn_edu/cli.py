@@ -687,6 +687,14 @@ def _add_ablate(subparsers) -> None:
         "--steps", type=int, default=None, help="optimizer steps per run instead of a budget"
     )
     p.add_argument(
+        "--pretrain-steps",
+        type=int,
+        default=None,
+        help="every variant starts from one ResNet pre-trained for this many steps on the "
+        "study's images with image-level labels (the paper's variants share ImageNet "
+        "weights); 0: from random weights (default: engine.ablate.PRETRAIN_STEPS, 400)",
+    )
+    p.add_argument(
         "--out",
         type=Path,
         default=Path("results/ablations"),
@@ -696,7 +704,7 @@ def _add_ablate(subparsers) -> None:
         "--data",
         type=Path,
         default=Path("data"),
-        help="folder holding the studies' sets (data): data/shapes_small, "
+        help="folder holding the studies' sets (data): data/shapes_128, "
         "data/shapes_overlap; written when absent",
     )
     p.add_argument(
@@ -733,6 +741,7 @@ def _run_ablate(args: argparse.Namespace) -> int:
     import shlex
 
     from mrcnn_edu.engine.ablate import (
+        PRETRAIN_STEPS,
         chart_data,
         get_study,
         list_studies,
@@ -751,6 +760,8 @@ def _run_ablate(args: argparse.Namespace) -> int:
         if args.steps is not None
         else ["--minutes", f"{args.minutes:g}"]
     )
+    pretrain = PRETRAIN_STEPS if args.pretrain_steps is None else args.pretrain_steps
+    words += ["--pretrain-steps", str(pretrain)]
     words += ["--out", str(args.out), "--data", str(args.data)]
     words += ["--val-images", str(args.val_images)] if args.val_images is not None else []
     words += [w for kv in args.set for w in ("--set", kv)]
@@ -783,6 +794,7 @@ def _run_ablate(args: argparse.Namespace) -> int:
                 keep=args.keep,
                 command=command,
                 on_run=report,
+                pretrain_steps=pretrain,
             )
     except (KeyError, ValueError, FileNotFoundError, FileExistsError, OSError, DataError) as err:
         return _fail("ablate", err)

@@ -89,7 +89,8 @@ def test_studies_and_recipes_are_registered():
         "c5-align",
         "c5-aligned",
     ]
-    assert roi.data.small and not roi.data.overlap and roi.data.name == "shapes_small"
+    assert not roi.data.small and not roi.data.overlap and roi.data.name == "shapes_128"
+    assert roi.data.size == 128
     loss = get_study("mask-loss")
     assert loss.data.overlap and loss.data.name == "shapes_overlap"
     # the paper's numbers (He et al. 2017, Table 2b/2c/2d and sec. 4.2)
@@ -301,6 +302,7 @@ def test_two_step_study_end_to_end_and_resume(tmp_path, monkeypatch):
         # keep 2 of the 3 val images; every detection (a 2-step model scores low)
         "prediction_images": 2,
         "prediction_min_score": 0.0,
+        "pretrain_steps": 2,  # one ResNet body pre-trained for every variant
     }
     calls = []
     real = ablate.run_training
@@ -313,8 +315,8 @@ def test_two_step_study_end_to_end_and_resume(tmp_path, monkeypatch):
     records = run_study(study, command="pytest", **kw)
     assert calls == ["pool", "align"] and len(records) == 2
     out = tmp_path / "out"
-    manifest = json.loads((tmp_path / "data" / "shapes_small" / MANIFEST_NAME).read_text())
-    assert manifest["options"] == {"small": True} and manifest["size"] == 64  # written
+    manifest = json.loads((tmp_path / "data" / "shapes_128" / MANIFEST_NAME).read_text())
+    assert manifest.get("options", {}) == {} and manifest["size"] == 64  # written
     for v in study.variants:
         rec = json.loads((out / f"roi-pool_{v.name}_seed0.json").read_text())
         assert (
@@ -329,8 +331,16 @@ def test_two_step_study_end_to_end_and_resume(tmp_path, monkeypatch):
         assert rec["machine"]["torch"] == torch.__version__
         assert set(rec["stats"]) == {"bbox", "segm"}
         assert all(len(rec["stats"][t]) == 12 for t in ("bbox", "segm"))  # full COCOeval stats
-        assert rec["data"]["options"] == {"small": True} and rec["command"] == "pytest"
+        assert rec["data"]["options"] == {} and rec["command"] == "pytest"
     assert (tmp_path / "work/roi-pool/c5-pool/seed0/last.pt").is_file()  # first seed kept
+
+    # every variant started from the same pre-trained body, recorded with its hash
+    weights = tmp_path / "work" / "pretrained" / "shapes_128_resnet10_2steps.pt"
+    sha = ablate.file_sha256(weights)
+    for v in study.variants:
+        rec = json.loads((out / f"roi-pool_{v.name}_seed0.json").read_text())
+        assert rec["pretrained"]["sha256"] == sha and rec["pretrained"]["steps"] == 2
+        assert rec["config"]["model"]["backbone"]["weights"] == str(weights)
 
     # each run keeps its detections on the val images of smallest id, beside its JSON
     for v in study.variants:
@@ -350,7 +360,7 @@ def test_two_step_study_end_to_end_and_resume(tmp_path, monkeypatch):
         assert path.stat().st_size < 64 * 1024
     # against an evaluation of the kept checkpoint: the same detections on images 1 and 2
     model, exp = load_model(tmp_path / "work/roi-pool/c5-pool/seed0/last.pt")
-    _, val = build_datasets(exp, tmp_path / "data" / "shapes_small", train=False)
+    _, val = build_datasets(exp, tmp_path / "data" / "shapes_128", train=False)
     evaluate(model, val, iou_types=("bbox", "segm"), progress=False, results_file=tmp_path / "r")
     full = [r for r in json.loads((tmp_path / "r").read_text()) if r["image_id"] in (1, 2)]
     kept = ablate.load_predictions(out / "roi-pool_c5-pool_seed0.predictions.json")
@@ -362,6 +372,7 @@ def test_two_step_study_end_to_end_and_resume(tmp_path, monkeypatch):
         assert a["bbox"] == pytest.approx(b["bbox"], abs=1e-3)
     plan = json.loads((out / "plan.json").read_text())
     assert plan["roi-pool/c5"]["steps"] == 2 and plan["roi-pool/c5"]["how"] == "given"
+    assert plan["roi-pool/pretrain"]["sha256"] == sha
     text = (out / "results.md").read_text()
     assert "| RoIPool | 1 | 2 |" in text and "| RoIAlign | 1 | 2 |" in text
     assert "23.6" in text and "30.9" in text and "one seed only" in text
@@ -374,11 +385,16 @@ def test_two_step_study_end_to_end_and_resume(tmp_path, monkeypatch):
     (out / "roi-pool_c5-align_seed0.json").unlink()
     with pytest.raises(ValueError, match="planned with --steps 2, not --steps 3"):
         run_study(study, **{**kw, "steps": 3})
+    with pytest.raises(ValueError, match="pre-trained for 2 steps, not 3"):
+        run_study(study, **{**kw, "pretrain_steps": 3})
     assert calls == []
     stub = _StubRuns()
     monkeypatch.setattr(ablate, "_train_and_evaluate", stub)
+    weights.unlink()  # pre-trained again, to the same bytes, or the missing run would differ
     run_study(study, **kw)
-    assert stub.calls == [("c5-align", 0, 2)]
+    assert stub.calls == [("c5-align", 0, 2)] and ablate.file_sha256(weights) == sha
+    with pytest.raises(ValueError, match="set by the pre-training"):
+        run_study(study, **{**kw, "overrides": {**TINY, "model.backbone.weights": str(weights)}})
 
 
 class _StubRuns:
@@ -585,6 +601,8 @@ def test_cli_ablate(tmp_path, capsys, monkeypatch):
         "--work",
         str(tmp_path / "work"),
         "--no-progress",
+        "--pretrain-steps",
+        "1",
         "--set",
         "train.lr=0.001",
     ]
@@ -601,12 +619,14 @@ def test_cli_ablate(tmp_path, capsys, monkeypatch):
     assert (work / "seed0").is_dir() and not (work / "seed1").exists()  # --keep first-seed
     rec = json.loads((tmp_path / "out" / "mask-loss_softmax_seed1.json").read_text())
     assert rec["command"] == (
-        "mrcnn-edu ablate --study mask-loss --seeds 2 --steps 3 --out "
+        "mrcnn-edu ablate --study mask-loss --seeds 2 --steps 3 --pretrain-steps 1 --out "
         f"{tmp_path / 'out'} --data {tmp_path / 'data'} --set "
         "train.lr=0.001"
     )
     assert rec["config"]["model"]["roi_heads"]["mask_loss"] == "softmax"
     assert rec["config"]["train"]["lr"] == 0.001 and rec["config"]["train"]["seed"] == 1
+    assert rec["pretrained"]["steps"] == 1
+    assert (tmp_path / "work" / "pretrained" / "shapes_overlap_resnet10_1steps.pt").is_file()
     assert main([*args, "--set", "model.roi_heads.mask_loss=softmax"]) == 2
     assert "may not set model.roi_heads.mask_loss" in capsys.readouterr().err
 

@@ -28,8 +28,11 @@ standard deviation over seeds beside the paper's numbers, and a verdict per comp
 
 * ``roi-pool`` (Table 2c/2d): RoIPool vs RoIAlign vs RoIAlign aligned, on a stride-16 (C4-style)
   and a stride-32 (C5-style) ResNet-10 with small heads (CPU recipes ``shapes-c4`` and
-  ``shapes-c5`` of ``engine.recipe``), on smaller objects (``data/shapes_small``): rounding an RoI
-  to cells of 16 or 32 px moves its mask edges by a large fraction of an 8..32 px object.
+  ``shapes-c5`` of ``engine.recipe``), on the default shapes drawn at 128 px
+  (``data/shapes_128``, object sides 11..95 px, median 31): rounding an RoI to cells of 16 or
+  32 px moves its mask edges by a large fraction of such an object. (The generator's
+  ``small=True`` objects, 8..32 px at 128 px, left the stride-32 model at mask AP 0.01 after
+  400 steps: too few features to learn from, whatever the pooling.)
 * ``mask-loss`` (Table 2b): sigmoid vs softmax vs class-agnostic masks on the ``shapes``
   FPN recipe, on dense scenes where objects of different classes overlap
   (``data/shapes_overlap``): inside one RoI the softmax must call another class's pixels
@@ -40,8 +43,18 @@ rescaled by :func:`~mrcnn_edu.engine.recipe.at_image_size`: transform and anchor
 A quarter of the pixels makes the convolutions, most of a step on a CPU, four times cheaper
 (the RoI heads cost the same), to buy steps for three seeds of nine variants on a 2-core
 machine; the mechanisms the studies test depend on object size relative to the stride, which
-8..32 px objects on stride 16 and 32 make only sharper. (Not yet enough: 150 steps per run
-still left every model near AP 0, see issue 14's note.)
+halving the objects with the images keeps (and makes only sharper).
+
+Pre-training: the paper's variants all fine-tune one ImageNet-trained ResNet-50. From random
+weights, the few hundred steps a 2-core CPU affords per run left every model near AP 0 (mask
+AP 0.03 for the FPN sigmoid model and 0.001 for C5 RoIAlign on 8..32 px objects after 400
+steps), too little to
+compare anything. So each study first trains one ResNet-10 on its own training images
+(:mod:`mrcnn_edu.engine.pretrain`: semantic segmentation, every pixel's class, FCN-style, 400
+steps; no boxes, no instances, no RoI operator, so no variant's switch is involved), and every
+variant and seed starts its body from those weights (:func:`pretrained_weights`,
+``pretrain_steps``; ``0`` restores training from scratch). With them, 400 steps reach mask AP
+0.10 (FPN, sigmoid, overlapping scenes) and 0.02-0.04 (C5, default objects at 128 px).
 
 Fairness: every variant of a comparison gets the same data, the same seeds (data order, flips,
 initialisation, RoI sampling) and the same number of optimizer steps (the paper compares equal
@@ -86,6 +99,7 @@ from mrcnn_edu.utils import atomic_write
 
 from .check_data import check_data
 from .evaluate import evaluate, unwrap_coco_dataset
+from .pretrain import file_sha256, pretrain_resnet
 from .recipe import (
     Experiment,
     _fit_num_classes,
@@ -115,6 +129,7 @@ __all__ = [
     "mean_std",
     "plan_steps",
     "predictions_file",
+    "pretrained_weights",
     "run_study",
     "select_predictions",
     "shapes_c4_recipe",
@@ -135,6 +150,7 @@ FIT = 0.85  # fraction of the budget planned for training steps (as run_training
 MIN_STEPS = 20  # fewest steps a budget plans (as run_training's fit_budget)
 PREDICTION_IMAGES = 8  # val images (smallest ids) whose detections each run keeps
 PREDICTION_MIN_SCORE = 0.3  # detections kept from this score up (what a figure would draw)
+PRETRAIN_STEPS = 400  # image-level pre-training steps of a study's ResNet (engine.pretrain)
 _RUN_FILE = re.compile(r"^(?P<study>[a-z0-9-]+)_(?P<variant>[a-z0-9-]+)_seed(?P<seed>\d+)\.json$")
 
 
@@ -143,7 +159,7 @@ _RUN_FILE = re.compile(r"^(?P<study>[a-z0-9-]+)_(?P<variant>[a-z0-9-]+)_seed(?P<
 class ShapesData:
     """The synthetic set a study trains on: ``data_root / name``, written if absent."""
 
-    name: str  # folder under the data root, e.g. "shapes_small"
+    name: str  # folder under the data root, e.g. "shapes_128"
     train: int = 1000  # training images
     val: int = 200  # validation images (all evaluated unless run_study's val_images says less)
     size: int = 256  # image side (px)
@@ -288,10 +304,12 @@ def _roi_pool_study() -> Study:
         why="RoIPool rounds each RoI and each of its bins to whole cells of the feature map, so "
         "the features it pools sit up to half a cell (8 px at stride 16, 16 px at stride 32) "
         "away from the object; RoIAlign samples the map bilinearly at the exact positions. "
-        "On objects of 8..32 px (data/shapes_small, 128 px images) that shift is a large "
-        "part of the object, and it grows with the stride: the paper's gap is 3.4 mask AP "
-        "at stride 16 and 7.3 at stride 32, largest at AP75 (tight masks).",
-        data=ShapesData("shapes_small", size=IMAGE_SIZE, small=True),
+        "On the shapes set drawn at 128 px (data/shapes_128: object sides 11..95 px, median "
+        "31) a median object covers about one cell of the stride-32 map and two of the "
+        "stride-16 one, so that shift is a large part of the object, and it grows with the "
+        "stride: the paper's gap is 3.4 mask AP at stride 16 and 7.3 at stride 32, largest "
+        "at AP75 (tight masks).",
+        data=ShapesData("shapes_128", size=IMAGE_SIZE),
         groups={
             "c4": "C4-style: ResNet-10 to res4, one stride-16 map (recipe shapes-c4)",
             "c5": "C5-style: ResNet-10 to res5, one stride-32 map (recipe shapes-c5)",
@@ -516,6 +534,80 @@ def plan_steps(
         "minutes": minutes,
         "step_seconds": {k: round(s, 4) for k, s in secs.items()},
     }
+
+
+# ------------------------------------------------------------------------- the pre-training
+def pretrained_weights(
+    study: Study,
+    data_dir: Path,
+    work_dir: Path,
+    steps: int,
+    overrides: Mapping | None = None,
+    *,
+    plan: dict | None = None,
+    progress: bool = True,
+) -> dict:
+    """The ``plan.json`` entry of the weights every run of ``study`` starts from.
+
+    The paper fine-tunes one ImageNet-trained ResNet-50 in every variant. Here one ResNet body
+    (the variants' depth and norm) is trained once per study on image-level labels of the
+    study's own training images (:func:`mrcnn_edu.engine.pretrain.pretrain_resnet`: how many
+    objects of each class; no boxes, masks or RoI operator), seed 0, into
+    ``work_dir/pretrained/{set}_resnet{depth}_{steps}steps.pt``. ``steps == 0``: every variant
+    starts from random weights (``{"steps": 0}``).
+
+    ``plan`` holds the entry an earlier call made (a resumed study): a different ``steps`` is a
+    ``ValueError``; a weights file that is gone is trained again, and must come out identical
+    (its SHA-256), else the finished runs and the missing ones would start from different
+    weights and the ``ValueError`` says so. An existing file whose sidecar JSON records the
+    same request is reused.
+    """
+    if steps < 0:
+        raise ValueError(f"ablate: pretrain steps must be >= 0, got {steps}")
+    if plan is not None and plan.get("steps") != steps:
+        raise ValueError(
+            f"ablate: the runs of study {study.name!r} in this output folder started from "
+            f"weights pre-trained for {plan.get('steps')} steps, not {steps}; rerun with "
+            f"--pretrain-steps {plan.get('steps')} to resume, or choose another output folder"
+        )
+    if steps == 0:
+        return {"steps": 0}
+    exps = [v.experiment(0, overrides) for v in study.variants]
+    bodies = {(e.model.backbone.depth, e.model.backbone.norm) for e in exps}
+    if len(bodies) != 1:
+        raise ValueError(f"ablate: the variants of {study.name!r} use different ResNets {bodies}")
+    (depth, norm), t = bodies.pop(), exps[0].model.transform
+    path = work_dir / "pretrained" / f"{study.data.name}_resnet{depth}_{steps}steps.pt"
+    request = {"depth": depth, "norm": norm, "steps": steps, "seed": 0, "data": str(data_dir)}
+    sidecar = path.with_suffix(".json")
+    if path.is_file() and sidecar.is_file():
+        try:
+            info = json.loads(sidecar.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            info = {}
+        same = all(info.get(k) == v for k, v in request.items())
+        wanted = plan["sha256"] if plan is not None else info.get("sha256")
+        if same and file_sha256(path) == wanted:
+            return info
+    info = pretrain_resnet(
+        data_dir,
+        path,
+        depth=depth,
+        norm=norm,
+        steps=steps,
+        seed=0,
+        image_mean=t.image_mean,
+        image_std=t.image_std,
+        progress=progress,
+    )
+    if plan is not None and info["sha256"] != plan["sha256"]:
+        raise ValueError(
+            f"ablate: {path} was missing and training it again gave other weights (SHA-256 "
+            f"{info['sha256'][:12]}, the finished runs started from {plan['sha256'][:12]}; "
+            "another machine or thread count?); the missing runs would not compare with the "
+            "finished ones: start the study in another output folder"
+        )
+    return info
 
 
 # --------------------------------------------------------------------------------- the runs
@@ -774,6 +866,7 @@ def run_study(
     on_run: Callable[[dict, bool], None] | None = None,
     prediction_images: int = PREDICTION_IMAGES,
     prediction_min_score: float = PREDICTION_MIN_SCORE,
+    pretrain_steps: int = PRETRAIN_STEPS,
 ) -> list[dict]:
     """Train and evaluate every (variant, seed) of ``study``; returns their records.
 
@@ -804,6 +897,11 @@ def run_study(
         prediction_images, prediction_min_score: each run keeps its detections with a score
             from ``prediction_min_score`` on the ``prediction_images`` evaluated val images of
             smallest id (:func:`select_predictions`), the same images for every run.
+        pretrain_steps: every variant starts from one ResNet body pre-trained for this many
+            steps on image-level labels of the study's training images
+            (:func:`pretrained_weights`, recorded in ``plan.json`` and in each run's
+            ``"pretrained"``), as the paper's variants all start from ImageNet weights;
+            ``0``: from random weights.
 
     A run whose JSON exists is skipped (its record is read back), so an interrupted study
     re-runs only what is missing. The same data, seeds and steps for every variant.
@@ -818,6 +916,11 @@ def run_study(
     overrides = dict(overrides or {})
     for v in study.variants:  # bad overrides fail before anything is written or trained
         v.experiment(seed_list[0], overrides)
+    if pretrain_steps and "model.backbone.weights" in overrides:
+        raise ValueError(
+            "ablate: model.backbone.weights is set by the pre-training; pass pretrain_steps=0 "
+            "(--pretrain-steps 0) to start every variant from your weights instead"
+        )
     out_dir, work_dir = Path(out_dir), Path(work_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     todo = [
@@ -826,13 +929,25 @@ def run_study(
         for s in seed_list
         if not run_file(out_dir, study.name, v.name, s).is_file()
     ]
-    data_dir = None
+    plan_path = out_dir / "plan.json"
+    plan = json.loads(plan_path.read_text(encoding="utf-8")) if plan_path.is_file() else {}
+    data_dir, run_overrides, pkey = None, overrides, f"{study.name}/pretrain"
     if todo:
         data_dir = study.data.ensure(data_root, progress=progress)
         train_set, _ = build_datasets(todo[0][0].experiment(0, overrides), data_dir, val=False)
         check_data(train_set, progress=progress).raise_if_bad()
-    plan_path = out_dir / "plan.json"
-    plan = json.loads(plan_path.read_text(encoding="utf-8")) if plan_path.is_file() else {}
+        plan[pkey] = pretrained_weights(
+            study,
+            data_dir,
+            work_dir,
+            pretrain_steps,
+            overrides,
+            plan=plan.get(pkey),
+            progress=progress,
+        )
+        _write_json(plan_path, plan)
+        if pretrain_steps:
+            run_overrides = {**overrides, "model.backbone.weights": plan[pkey]["path"]}
     records = []
     for v in study.variants:
         key = f"{study.name}/{v.group}"
@@ -864,10 +979,11 @@ def run_study(
                 run_dir,
                 {
                     "variant_overrides": dict(v.overrides),
-                    "shared_overrides": overrides,
+                    "shared_overrides": run_overrides,
                     "seed": s,
                     "steps": plan[key]["steps"],
                     "data": str(data_dir),
+                    "pretrained": plan[pkey].get("sha256"),
                 },
             )
             record = _train_and_evaluate(
@@ -876,7 +992,7 @@ def run_study(
                 s,
                 data_dir=data_dir,
                 steps=plan[key]["steps"],
-                overrides=overrides,
+                overrides=run_overrides,
                 run_dir=run_dir,
                 device=device,
                 progress=progress,
@@ -886,6 +1002,7 @@ def run_study(
                 prediction_min_score=prediction_min_score,
             )
             record["command"] = command
+            record["pretrained"] = plan[pkey]
             _write_json(path, record)
             if keep == "none" or (keep == "first-seed" and s != seed_list[0]):
                 shutil.rmtree(run_dir, ignore_errors=True)
