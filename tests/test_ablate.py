@@ -538,6 +538,21 @@ def test_table_and_verdicts_from_fake_runs(tmp_path):
     assert "| softmax (coupled) | 3 | 100 | 21.0 ± 1.0 |" in text
     assert "| class-agnostic | 3 | 100 | 31.7 ± 1.5 |" in text and "| 29.7 | — | — | — |" in text
     assert "mrcnn-edu ablate --study mask-loss --seeds 3 --minutes 2" in text
+    assert "Start: random weights (no pre-training)." in text  # the fakes have no "pretrained"
+    assert "9 runs, 14 minutes of training (1.5..1.5 per run)." in text
+    pre = {"steps": 400, "depth": 10, "sha256": "b" * 64, "val_miou": 0.47}
+    pre["val_miou_background_only"] = 0.19
+    with_start = [{**r, "pretrained": pre, "eval_minutes": 0.5} for r in records]
+    text = format_results(with_start)
+    assert (
+        "Start: every run from one ResNet-10 pre-trained for 400 steps on semantic "
+        "segmentation of the training images (`engine.pretrain`; val mean IoU 0.47, against "
+        "0.19 for calling every pixel background; SHA-256 bbbbbbbbbbbb)"
+    ) in text
+    assert "(1.5..1.5 per run) and 4 of evaluation." in text
+    with_start[0] = {**with_start[0], "pretrained": {**pre, "sha256": "c" * 64}}
+    assert "DIFFERENT weights" in format_results(with_start)
+    text = format_results(records)
     # sigmoid vs softmax: +11.0 > spread 2.0; sigmoid vs agnostic: +0.33 < spread 2.0
     assert (
         "mask AP: sigmoid (decoupled) 32.0 ± 2.0 vs softmax (coupled) 21.0 ± 1.0, a "

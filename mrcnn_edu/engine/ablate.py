@@ -1215,13 +1215,15 @@ def format_results(records: Sequence[dict]) -> str:
         }
     )
     minutes = [r.get("minutes") for r in records if r.get("minutes") is not None]
+    evals = [r.get("eval_minutes") for r in records if r.get("eval_minutes") is not None]
     lines += [
         f"Commit: {', '.join(c[:12] for c in commits)}"
         + (" (with uncommitted changes)" if dirty else "")
         + ".  ",
         f"Machine: {'; '.join(machines)}.  ",
         f"{len(records)} runs, {sum(minutes):.0f} minutes of training"
-        f" ({min(minutes):.1f}..{max(minutes):.1f} per run)."
+        f" ({min(minutes):.1f}..{max(minutes):.1f} per run)"
+        + (f" and {sum(evals):.0f} of evaluation." if evals else ".")
         if minutes
         else f"{len(records)} runs.",
         "",
@@ -1244,6 +1246,8 @@ def format_results(records: Sequence[dict]) -> str:
                     f"{data.get('size')} px, options {data.get('options') or 'none'})."
                 ),
                 "",
+                _start_line([r for r in records if r["study"] == study_name]),
+                "",
             ]
         for group in dict.fromkeys(r.group for r in rows):
             group_rows = [r for r in rows if r.group == group]
@@ -1260,6 +1264,27 @@ def format_results(records: Sequence[dict]) -> str:
                 )
             lines.append("")
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _start_line(records: Sequence[dict]) -> str:
+    """What the study's runs started from (their ``"pretrained"`` entries)."""
+    starts = {json.dumps(r.get("pretrained") or {"steps": 0}, sort_keys=True) for r in records}
+    if len(starts) > 1:
+        return "Start: the runs started from DIFFERENT weights (see their `pretrained` entries)."
+    p = json.loads(starts.pop())
+    if not p.get("steps"):
+        return "Start: random weights (no pre-training)."
+    miou, base = p.get("val_miou"), p.get("val_miou_background_only")
+    score = (
+        f"; val mean IoU {miou:.2f}, against {base:.2f} for calling every pixel background"
+        if miou is not None and base is not None
+        else ""
+    )
+    return (
+        f"Start: every run from one ResNet-{p.get('depth')} pre-trained for {p['steps']} steps "
+        f"on semantic segmentation of the training images (`engine.pretrain`{score}; SHA-256 "
+        f"{str(p.get('sha256'))[:12]}), as the paper's variants all start from ImageNet weights."
+    )
 
 
 def write_results(out_dir: str | Path) -> Path:
