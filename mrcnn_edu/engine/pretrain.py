@@ -16,10 +16,11 @@ objects per image (whole-image labels, as ImageNet's) learned nothing in the ste
 here (its count error stayed at that of always guessing the mean); a dense task teaches every
 position of the map, and it converges in a few hundred steps.
 
-Example::
+Example (``mrcnn-edu make-shapes --overlap`` writes the set)::
 
-    >>> from mrcnn_edu.engine.pretrain import class_maps  # doctest: +SKIP
-    >>> files, maps, names = class_maps("data/shapes_overlap/annotations/instances_train.json")
+    >>> from mrcnn_edu.engine.pretrain import class_maps
+    >>> ann = "data/shapes_overlap/annotations/instances_train.json"
+    >>> files, maps, names = class_maps(ann)  # doctest: +SKIP
 """
 
 from __future__ import annotations
