@@ -691,7 +691,7 @@ def _add_ablate(subparsers) -> None:
         type=int,
         default=None,
         help="every variant starts from one ResNet pre-trained for this many steps on the "
-        "study's images with image-level labels (the paper's variants share ImageNet "
+        "study's images (semantic segmentation; the paper's variants share ImageNet "
         "weights); 0: from random weights (default: engine.ablate.PRETRAIN_STEPS, 400)",
     )
     p.add_argument(

@@ -48,10 +48,9 @@ halving the objects with the images keeps (and makes only sharper).
 Pre-training: the paper's variants all fine-tune one ImageNet-trained ResNet-50. From random
 weights, the few hundred steps a 2-core CPU affords per run left every model near AP 0 (mask
 AP 0.03 for the FPN sigmoid model and 0.001 for C5 RoIAlign on 8..32 px objects after 400
-steps), too little to
-compare anything. So each study first trains one ResNet-10 on its own training images
-(:mod:`mrcnn_edu.engine.pretrain`: semantic segmentation, every pixel's class, FCN-style, 400
-steps; no boxes, no instances, no RoI operator, so no variant's switch is involved), and every
+steps), too little to compare anything. So each study first trains one ResNet-10 on its own
+training images (:mod:`mrcnn_edu.engine.pretrain`: semantic segmentation, every pixel's class,
+FCN-style, 400 steps; no boxes, no instances, no RoI operator, so no variant's switch is involved), and every
 variant and seed starts its body from those weights (:func:`pretrained_weights`,
 ``pretrain_steps``; ``0`` restores training from scratch). With them, 400 steps reach mask AP
 0.10 (FPN, sigmoid, overlapping scenes) and 0.02-0.04 (C5, default objects at 128 px).
@@ -150,7 +149,7 @@ FIT = 0.85  # fraction of the budget planned for training steps (as run_training
 MIN_STEPS = 20  # fewest steps a budget plans (as run_training's fit_budget)
 PREDICTION_IMAGES = 8  # val images (smallest ids) whose detections each run keeps
 PREDICTION_MIN_SCORE = 0.3  # detections kept from this score up (what a figure would draw)
-PRETRAIN_STEPS = 400  # image-level pre-training steps of a study's ResNet (engine.pretrain)
+PRETRAIN_STEPS = 400  # pre-training steps of a study's ResNet (engine.pretrain)
 _RUN_FILE = re.compile(r"^(?P<study>[a-z0-9-]+)_(?P<variant>[a-z0-9-]+)_seed(?P<seed>\d+)\.json$")
 
 
@@ -550,9 +549,9 @@ def pretrained_weights(
     """The ``plan.json`` entry of the weights every run of ``study`` starts from.
 
     The paper fine-tunes one ImageNet-trained ResNet-50 in every variant. Here one ResNet body
-    (the variants' depth and norm) is trained once per study on image-level labels of the
-    study's own training images (:func:`mrcnn_edu.engine.pretrain.pretrain_resnet`: how many
-    objects of each class; no boxes, masks or RoI operator), seed 0, into
+    (the variants' depth and norm) is trained once per study on the study's own training
+    images (:func:`mrcnn_edu.engine.pretrain.pretrain_resnet`: semantic segmentation; no
+    boxes, instances or RoI operator), seed 0, into
     ``work_dir/pretrained/{set}_resnet{depth}_{steps}steps.pt``. ``steps == 0``: every variant
     starts from random weights (``{"steps": 0}``).
 
@@ -898,7 +897,7 @@ def run_study(
             from ``prediction_min_score`` on the ``prediction_images`` evaluated val images of
             smallest id (:func:`select_predictions`), the same images for every run.
         pretrain_steps: every variant starts from one ResNet body pre-trained for this many
-            steps on image-level labels of the study's training images
+            steps on semantic segmentation of the study's training images
             (:func:`pretrained_weights`, recorded in ``plan.json`` and in each run's
             ``"pretrained"``), as the paper's variants all start from ImageNet weights;
             ``0``: from random weights.
