@@ -50,10 +50,11 @@ weights, the few hundred steps a 2-core CPU affords per run left every model nea
 AP 0.03 for the FPN sigmoid model and 0.001 for C5 RoIAlign on 8..32 px objects after 400
 steps), too little to compare anything. So each study first trains one ResNet-10 on its own
 training images (:mod:`mrcnn_edu.engine.pretrain`: semantic segmentation, every pixel's class,
-FCN-style, 400 steps; no boxes, no instances, no RoI operator, so no variant's switch is involved), and every
-variant and seed starts its body from those weights (:func:`pretrained_weights`,
-``pretrain_steps``; ``0`` restores training from scratch). With them, 400 steps reach mask AP
-0.10 (FPN, sigmoid, overlapping scenes) and 0.02-0.04 (C5, default objects at 128 px).
+FCN-style, 400 steps; no boxes, no instances, no RoI operator, so no variant's switch is
+involved), and every variant and seed starts its body from those weights
+(:func:`pretrained_weights`, ``pretrain_steps``; ``0`` restores training from scratch). With
+them, 400 steps reach mask AP 0.10 (FPN, sigmoid, overlapping scenes) and 0.02-0.04 (C5,
+default objects at 128 px).
 
 Fairness: every variant of a comparison gets the same data, the same seeds (data order, flips,
 initialisation, RoI sampling) and the same number of optimizer steps (the paper compares equal
