@@ -45,6 +45,7 @@ presets freeze their batch norm, as the paper does, so it does not matter there.
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 from collections.abc import Sequence
 
@@ -229,8 +230,15 @@ def init_distributed(
 
 
 def cleanup() -> None:
-    """Leave the process group (a no-op when none is initialised)."""
+    """Leave the process group (a no-op when none is initialised).
+
+    Drop ``DistributedDataParallel`` wrappers (``del ddp``) before calling it: a DDP reducer
+    keeps the group and its last all-reduce alive, and a gloo group torn down only at
+    interpreter exit can abort the process ("terminate called without an active exception").
+    Unreachable wrappers are collected here first, so that the group's teardown runs now.
+    """
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 
