@@ -4,12 +4,17 @@ Usage::
 
     python benchmarks/bench_train.py [--preset shapes|stick-figures] [--steps 5] [--minutes M]
                                      [--data data/shapes] [--only SIDE] [--json FILE]
+                                     [--checkpoint RUN/last.pt]
 
 * Step time: the preset's model and torchvision's own ``MaskRCNN`` built with the same widths
   (``benchmarks/twins.py``) and the same weights, timed on the same batches, alternating the
   two so that the machine's load hits both; prints medians and ours / torchvision (goal for
   ``shapes``: at most 0.8x). ``stick-figures`` compares with torchvision's ``KeypointRCNN``.
-  Evaluation images/s of both on the validation set.
+  Evaluation images/s of both on the validation set. ``--checkpoint RUN/last.pt`` times both
+  with trained weights (a trained model's RPN finds the objects, so the mask head runs on many
+  more positive RoIs than a fresh one's: that is the step a 10-minute run mostly takes).
+  torchvision's ``RoIHeads`` trains its mask head on every positive RoI; when the preset caps
+  them (``mask_rois_per_image``), the step is also timed with the cap off, like for like.
 * ``--minutes M``: trains both for ``M`` minutes each with the preset's recipe (the same loop,
   data, seed and budget fitting), evaluates both with COCOeval and prints both APs: issue 13's
   side-by-side comparison (``M = 10`` for the ``make demo`` budget; ``M = 15`` with
@@ -34,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from twins import copy_weights, torchvision_twin
 
 from mrcnn_edu.data.sampler import make_train_loader
-from mrcnn_edu.engine.recipe import build_datasets, get_experiment
+from mrcnn_edu.engine.recipe import build_datasets, get_experiment, load_model
 from mrcnn_edu.model import build_model
 from mrcnn_edu.utils import atomic_write
 
@@ -184,6 +189,12 @@ def main(argv=None) -> int:
         default=None,
         help="with --minutes: train only this side (to split the side-by-side in two runs)",
     )
+    p.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=None,
+        help="time the steps with these trained weights (a run of the same preset)",
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
@@ -204,19 +215,41 @@ def main(argv=None) -> int:
         train_set, val_set = build_datasets(exp, args.data)
         exp.model.num_classes = len(train_set.class_names)
         torch.manual_seed(exp.train.seed)
-        ours = build_model(exp.model).to(device)
+        if args.checkpoint is not None:
+            ours, ck_exp = load_model(args.checkpoint)
+            if ck_exp.model != exp.model:
+                raise SystemExit(
+                    f"bench_train: {args.checkpoint} was trained with another config than the "
+                    f"{args.preset!r} preset's"
+                )
+            ours = ours.to(device)
+            report["checkpoint"] = str(args.checkpoint)
+        else:
+            ours = build_model(exp.model).to(device)
         tv = torchvision_twin(exp.model)
         copy_weights(ours, tv)
         tv = TorchvisionAdapter(tv).to(device)
         batches = _batches(train_set, exp.train.batch_size, args.steps + 1)
+        weights = "trained" if args.checkpoint is not None else "fresh"
         a, b = step_times(ours, tv, batches, device)
         print(
-            f"train step (batch {exp.train.batch_size}): mrcnn_edu {a:.3f} s, torchvision "
-            f"{b:.3f} s, ratio {a / b:.2f}"
+            f"train step (batch {exp.train.batch_size}, {weights} weights): mrcnn_edu {a:.3f} s, "
+            f"torchvision {b:.3f} s, ratio {a / b:.2f}"
         )
+        report.update(ours_step_s=a, tv_step_s=b, ratio=a / b)
+        cap = ours.roi_heads.mask_rois_per_image
+        if cap is not None:
+            ours.roi_heads.mask_rois_per_image = None  # like torchvision: every positive RoI
+            a2, b2 = step_times(ours, tv, batches, device)
+            ours.roi_heads.mask_rois_per_image = cap
+            print(
+                f"  like for like (mask head on every positive RoI, as torchvision's): "
+                f"mrcnn_edu {a2:.3f} s, torchvision {b2:.3f} s, ratio {a2 / b2:.2f}"
+            )
+            report.update(uncapped_ours_step_s=a2, uncapped_tv_step_s=b2, uncapped_ratio=a2 / b2)
         ea, eb = eval_speed(ours, val_set, 20, device), eval_speed(tv, val_set, 20, device)
         print(f"evaluation: mrcnn_edu {ea:.1f} images/s, torchvision {eb:.1f} images/s")
-        report.update(ours_step_s=a, tv_step_s=b, ratio=a / b, ours_eval_ips=ea, tv_eval_ips=eb)
+        report.update(ours_eval_ips=ea, tv_eval_ips=eb)
         if args.minutes:
             for name in ("mrcnn_edu", "torchvision"):
                 if args.only and name != args.only:

@@ -91,6 +91,9 @@ class RoIHeadsConfig:
     bg_iou_thresh: float = 0.5  # below: background
     batch_size_per_image: int = 512  # RoIs sampled per image ("N is 64 ... 512 for FPN")
     positive_fraction: float = 0.25  # "positive to negative 1:3"
+    # training: at most this many of an image's positive RoIs (a random subset) go through the
+    # mask and keypoint branches; None: all of them (the paper's and torchvision's rule)
+    mask_rois_per_image: int | None = None
     bbox_reg_weights: tuple[float, float, float, float] = (10.0, 10.0, 5.0, 5.0)  # box coder
     score_thresh: float = 0.05  # test: minimum class probability of a detection
     nms_thresh: float = 0.5  # test: per-class NMS IoU
@@ -203,17 +206,20 @@ def maskrcnn_r50_c5() -> ModelConfig:
 def shapes() -> ModelConfig:
     """A from-scratch model for the 256 px synthetic shapes set, small enough to train on a
     2-core CPU in minutes: ResNet-10 (ResNet-18's stages with one block each) with trainable
-    BN, a 64-channel FPN, a 256-d box head on 64 RoIs per image, a mask head of two 64-channel
-    convs, anchors scaled to 256 px images. Categories: background + the 3 shapes
+    BN, a 64-channel FPN, a 256-d box head on 128 RoIs per image, a mask head of four
+    64-channel convs trained on at most 16 positive RoIs per image, anchors scaled to 256 px
+    images. Categories: background + the 3 shapes
     (``CocoDetection`` maps the generator's gapped ids 1, 3, 5 to labels 1, 2, 3), so
     ``num_classes = 4``.
 
     Why so small: a training step on a CPU is bound by convolution arithmetic, so AP within a
     fixed wall-clock budget grows with steps per minute. Once the RPN finds the objects, the
-    mask head runs on many positive RoIs per image and its convolutions cost as much as the
-    backbone's, so it is small too. A step of this network takes about 0.6 s once trained
-    (0.5 s fresh) where ResNet-18 with a 128-channel FPN and heads took 1.6 s fresh (more once
-    trained), and at equal minutes it reaches a higher mask AP (``benchmarks/RESULTS.md``)."""
+    mask head runs on every positive RoI (up to 32 per image here) and its convolutions cost as
+    much as the backbone's, so it trains on a random 16 of them (``mask_rois_per_image``):
+    the box head still learns from all 128 RoIs, the mask head keeps its four convolutions. A
+    step of this network takes about 0.58 s once trained where ResNet-18 with a 128-channel
+    FPN and heads took 1.6 s fresh (more once trained), and 10 minutes reach mask AP 0.57
+    (``benchmarks/RESULTS.md``)."""
     cfg = ModelConfig(num_classes=4)
     cfg.backbone.depth = 10
     cfg.backbone.norm = "bn"
@@ -225,8 +231,9 @@ def shapes() -> ModelConfig:
     cfg.rpn.pre_nms_top_n_test = 300
     cfg.rpn.post_nms_top_n_test = 150
     cfg.roi_heads.representation_size = 256
-    cfg.roi_heads.batch_size_per_image = 64  # the paper's C4 value; the positives feed the mask
-    cfg.roi_heads.mask_layers = (64, 64)  # head, whose convolutions dominate a trained step
+    cfg.roi_heads.batch_size_per_image = 128
+    cfg.roi_heads.mask_rois_per_image = 16  # the mask head's convs dominate a trained step
+    cfg.roi_heads.mask_layers = (64, 64, 64, 64)
     cfg.roi_heads.mask_dim_reduced = 64
     cfg.roi_heads.detections_per_img = 50
     cfg.transform.min_size = (256,)
@@ -237,16 +244,19 @@ def shapes() -> ModelConfig:
 def stick_figures() -> ModelConfig:
     """Keypoint R-CNN at a CPU's scale for the 256 px stick-figure set (``make-shapes
     --keypoints``): the ``shapes`` backbone (ResNet-10 with trainable BN, 64-channel FPN, anchors
-    16..256) and 256-d box head on 64 RoIs per image, no mask branch, a keypoint head of four
-    128-channel 3x3 convs (the paper's: eight 512-d) predicting 11 heatmaps of 56 x 56.
+    16..256) and 256-d box head on 128 RoIs per image, no mask branch, a keypoint head of four
+    64-channel 3x3 convs (the paper's: eight 512-d) predicting 11 heatmaps of 56 x 56, trained
+    on a random 16 of each image's positive RoIs (``mask_rois_per_image``, as ``shapes``).
     Classes: background + person. At most 20 detections per image: COCO's keypoint AP reads
-    no more (``maxDets=20``)."""
+    no more (``maxDets=20``). In 15 minutes on a 2-core CPU the 64-channel head gets about 1600
+    steps and keypoint AP 0.70; four 128-channel convs, about 1000 steps and 0.67
+    (``benchmarks/RESULTS.md``)."""
     cfg = shapes()
     cfg.num_classes = 2
     cfg.roi_heads.mask = False
     cfg.roi_heads.keypoint = True
     cfg.roi_heads.num_keypoints = 11  # mrcnn_edu.data.shapes.KEYPOINT_NAMES
-    cfg.roi_heads.keypoint_layers = (128, 128, 128, 128)
+    cfg.roi_heads.keypoint_layers = (64, 64, 64, 64)  # shapes' 128 RoIs, 16 of the positives
     cfg.roi_heads.detections_per_img = 20
     return cfg
 

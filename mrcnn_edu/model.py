@@ -186,9 +186,11 @@ class RoIHeads(nn.Module):
     RoIs per image, 25 % positive (:func:`mrcnn_edu.heads.box_head.sample_proposals`); pool
     ``box_resolution`` features, box head, :func:`box_loss`; pool ``mask_resolution`` features
     of the positive RoIs, mask head, :func:`mask_loss` on each RoI's gt class only (sec. 3,
-    "L_mask is defined only on positive RoIs"). Inference: softmax, per-class decode, NMS,
-    top 100 (:func:`postprocess_detections`), then the mask branch on the detected boxes
-    ("the mask branch is then applied to the highest scoring 100 detection boxes", sec. 3.1).
+    "L_mask is defined only on positive RoIs"; ``mask_rois_per_image`` caps them at a random
+    subset per image, a speed setting for small CPU runs). Inference: softmax, per-class
+    decode, NMS, top 100 (:func:`postprocess_detections`), then the mask branch on the
+    detected boxes ("the mask branch is then applied to the highest scoring 100 detection
+    boxes", sec. 3.1).
 
     The per-image bookkeeping travels in :class:`mrcnn_edu.structures.Instances`.
     """
@@ -210,6 +212,7 @@ class RoIHeads(nn.Module):
         bg_iou_thresh: float = 0.5,
         batch_size_per_image: int = 512,
         positive_fraction: float = 0.25,
+        mask_rois_per_image: int | None = None,
         bbox_reg_weights: Sequence[float] = (10.0, 10.0, 5.0, 5.0),
         score_thresh: float = 0.05,
         nms_thresh: float = 0.5,
@@ -228,6 +231,16 @@ class RoIHeads(nn.Module):
         self.mask_head = mask_head
         self.mask_predictor = mask_predictor
         self.mask_loss_mode = mask_loss_mode
+        if mask_rois_per_image is not None and (
+            isinstance(mask_rois_per_image, bool)
+            or not isinstance(mask_rois_per_image, int)
+            or mask_rois_per_image < 1
+        ):
+            raise ValueError(
+                "RoIHeads: mask_rois_per_image must be None (all positive RoIs) or a "
+                f"positive int, got {mask_rois_per_image!r}"
+            )
+        self.mask_rois_per_image = mask_rois_per_image
         self.keypoint_roi_pool = keypoint_pooler
         self.keypoint_head = keypoint_head
         self.keypoint_predictor = keypoint_predictor
@@ -245,6 +258,17 @@ class RoIHeads(nn.Module):
     @property
     def has_keypoint(self) -> bool:
         return self.keypoint_predictor is not None
+
+    def _head_positives(self, sampled: Instances, generator: torch.Generator | None) -> Instances:
+        """The positive RoIs of one image that train the mask and keypoint branches: all of
+        them, or a random ``mask_rois_per_image`` of them (drawn with ``generator``, as the
+        box sampler's draws, so a resumed run draws the same)."""
+        pos = sampled[sampled.gt_labels > 0]
+        k = self.mask_rois_per_image
+        if k is None or len(pos) <= k:
+            return pos
+        keep = BalancedSampler._randperm(len(pos), sampled.gt_labels.device, generator)[:k]
+        return pos[keep]
 
     def _keypoint_logits(self, features, boxes: list[Tensor], image_sizes) -> Tensor:
         x = self.keypoint_roi_pool(features, boxes, image_sizes)  # [P, C, 14, 14]
@@ -322,7 +346,9 @@ class RoIHeads(nn.Module):
                     train_class_logits=class_logits,
                     train_box_regression=box_regression,
                 )
-            positives = [s[s.gt_labels > 0] for s in sampled]
+            positives = [self._head_positives(s, generator) for s in sampled]
+            if stages is not None:
+                stages["train_head_rois"] = positives  # what the mask/keypoint branches train on
             if self.has_mask:
                 mask_logits = self._mask_features(
                     features, [p.proposal_boxes for p in positives], image_sizes
@@ -795,6 +821,7 @@ def build_model(cfg: ModelConfig | str) -> MaskRCNN:
         bg_iou_thresh=h.bg_iou_thresh,
         batch_size_per_image=h.batch_size_per_image,
         positive_fraction=h.positive_fraction,
+        mask_rois_per_image=h.mask_rois_per_image,
         bbox_reg_weights=h.bbox_reg_weights,
         score_thresh=h.score_thresh,
         nms_thresh=h.nms_thresh,

@@ -124,3 +124,37 @@ def test_bad_input_is_named(shapes):
         r"images\[1\] is on meta",
     ):
         model([image, image.to("meta")], None)
+
+
+def test_mask_rois_per_image_caps_the_mask_branch_at_a_random_subset_of_positives(shapes):
+    images, targets = zip(*[shapes[i] for i in range(2)])
+
+    def run(cap, seed):
+        model = _model(**{"roi_heads.mask_rois_per_image": cap}).train()
+        gen = torch.Generator().manual_seed(seed)
+        return model.run_stages(list(images), list(targets), generator=gen)
+
+    full = run(None, 0)
+    npos = [int((s.gt_labels > 0).sum()) for s in full["sampled_rois"]]
+    assert sum(npos) == full["train_mask_logits"].shape[0]  # None: every positive RoI
+    cap = min(npos) - 1
+    assert cap >= 1, npos  # the fixture's images have several positives each
+    capped = run(cap, 0)
+    chosen = capped["train_head_rois"]
+    assert [len(c) for c in chosen] == [cap] * 2
+    assert capped["train_mask_logits"].shape[0] == 2 * cap
+    for sampled, c in zip(capped["sampled_rois"], chosen):
+        pos = sampled.proposal_boxes[sampled.gt_labels > 0]
+        # each chosen RoI is one of the image's positives, none twice
+        hits = (c.proposal_boxes[:, None] == pos[None]).all(-1)
+        assert (hits.sum(1) >= 1).all() and torch.unique(c.proposal_boxes, dim=0).shape[0] == cap
+        assert (c.gt_labels > 0).all()
+    again = run(cap, 0)["train_head_rois"]  # the same generator seed draws the same subset
+    assert all(torch.equal(a.proposal_boxes, b.proposal_boxes) for a, b in zip(chosen, again))
+    assert torch.isfinite(capped["losses"]["loss_mask"])
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True])
+def test_mask_rois_per_image_must_be_none_or_a_positive_int(bad):
+    with pytest.raises(ValueError, match="mask_rois_per_image"):
+        _model(**{"roi_heads.mask_rois_per_image": bad})
