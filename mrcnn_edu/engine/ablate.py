@@ -56,6 +56,11 @@ involved), and every variant and seed starts its body from those weights
 them, 400 steps reach mask AP 0.10 (FPN, sigmoid, overlapping scenes) and 0.02-0.04 (C5,
 default objects at 128 px).
 
+Heads: every study trains the heads of :data:`STUDY_HEADS` (a mask head of two 64-channel
+convs on every positive of 64 RoIs per image), the ``shapes`` preset's when the committed results
+were made; the demo's preset has since been tuned further, and pinning keeps the studies
+reproducible (a test checks each committed run's config against what the code builds).
+
 Fairness: every variant of a comparison gets the same data, the same seeds (data order, flips,
 initialisation, RoI sampling) and the same number of optimizer steps (the paper compares equal
 schedules). With a wall-time budget (``minutes``) the steps are chosen once per group of
@@ -114,6 +119,7 @@ from .recipe import (
 
 __all__ = [
     "METRICS",
+    "STUDY_HEADS",
     "Comparison",
     "ShapesData",
     "Study",
@@ -151,6 +157,18 @@ MIN_STEPS = 20  # fewest steps a budget plans (as run_training's fit_budget)
 PREDICTION_IMAGES = 8  # val images (smallest ids) whose detections each run keeps
 PREDICTION_MIN_SCORE = 0.3  # detections kept from this score up (what a figure would draw)
 PRETRAIN_STEPS = 400  # pre-training steps of a study's ResNet (engine.pretrain)
+#: The RoI-head settings every study trains with, whatever the ``shapes`` preset says now:
+#: the preset's heads when the committed results (``results/ablations``) were made (a
+#: mask head of two 64-channel convs on every positive of 64 RoIs per image). The demo's preset
+#: has since moved on (``config.shapes``: four convs on 16 of 128 RoIs' positives, tuned for
+#: the 10-minute demo); pinning the studies here keeps ``mrcnn-edu ablate`` reproducing the
+#: committed runs, and a test checks each committed run's config against what
+#: :meth:`Variant.experiment` builds today. ``--set`` may still change them for every variant.
+STUDY_HEADS: Mapping[str, object] = {
+    "model.roi_heads.mask_layers": (64, 64),
+    "model.roi_heads.batch_size_per_image": 64,
+    "model.roi_heads.mask_rois_per_image": None,
+}
 _RUN_FILE = re.compile(r"^(?P<study>[a-z0-9-]+)_(?P<variant>[a-z0-9-]+)_seed(?P<seed>\d+)\.json$")
 
 
@@ -215,9 +233,10 @@ class Variant:
     image_size: int | None = None  # rescale the recipe to images of this side (at_image_size)
 
     def experiment(self, seed: int, overrides: Mapping[str, object] | None = None) -> Experiment:
-        """A fresh :class:`Experiment`: the recipe, the shared ``overrides``, then this
-        variant's own, with ``train.seed = seed``. Shared overrides may not set the keys the
-        variant sets, nor ``train.seed``: they would erase the difference being measured."""
+        """A fresh :class:`Experiment`: the recipe, the studies' pinned heads
+        (:data:`STUDY_HEADS`), the shared ``overrides``, then this variant's own, with
+        ``train.seed = seed``. Shared overrides may not set the keys the variant sets, nor
+        ``train.seed``: they would erase the difference being measured."""
         shared = dict(overrides or {})
         clash = sorted((set(shared) & set(self.overrides)) | ({"train.seed"} & set(shared)))
         if clash:
@@ -228,7 +247,7 @@ class Variant:
         exp = get_experiment(self.recipe)
         if self.image_size is not None:
             at_image_size(exp, self.image_size)
-        override(exp, {**shared, **self.overrides})
+        override(exp, {**STUDY_HEADS, **shared, **self.overrides})
         exp.train.seed = int(seed)
         return exp
 
