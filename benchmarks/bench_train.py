@@ -167,6 +167,21 @@ def coco_projection(device, repeat):
     }
 
 
+def host_gflops(n: int = 2048, repeat: int = 10) -> float:
+    """The host's float32 matmul speed (GFLOP/s, torch's threads): what wall-clock results
+    (steps in 10 minutes, AP at a budget) scale with, so runs on different hosts can be told
+    apart. Same-run ratios do not depend on it."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(2):
+        a @ b
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t0)
+    return 2 * n**3 / sorted(times)[len(times) // 2] / 1e9
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="shapes")
@@ -207,7 +222,12 @@ def main(argv=None) -> int:
         "device": str(device),
         "date": time.strftime("%Y-%m-%d"),
         "threads": torch.get_num_threads(),
+        "host_matmul_gflops": host_gflops(),
     }
+    print(
+        f"host: {report['host_matmul_gflops']:.0f} GFLOP/s (float32 matmul, "
+        f"{report['threads']} threads); wall-clock results scale with it, ratios do not"
+    )
     if args.preset.startswith("coco"):
         report.update(coco_projection(device, args.steps))
     else:
