@@ -218,8 +218,9 @@ def shapes() -> ModelConfig:
     much as the backbone's, so it trains on a random 16 of them (``mask_rois_per_image``):
     the box head still learns from all 128 RoIs, the mask head keeps its four convolutions. A
     step of this network takes about 0.58 s once trained where ResNet-18 with a 128-channel
-    FPN and heads took 1.6 s fresh (more once trained), and 10 minutes reach mask AP 0.57
-    (``benchmarks/RESULTS.md``)."""
+    FPN and heads took 1.6 s fresh (more once trained), and 10 minutes on a quiet 2-core CPU
+    reach about 1000 steps and mask AP 0.57-0.61 (a slower shared host: 650 steps, 0.41;
+    ``benchmarks/RESULTS.md``)."""
     cfg = ModelConfig(num_classes=4)
     cfg.backbone.depth = 10
     cfg.backbone.norm = "bn"
