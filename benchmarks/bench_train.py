@@ -18,7 +18,10 @@ Usage::
 * ``--minutes M``: trains both for ``M`` minutes each with the preset's recipe (the same loop,
   data, seed and budget fitting), evaluates both with COCOeval and prints both APs: issue 13's
   side-by-side comparison (``M = 10`` for the ``make demo`` budget; ``M = 15`` with
-  ``--preset stick-figures`` for issue 16's keypoint one).
+  ``--preset stick-figures`` for issue 16's keypoint one). The ``stick-figures`` preset decodes
+  keypoints to a fraction of a heatmap cell and weighs scores by the heatmaps (not
+  torchvision's inference): its keypoint AP is also printed as torchvision would read the same
+  weights, which separates what training reached from what the decoding adds.
 * ``--preset coco-r50-fpn-1x``: seconds per iteration at COCO size (2 images of 800x1066 per
   device) and the projected time of the 90k-iteration 1x schedule on 8 such devices.
 """
@@ -130,16 +133,31 @@ def train_and_eval(exp, data, model, minutes, device):
     for iou_type, m in res.metrics.items():  # bbox, and segm or keypoints
         for k in ("AP", "AP50", "AP75"):
             out[f"{iou_type}_{k}"] = m[k]
+    heads = getattr(model, "roi_heads", None)
+    if getattr(heads, "keypoint_decoding", "torchvision") != "torchvision" or getattr(
+        heads, "keypoint_rescore", False
+    ):  # the same weights read as torchvision reads them: what training alone reached
+        saved = heads.keypoint_decoding, heads.keypoint_rescore
+        heads.keypoint_decoding, heads.keypoint_rescore = "torchvision", False
+        res = evaluate(model, val_set, progress=False, device=device, with_losses=False)
+        heads.keypoint_decoding, heads.keypoint_rescore = saved
+        for k in ("AP", "AP50", "AP75"):
+            out[f"tv_decoding_keypoints_{k}"] = res.metrics["keypoints"][k]
     return out
 
 
 def _summary(r: dict) -> str:
     main = "segm" if "segm_AP" in r else "keypoints"
     name = "mask" if main == "segm" else "keypoint"
-    return (
+    text = (
         f"box AP {r['bbox_AP']:.3f}, {name} AP {r[f'{main}_AP']:.3f} (AP50 "
         f"{r[f'{main}_AP50']:.3f}, AP75 {r[f'{main}_AP75']:.3f})"
     )
+    if "tv_decoding_keypoints_AP" in r:
+        text += (
+            f"; with torchvision's keypoint decoding and scores {r['tv_decoding_keypoints_AP']:.3f}"
+        )
+    return text
 
 
 def coco_projection(device, repeat):

@@ -32,7 +32,9 @@ def torchvision_twin(cfg: ModelConfig) -> nn.Module:
     """torchvision's detector with ``cfg``'s architecture (FPN backbones only).
 
     ``roi_heads.mask_rois_per_image`` has no torchvision counterpart: the twin's mask and
-    keypoint heads train on every positive RoI, as ``mask_rois_per_image=None`` does."""
+    keypoint heads train on every positive RoI, as ``mask_rois_per_image=None`` does. Nor have
+    ``keypoint_decoding="subpixel"`` and ``keypoint_rescore``: the twin decodes keypoints and
+    scores detections as torchvision does (``"torchvision"``, ``False``)."""
     b, r, h, t = cfg.backbone, cfg.rpn, cfg.roi_heads, cfg.transform
     if b.kind != "resnet_fpn":
         raise ValueError("torchvision_twin: only resnet_fpn backbones have a torchvision twin")

@@ -293,6 +293,15 @@ def _add_eval(subparsers) -> None:
     p.add_argument("--results", type=Path, default=None, help="write COCO results JSON here")
     p.add_argument("--device", default=None)
     p.add_argument("--amp", choices=("bf16", "fp16"), default=None, help="mixed precision")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="with --checkpoint: change a test-time setting of the model, e.g. --set "
+        "model.roi_heads.keypoint_decoding=subpixel (repeatable; "
+        "mrcnn_edu.engine.recipe.TEST_TIME_KEYS)",
+    )
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_run_eval)
 
@@ -326,8 +335,10 @@ def _run_eval(args: argparse.Namespace) -> int:
 
     try:  # under torchrun each rank evaluates its shard (engine.evaluate); rank 0 prints
         device = dist_utils.init_distributed(_device(args.device))
+        if args.set and args.checkpoint is None:
+            raise ValueError("--set changes a checkpoint's settings: use it with --checkpoint")
         if args.checkpoint is not None:
-            model, exp = load_model(args.checkpoint, device)
+            model, exp = load_model(args.checkpoint, device, _parse_sets(args.set))
             if args.layout:
                 exp.data = get_experiment(
                     "shapes" if args.layout == "shapes" else "coco-r50-fpn-1x"
@@ -372,6 +383,13 @@ def _add_predict(subparsers) -> None:
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--score-thresh", type=float, default=0.5, help="draw scores above (0.5)")
     p.add_argument("--device", default=None)
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="change a test-time setting of the model (as eval --set; repeatable)",
+    )
     p.set_defaults(func=_run_predict)
 
 
@@ -389,7 +407,7 @@ def _run_predict(args: argparse.Namespace) -> int:
 
     try:
         device = _device(args.device)
-        model, exp = load_model(args.checkpoint, device)
+        model, exp = load_model(args.checkpoint, device, _parse_sets(args.set))
         names = list(exp.data.class_names) or None
         args.out.mkdir(parents=True, exist_ok=True)
         all_dets = []

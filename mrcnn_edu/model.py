@@ -51,7 +51,14 @@ from .heads.box_head import (
     postprocess_detections,
     sample_proposals,
 )
-from .heads.keypoint_head import KeypointHead, KeypointPredictor, keypoint_inference, keypoint_loss
+from .heads.keypoint_head import (
+    KEYPOINT_DECODINGS,
+    KeypointHead,
+    KeypointPredictor,
+    keypoint_confidence,
+    keypoint_inference,
+    keypoint_loss,
+)
 from .heads.mask_head import (
     MaskHead,
     MaskPredictor,
@@ -190,7 +197,12 @@ class RoIHeads(nn.Module):
     subset per image, a speed setting for small CPU runs). Inference: softmax, per-class
     decode, NMS, top 100 (:func:`postprocess_detections`), then the mask branch on the
     detected boxes ("the mask branch is then applied to the highest scoring 100 detection
-    boxes", sec. 3.1).
+    boxes", sec. 3.1); likewise the keypoint branch, whose heatmaps become keypoints by
+    ``keypoint_decoding`` (torchvision's by default, see
+    :data:`mrcnn_edu.heads.keypoint_head.KEYPOINT_DECODINGS`). ``keypoint_rescore=True``
+    (not torchvision's) multiplies each detection's score by the mean
+    :func:`~mrcnn_edu.heads.keypoint_head.keypoint_confidence` of its heatmaps and re-sorts
+    the detections by that score.
 
     The per-image bookkeeping travels in :class:`mrcnn_edu.structures.Instances`.
     """
@@ -208,6 +220,8 @@ class RoIHeads(nn.Module):
         keypoint_pooler: MultiLevelRoIPooler | None = None,
         keypoint_head: nn.Module | None = None,
         keypoint_predictor: KeypointPredictor | None = None,
+        keypoint_decoding: str = "torchvision",
+        keypoint_rescore: bool = False,
         fg_iou_thresh: float = 0.5,
         bg_iou_thresh: float = 0.5,
         batch_size_per_image: int = 512,
@@ -244,6 +258,15 @@ class RoIHeads(nn.Module):
         self.keypoint_roi_pool = keypoint_pooler
         self.keypoint_head = keypoint_head
         self.keypoint_predictor = keypoint_predictor
+        if keypoint_decoding not in KEYPOINT_DECODINGS:
+            raise ValueError(
+                f"RoIHeads: keypoint_decoding must be one of "
+                f"{', '.join(map(repr, KEYPOINT_DECODINGS))}, got {keypoint_decoding!r}"
+            )
+        if not isinstance(keypoint_rescore, bool):
+            raise TypeError(f"RoIHeads: keypoint_rescore must be a bool, got {keypoint_rescore!r}")
+        self.keypoint_decoding = keypoint_decoding
+        self.keypoint_rescore = keypoint_rescore
         self.proposal_matcher = Matcher(fg_iou_thresh, bg_iou_thresh, False)
         self.fg_bg_sampler = BalancedSampler(batch_size_per_image, positive_fraction)
         self.box_coder = BoxCoder(tuple(bbox_reg_weights))
@@ -405,10 +428,26 @@ class RoIHeads(nn.Module):
                     stages["mask_logits"] = mask_logits
             if self.has_keypoint:
                 kp_logits = self._keypoint_logits(features, boxes, image_sizes)
-                keypoints, kp_scores = keypoint_inference(kp_logits, boxes)
+                keypoints, kp_scores = keypoint_inference(
+                    kp_logits, boxes, decoding=self.keypoint_decoding
+                )
                 for det, k, s in zip(detections, keypoints, kp_scores):
                     det.pred_keypoints = k  # [N_i, K, 3] (x, y, 1)
                     det.pred_keypoint_scores = s  # [N_i, K]
+                if self.keypoint_rescore:
+                    confidence = keypoint_confidence(kp_logits).mean(dim=1)  # [D]
+                    order, start = [], 0
+                    for i, c in enumerate(confidence.split([len(d) for d in detections])):
+                        det = detections[i]
+                        det.pred_scores = det.pred_scores * c.to(det.pred_scores.dtype)
+                        o = det.pred_scores.argsort(descending=True, stable=True)
+                        detections[i] = det[o]
+                        order.append(o + start)
+                        start += len(det)
+                    order = torch.cat(order)  # one entry per image
+                    kp_logits = kp_logits[order]  # the stages' rows follow the detections
+                    if stages is not None and "mask_logits" in stages:
+                        stages["mask_logits"] = stages["mask_logits"][order]
                 if stages is not None:
                     stages["keypoint_logits"] = kp_logits
         return detections, losses
@@ -812,6 +851,8 @@ def build_model(cfg: ModelConfig | str) -> MaskRCNN:
             keypoint_pooler=pooler(h.keypoint_resolution),
             keypoint_head=KeypointHead(C, tuple(h.keypoint_layers)),
             keypoint_predictor=KeypointPredictor(h.keypoint_layers[-1], h.num_keypoints),
+            keypoint_decoding=h.keypoint_decoding,
+            keypoint_rescore=h.keypoint_rescore,
         )
     roi_heads = RoIHeads(
         pooler(R),

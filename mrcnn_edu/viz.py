@@ -4141,12 +4141,15 @@ def draw_keypoint_heatmap(
     skeleton=None,
     fig: Figure | None = None,
     title: str | None = None,
+    decoding: str = "torchvision",
 ) -> Figure:
     """One detection's heatmap of keypoint ``k``, laid over the image inside its box.
 
-    The keypoints are ``heads.heatmaps_to_keypoints(heatmaps[None], box[None])``, the model's
-    post-processing: each heatmap resized (bicubic) to the box's size in pixels, its maximum
-    taken.
+    The keypoints are the model's post-processing of ``heatmaps[None]`` in ``box[None]``, by
+    ``decoding`` (its ``roi_heads.keypoint_decoding``): ``"torchvision"``,
+    ``heads.heatmaps_to_keypoints`` (each heatmap resized, bicubic, to the box's size in pixels,
+    its maximum taken), or ``"subpixel"``, ``heads.heatmaps_to_keypoints_subpixel`` (the
+    ``m x m`` maximum refined by a Newton step).
 
     Three panels: (1) the image around the box (yellow, ``gid="roi_box"``) with all ``K``
     predicted keypoints and the skeleton; (2) the box's pixels with the ``m^2``-way softmax of
@@ -4162,9 +4165,13 @@ def draw_keypoint_heatmap(
         heatmaps: ``[K, m, m]`` logits of that detection; k: the keypoint to show.
         gt_keypoint: optional ``(x, y, v)`` of the matched gt object's keypoint ``k``.
     """
-    from mrcnn_edu.heads.keypoint_head import heatmaps_to_keypoints
+    from mrcnn_edu.heads.keypoint_head import KEYPOINT_DECODINGS
 
     fn = "draw_keypoint_heatmap"
+    if decoding not in KEYPOINT_DECODINGS:
+        raise ValueError(
+            f"{fn}: decoding must be one of {', '.join(KEYPOINT_DECODINGS)}, got {decoding!r}"
+        )
     img = image_for_display(image, fn)
     H, W = img.shape[:2]
     maps = (
@@ -4181,7 +4188,7 @@ def draw_keypoint_heatmap(
     names = _kp_names(keypoint_names, K, fn)
     b = _one_box(box, fn)
     x1, y1, x2, y2 = b[0].tolist()
-    kps, scores = heatmaps_to_keypoints(maps[None], b)  # [1, K, 3], [1, K]
+    kps, scores = KEYPOINT_DECODINGS[decoding](maps[None], b)  # [1, K, 3], [1, K]
     kps, scores = kps[0].double().numpy(), scores[0].numpy()
     probs = torch.softmax(maps[k].reshape(-1).double(), dim=0).reshape(m, m).numpy()
     gt = None

@@ -665,7 +665,11 @@ def test_run_dir_of_an_interrupted_run_is_kept_and_a_stale_one_replaced(tmp_path
 
 RESULTS = Path(__file__).resolve().parents[1] / "results" / "ablations"
 # config fields added after the committed runs, with the value that behaves as before them
-ADDED_SINCE = {"model.roi_heads.mask_rois_per_image": None}
+ADDED_SINCE = {
+    "model.roi_heads.mask_rois_per_image": None,
+    "model.roi_heads.keypoint_decoding": "torchvision",
+    "model.roi_heads.keypoint_rescore": False,
+}
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:

@@ -5,11 +5,15 @@ Layers: state_dict keys, same-seed init and outputs of ``KeypointRCNNHeads`` /
 hand-placed ones (on the RoI's right/bottom border, just outside it, invisible). Loss:
 ``keypointrcnn_loss`` bit for bit, a 1-RoI 2-keypoint case computed by hand, gradients by finite
 differences. Inference: ``heatmaps_to_keypoints`` / ``keypointrcnn_inference`` bit for bit and a
-round trip target -> one-hot heatmap -> keypoint.
+round trip target -> one-hot heatmap -> keypoint. The options that are not torchvision's: the
+sub-pixel decoding on heatmaps whose maximum is known exactly (quadratics), on borders and
+saddles; the heatmap confidence against a loop over windows written out in numpy; the model's
+keypoint rescoring against the plain model's outputs.
 """
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torchvision.models.detection import keypoint_rcnn as tv_keypoint_rcnn
@@ -19,6 +23,8 @@ from mrcnn_edu.heads import (
     KeypointHead,
     KeypointPredictor,
     heatmaps_to_keypoints,
+    heatmaps_to_keypoints_subpixel,
+    keypoint_confidence,
     keypoint_inference,
     keypoint_loss,
     keypoint_targets,
@@ -394,3 +400,174 @@ def test_keypoint_inference_equals_torchvision():
         heatmaps_to_keypoints(logits[0], boxes[0])
     empty_kps, empty_scores = heatmaps_to_keypoints(torch.zeros(0, 3, 56, 56), torch.zeros(0, 4))
     assert empty_kps.shape == (0, 3, 3) and empty_scores.shape == (0, 3)
+
+
+# ----------------------------------------------------------- sub-pixel decoding, confidence
+def _quadratic_maps(centres, m=56, a=0.3, b=0.2, c=0.1, top=5.0):
+    """[1, K, m, m] concave quadratics L = top - a dx^2 - b dy^2 - c dx dy, maxima at centres."""
+    ys, xs = torch.meshgrid(
+        torch.arange(m, dtype=torch.float64), torch.arange(m, dtype=torch.float64), indexing="ij"
+    )
+    maps = []
+    for cx, cy in centres:
+        dx, dy = xs - cx, ys - cy
+        maps.append(top - a * dx**2 - b * dy**2 - c * dx * dy)
+    return torch.stack(maps)[None]
+
+
+def test_subpixel_decoding_lands_on_a_quadratic_peak():
+    # cells (x, y) = (12.3, 40.8), (30.5, 7.25), (44.9, 50.1): 4a b - c^2 > 0, so one Newton
+    # step from the best cell reaches the exact maximum; the RoI is 112 x 84 px at (10, 20), so
+    # x = (cx + 0.5) * 112 / 56 + 10 and y = (cy + 0.5) * 84 / 56 + 20
+    centres = [(12.3, 40.8), (30.5, 7.25), (44.9, 50.1)]
+    maps = _quadratic_maps(centres)
+    roi = torch.tensor([[10.0, 20.0, 122.0, 104.0]], dtype=torch.float64)
+    kps, scores = heatmaps_to_keypoints_subpixel(maps, roi)
+    want = torch.tensor([[(cx + 0.5) * 2 + 10, (cy + 0.5) * 1.5 + 20, 1.0] for cx, cy in centres])
+    assert kps.dtype == scores.dtype == torch.float32 and kps.shape == (1, 3, 3)
+    assert torch.allclose(kps[0], want, atol=1e-4), (kps[0], want)
+    # the score is the logit of the best cell (12, 41), (30 or 31, 7), (45, 50)
+    best = maps[0].reshape(3, -1).max(dim=1).values.float()
+    assert torch.equal(scores[0], best)
+    # torchvision's decoding rounds the same maps to whole pixels: off by up to a pixel
+    tv_kps, _ = heatmaps_to_keypoints(maps.float(), roi.float())
+    assert (tv_kps[0, :, :2] - want[:, :2]).abs().max() > 0.1
+
+
+def test_subpixel_decoding_without_a_step():
+    roi = torch.tensor([[0.0, 0.0, 56.0, 56.0]])
+    maps = torch.full((1, 4, 56, 56), -20.0)
+
+    def put(k, y, x, c, left, right, up, down, ul, ur, dl, dr):
+        """the best cell (y, x) = c and its 8 neighbours"""
+        maps[0, k, y, x] = c
+        maps[0, k, y, x - 1], maps[0, k, y, x + 1] = left, right
+        maps[0, k, y - 1, x], maps[0, k, y + 1, x] = up, down
+        maps[0, k, y - 1, x - 1], maps[0, k, y - 1, x + 1] = ul, ur
+        maps[0, k, y + 1, x - 1], maps[0, k, y + 1, x + 1] = dl, dr
+
+    maps[0, 0, 9, 0] = 4.0  # on the left border: no step, the cell centre
+    put(1, 20, 30, 4.0, 3.0, 3.0, 3.0, 3.0, 2.0, 2.0, 2.0, 2.0)  # symmetric: zero gradient
+    # g = (0.9, 0.9), hxx = hyy = -2, hxy = 1.9: H is negative definite (det 0.39) but the
+    # step -H^-1 g = (9, 9) leaves the neighbourhood: refused
+    put(2, 30, 10, 0.0, -1.9, -0.1, -1.9, -0.1, -0.01, -3.81, -3.81, -0.01)
+    # g = (0.5, 0), hxx = hyy = -2, hxy = 6.995: a saddle (det < 0): refused
+    put(3, 40, 40, 4.0, 2.5, 3.5, 3.0, 3.0, 3.99, -10.0, -10.0, 3.99)
+    kps, scores = heatmaps_to_keypoints_subpixel(maps, roi)
+    assert kps[0].tolist() == [
+        [0.5, 9.5, 1.0],
+        [30.5, 20.5, 1.0],
+        [10.5, 30.5, 1.0],
+        [40.5, 40.5, 1.0],
+    ]
+    assert scores[0].tolist() == [4.0, 4.0, 0.0, 4.0]
+    # the third map with a weak cross term (hxy = 0.5) takes its step, x0 - H^-1 g = x0 + 0.6
+    put(2, 30, 10, 0.0, -1.9, -0.1, -1.9, -0.1, -0.5, -1.5, -1.5, -0.5)
+    kps, _ = heatmaps_to_keypoints_subpixel(maps, roi)
+    step = torch.linalg.solve(
+        torch.tensor([[-2.0, 0.5], [0.5, -2.0]], dtype=torch.float64),
+        torch.tensor([0.9, 0.9], dtype=torch.float64),
+    )
+    assert torch.allclose(kps[0, 2, :2].double(), torch.tensor([10.5, 30.5]) - step, atol=1e-5)
+    # one-hot peaks (what the loss trains towards) decode as torchvision's on a 56 px RoI
+    g = torch.Generator().manual_seed(3)
+    index = torch.randint(0, 56 * 56, (2, 5), generator=g)
+    peaked = one_hot_heatmaps(index, torch.ones(2, 5, dtype=torch.bool), 56) * 20.0
+    rois = torch.tensor([[3.0, 4.0, 59.0, 60.0], [100.0, 50.0, 156.0, 106.0]])
+    sub, _ = heatmaps_to_keypoints_subpixel(peaked, rois)
+    tv, _ = heatmaps_to_keypoints(peaked, rois)
+    assert torch.allclose(sub, tv, atol=1e-5)
+    # errors name the function and the problem
+    with pytest.raises(ValueError, match="heatmaps_to_keypoints_subpixel: heatmaps must be square"):
+        heatmaps_to_keypoints_subpixel(torch.zeros(1, 2, 56, 28), roi)
+    with pytest.raises(ValueError, match="maps has 1 RoIs but rois has 2"):
+        heatmaps_to_keypoints_subpixel(maps[:, :1], rois)
+    empty_kps, empty_scores = heatmaps_to_keypoints_subpixel(
+        torch.zeros(0, 3, 56, 56), torch.zeros(0, 4)
+    )
+    assert empty_kps.shape == (0, 3, 3) and empty_scores.shape == (0, 3)
+
+
+def _confidence_by_loops(maps: np.ndarray) -> np.ndarray:
+    N, K, H, W = maps.shape
+    out = np.zeros((N, K))
+    for n in range(N):
+        for k in range(K):
+            e = np.exp(maps[n, k] - maps[n, k].max())
+            p = e / e.sum()
+            best = 0.0
+            for y in range(H):
+                for x in range(W):
+                    best = max(best, p[max(0, y - 1) : y + 2, max(0, x - 1) : x + 2].sum())
+            out[n, k] = best
+    return out
+
+
+def test_keypoint_confidence_by_hand():
+    g = torch.Generator().manual_seed(5)
+    maps = torch.randn(2, 3, 9, 9, generator=g, dtype=torch.float64) * 3
+    ours = keypoint_confidence(maps)
+    assert ours.shape == (2, 3) and ours.dtype == torch.float64
+    assert keypoint_confidence(maps.to(torch.bfloat16)).dtype == torch.float32  # upcast
+    assert np.allclose(ours.numpy(), _confidence_by_loops(maps.numpy()), atol=1e-6)
+    # the softmax ignores a constant added to a map's logits; the logit at the peak does not
+    assert torch.allclose(keypoint_confidence(maps + 7.0), ours)
+    uniform = torch.zeros(1, 1, 56, 56)
+    assert keypoint_confidence(uniform).item() == pytest.approx(9 / 56**2)
+    sharp = torch.zeros(1, 1, 56, 56)
+    sharp[0, 0, 10, 10] = 30.0
+    assert keypoint_confidence(sharp).item() == pytest.approx(1.0, abs=1e-6)
+    assert keypoint_confidence(torch.zeros(0, 4, 56, 56)).shape == (0, 4)
+    with pytest.raises(TypeError, match="keypoint_confidence: maps must be floating point"):
+        keypoint_confidence(torch.zeros(1, 1, 4, 4, dtype=torch.long))
+
+
+def test_keypoint_inference_decoding_option():
+    g = torch.Generator().manual_seed(6)
+    boxes = [_inference_rois(g, 3), torch.zeros(0, 4), _rois(g, 2)]
+    logits = torch.randn(5, 4, 56, 56, generator=g)
+    kps, scores = keypoint_inference(logits, boxes, decoding="subpixel")
+    want = heatmaps_to_keypoints_subpixel(logits, torch.cat(boxes))
+    assert torch.equal(torch.cat(kps), want[0]) and torch.equal(torch.cat(scores), want[1])
+    assert [len(k) for k in kps] == [3, 0, 2]
+    with pytest.raises(ValueError, match="decoding must be one of torchvision, subpixel"):
+        keypoint_inference(logits, boxes, decoding="dark")
+
+
+@torch.no_grad()
+def test_model_keypoint_rescore_and_subpixel_options():
+    """The stick-figure model with torchvision's decoding and box scores vs the same weights
+    with ``keypoint_decoding="subpixel"`` and ``keypoint_rescore=True``: the same detections,
+    scored box score x mean heatmap confidence (computed here by loops), sorted by it, with
+    keypoints decoded from the plain model's heatmaps."""
+    from mrcnn_edu.config import stick_figures
+    from mrcnn_edu.model import build_model
+
+    cfg = stick_figures()
+    cfg.roi_heads.score_thresh = 0.0  # a fresh model's scores are low: keep all 20
+    cfg.roi_heads.keypoint_decoding, cfg.roi_heads.keypoint_rescore = "torchvision", False
+    torch.manual_seed(0)
+    plain = build_model(cfg).eval()
+    cfg.roi_heads.keypoint_decoding, cfg.roi_heads.keypoint_rescore = "subpixel", True
+    options = build_model(cfg).eval()
+    options.load_state_dict(plain.state_dict())
+    g = torch.Generator().manual_seed(1)
+    images = [torch.rand(3, 256, 256, generator=g) for _ in range(2)]  # no resizing at 256
+    a, b = plain.run_stages(images), options.run_stages(images)
+    conf = _confidence_by_loops(a["keypoint_logits"].double().numpy()).mean(axis=1)
+    start = 0
+    for i, (d, e) in enumerate(zip(a["detections"], b["detections"])):
+        n = len(d["scores"])
+        assert n == 20 and len(e["scores"]) == n
+        rescored = d["scores"].double() * torch.from_numpy(conf[start : start + n])
+        order = rescored.argsort(descending=True, stable=True)
+        assert torch.allclose(e["scores"].double(), rescored[order], atol=1e-6), i
+        assert (e["scores"][:-1] >= e["scores"][1:]).all()
+        assert torch.equal(e["boxes"], d["boxes"][order])
+        assert torch.equal(e["labels"], d["labels"][order])
+        logits = a["keypoint_logits"][start : start + n]
+        kps, kp_scores = heatmaps_to_keypoints_subpixel(logits, d["boxes"])
+        assert torch.allclose(e["keypoints"], kps[order], atol=1e-4), i
+        assert torch.equal(e["keypoints_scores"], kp_scores[order])
+        assert torch.equal(b["keypoint_logits"][start : start + n], logits[order])
+        start += n

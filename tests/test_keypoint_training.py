@@ -26,7 +26,7 @@ from pycocotools.cocoeval import COCOeval
 from mrcnn_edu.data import shapes_dataset, write_shapes_dataset
 from mrcnn_edu.data.shapes import KEYPOINT_NAMES, KEYPOINT_SIGMAS
 from mrcnn_edu.engine.evaluate import evaluate
-from mrcnn_edu.engine.recipe import build_datasets, get_experiment, run_training
+from mrcnn_edu.engine.recipe import build_datasets, get_experiment, load_model, run_training
 
 #: The issue's COCO-like sigmas per body part, typed in independently of the generator.
 ISSUE_SIGMAS = {
@@ -176,6 +176,37 @@ def test_two_step_stick_figure_training_gives_a_keypoint_ap(figures: Path, tmp_p
     assert 0.0 <= res.metrics["keypoints"]["AP"] <= 1.0
     assert len(res.stats["keypoints"]) == 10
     assert "loss_keypoint" in res.val_losses and math.isfinite(res.val_losses["loss_keypoint"])
+    # eval --set: a trained model's test-time settings change, its weights and layers do not
+    plain, _ = load_model(tmp_path / "run" / "last.pt")
+    assert (plain.roi_heads.keypoint_decoding, plain.roi_heads.keypoint_rescore) == (
+        "subpixel",
+        True,
+    )
+    tv_style, exp2 = load_model(
+        tmp_path / "run" / "last.pt",
+        overrides={
+            "model.roi_heads.keypoint_decoding": "torchvision",
+            "model.roi_heads.keypoint_rescore": "false",
+            "model.roi_heads.score_thresh": "0.2",
+        },
+    )
+    assert (tv_style.roi_heads.keypoint_decoding, tv_style.roi_heads.keypoint_rescore) == (
+        "torchvision",
+        False,
+    )
+    assert tv_style.roi_heads.score_thresh == exp2.model.roi_heads.score_thresh == 0.2
+    for (k, v), (k2, v2) in zip(plain.state_dict().items(), tv_style.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2), k
+    with pytest.raises(
+        ValueError, match="only test-time settings .* not model.roi_heads.keypoint_layers"
+    ):
+        load_model(
+            tmp_path / "run" / "last.pt", overrides={"model.roi_heads.keypoint_layers": "(8,)"}
+        )
+    with pytest.raises(KeyError, match="nearest: model.roi_heads.keypoint_decoding"):
+        load_model(
+            tmp_path / "run" / "last.pt", overrides={"model.roi_heads.keypoint_decodin": "x"}
+        )
 
 
 def test_stick_figure_and_coco_keypoint_recipes() -> None:
@@ -197,10 +228,14 @@ def test_stick_figure_and_coco_keypoint_recipes() -> None:
         0.5,
     )
     assert t.warmup_steps > 0 and exp.data.layout == "shapes"
+    # not torchvision's inference: sub-pixel keypoints, detections scored by their heatmaps too
+    assert (m.roi_heads.keypoint_decoding, m.roi_heads.keypoint_rescore) == ("subpixel", True)
 
     coco = get_experiment("coco-keypoints-r50-fpn")  # Mask R-CNN sec. 5
     assert coco.model.roi_heads.keypoint and coco.model.roi_heads.num_keypoints == 17
     assert coco.model.roi_heads.keypoint_layers == (512,) * 8 and coco.model.backbone.depth == 50
+    assert coco.model.roi_heads.keypoint_decoding == "torchvision"  # the paper's, torchvision's
+    assert coco.model.roi_heads.keypoint_rescore is False
     assert coco.model.transform.min_size == (640, 672, 704, 736, 768, 800)
     c = coco.train
     assert (c.batch_size, c.lr, c.steps, c.milestones, c.optimizer) == (
@@ -336,3 +371,22 @@ def test_eval_of_torchvision_keypoint_weights_reads_the_keypoint_files(
         == 0
     )
     assert "| keypoints |" in capsys.readouterr().out
+    # --set changes a checkpoint's test-time settings; with --weights there is none to change
+    assert (
+        cli.main(
+            [
+                "eval",
+                "--weights",
+                "torchvision:keypointrcnn_resnet50_fpn=x.pth",
+                "--data",
+                str(root),
+                "--set",
+                "model.roi_heads.keypoint_rescore=true",
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
+    assert "--set changes a checkpoint's settings: use it with --checkpoint" in (
+        capsys.readouterr().err
+    )

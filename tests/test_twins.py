@@ -20,6 +20,8 @@ def test_twin_same_detections_and_losses(preset):
     cfg.roi_heads.score_thresh = 0.0
     # torchvision trains its mask and keypoint heads on every positive RoI: no cap to mirror
     cfg.roi_heads.mask_rois_per_image = None
+    # nor does it decode keypoints to a fraction of a cell or score detections by their heatmaps
+    cfg.roi_heads.keypoint_decoding, cfg.roi_heads.keypoint_rescore = "torchvision", False
     torch.manual_seed(0)
     ours = build_model(cfg)
     tv = torchvision_twin(cfg)

@@ -175,6 +175,19 @@ def test_heatmap_overlay_and_keypoint_match_torchvision_postprocessing() -> None
         draw_keypoint_heatmap(IMAGE, box, maps, 4)
     with pytest.raises(ValueError, match=r"heatmaps must be \[K, m, m\]"):
         draw_keypoint_heatmap(IMAGE, box, maps[0], 0)
+    # the stick-figures preset's decoding: the sub-pixel keypoint, by the same function
+    from mrcnn_edu.heads import heatmaps_to_keypoints_subpixel
+
+    sub_kps, _ = heatmaps_to_keypoints_subpixel(maps[None], box[None])
+    fig = draw_keypoint_heatmap(IMAGE, box, maps, 1, decoding="subpixel")
+    (pred,) = _lines(fig, "pred_keypoint")
+    xy = (pred.get_xdata()[0], pred.get_ydata()[0])
+    assert xy == pytest.approx(tuple(sub_kps[0, 1, :2].tolist()), abs=1e-5)
+    assert xy != pytest.approx(tuple(tv_kps[0, 1, :2].tolist()), abs=1e-3)
+    with pytest.raises(
+        ValueError, match="decoding must be one of torchvision, subpixel, got 'dark'"
+    ):
+        draw_keypoint_heatmap(IMAGE, box, maps, 0, decoding="dark")
 
 
 # ------------------------------------------------------------------------------------- OKS

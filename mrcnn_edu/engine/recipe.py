@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -558,15 +559,45 @@ def experiment_from_checkpoint(ckpt: dict, path: str | Path = "checkpoint") -> E
     return from_dict(Experiment, values)
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[MaskRCNN, Experiment]:
+# Settings that change what a trained model predicts but not its weights: ``load_model`` (and
+# ``mrcnn-edu eval|predict --set``) may override these, and only these.
+TEST_TIME_KEYS = (
+    "model.rpn.pre_nms_top_n_test",
+    "model.rpn.post_nms_top_n_test",
+    "model.roi_heads.score_thresh",
+    "model.roi_heads.nms_thresh",
+    "model.roi_heads.detections_per_img",
+    "model.roi_heads.keypoint_decoding",
+    "model.roi_heads.keypoint_rescore",
+)
+
+
+def load_model(
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    overrides: dict[str, Any] | None = None,
+) -> tuple[MaskRCNN, Experiment]:
     """Rebuild the model a training checkpoint holds (its config, then its weights), in eval
     mode. A file that is not a checkpoint, or whose weights do not fit its config, raises an
-    error naming what does not match."""
+    error naming what does not match.
+
+    ``overrides`` (dotted key -> value, as ``--set``) change test-time settings of the stored
+    config before the model is built, e.g. ``{"model.roi_heads.keypoint_decoding":
+    "subpixel"}``; a key outside :data:`TEST_TIME_KEYS` raises ``ValueError`` (it would not
+    fit the trained weights, or would not matter at test time), an unknown one ``KeyError``."""
     from mrcnn_edu.utils import load_torch_dict
 
     path = Path(path)
     ckpt = load_torch_dict(path, "checkpoint")
     exp = experiment_from_checkpoint(ckpt, path)
+    if overrides:
+        override(exp, overrides)  # unknown keys: KeyError naming the nearest
+        other = sorted(set(overrides) - set(TEST_TIME_KEYS))
+        if other:
+            raise ValueError(
+                f"load_model: only test-time settings can change on a trained model, not "
+                f"{', '.join(other)}; test-time settings: {', '.join(TEST_TIME_KEYS)}"
+            )
     model = build_model(exp.model)
     load_checkpoint(path, model=model, restore_rng=False)
     return model.to(device).eval(), exp

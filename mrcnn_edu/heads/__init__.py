@@ -20,9 +20,12 @@ from .box_head import (
     sample_proposals,
 )
 from .keypoint_head import (
+    KEYPOINT_DECODINGS,
     KeypointHead,
     KeypointPredictor,
     heatmaps_to_keypoints,
+    heatmaps_to_keypoints_subpixel,
+    keypoint_confidence,
     keypoint_inference,
     keypoint_loss,
     keypoint_targets,
@@ -56,7 +59,10 @@ __all__ = [
     "default_roi_sampler",
     "expand_boxes",
     "expand_masks",
+    "KEYPOINT_DECODINGS",
     "heatmaps_to_keypoints",
+    "heatmaps_to_keypoints_subpixel",
+    "keypoint_confidence",
     "keypoint_inference",
     "keypoint_loss",
     "keypoint_targets",

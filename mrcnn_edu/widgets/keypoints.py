@@ -6,8 +6,9 @@ over the positions in the detection's box, and its maximum is the keypoint. Expl
 ``10_keypoints.ipynb``.
 
 This module only wires controls to a drawing: the figure is
-:func:`mrcnn_edu.viz.draw_keypoint_heatmap`, which places the keypoint with
-:func:`mrcnn_edu.heads.heatmaps_to_keypoints`, the model's own post-processing.
+:func:`mrcnn_edu.viz.draw_keypoint_heatmap`, which places the keypoint with the model's own
+post-processing (``decoding``: :func:`mrcnn_edu.heads.heatmaps_to_keypoints`, torchvision's, or
+the sub-pixel :func:`mrcnn_edu.heads.heatmaps_to_keypoints_subpixel`).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ def keypoint_heatmap_explorer(
     skeleton=None,
     person: int = 0,
     keypoint: int = 0,
+    decoding: str = "torchvision",
 ) -> widgets.VBox:
     """A choice of detection ("person") and of keypoint; each change redraws the heatmap figure.
 
@@ -50,6 +52,8 @@ def keypoint_heatmap_explorer(
             matches (rows with ``v = 0`` where there is none), drawn as rings.
         skeleton: 1-based keypoint pairs (COCO's ``skeleton``).
         person, keypoint: the starting choice.
+        decoding: how the model turns heatmaps into keypoints (its
+            ``roi_heads.keypoint_decoding``: ``"torchvision"`` or ``"subpixel"``).
 
     Returns:
         a ``VBox`` of the controls and an ``Output`` holding one PNG, replaced on every change
@@ -116,6 +120,7 @@ def keypoint_heatmap_explorer(
             gt_keypoint=None if gt_keypoints is None else gt_keypoints[i, k],
             skeleton=skeleton,
             fig=fig,
+            decoding=decoding,
         )
         out.outputs = (_figure_png(fig),)  # clear and show in one state update
 
