@@ -251,24 +251,28 @@ def stick_figures() -> ModelConfig:
     """Keypoint R-CNN at a CPU's scale for the 256 px stick-figure set (``make-shapes
     --keypoints``): the ``shapes`` backbone (ResNet-10 with trainable BN, 64-channel FPN, anchors
     16..256) and 256-d box head on 128 RoIs per image, no mask branch, a keypoint head of four
-    64-channel 3x3 convs (the paper's: eight 512-d) predicting 11 heatmaps of 56 x 56, trained
-    on a random 16 of each image's positive RoIs (``mask_rois_per_image``, as ``shapes``).
-    Classes: background + person. At most 20 detections per image: COCO's keypoint AP reads
-    no more (``maxDets=20``).
+    128-channel 3x3 convs (the paper's: eight 512-d) predicting 11 heatmaps of 56 x 56, trained
+    on a random 8 of each image's positive RoIs (``mask_rois_per_image``). Classes: background
+    + person. At most 20 detections per image: COCO's keypoint AP reads no more
+    (``maxDets=20``).
+
+    Why this head: per step a 128-channel head learns more than a 64-channel one, and on 8
+    positives it costs about what the 64-channel head costs on 16. In 15 minutes on the same
+    2-core host (a slow one: about 850 steps either way) it reached keypoint AP 0.619 against
+    0.577 (torchvision's decoding; ``benchmarks/RESULTS.md``).
 
     Unlike torchvision's Keypoint R-CNN, it decodes each heatmap to a fraction of a cell
     (``keypoint_decoding = "subpixel"``) and weighs a detection's score by how sure its heatmaps
     are (``keypoint_rescore``): the figures are small (median area ~1250 px^2), where OKS
     tolerates about 2 px for the head, and the two add about 0.03 keypoint AP to the same
-    trained weights. In 15 minutes on a quiet 2-core CPU the 64-channel head got about 1600
-    steps and keypoint AP 0.70 with torchvision's decoding; four 128-channel convs, about 1000
-    steps and 0.67 (``benchmarks/RESULTS.md``)."""
+    trained weights (0.619 -> 0.654 for the run above)."""
     cfg = shapes()
     cfg.num_classes = 2
     cfg.roi_heads.mask = False
     cfg.roi_heads.keypoint = True
     cfg.roi_heads.num_keypoints = 11  # mrcnn_edu.data.shapes.KEYPOINT_NAMES
-    cfg.roi_heads.keypoint_layers = (64, 64, 64, 64)  # shapes' 128 RoIs, 16 of the positives
+    cfg.roi_heads.keypoint_layers = (128, 128, 128, 128)
+    cfg.roi_heads.mask_rois_per_image = 8  # the keypoint head's convs: 8 of the positives
     cfg.roi_heads.detections_per_img = 20
     cfg.roi_heads.keypoint_decoding = "subpixel"  # not torchvision's: see the docstring
     cfg.roi_heads.keypoint_rescore = True

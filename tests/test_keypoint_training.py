@@ -217,8 +217,8 @@ def test_stick_figure_and_coco_keypoint_recipes() -> None:
         64,
         256,
     )
-    assert m.roi_heads.keypoint_layers == (64,) * 4 and m.transform.min_size == (256,)
-    assert (m.roi_heads.batch_size_per_image, m.roi_heads.mask_rois_per_image) == (128, 16)
+    assert m.roi_heads.keypoint_layers == (128,) * 4 and m.transform.min_size == (256,)
+    assert (m.roi_heads.batch_size_per_image, m.roi_heads.mask_rois_per_image) == (128, 8)
     assert (t.optimizer, t.lr, t.batch_size, t.schedule, t.max_minutes, t.hflip) == (
         "adamw",
         5e-4,
