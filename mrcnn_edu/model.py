@@ -52,10 +52,10 @@ from .heads.box_head import (
     sample_proposals,
 )
 from .heads.keypoint_head import (
-    KEYPOINT_DECODINGS,
     KeypointHead,
     KeypointPredictor,
     keypoint_confidence,
+    keypoint_decoder,
     keypoint_inference,
     keypoint_loss,
 )
@@ -258,11 +258,7 @@ class RoIHeads(nn.Module):
         self.keypoint_roi_pool = keypoint_pooler
         self.keypoint_head = keypoint_head
         self.keypoint_predictor = keypoint_predictor
-        if keypoint_decoding not in KEYPOINT_DECODINGS:
-            raise ValueError(
-                f"RoIHeads: keypoint_decoding must be one of "
-                f"{', '.join(map(repr, KEYPOINT_DECODINGS))}, got {keypoint_decoding!r}"
-            )
+        keypoint_decoder(keypoint_decoding, "RoIHeads", "keypoint_decoding")  # a known name
         if not isinstance(keypoint_rescore, bool):
             raise TypeError(f"RoIHeads: keypoint_rescore must be a bool, got {keypoint_rescore!r}")
         self.keypoint_decoding = keypoint_decoding
@@ -436,15 +432,15 @@ class RoIHeads(nn.Module):
                     det.pred_keypoint_scores = s  # [N_i, K]
                 if self.keypoint_rescore:
                     confidence = keypoint_confidence(kp_logits).mean(dim=1)  # [D]
-                    order, start = [], 0
+                    rows, start = [], 0  # the new order of the D rows, image by image
                     for i, c in enumerate(confidence.split([len(d) for d in detections])):
                         det = detections[i]
                         det.pred_scores = det.pred_scores * c.to(det.pred_scores.dtype)
                         o = det.pred_scores.argsort(descending=True, stable=True)
                         detections[i] = det[o]
-                        order.append(o + start)
+                        rows.append(o + start)
                         start += len(det)
-                    order = torch.cat(order)  # one entry per image
+                    order = torch.cat(rows)
                     kp_logits = kp_logits[order]  # the stages' rows follow the detections
                     if stages is not None and "mask_logits" in stages:
                         stages["mask_logits"] = stages["mask_logits"][order]

@@ -4165,13 +4165,10 @@ def draw_keypoint_heatmap(
         heatmaps: ``[K, m, m]`` logits of that detection; k: the keypoint to show.
         gt_keypoint: optional ``(x, y, v)`` of the matched gt object's keypoint ``k``.
     """
-    from mrcnn_edu.heads.keypoint_head import KEYPOINT_DECODINGS
+    from mrcnn_edu.heads.keypoint_head import keypoint_decoder
 
     fn = "draw_keypoint_heatmap"
-    if decoding not in KEYPOINT_DECODINGS:
-        raise ValueError(
-            f"{fn}: decoding must be one of {', '.join(KEYPOINT_DECODINGS)}, got {decoding!r}"
-        )
+    decode = keypoint_decoder(decoding, fn)
     img = image_for_display(image, fn)
     H, W = img.shape[:2]
     maps = (
@@ -4188,7 +4185,7 @@ def draw_keypoint_heatmap(
     names = _kp_names(keypoint_names, K, fn)
     b = _one_box(box, fn)
     x1, y1, x2, y2 = b[0].tolist()
-    kps, scores = KEYPOINT_DECODINGS[decoding](maps[None], b)  # [1, K, 3], [1, K]
+    kps, scores = decode(maps[None], b)  # [1, K, 3], [1, K]
     kps, scores = kps[0].double().numpy(), scores[0].numpy()
     probs = torch.softmax(maps[k].reshape(-1).double(), dim=0).reshape(m, m).numpy()
     gt = None

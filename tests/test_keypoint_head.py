@@ -551,6 +551,11 @@ def test_model_keypoint_rescore_and_subpixel_options():
     cfg.roi_heads.keypoint_decoding, cfg.roi_heads.keypoint_rescore = "subpixel", True
     options = build_model(cfg).eval()
     options.load_state_dict(plain.state_dict())
+    cfg.roi_heads.keypoint_decoding = "dark"
+    with pytest.raises(
+        ValueError, match="RoIHeads: keypoint_decoding must be one of torchvision, subpixel"
+    ):
+        build_model(cfg)
     g = torch.Generator().manual_seed(1)
     images = [torch.rand(3, 256, 256, generator=g) for _ in range(2)]  # no resizing at 256
     a, b = plain.run_stages(images), options.run_stages(images)

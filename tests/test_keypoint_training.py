@@ -357,36 +357,11 @@ def test_eval_of_torchvision_keypoint_weights_reads_the_keypoint_files(
     model = build_model(cfg).eval()
     model.roi_heads.score_thresh = 0.0  # untrained: keep whatever it finds
     monkeypatch.setattr(cli, "_load_weights_arg", lambda spec: model)
-    assert (
-        cli.main(
-            [
-                "eval",
-                "--weights",
-                "torchvision:keypointrcnn_resnet50_fpn=x.pth",
-                "--data",
-                str(root),
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
+    args = ["eval", "--weights", "torchvision:keypointrcnn_resnet50_fpn=x.pth", "--data", str(root)]
+    assert cli.main(args + ["--no-progress"]) == 0
     assert "| keypoints |" in capsys.readouterr().out
     # --set changes a checkpoint's test-time settings; with --weights there is none to change
-    assert (
-        cli.main(
-            [
-                "eval",
-                "--weights",
-                "torchvision:keypointrcnn_resnet50_fpn=x.pth",
-                "--data",
-                str(root),
-                "--set",
-                "model.roi_heads.keypoint_rescore=true",
-                "--no-progress",
-            ]
-        )
-        == 2
-    )
+    assert cli.main(args + ["--set", "model.roi_heads.keypoint_rescore=true", "--no-progress"]) == 2
     assert "--set changes a checkpoint's settings: use it with --checkpoint" in (
         capsys.readouterr().err
     )

@@ -58,6 +58,7 @@ __all__ = [
     "heatmaps_to_keypoints",
     "heatmaps_to_keypoints_subpixel",
     "keypoint_confidence",
+    "keypoint_decoder",
     "keypoint_inference",
     "keypoint_loss",
     "keypoint_targets",
@@ -562,11 +563,7 @@ def keypoint_inference(
         ``[D_i, K]`` float32 scores.
     """
     fn = "keypoint_inference"
-    if decoding not in KEYPOINT_DECODINGS:
-        raise ValueError(
-            f"{fn}: decoding must be one of {', '.join(KEYPOINT_DECODINGS)}, got {decoding!r}"
-        )
-    decode = KEYPOINT_DECODINGS[decoding]
+    decode = keypoint_decoder(decoding, fn)
     if not isinstance(keypoint_logits, Tensor) or keypoint_logits.dim() != 4:
         raise ValueError(
             f"{fn}: keypoint_logits must be [D, K, m, m], got {_shape(keypoint_logits)}"
@@ -594,3 +591,13 @@ KEYPOINT_DECODINGS = {
     "torchvision": heatmaps_to_keypoints,
     "subpixel": heatmaps_to_keypoints_subpixel,
 }
+
+
+def keypoint_decoder(name: str, fn: str, what: str = "decoding"):
+    """The decoding called ``name`` in :data:`KEYPOINT_DECODINGS`; any other name raises a
+    ``ValueError`` that starts with ``fn`` and names the setting (``what``) and the choices."""
+    if name not in KEYPOINT_DECODINGS:
+        raise ValueError(
+            f"{fn}: {what} must be one of {', '.join(KEYPOINT_DECODINGS)}, got {name!r}"
+        )
+    return KEYPOINT_DECODINGS[name]
