@@ -44,7 +44,7 @@ from twins import copy_weights, torchvision_twin
 from mrcnn_edu.data.sampler import make_train_loader
 from mrcnn_edu.engine.recipe import build_datasets, get_experiment, load_model
 from mrcnn_edu.model import build_model
-from mrcnn_edu.utils import atomic_write
+from mrcnn_edu.utils import atomic_write, keep_freed_memory
 
 
 class TorchvisionAdapter(nn.Module):
@@ -241,6 +241,8 @@ def main(argv=None) -> int:
         "date": time.strftime("%Y-%m-%d"),
         "threads": torch.get_num_threads(),
         "host_matmul_gflops": host_gflops(),
+        # both models run in this process, so both get it (as train() and evaluate() do)
+        "malloc_keeps_freed_memory": keep_freed_memory(),
     }
     print(
         f"host: {report['host_matmul_gflops']:.0f} GFLOP/s (float32 matmul, "

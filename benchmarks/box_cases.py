@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 import torchvision
 
-from mrcnn_edu.ops import box_iou, nms
+from mrcnn_edu.ops import batched_nms, box_iou, nms
 
 NMS_THRESHOLD = 0.7  # the RPN's NMS threshold (Faster R-CNN section 3.1.2)
 IMAGE_SIZE = 1000.0  # boxes lie in a 1000 x 1000 image
@@ -48,6 +48,22 @@ def _nms_case(num_boxes: int, with_reference: bool) -> dict[str, Callable[[], ob
     if with_reference:
         fns["reference"] = lambda: nms(boxes, scores, NMS_THRESHOLD, backend="reference")
     return fns
+
+
+def _batched_nms_case(num_rois: int, num_classes: int) -> dict[str, Callable[[], object]]:
+    """The box head's post-processing at a score threshold that keeps everything (an early or
+    fresh model, or ``score_thresh=0``): each RoI gives one box per class, NMS 0.5 per class."""
+    rois, _ = clustered_boxes(num_rois, seed=3)
+    g = torch.Generator().manual_seed(4)
+    jitter = 5 * torch.randn(num_rois, num_classes, 4, generator=g)
+    boxes = (rois[:, None, :] + jitter).flatten(0, 1)  # [R * C, 4]
+    boxes = torch.cat([boxes[:, :2], torch.maximum(boxes[:, :2], boxes[:, 2:])], dim=1)
+    scores = torch.rand(num_rois * num_classes, generator=g)
+    labels = torch.arange(num_classes).repeat(num_rois)
+    return {
+        "torchvision": lambda: torchvision.ops.batched_nms(boxes, scores, labels, 0.5),
+        "numba": lambda: batched_nms(boxes, scores, labels, 0.5, backend="numba"),
+    }
 
 
 def _box_iou_case(n: int, m: int) -> dict[str, Callable[[], object]]:
@@ -93,7 +109,8 @@ def cases(quick: bool) -> list[tuple[str, dict[str, Callable[[], object]]]]:
     """``[(case name, {backend: zero-argument callable running the op once})]``.
 
     Full sizes: NMS on 1,000 / 5,000 / 20,000 clustered boxes at IoU 0.7 (no "reference" for
-    20,000: its Python loop runs once per kept box) and box_iou 2000 x 2000. ``quick``: small
+    20,000: its Python loop runs once per kept box), box_iou 2000 x 2000, and batched NMS of
+    1000 RoIs x 90 classes (the COCO box head's post-processing). ``quick``: small
     sizes for CI and ``make demo``. With a GPU, ``[gpu]`` cases time the "cuda" backend against
     torchvision's CUDA kernels on the same device tensors.
     """
@@ -103,6 +120,8 @@ def cases(quick: bool) -> list[tuple[str, dict[str, Callable[[], object]]]]:
     ref_limit = 1000 if quick else 5000
     out = [(f"nms {n} boxes", _nms_case(n, with_reference=n <= ref_limit)) for n in nms_sizes]
     out.append((f"box_iou {iou_size}x{iou_size}", _box_iou_case(iou_size, iou_size)))
+    rois, classes = (100, 20) if quick else (1000, 90)
+    out.append((f"batched_nms {rois} RoIs x {classes} classes", _batched_nms_case(rois, classes)))
     if torch.cuda.is_available():  # GPU cases: the ratio is against torchvision's CUDA kernels
         out += [(f"nms {n} boxes [gpu]", _gpu_nms_case(n)) for n in nms_sizes]
         out.append((f"box_iou {iou_size}x{iou_size} [gpu]", _gpu_box_iou_case(iou_size, iou_size)))

@@ -1,12 +1,15 @@
-"""Small helpers used everywhere: quick mode, a tensor summary, atomic file writes, and the
-float32 islands of mixed precision (:func:`autocast_disabled`, :func:`full_precision`)."""
+"""Small helpers used everywhere: quick mode, a tensor summary, atomic file writes, the
+float32 islands of mixed precision (:func:`autocast_disabled`, :func:`full_precision`), and
+:func:`keep_freed_memory` (glibc's malloc settings for a training loop on the CPU)."""
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import os
 import stat
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,6 +21,49 @@ import torch
 def quick_mode() -> bool:
     """True when ``MRCNN_EDU_QUICK=1``: notebooks and benchmarks then use tiny sizes (as in CI)."""
     return os.environ.get("MRCNN_EDU_QUICK", "0") not in ("", "0")
+
+
+#: Environment variable: ``0`` leaves glibc's malloc settings alone (:func:`keep_freed_memory`).
+MALLOC_ENV = "MRCNN_EDU_MALLOC"
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's <malloc.h>
+_malloc_tuned: bool | None = None
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's ``malloc`` keep freed memory for the next allocation instead of handing it
+    back to the operating system; ``train`` and ``evaluate`` call it. Returns whether it did.
+
+    Why: a training step on the CPU allocates and frees the same large activations every step
+    (the ``shapes`` stem's 4 x 64 x 128 x 128 float32 output alone is 16 MB). By default glibc
+    serves blocks that large with a fresh ``mmap`` and unmaps them when they are freed, so each
+    step pays again for page faults and for the kernel zeroing every new page: measured on
+    the ``stick-figures`` preset, 10-20 % of a step (``benchmarks/RESULTS.md``), much of it in
+    the elementwise layers of the stem (batch norm, ReLU, max-pool). Raising
+    ``M_MMAP_THRESHOLD`` (to 2 GiB) keeps such blocks in the heap and raising
+    ``M_TRIM_THRESHOLD`` (to 1 GiB) keeps freed heap memory in the process, so later steps
+    reuse pages that are already mapped. What the process holds at its peak is unchanged;
+    afterwards up to 1 GiB of freed memory may stay with it.
+
+    Applies once per process, on Linux with glibc only (elsewhere, or with
+    ``MRCNN_EDU_MALLOC=0`` in the environment, it changes nothing and returns False).
+    """
+    global _malloc_tuned
+    if _malloc_tuned is not None:
+        return _malloc_tuned
+    _malloc_tuned = False
+    if os.environ.get(MALLOC_ENV, "1") == "0" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version  # noqa: B018 - only glibc has it (musl does not)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    _malloc_tuned = bool(mallopt(_M_MMAP_THRESHOLD, 2**31 - 1)) and bool(
+        mallopt(_M_TRIM_THRESHOLD, 2**30)
+    )
+    return _malloc_tuned
 
 
 def describe(name: str, x) -> str:

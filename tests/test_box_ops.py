@@ -181,6 +181,20 @@ def test_batched_nms_matches_torchvision(backend, n):
     assert torch.equal(kept.cpu(), expected)
 
 
+@pytest.mark.parametrize("backend,n", [("reference", 1100), ("numba", 6000)])
+def test_large_batched_nms_matches_torchvision(backend, n):
+    # more than 4000 coordinates: torchvision runs one NMS per category; tied scores (five
+    # levels) check that the kept boxes come out in its order too. (The loop over categories
+    # is the same for every backend; "cuda" on the simulator would take 9 s here.)
+    boxes, scores = random_boxes(n, 7 + n, image=10.0 * n**0.5)
+    idxs = torch.randint(0, 30, (n,), generator=torch.Generator().manual_seed(n))
+    expected = torchvision.ops.batched_nms(boxes, scores, idxs, 0.5)
+    assert 0 < expected.numel() < n
+    dev = _device_for(backend)
+    kept = batched_nms(boxes.to(dev), scores.to(dev), idxs.to(dev), 0.5, backend=backend)
+    assert torch.equal(kept.cpu(), expected)
+
+
 def test_batched_nms_separates_classes_and_handles_empty():
     boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0]] * 3)
     scores = torch.tensor([0.9, 0.8, 0.7])

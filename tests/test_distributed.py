@@ -106,6 +106,39 @@ else:  # "die" / "hang": rank 1 stops at its 2nd training step, inside the CLI's
                    *[f"--set={s}" for s in sets]]))
 """
 
+#: ``local_main_first`` under torchrun (``python FIRST_WORKER OUT``): a slow "download" into a
+#: shared cache that the second process can only read after the first has written it, then a
+#: download that fails on the first process.
+FIRST_WORKER = r"""
+import sys, time
+from pathlib import Path
+from mrcnn_edu.engine import distributed as dist_utils
+
+dist_utils.init_distributed("cpu")
+out, r = Path(sys.argv[1]), dist_utils.rank()
+
+def fetch():
+    cache = out / "cache.txt"
+    if dist_utils.local_rank() == 0:
+        time.sleep(2.0)
+        (out / "cache.tmp").write_text(f"weights from rank {r}")
+        (out / "cache.tmp").replace(cache)
+    return cache.read_text()  # FileNotFoundError on rank 1 had it not waited
+
+print(f"rank {r} read: {dist_utils.local_main_first(fetch, 'fetch')}", flush=True)
+
+def offline():
+    if dist_utils.local_rank() == 0:
+        raise FileNotFoundError("no network on this machine")
+    raise AssertionError("rank 1 must not try after the first process failed")
+
+try:
+    dist_utils.local_main_first(offline, "offline")
+except Exception as err:
+    print(f"rank {r} raised {type(err).__name__}: {err}", flush=True)
+dist_utils.cleanup()
+"""
+
 
 # ---------------------------------------------------------------------------------------------
 # Launching
@@ -394,6 +427,21 @@ def test_a_hung_rank_is_caught_by_the_timeout(work):
 # ---------------------------------------------------------------------------------------------
 
 
+def test_each_machines_first_process_fetches_before_the_others(tmp_path):
+    (tmp_path / "first.py").write_text(FIRST_WORKER)
+    args = ["--standalone", "--nproc_per_node", "2", "first.py", str(tmp_path)]
+    [(code, log)] = _finish([_start(args, tmp_path, _env())])
+    assert code == 0, log[-4000:]
+    for r in (0, 1):  # both read what rank 0 wrote; rank 1 waited for it
+        assert f"rank {r} read: weights from rank 0" in log, log[-4000:]
+    assert "rank 0 raised FileNotFoundError: no network on this machine" in log, log[-4000:]
+    assert (
+        "rank 1 raised RuntimeError: offline: the first process of a machine (LOCAL_RANK 0) "
+        "failed" in log
+    ), log[-4000:]
+    assert "must not try" not in log
+
+
 def test_helpers_without_a_process_group(monkeypatch):
     for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(k, raising=False)
@@ -406,6 +454,7 @@ def test_helpers_without_a_process_group(monkeypatch):
     assert dist_utils.all_gather_object({"a": 1}) == [{"a": 1}]
     assert dist_utils.gather_object(3) == [3] and dist_utils.broadcast_object(4) == 4
     assert dist_utils.any_rank(True) and not dist_utils.any_rank(False)
+    assert dist_utils.local_main_first(lambda: 7, "here") == 7
     assert dist_utils.all_reduce_mean([1, 2.5]) == [1.0, 2.5]
     model = torch.nn.Linear(2, 2)
     assert dist_utils.wrap_model(model) is model

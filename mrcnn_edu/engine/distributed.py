@@ -19,7 +19,7 @@ runs them under ``torchrun`` with 2 CPU processes.
   batch of ``global batch / world size``.
 * helpers that every rank calls together (:func:`barrier`, :func:`all_gather_object`,
   :func:`gather_object`, :func:`broadcast_object`, :func:`broadcast_buffers`,
-  :func:`any_rank`, :func:`all_reduce_mean`)
+  :func:`any_rank`, :func:`all_reduce_mean`, :func:`local_main_first`)
   and those that say who this process is (:func:`rank`, :func:`world_size`,
   :func:`is_main_process`).
 
@@ -47,7 +47,8 @@ from __future__ import annotations
 import datetime
 import gc
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -75,6 +76,7 @@ __all__ = [
     "is_distributed",
     "is_main_process",
     "local_rank",
+    "local_main_first",
     "make_distributed_train_loader",
     "peer_lost_error",
     "rank",
@@ -306,6 +308,40 @@ def any_rank(flag: bool) -> bool:
     t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=_comm_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+T = TypeVar("T")
+
+
+def local_main_first(fn: Callable[[], T], where: str) -> T:
+    """``fn()`` on every rank, each machine's first process (``LOCAL_RANK`` 0) before the others.
+
+    For a download into a cache that a machine's processes share (torch's hub cache, where
+    torchvision's weights land): one process per machine fetches the file while the others
+    wait, then they read it from the cache, instead of every process downloading the same
+    file at once. Every rank must call it (it waits in :func:`any_rank`). An error on a first
+    process reaches every rank, so none waits forever: that process raises its own error, the
+    others a ``RuntimeError`` that says where to look. Not distributed: just ``fn()``.
+    """
+    if not is_distributed():
+        return fn()
+    first = local_rank() == 0
+    result: T | None = None
+    error: BaseException | None = None
+    if first:
+        try:
+            result = fn()
+        except Exception as err:  # noqa: BLE001 - re-raised below, after telling the others
+            error = err
+    failed = any_rank(error is not None)  # the others wait here for the first processes
+    if error is not None:
+        raise error
+    if failed:
+        raise RuntimeError(
+            f"{where}: the first process of a machine (LOCAL_RANK 0) failed to fetch what "
+            f"this rank ({rank()} of {world_size()}) waits for; its error is in its output"
+        )
+    return result if first else fn()  # type: ignore[return-value]
 
 
 def broadcast_buffers(model: nn.Module, src: int = 0) -> None:

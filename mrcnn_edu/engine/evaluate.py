@@ -49,7 +49,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mrcnn_edu.ops import box_iou
-from mrcnn_edu.utils import atomic_write
+from mrcnn_edu.utils import atomic_write, keep_freed_memory
 
 from . import distributed as dist_utils
 
@@ -621,6 +621,7 @@ def evaluate(
     Returns:
         :class:`EvalResult`. No detections at all gives AP 0 (and a warning).
     """
+    keep_freed_memory()  # glibc keeps freed activations' pages (mrcnn_edu.utils)
     if distributed is None:
         distributed = dist_utils.is_distributed()
     elif distributed and not dist_utils.is_distributed():

@@ -464,7 +464,9 @@ def run_training(
     ResNet-50, downloaded once into torch's hub cache; offline, a local copy passed with
     ``--set model.backbone.weights=/path/resnet50-0676ba61.pth``), its ResNet body is loaded
     from them (:func:`mrcnn_edu.weights.load_backbone_weights`). They are read first, before
-    the data check, so a wrong name or path, or no network, fails at once. A run that resumes
+    the data check, so a wrong name or path, or no network, fails at once; distributed, each
+    machine's first process fetches them before the others read its cache
+    (:func:`~mrcnn_edu.engine.distributed.local_main_first`). A run that resumes
     from ``out_dir/last.pt`` skips this: the checkpoint holds its weights.
 
     The number of classes comes from the data (background + its categories). ``check`` runs
@@ -486,7 +488,9 @@ def run_training(
     out_dir = Path(out_dir)
     initial = None  # the ResNet's start, read (or downloaded) before the long data check
     if exp.model.backbone.weights is not None and not (resume and (out_dir / "last.pt").is_file()):
-        initial = resnet_state_dict(exp.model.backbone.weights, "run_training")
+        initial = dist_utils.local_main_first(  # one download per machine, then the cache
+            lambda: resnet_state_dict(exp.model.backbone.weights, "run_training"), "run_training"
+        )
     train_set, _ = build_datasets(exp, data_root, val=False)
     if check:
         check_data(train_set, progress=progress).raise_if_bad()
