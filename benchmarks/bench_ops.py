@@ -3,7 +3,7 @@
 Usage::
 
     python benchmarks/bench_ops.py [--quick] [--repeat R] [--plot build/bench_ops.png]
-                                   [--json build/bench_ops.json]
+                                   [--json build/bench_ops.json] [--case NAME_PART]
 
 Case lists come from ``benchmarks/roi_cases.py`` (RoIAlign) and, when present,
 ``benchmarks/box_cases.py`` (NMS / IoU). Each module provides
@@ -118,6 +118,9 @@ def main(argv=None) -> int:
     parser.add_argument("--repeat", type=int, default=None, help="timed runs per backend")
     parser.add_argument("--plot", type=Path, help="write a bar chart of the ratios (PNG)")
     parser.add_argument("--json", type=Path, help="write the timings as JSON")
+    parser.add_argument(
+        "--case", default=None, help="only the cases whose name contains this (e.g. batched_nms)"
+    )
     args = parser.parse_args(argv)
     quick = args.quick or os.environ.get("MRCNN_EDU_QUICK", "0") not in ("", "0")
     repeat = args.repeat if args.repeat is not None else (3 if quick else 5)
@@ -134,7 +137,10 @@ def main(argv=None) -> int:
         f"repeat={repeat}"
     )
     print(f"{'case':<34} {'backend':<12} {'median':>13}   vs torchvision")
-    rows = run(load_cases(quick), repeat)
+    cases = [c for c in load_cases(quick) if args.case is None or args.case in c[0]]
+    if not cases:
+        parser.error(f"--case {args.case!r} matches no case")
+    rows = run(cases, repeat)
     if args.plot:
         plot(rows, args.plot)
         print(f"wrote {args.plot}")

@@ -22,6 +22,8 @@ Usage::
   keypoints to a fraction of a heatmap cell and weighs scores by the heatmaps (not
   torchvision's inference): its keypoint AP is also printed as torchvision would read the same
   weights, which separates what training reached from what the decoding adds.
+* Both models run in this process after :func:`mrcnn_edu.utils.keep_freed_memory` (what
+  ``train`` and ``evaluate`` call), so the malloc settings are the same for both.
 * ``--preset coco-r50-fpn-1x``: seconds per iteration at COCO size (2 images of 800x1066 per
   device) and the projected time of the 90k-iteration 1x schedule on 8 such devices.
 """

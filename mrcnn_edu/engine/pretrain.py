@@ -39,7 +39,7 @@ from torch import nn
 
 from mrcnn_edu.backbone import torchvision_resnet
 from mrcnn_edu.data.coco import ann_to_mask, load_coco_json
-from mrcnn_edu.utils import atomic_write
+from mrcnn_edu.utils import atomic_write, keep_freed_memory
 
 __all__ = ["SegmentationNet", "class_maps", "file_sha256", "load_images", "pretrain_resnet"]
 
@@ -241,6 +241,7 @@ def pretrain_resnet(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=steps, desc=f"pre-train ResNet-{depth} ({data_dir.name})", unit="step")
+    keep_freed_memory()  # as train() does: each step's activations reuse mapped pages
     start = time.perf_counter()
     losses = []
     net.train()
