@@ -37,8 +37,8 @@ def keep_freed_memory() -> bool:
     (the ``shapes`` stem's 4 x 64 x 128 x 128 float32 output alone is 16 MB). By default glibc
     serves blocks that large with a fresh ``mmap`` and unmaps them when they are freed, so each
     step pays again for page faults and for the kernel zeroing every new page: measured on
-    the ``stick-figures`` preset, 10-20 % of a step (``benchmarks/RESULTS.md``), much of it in
-    the elementwise layers of the stem (batch norm, ReLU, max-pool). Raising
+    the ``stick-figures`` preset, about 12 % of a step on average (``benchmarks/RESULTS.md``),
+    felt most in the elementwise layers of the stem (batch norm, ReLU, max-pool). Raising
     ``M_MMAP_THRESHOLD`` (to 2 GiB) keeps such blocks in the heap and raising
     ``M_TRIM_THRESHOLD`` (to 1 GiB) keeps freed heap memory in the process, so later steps
     reuse pages that are already mapped. What the process holds at its peak is unchanged;

@@ -296,7 +296,7 @@ def batched_nms(
         # do we, with the same calls, so that even boxes of equal score come out in the same
         # order. Cost: the sum of n_c^2 over the categories instead of N^2 for one NMS over
         # all the shifted boxes (a box head's 1000 RoIs x 90 COCO classes at a low score
-        # threshold: 90 times less; 4.4 s -> 0.05 s per image on a 2-core CPU).
+        # threshold: 3.5 s -> 0.09 s per image on a 2-core CPU, ``benchmarks/RESULTS.md``).
         keep_mask = torch.zeros_like(scores, dtype=torch.bool)
         for category in torch.unique(idxs):
             where = torch.where(idxs == category)[0]
